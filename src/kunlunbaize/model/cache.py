@@ -1,0 +1,117 @@
+"""Inference cache: preallocated per-slot buffers for every stateful part of the model.
+
+Every buffer is indexed by absolute slot, so writing is idempotent and cropping back to a shorter
+length (speculative decoding's rollback) only moves ``length``: later writes overwrite stale slots.
+
+What is held, per trunk layer:
+  * self-attention keys/values;
+  * TransformerX: the conv input history (the causal convolutions read the k−1 previous inputs)
+    and, per conv scale, the keys/values of the conv features used by that scale's cross-attention;
+and per MTP depth j the keys/values of the shifted token embeddings, where slot s holds token s + j.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class CacheOverflowError(ValueError):
+    """A write would go past the cache's capacity."""
+
+
+class KVBuffer:
+    """Keys and values [B, H_kv, capacity, head_dim] written by slot."""
+
+    def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.k = torch.zeros(batch, heads, capacity, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``/``v`` at slots start…start+m−1; return all slots before start+m."""
+        end = start + k.shape[2]
+        if end > self.capacity:
+            raise CacheOverflowError(
+                f"cache holds {self.capacity} positions but slot {end - 1} was written; "
+                "create the cache with a larger max_len (at most the model's max_seq_len)"
+            )
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class HistoryBuffer:
+    """Past inputs [B, capacity, d] of the causal convolutions, written by position."""
+
+    def __init__(self, batch: int, capacity: int, dim: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.x = torch.zeros(batch, capacity, dim, device=device, dtype=dtype)
+
+    def read(self, start: int, window: int) -> torch.Tensor:
+        """The inputs at positions max(0, start−window) … start−1."""
+        return self.x[:, max(0, start - window):start]
+
+    def write(self, start: int, x: torch.Tensor) -> None:
+        end = start + x.shape[1]
+        if end > self.x.shape[1]:
+            raise CacheOverflowError(
+                f"cache holds {self.x.shape[1]} positions but position {end - 1} was written; "
+                "create the cache with a larger max_len (at most the model's max_seq_len)"
+            )
+        self.x[:, start:end] = x
+
+
+@dataclass
+class LayerCache:
+    self_attn: KVBuffer
+    conv_history: HistoryBuffer | None = None
+    cross_attn: list[KVBuffer] = field(default_factory=list)
+
+
+@dataclass
+class InferenceCache:
+    """All decoding state of one model for a batch; ``length`` tokens have been processed."""
+
+    layers: list[LayerCache]
+    mtp: list[KVBuffer]
+    max_len: int
+    length: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].self_attn.k.shape[0]
+
+    def crop(self, length: int) -> None:
+        """Roll back to the first ``length`` tokens (slots past it are ignored and later overwritten)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a cache of length {self.length} to {length}")
+        self.length = length
+
+    def reset(self) -> None:
+        self.length = 0
+
+    @classmethod
+    def allocate(cls, config, batch_size: int, max_len: int, device: torch.device | str,
+                 dtype: torch.dtype) -> InferenceCache:
+        """Zero buffers for ``config`` (a ``ModelConfig``) holding ``max_len`` positions."""
+        if max_len > config.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}")
+        device = torch.device(device)
+        hkv, hd = config.n_kv_heads, config.head_dim
+
+        def kv() -> KVBuffer:
+            return KVBuffer(batch_size, hkv, max_len, hd, device, dtype)
+
+        layers = []
+        for _ in range(config.n_layers):
+            lc = LayerCache(self_attn=kv())
+            if config.transformerx:
+                lc.conv_history = HistoryBuffer(batch_size, max_len, config.d_model, device, dtype)
+                lc.cross_attn = [kv() for _ in range(config.n_scales)]
+            layers.append(lc)
+        return cls(layers=layers, mtp=[kv() for _ in range(config.mtp_depth)], max_len=max_len)

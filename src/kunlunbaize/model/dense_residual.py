@@ -1,0 +1,41 @@
+"""Learnable dense residual skip connections (LDRSCM, §3.1).
+
+    H_{l+1} = F_l(H_l) + Σ_{i=0..l} softmax(a_l)_i · H_i            (eq. 1, with eq. 2's softmax)
+
+``a_l`` ∈ R^{l+1} is one logit vector per layer, initialised to 0 so every layer starts from the
+uniform average of all earlier outputs (H_0 = embedding output). The weights do not depend on the
+input, so the mix is a static weighted sum of stored layer outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class DenseResidual(nn.Module):
+    def __init__(self, n_layers: int) -> None:
+        super().__init__()
+        self.logits = nn.ParameterList(nn.Parameter(torch.zeros(layer + 1)) for layer in range(n_layers))
+
+    def reset_parameters(self) -> None:
+        for p in self.logits:
+            nn.init.zeros_(p)
+
+    def mix(self, layer: int, states: list[torch.Tensor]) -> torch.Tensor:
+        """Σ_i softmax(a_layer)_i · states[i] over the ``layer + 1`` stored outputs H_0 … H_layer (eq. 1–2)."""
+        w = torch.softmax(self.logits[layer].float(), dim=0).to(states[0].dtype)
+        # A running sum keeps memory at O(1) extra tensors per layer (a stack would save a copy for backward).
+        out = w[0] * states[0]
+        for i in range(1, layer + 1):
+            out = out + w[i] * states[i]
+        return out
+
+    @torch.no_grad()
+    def weight_matrix(self) -> torch.Tensor:
+        """[L, L] lower-triangular matrix: row l holds softmax(a_l) over H_0 … H_l (zeros above)."""
+        n = len(self.logits)
+        m = torch.zeros(n, n)
+        for layer, p in enumerate(self.logits):
+            m[layer, : layer + 1] = torch.softmax(p.detach().float().cpu(), dim=0)
+        return m

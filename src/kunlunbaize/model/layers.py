@@ -1,0 +1,95 @@
+"""Small building blocks: rotary embeddings, eSwish, the SwiGLU MLP and the causal depthwise-separable conv."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE) tables; ``forward(positions)`` returns ``(cos, sin)`` [T, head_dim]."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        # Not a parameter and not saved: always recomputed, so checkpoints stay free of derived tensors.
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        idx = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+        return 1.0 / (self.theta ** (idx / self.head_dim))
+
+    def reset_parameters(self) -> None:
+        self.inv_freq = self._inv_freq(self.inv_freq.device)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, H, T, hd] by the angles of ``cos``/``sin`` [T, hd] (rotate-half convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class ESwish(nn.Module):
+    """eSwish(x) = x · σ(βx) with learnable β initialised to 1 (eq. 5); β scalar or per channel."""
+
+    def __init__(self, channels: int, per_channel: bool = False) -> None:
+        super().__init__()
+        self.beta = nn.Parameter(torch.ones(channels if per_channel else 1))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.beta.to(x.dtype) * x)
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP ``down(act(gate(x)) * up(x))``; act is eSwish (TransformerX) or fixed Swish/SiLU (plain)."""
+
+    def __init__(self, d_model: int, hidden: int, eswish: bool, per_channel: bool = False) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d_model, hidden, bias=False)
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+        self.act: nn.Module = ESwish(hidden, per_channel) if eswish else nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class CausalDSConv(nn.Module):
+    """Causal depthwise-separable 1-D convolution followed by eSwish: h = eSwish(PW(DW(x))) (eq. 6–8).
+
+    Eq. 6 slides the kernel forward (x[l+j]), which would let position l read future tokens; we pad
+    ``k − 1`` zeros on the left instead, so output l reads inputs l−k+1 … l (a causal convolution).
+    """
+
+    def __init__(self, d_model: int, kernel_size: int, per_channel: bool = False) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.depthwise = nn.Conv1d(d_model, d_model, kernel_size, groups=d_model, bias=False)  # K_d, eq. 6
+        self.pointwise = nn.Linear(d_model, d_model, bias=False)  # K_p, eq. 7
+        self.act = ESwish(d_model, per_channel)  # eq. 8
+
+    def forward(self, x: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [B, T, d] new inputs; ``history`` [B, ≥k−1, d] earlier inputs (None: zeros, sequence start)."""
+        k = self.kernel_size
+        xt = x.transpose(1, 2)
+        if k > 1:
+            if history is None or history.shape[1] == 0:
+                xt = F.pad(xt, (k - 1, 0))
+            else:
+                past = history[:, -(k - 1):].transpose(1, 2)
+                if past.shape[-1] < k - 1:
+                    past = F.pad(past, (k - 1 - past.shape[-1], 0))
+                xt = torch.cat((past.to(xt.dtype), xt), dim=-1)
+        y = self.depthwise(xt).transpose(1, 2)
+        return self.act(self.pointwise(y))

@@ -1,0 +1,49 @@
+"""Joint next-token + multi-token prediction loss (eq. 22–23)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    main: torch.Tensor
+    mtp: list[torch.Tensor]  # L^j for j = 1 … D (unweighted)
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int,
+                          ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean cross-entropy of ``logits[:, i]`` against ``labels[:, i + shift]`` over valid targets."""
+    T = labels.shape[1]
+    if shift >= T:
+        return logits.sum() * 0.0  # no target inside the sequence; keeps the graph connected
+    pred = logits[:, : T - shift].reshape(-1, logits.shape[-1])
+    target = labels[:, shift:].reshape(-1)
+    if not (target != ignore_index).any():
+        return pred.sum() * 0.0
+    return F.cross_entropy(pred.float(), target, ignore_index=ignore_index)
+
+
+def multi_token_loss(
+    logits: torch.Tensor,
+    mtp_logits: list[torch.Tensor],
+    labels: torch.Tensor,
+    gammas: tuple[float, ...],
+    ignore_index: int = IGNORE_INDEX,
+) -> LossTerms:
+    """L = L_main + Σ_j γ_j L^j with ``labels`` aligned to the input (HF convention: shifted here).
+
+    The main head at position i predicts t_{i+1}; MTP depth j at position i predicts t_{i+j+1}.
+    """
+    main = shifted_cross_entropy(logits, labels, 1, ignore_index)
+    mtp = [shifted_cross_entropy(lg, labels, j + 1, ignore_index) for j, lg in enumerate(mtp_logits, start=1)]
+    total = main
+    for gamma, term in zip(gammas, mtp, strict=True):
+        total = total + gamma * term
+    return LossTerms(total=total, main=main, mtp=mtp)

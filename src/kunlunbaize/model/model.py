@@ -1,0 +1,145 @@
+"""The KunlunBaize language model: embedding → TransformerX trunk with dense residuals → head (+ MTP depths)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .block import make_block
+from .cache import InferenceCache
+from .dense_residual import DenseResidual
+from .layers import ESwish, RotaryEmbedding
+from .loss import IGNORE_INDEX, multi_token_loss
+from .mtp import MultiTokenPrediction
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    """[B, T, V]; position i predicts token i+1."""
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+    """D tensors [B, T, V]; depth j at position i predicts token i+j+1 and reads tokens up to i+j."""
+    hidden: torch.Tensor | None = None
+    """Final trunk hidden state [B, T, d] before the output norm (g^0 of the MTP module)."""
+    loss: torch.Tensor | None = None
+    """L_main + Σ γ_j L^j when labels were given (eq. 22)."""
+    main_loss: torch.Tensor | None = None
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)
+    """Unweighted L^j per depth (eq. 23)."""
+
+
+class KunlunBaize(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        d = config.d_model
+        self.embed = nn.Embedding(config.vocab_size, d)  # E(·), shared with the MTP depths (eq. 13, 15)
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.blocks = nn.ModuleList(make_block(config) for _ in range(config.n_layers))  # eq. 14
+        self.dense = DenseResidual(config.n_layers) if config.dense_residual else None
+        self.norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
+        self.mtp = MultiTokenPrediction(config) if config.mtp_depth > 0 else None
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ parameters
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Weights ~ N(0, init_std); norms and eSwish β at 1; dense-residual logits at 0 (uniform)."""
+        std = self.config.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv1d)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, nn.RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, (ESwish, DenseResidual, RotaryEmbedding)):
+                m.reset_parameters()
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.head is None else self.head.weight
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def dense_residual_weights(self) -> torch.Tensor | None:
+        """[L, L] lower-triangular softmax weights of LDRSCM (row l: H_0 … H_l), or None when off."""
+        return self.dense.weight_matrix() if self.dense is not None else None
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> InferenceCache:
+        """An empty decoding cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
+        w = self.embed.weight
+        return InferenceCache.allocate(self.config, batch_size, max_len or self.config.max_seq_len,
+                                       device or w.device, dtype or w.dtype)
+
+    # ------------------------------------------------------------------ forward
+    def _check_input(self, input_ids: torch.Tensor, start: int, cache: InferenceCache | None) -> None:
+        cfg = self.config
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {tuple(input_ids.shape)} "
+                             f"{input_ids.dtype}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: give at least one token")
+        end = start + input_ids.shape[1]
+        limit = cache.max_len if cache is not None else cfg.max_seq_len
+        if end > limit:
+            raise ValueError(f"{end} tokens exceed the context of {limit} "
+                             f"({'cache max_len' if cache is not None else 'max_seq_len'}); "
+                             "shorten or truncate the input")
+        if cache is not None and cache.batch_size != input_ids.shape[0]:
+            raise ValueError(f"cache was made for batch {cache.batch_size}, input has batch {input_ids.shape[0]}")
+        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got range [{lo}, {hi}]")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        cache: InferenceCache | None = None,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> ModelOutput:
+        """Logits for ``input_ids`` [B, T]; with ``cache`` the tokens continue the cached sequence.
+
+        With ``labels`` (aligned to the input, shifted internally) the joint loss of eq. 22 is returned.
+        """
+        start = cache.length if cache is not None else 0
+        self._check_input(input_ids, start, cache)
+        T = input_ids.shape[1]
+        rope = self.rope(torch.arange(start, start + T, device=input_ids.device))
+
+        h = self.embed(input_ids)  # H_0
+        emb = h
+        states = [h]
+        for layer, block in enumerate(self.blocks):
+            delta = block(h, rope, start, cache.layers[layer] if cache is not None else None)  # F_l(H_l)
+            if self.dense is not None:
+                h = delta + self.dense.mix(layer, states)  # eq. 1–2
+                if layer + 1 < len(self.blocks):
+                    states.append(h)
+            else:
+                h = h + delta  # identity skip
+        logits = F.linear(self.norm(h), self.head_weight)
+
+        mtp_logits: list[torch.Tensor] = []
+        if self.mtp is not None:
+            mtp_logits = self.mtp(h, emb, self.rope, self.head_weight, start,
+                                  cache.mtp if cache is not None else None)
+        if cache is not None:
+            cache.length = start + T
+
+        out = ModelOutput(logits=logits, mtp_logits=mtp_logits, hidden=h)
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
+                                 f"{tuple(input_ids.shape)}")
+            terms = multi_token_loss(logits, mtp_logits, labels, self.config.gammas, ignore_index)
+            out.loss, out.main_loss, out.mtp_losses = terms.total, terms.main, terms.mtp
+        return out

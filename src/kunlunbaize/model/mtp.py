@@ -1,0 +1,90 @@
+"""Multi-token prediction interaction module (MTPIM, §3.3).
+
+Depth j = 1 … D reads the previous depth's hidden states g^{j−1} (g^0 = final trunk hidden state)
+and the shared embedding of the sequence shifted by j:
+
+    g^j_i      = g^{j−1}_i + C_j(RMSNorm(g^{j−1})_i, RMSNorm(E(t_{s+j}))_{s ≤ i})     (eq. 15–20)
+    logits^j_i = O_j(RMSNorm(g^j_i))       — predicts token t_{i+j+1}                  (eq. 21)
+
+The causal mask lets position i see shifted tokens up to t_{i+j} and no further. Near the end of a
+sequence (i + j ≥ T) a position sees every shifted token there is. The residual ``g^{j−1} +`` is our
+addition: without it the depth's output would be a convex mix of token embeddings.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import Attention
+from .cache import KVBuffer
+from .layers import RotaryEmbedding
+
+
+class MTPDepth(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.hidden_norm = nn.RMSNorm(d, eps=cfg.norm_eps)  # eq. 16
+        self.embed_norm = nn.RMSNorm(d, eps=cfg.norm_eps)  # eq. 17
+        self.cross_attn = Attention(d, cfg.n_heads, cfg.n_kv_heads)  # C_j, eq. 18–19
+        self.out_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.head = None if cfg.mtp_share_head else nn.Linear(d, cfg.vocab_size, bias=False)  # O_j, eq. 21
+
+
+class MultiTokenPrediction(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.depths = nn.ModuleList(MTPDepth(cfg) for _ in range(cfg.mtp_depth))
+
+    def depth_step(
+        self,
+        j: int,
+        g: torch.Tensor,
+        emb: torch.Tensor,
+        rope: RotaryEmbedding,
+        q_start: int,
+        kv_start: int,
+        cache: KVBuffer | None,
+    ) -> torch.Tensor:
+        """One depth (1-based ``j``): g^j from g^{j−1} [B, n, d] at positions q_start…, and the embeddings
+        ``emb`` [B, m, d] of the tokens that fill depth j's key slots kv_start… (slot s holds t_{s+j})."""
+        depth = self.depths[j - 1]
+        dev = g.device
+        rope_q = rope(torch.arange(q_start, q_start + g.shape[1], device=dev))
+        rope_k = rope(torch.arange(kv_start, kv_start + emb.shape[1], device=dev))
+        return g + depth.cross_attn(
+            depth.hidden_norm(g), depth.embed_norm(emb), rope_q, rope_k, q_start, kv_start, cache
+        )
+
+    def logits(self, j: int, g: torch.Tensor, main_head_weight: torch.Tensor) -> torch.Tensor:
+        depth = self.depths[j - 1]
+        h = depth.out_norm(g)
+        return depth.head(h) if depth.head is not None else F.linear(h, main_head_weight)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        token_emb: torch.Tensor,
+        rope: RotaryEmbedding,
+        main_head_weight: torch.Tensor,
+        start: int = 0,
+        caches: list[KVBuffer] | None = None,
+    ) -> list[torch.Tensor]:
+        """Logits of every depth for a chunk of tokens at positions start … start+n−1.
+
+        ``hidden`` is the trunk's final hidden state and ``token_emb`` the shared embedding E(t) of the
+        same chunk [B, n, d]. Depth j's key slot s holds t_{s+j}, so this chunk fills slots
+        max(0, start−j) … start+n−1−j.
+        """
+        out = []
+        g = hidden
+        for j in range(1, len(self.depths) + 1):
+            skip = max(0, j - start)  # chunk tokens with index < j have no slot in depth j
+            kv_start = max(0, start - j)
+            g = self.depth_step(j, g, token_emb[:, skip:], rope, start, kv_start,
+                                caches[j - 1] if caches is not None else None)
+            out.append(self.logits(j, g, main_head_weight))
+        return out

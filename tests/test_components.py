@@ -1,0 +1,126 @@
+"""Defining properties of LDRSCM, eSwish and the ablation switches' parameter ownership."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kunlunbaize import KunlunBaize
+from kunlunbaize.model.layers import CausalDSConv, ESwish
+
+from .conftest import tiny
+
+
+def test_dense_residual_weights_uniform_at_init_and_learn():
+    cfg = tiny(n_layers=4)
+    model = KunlunBaize(cfg)
+    W = model.dense_residual_weights()
+    assert W.shape == (4, 4)
+    for layer in range(4):
+        assert torch.allclose(W[layer, : layer + 1], torch.full((layer + 1,), 1.0 / (layer + 1)))
+        assert torch.all(W[layer, layer + 1:] == 0)
+    assert torch.allclose(W.sum(1), torch.ones(4))
+
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    model(x, labels=x).loss.backward()
+    for layer, p in enumerate(model.dense.logits):
+        assert p.grad is not None
+        if layer > 0:  # a single logit has zero softmax gradient by construction
+            assert p.grad.abs().sum() > 0
+
+    with torch.no_grad():
+        for p in model.dense.logits:
+            p.copy_(torch.randn_like(p) * 3)
+    W = model.dense_residual_weights()
+    assert torch.allclose(W.sum(1), torch.ones(4), atol=1e-6)
+    assert torch.all(W >= 0)
+
+
+def test_dense_residual_first_layer_is_identity_skip():
+    # Layer 0 mixes only H_0 with weight 1: the same as an identity skip, so the layer-0 outputs agree.
+    cfg_on, cfg_off = tiny(n_layers=1, mtp_depth=0), tiny(n_layers=1, mtp_depth=0, dense_residual=False)
+    torch.manual_seed(0)
+    on = KunlunBaize(cfg_on)
+    off = KunlunBaize(cfg_off)
+    off.load_state_dict({k: v for k, v in on.state_dict().items() if not k.startswith("dense.")})
+    x = torch.randint(0, cfg_on.vocab_size, (1, 9))
+    assert torch.allclose(on(x).logits, off(x).logits, atol=1e-6)
+
+
+def test_eswish_is_silu_at_beta_one_and_learns_beta():
+    x = torch.randn(4, 10, 16)
+    for per_channel in (False, True):
+        act = ESwish(16, per_channel)
+        assert act.beta.shape == ((16,) if per_channel else (1,))
+        assert torch.allclose(act(x), F.silu(x), atol=1e-7)
+        act(x).pow(2).sum().backward()
+        assert act.beta.grad is not None and act.beta.grad.abs().sum() > 0
+    act = ESwish(1)
+    with torch.no_grad():
+        act.beta.fill_(2.0)
+    assert torch.allclose(act(x), x * torch.sigmoid(2 * x))
+
+
+def test_causal_conv_reads_only_the_past():
+    conv = CausalDSConv(8, kernel_size=4)
+    x = torch.randn(1, 12, 8)
+    y = conv(x)
+    assert y.shape == x.shape
+    x2 = x.clone()
+    x2[:, 6] += 1.0
+    y2 = conv(x2)
+    assert torch.equal(y[:, :6], y2[:, :6])
+    assert not torch.allclose(y[:, 6:10], y2[:, 6:10])  # positions 6 … 9 see input 6 (kernel 4)
+    assert torch.allclose(y[:, 10:], y2[:, 10:])  # … and 10+ no longer do
+
+
+def _names(model):
+    return {n: p.numel() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(("switch", "off_value", "owned"), [
+    ("dense_residual", False, lambda n: n.startswith("dense.")),
+    ("mtp_depth", 0, lambda n: n.startswith("mtp.")),
+])
+def test_switch_removes_exactly_its_parameters(switch, off_value, owned):
+    cfg = tiny()
+    full = _names(KunlunBaize(cfg))
+    ablated = _names(KunlunBaize(tiny(**{switch: off_value})))
+    removed = {n: c for n, c in full.items() if n not in ablated}
+    assert removed and all(owned(n) for n in removed)
+    assert {n: c for n, c in full.items() if n in ablated} == ablated  # nothing else changed
+    assert sum(full.values()) - sum(ablated.values()) == sum(removed.values())
+    if switch == "dense_residual":
+        assert sum(removed.values()) == cfg.n_layers * (cfg.n_layers + 1) // 2
+    else:
+        d, V = cfg.d_model, cfg.vocab_size
+        assert sum(removed.values()) == cfg.mtp_depth * (3 * d + 2 * d * d + 2 * d * cfg.kv_dim + V * d)
+
+
+def test_transformerx_switch_swaps_only_block_internals():
+    cfg = tiny()
+    full, plain = _names(KunlunBaize(cfg)), _names(KunlunBaize(tiny(transformerx=False)))
+    outside = [n for n in full if not n.startswith("blocks.")]
+    assert all(full[n] == plain[n] for n in outside)
+    tx_only = {n for n in full if n not in plain}
+    assert all(n.startswith("blocks.") for n in tx_only)
+    assert any(".convs." in n for n in tx_only) and any(".cross_attns." in n for n in tx_only)
+    assert sum(n.endswith("beta") for n in full) == cfg.n_layers * 2 * cfg.n_scales  # conv + MLP gates
+    assert not any(n.endswith("beta") for n in plain)  # plain Swish has no β
+    assert sum(full.values()) - sum(plain.values()) == cfg.n_layers * (
+        cfg.param_breakdown()["blocks"] // cfg.n_layers
+        - (2 * cfg.d_model + 2 * cfg.d_model ** 2 + 2 * cfg.d_model * cfg.kv_dim + 3 * cfg.d_model * cfg.ffn_hidden))
+
+
+def test_bad_inputs_are_rejected():
+    cfg = tiny()
+    model = KunlunBaize(cfg)
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        model(torch.tensor([[0, cfg.vocab_size]]))
+    with pytest.raises(ValueError, match="exceed the context"):
+        model(torch.zeros(1, cfg.max_seq_len + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer tensor"):
+        model(torch.zeros(3))
+    with pytest.raises(ValueError, match="labels shape"):
+        model(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 3, dtype=torch.long))

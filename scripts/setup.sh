@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up a virtual environment in .venv with kunlunbaize installed (editable).
+#   bash scripts/setup.sh          # runtime: torch + kunlunbaize
+#   bash scripts/setup.sh --dev    # + test and lint tools (pytest, ruff, transformers)
+# Without a GPU it installs the CPU build of torch, never the multi-GB CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+
+have_torch() {
+  .venv/bin/python - <<'PYEOF' 2>/dev/null
+import sys, torch
+major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+sys.exit(0 if (major, minor) >= (2, 5) else 1)
+PYEOF
+}
+
+if ! have_torch; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "setup: GPU found, installing torch with CUDA"
+    "${PIP[@]}" "torch>=2.5"
+  else
+    echo "setup: no GPU, installing the CPU build of torch"
+    # A local wheel (pip's find-links) or PyTorch's CPU index; never the CUDA wheels from PyPI.
+    "${PIP[@]}" "torch==2.13.0+cpu" 2>/dev/null \
+      || "${PIP[@]}" "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+
+if [ "${1:-}" = "--dev" ]; then
+  "${PIP[@]}" -e ".[dev]"
+else
+  "${PIP[@]}" -e .
+fi
+.venv/bin/python -c "import torch, kunlunbaize; print(f'setup: kunlunbaize {kunlunbaize.__version__}, torch {torch.__version__}')"

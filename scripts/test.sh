@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (with test tools) and run the whole check: ruff, then the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --dev
+.venv/bin/ruff check .
+.venv/bin/python -m pytest -q "$@"

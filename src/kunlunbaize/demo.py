@@ -1,0 +1,134 @@
+"""End-to-end smoke job: train a byte-level KunlunBaize on the Python standard library, evaluate, generate.
+
+Bytes are the tokens (vocabulary 256), so no tokenizer is needed; the corpus is the ``.py`` source of
+the running interpreter's standard library, present on every machine.
+"""
+
+from __future__ import annotations
+
+import math
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .model import KunlunBaize
+
+
+def stdlib_bytes(limit: int = 4_000_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train/validation byte tensors from the standard library's ``.py`` files (every 20th file held out)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+    if not files:
+        raise RuntimeError(f"no .py files under {root}: cannot build the demo corpus")
+    train, val, total = bytearray(), bytearray(), 0
+    for i, path in enumerate(files):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        (val if i % 20 == 0 else train).extend(data)
+        total += len(data)
+        if total >= limit:
+            break
+    return (torch.frombuffer(train, dtype=torch.uint8).long(), torch.frombuffer(val, dtype=torch.uint8).long())
+
+
+def _batch(data: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    idx = torch.randint(0, data.numel() - seq_len, (batch_size,), generator=gen)
+    return torch.stack([data[i:i + seq_len] for i in idx.tolist()])
+
+
+@torch.no_grad()
+def evaluate(model: KunlunBaize, data: torch.Tensor, seq_len: int, batches: int = 8) -> dict[str, float]:
+    """Mean main and per-depth MTP losses on fixed validation windows."""
+    model.eval()
+    gen = torch.Generator().manual_seed(1)
+    main, mtp = 0.0, [0.0] * model.config.mtp_depth
+    for _ in range(batches):
+        x = _batch(data, 8, seq_len, gen)
+        out = model(x, labels=x)
+        main += out.main_loss.item() / batches
+        for j, term in enumerate(out.mtp_losses):
+            mtp[j] += term.item() / batches
+    model.train()
+    return {"main": main, **{f"mtp{j + 1}": v for j, v in enumerate(mtp)}}
+
+
+@torch.no_grad()
+def greedy(model: KunlunBaize, prompt: bytes, max_new_tokens: int) -> bytes:
+    """Greedy continuation with the inference cache (prefill once, then one token per step)."""
+    model.eval()
+    ids = torch.tensor([list(prompt)], dtype=torch.long)
+    budget = min(model.config.max_seq_len, ids.shape[1] + max_new_tokens)
+    if ids.shape[1] >= budget:
+        raise ValueError(f"prompt of {ids.shape[1]} bytes leaves no room in the context of {budget}")
+    cache = model.new_cache(1, budget)
+    logits = model(ids, cache=cache).logits
+    out = []
+    while cache.length < budget:
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(int(nxt))
+        if cache.length == budget:
+            break
+        logits = model(nxt, cache=cache).logits
+    return bytes(out)
+
+
+def run_demo(cfg: ModelConfig, steps: int, batch_size: int, seq_len: int, lr: float, seed: int,
+             prompt: str, max_new_tokens: int) -> dict[str, float]:
+    if cfg.vocab_size != 256:
+        print(f"demo is byte-level: vocab_size {cfg.vocab_size} -> 256")
+        cfg = ModelConfig.from_dict({**cfg.to_dict(), "vocab_size": 256})
+    if seq_len > cfg.max_seq_len:
+        raise SystemExit(f"kunlun demo: --seq-len {seq_len} exceeds the preset's max_seq_len {cfg.max_seq_len}")
+    torch.manual_seed(seed)
+    train, val = stdlib_bytes()
+    print(f"corpus: Python {sysconfig.get_python_version()} standard library, "
+          f"{train.numel():,} train / {val.numel():,} validation bytes")
+    model = KunlunBaize(cfg)
+    print(f"model: {model.num_params():,} parameters  dense_residual={cfg.dense_residual} "
+          f"transformerx={cfg.transformerx} mtp_depth={cfg.mtp_depth}")
+
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "dense.logits" in n]
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "dense.logits" not in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+
+    before = evaluate(model, val, seq_len)
+    print("validation before: " + "  ".join(f"{k}={v:.3f}" for k, v in before.items()))
+    gen = torch.Generator().manual_seed(seed)
+    t0, tokens = time.time(), 0
+    for step in range(1, steps + 1):
+        x = _batch(train, batch_size, seq_len, gen)
+        out = model(x, labels=x)
+        if not torch.isfinite(out.loss):
+            raise SystemExit(f"kunlun demo: non-finite loss at step {step}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        tokens += x.numel()
+        if step % max(1, steps // 10) == 0 or step == steps:
+            print(f"step {step:>5}/{steps}  loss {out.loss.item():.3f}  main {out.main_loss.item():.3f}  "
+                  f"grad-norm {gnorm.item():.2f}  {tokens / (time.time() - t0):,.0f} tok/s", flush=True)
+    after = evaluate(model, val, seq_len)
+    print("validation after:  " + "  ".join(f"{k}={v:.3f}" for k, v in after.items()))
+
+    W = model.dense_residual_weights()
+    if W is not None:
+        print("dense-residual weights (row l: weights on H_0 … H_l):")
+        for row in W.tolist():
+            print("  " + " ".join(f"{v:.2f}" for v in row))
+    betas = [p.item() for n, p in model.named_parameters() if n.endswith("beta") and p.numel() == 1]
+    if betas:
+        print(f"eSwish β: mean {sum(betas) / len(betas):.3f}, range [{min(betas):.3f}, {max(betas):.3f}]")
+    text = greedy(model, prompt.encode(), max_new_tokens)
+    print(f"greedy continuation of {prompt!r}:\n{prompt}{text.decode('utf-8', errors='replace')}")
+    return {"before": before["main"], "after": after["main"]}

@@ -32,6 +32,8 @@ if ! have_torch; then
   fi
 fi
 
+# numpy is optional for torch but it warns at import without it.
+"${PIP[@]}" numpy
 if [ "${1:-}" = "--dev" ]; then
   "${PIP[@]}" -e ".[dev]"
 else

@@ -13,8 +13,12 @@ and per MTP depth j the keys/values of the shifted token embeddings, where slot 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 
 class CacheOverflowError(ValueError):
@@ -96,9 +100,9 @@ class InferenceCache:
         self.length = 0
 
     @classmethod
-    def allocate(cls, config, batch_size: int, max_len: int, device: torch.device | str,
+    def allocate(cls, config: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
                  dtype: torch.dtype) -> InferenceCache:
-        """Zero buffers for ``config`` (a ``ModelConfig``) holding ``max_len`` positions."""
+        """Zero buffers for ``config`` holding ``max_len`` positions."""
         if max_len > config.max_seq_len:
             raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}")
         device = torch.device(device)

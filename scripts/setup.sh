@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv with kunlunbaize installed (editable).
-#   bash scripts/setup.sh          # runtime: torch + kunlunbaize
-#   bash scripts/setup.sh --dev    # + test and lint tools (pytest, ruff, transformers)
+#   bash scripts/setup.sh          # torch + kunlunbaize with the training extras
+#   bash scripts/setup.sh --dev    # + every optional extra and the test and lint tools
 # Without a GPU it installs the CPU build of torch, never the multi-GB CUDA wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +37,6 @@ fi
 if [ "${1:-}" = "--dev" ]; then
   "${PIP[@]}" -e ".[dev]"
 else
-  "${PIP[@]}" -e .
+  "${PIP[@]}" -e ".[train]"
 fi
 .venv/bin/python -c "import torch, kunlunbaize; print(f'setup: kunlunbaize {kunlunbaize.__version__}, torch {torch.__version__}')"

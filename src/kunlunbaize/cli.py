@@ -1,8 +1,9 @@
-"""``kunlun`` command line: ``info`` (size and FLOPs of a preset) and ``demo`` (train, evaluate, generate)."""
+"""``kunlun`` command line: ``prepare``, ``train``, ``info`` (size and FLOPs of a preset), ``demo``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -65,6 +66,76 @@ def cmd_demo(args: argparse.Namespace) -> None:
              lr=args.lr, seed=args.seed, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from .data.format import DataError
+    from .train.checkpoint import CheckpointError
+    from .train.trainer import TrainConfig, TrainingError, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values["model_overrides"] = _parse_overrides(args.set)
+    values["progress"] = not args.no_progress
+    try:
+        cfg = TrainConfig(**values)
+        summary = train(cfg)
+    except (ValueError, DataError, CheckpointError, TrainingError) as e:
+        raise SystemExit(f"kunlun train: {e}") from None
+    if "loss_plot" not in summary:  # not rank 0
+        return
+    print(f"\ntrained {summary['step']} steps, {summary['tokens']:,} tokens"
+          + ("" if summary["finished"] else " (stopped early; run the same command to resume)"))
+    if "first_val_loss" in summary:
+        print(f"validation loss {summary['first_val_loss']:.3f} -> {summary['val_loss']:.3f}")
+    print(f"checkpoint:   {summary['checkpoint']}")
+    print(f"loss curve:   {summary['loss_plot']}")
+    if "dense_plot" in summary:
+        print(f"dense-residual weights: {summary['dense_plot']}")
+    print(f"metrics:      {summary['run_dir']}/metrics.jsonl (TensorBoard: {summary['run_dir']}/tensorboard)")
+
+
+def _add_train_parser(sub) -> None:
+    from .train.trainer import TrainConfig
+
+    d = TrainConfig()
+    tr = sub.add_parser("train", help="pre-train on a prepared dataset (default: prepares and trains on the "
+                                      "Python standard library)")
+    tr.add_argument("--data", default=d.data, help="folder written by `kunlun prepare`")
+    tr.add_argument("--out", default=d.out, help="run folder (checkpoints, metrics, plots)")
+    tr.add_argument("--preset", default=d.preset, choices=list(PRESETS))
+    tr.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model config overrides")
+    tr.add_argument("--arch", default=d.arch, choices=["kunlunbaize", "llama"],
+                    help="llama: transformers' LlamaForCausalLM of matched width/depth/params, same loop")
+    tr.add_argument("--tokens", type=int, help=f"token budget (default {d.tokens:,})")
+    tr.add_argument("--seq-len", dest="seq_len", type=int, help=f"default {d.seq_len}")
+    tr.add_argument("--batch-size", dest="batch_size", type=int, help=f"global sequences per step (default "
+                                                                      f"{d.batch_size}) after the ramp")
+    tr.add_argument("--batch-size-start", dest="batch_size_start", type=int)
+    tr.add_argument("--micro-batch-size", dest="micro_batch_size", type=int, help="per rank; the rest is "
+                                                                                 "gradient accumulation")
+    tr.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    tr.add_argument("--warmup-steps", dest="warmup_steps", type=int)
+    tr.add_argument("--weight-decay", dest="weight_decay", type=float)
+    tr.add_argument("--grad-clip", dest="grad_clip", type=float)
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--log-every", dest="log_every", type=int)
+    tr.add_argument("--eval-every", dest="eval_every", type=int)
+    tr.add_argument("--eval-batches", dest="eval_batches", type=int)
+    tr.add_argument("--ckpt-every", dest="ckpt_every", type=int)
+    tr.add_argument("--keep-last", dest="keep_last", type=int)
+    tr.add_argument("--resume", help="auto (default): newest checkpoint in --out; none; or a checkpoint folder")
+    tr.add_argument("--parallel", choices=["auto", "none", "ddp", "fsdp"])
+    tr.add_argument("--device", help="auto, cpu, cuda")
+    tr.add_argument("--dtype", choices=["auto", "fp32", "bf16"])
+    tr.add_argument("--activation-checkpointing", dest="activation_checkpointing", action="store_true",
+                    default=None)
+    tr.add_argument("--compile", action="store_true", default=None, help="torch.compile each block")
+    tr.add_argument("--max-bad-steps", dest="max_bad_steps", type=int)
+    tr.add_argument("--peak-tflops", dest="peak_tflops", type=float, help="device peak for MFU")
+    tr.add_argument("--stop-at-step", dest="stop_at_step", type=int, help="save and stop after this step")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kunlun", description="KunlunBaize language model tools")
     sub = p.add_subparsers(dest="command", required=True)
@@ -90,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="def ")
     demo.add_argument("--max-new-tokens", type=int, default=120)
     demo.set_defaults(func=cmd_demo)
+
+    from .data.cli import add_prepare_parser
+
+    add_prepare_parser(sub)
+    _add_train_parser(sub)
     return p
 
 
@@ -97,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     t0 = time.time()
     args.func(args)
-    if args.command != "info":
+    if args.command == "demo":
         print(f"done in {time.time() - t0:.1f}s", file=sys.stderr)
 
 

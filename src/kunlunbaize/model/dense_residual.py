@@ -33,9 +33,13 @@ class DenseResidual(nn.Module):
 
     @torch.no_grad()
     def weight_matrix(self) -> torch.Tensor:
-        """[L, L] lower-triangular matrix: row l holds softmax(a_l) over H_0 … H_l (zeros above)."""
+        """[L, L] lower-triangular matrix: row l holds softmax(a_l) over H_0 … H_l (zeros above).
+
+        Under FSDP2 the logits are sharded and gathering them is a collective: call on every rank.
+        """
         n = len(self.logits)
         m = torch.zeros(n, n)
         for layer, p in enumerate(self.logits):
-            m[layer, : layer + 1] = torch.softmax(p.detach().float().cpu(), dim=0)
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            m[layer, : layer + 1] = torch.softmax(full.detach().float().cpu(), dim=0)
         return m

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .block import make_block
@@ -45,6 +46,8 @@ class KunlunBaize(nn.Module):
         self.norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
         self.mtp = MultiTokenPrediction(config) if config.mtp_depth > 0 else None
+        self.activation_checkpointing = False
+        """Recompute each block in the backward pass instead of storing its activations (training only)."""
         self.reset_parameters()
 
     # ------------------------------------------------------------------ parameters
@@ -118,8 +121,12 @@ class KunlunBaize(nn.Module):
         h = self.embed(input_ids)  # H_0
         emb = h
         states = [h]
+        recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for layer, block in enumerate(self.blocks):
-            delta = block(h, rope, start, cache.layers[layer] if cache is not None else None)  # F_l(H_l)
+            if recompute:
+                delta = checkpoint(block, h, rope, use_reentrant=False)
+            else:
+                delta = block(h, rope, start, cache.layers[layer] if cache is not None else None)  # F_l(H_l)
             if self.dense is not None:
                 h = delta + self.dense.mix(layer, states)  # eq. 1–2
                 if layer + 1 < len(self.blocks):

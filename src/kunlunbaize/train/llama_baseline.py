@@ -1,0 +1,56 @@
+"""The side-by-side peer: Hugging Face ``LlamaForCausalLM`` with width, depth and parameters matched."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..model import ModelOutput
+
+
+def matched_llama_config(cfg: ModelConfig):
+    """A ``LlamaConfig`` with KunlunBaize's width, depth, heads and vocabulary, and an FFN widened so the
+    parameter count equals KunlunBaize's without its MTP depths (the part that serves next-token
+    prediction; MTP depths are extra heads, counted separately)."""
+    from transformers import LlamaConfig
+
+    target = cfg.num_params() - cfg.param_breakdown()["mtp"]
+    d, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
+    fixed = V * d * (1 if cfg.tie_embeddings else 2) + d + L * (2 * d + 2 * d * d + 2 * d * cfg.kv_dim)
+    ffn = max(8, round((target - fixed) / (3 * d * L)))
+    return LlamaConfig(
+        vocab_size=V, hidden_size=d, intermediate_size=ffn, num_hidden_layers=L, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=False, mlp_bias=False,
+    )
+
+
+class LlamaBaseline(nn.Module):
+    """``LlamaForCausalLM`` behind KunlunBaize's forward signature, so one training loop runs both."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        from transformers import LlamaForCausalLM
+
+        self.hf_config = matched_llama_config(cfg)
+        self.hf_config._attn_implementation = "sdpa"
+        self.hf = LlamaForCausalLM(self.hf_config)
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return list(self.hf.model.layers)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        if on:
+            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.hf.gradient_checkpointing_disable()
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+        out = self.hf(input_ids=input_ids, labels=labels, use_cache=False)
+        return ModelOutput(logits=out.logits, loss=out.loss, main_loss=out.loss)

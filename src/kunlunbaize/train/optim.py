@@ -1,0 +1,33 @@
+"""AdamW as in the paper (§5.3): β = (0.9, 0.95), weight decay 0.1 on matrices only."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Parameters that are scales, gates or mixing logits rather than weights: never decayed.
+NO_DECAY_SUFFIXES = ("beta", "bias")
+NO_DECAY_MARKERS = ("norm", "dense.logits", "layernorm")
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """True for weight matrices (linear, embedding, conv); False for norms, biases, eSwish β, dense logits."""
+    lowered = name.lower()
+    if param.dim() < 2 or lowered.endswith(NO_DECAY_SUFFIXES):
+        return False
+    return not any(m in lowered for m in NO_DECAY_MARKERS)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if decays(name, p) else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
+                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+    fused = all(p.device.type == "cuda" for p in model.parameters())
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
+                             fused=fused or None)

@@ -1,0 +1,175 @@
+"""Training loop: exact resume, NaN guard, signals, DDP == single process, FSDP2 + DCP resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kunlunbaize.model import KunlunBaize, ModelOutput
+from kunlunbaize.train.checkpoint import CheckpointError, checkpoint_dirs
+from kunlunbaize.train.trainer import TrainConfig, TrainingError, train
+
+pytest.importorskip("tokenizers")
+MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 64,
+         "conv_kernel_sizes": (3, 5), "mtp_depth": 2, "max_seq_len": 64}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A small prepared dataset: some real Python source, BPE vocabulary 320."""
+    from kunlunbaize.data.prepare import prepare
+
+    src = tmp_path_factory.mktemp("corpus")
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap.py", "shlex.py", "colorsys.py", "fnmatch.py", "bisect.py", "heapq.py"):
+        (src / name).write_bytes((stdlib / name).read_bytes())
+    out = tmp_path_factory.mktemp("data") / "ds"
+    prepare(sources=[str(src)], out=out, vocab_size=320, workers=1, val_fraction=0.2)
+    return out
+
+
+def config(dataset: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=str(dataset), out=str(out), preset="tiny", model_overrides=dict(MODEL), seq_len=32,
+                tokens=32 * 4 * 12, batch_size=4, batch_size_start=2, batch_ramp=0.3, lr=3e-3, log_every=1,
+                eval_every=4, eval_batches=2, ckpt_every=1000, progress=False, warmup_steps=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_resume_reproduces_uninterrupted_run(dataset, tmp_path):
+    straight = train(config(dataset, tmp_path / "a"))
+    assert straight["finished"] and straight["val_loss"] < straight["first_val_loss"]
+    first = train(config(dataset, tmp_path / "b", stop_at_step=5))
+    assert not first["finished"] and first["step"] == 5
+    resumed = train(config(dataset, tmp_path / "b"))
+    assert resumed["finished"] and resumed["step"] == straight["step"]
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(a) == sorted(b) and len(a) == straight["step"]
+    assert all(a[s] == b[s] for s in a), {s: (a[s], b[s]) for s in a if a[s] != b[s]}  # bitwise equal
+    assert (tmp_path / "b" / "loss_curve.png").stat().st_size > 1000
+    assert (tmp_path / "b" / "dense_residual_weights.png").stat().st_size > 1000
+    ckpt = Path(resumed["checkpoint"])
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "trainer_state.json").is_file()
+
+
+def test_fresh_run_refuses_folder_with_checkpoints_and_bad_checkpoint_is_reported(dataset, tmp_path):
+    train(config(dataset, tmp_path / "r", stop_at_step=2))
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        train(config(dataset, tmp_path / "r", resume="none"))
+    (ckpt,) = checkpoint_dirs(tmp_path / "r" / "checkpoints")
+    for f in ckpt.glob("*.distcp"):
+        f.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="could not load checkpoint"):
+        train(config(dataset, tmp_path / "r"))
+    with pytest.raises(CheckpointError, match="different model config"):
+        train(config(dataset, tmp_path / "r", model_overrides={**MODEL, "n_layers": 3}))
+
+
+def test_interrupted_save_is_not_resumed(dataset, tmp_path):
+    train(config(dataset, tmp_path / "r", stop_at_step=2))
+    (tmp_path / "r" / "checkpoints" / "step_00000009.tmp").mkdir()  # a save killed half-way
+    assert [p.name for p in checkpoint_dirs(tmp_path / "r" / "checkpoints")] == ["step_00000002"]
+
+
+def test_nan_guard_skips_then_aborts(dataset, tmp_path, monkeypatch):
+    original = KunlunBaize.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs) -> ModelOutput:
+        out = original(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] in (3,) or calls["n"] >= 8:  # one bad step, later every step
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(KunlunBaize, "forward", poisoned)
+    cfg = config(dataset, tmp_path / "n", batch_size=2, batch_size_start=2, max_bad_steps=3)
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
+        train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "n" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("skipped_steps") == 1 for r in rows)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kunlunbaize.cli", "train", *args]
+
+
+def _torchrun(n: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--standalone",
+            "-m", "kunlunbaize.cli", "train", *args]
+
+
+def _common(dataset: Path, out: Path, tokens: int, *extra: str) -> list[str]:
+    sets = [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in MODEL.items()]
+    return ["--data", str(dataset), "--out", str(out), "--preset", "tiny", "--seq-len", "32",
+            "--tokens", str(tokens), "--batch-size", "4", "--batch-size-start", "4", "--lr", "3e-3",
+            "--log-every", "1", "--eval-every", "1000", "--warmup-steps", "2", "--no-progress", *extra,
+            "--set", *sets]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
+    out = tmp_path / "s"
+    proc = subprocess.Popen(_cli(*_common(dataset, out, 32 * 4 * 10_000)), env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").is_file() and len(losses(out)) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "received SIGTERM" in output
+    (ckpt,) = checkpoint_dirs(out / "checkpoints")
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] >= 3
+
+
+def test_ddp_two_ranks_equals_one_process(dataset, tmp_path):
+    tokens = 32 * 4 * 6
+    one = subprocess.run(_cli(*_common(dataset, tmp_path / "one", tokens)), env=_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = subprocess.run(_torchrun(2, *_common(dataset, tmp_path / "two", tokens, "--parallel", "ddp")),
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    # Same global batch, gradients averaged over ranks: equal up to float reduction order.
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-4
+
+
+def test_fsdp_two_ranks_trains_and_resumes_on_one(dataset, tmp_path):
+    out = tmp_path / "f"
+    two = subprocess.run(_torchrun(2, *_common(dataset, out, 32 * 4 * 8, "--parallel", "fsdp", "--stop-at-step",
+                                               "4")), env=_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    (ckpt,) = checkpoint_dirs(out / "checkpoints")
+    assert len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank
+    one = subprocess.run(_cli(*_common(dataset, out, 32 * 4 * 8)), env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stdout + one.stderr
+    loss = losses(out)
+    assert sorted(loss) == list(range(1, 9)) and all(torch.isfinite(torch.tensor(v)) for v in loss.values())
+    assert "resumed from" in one.stderr

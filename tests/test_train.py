@@ -65,6 +65,7 @@ def test_resume_reproduces_uninterrupted_run(dataset, tmp_path):
     assert (tmp_path / "b" / "dense_residual_weights.png").stat().st_size > 1000
     ckpt = Path(resumed["checkpoint"])
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "trainer_state.json").is_file()
+    assert (ckpt / "tokenizer.json").is_file()  # self-contained for generation
 
 
 def test_fresh_run_refuses_folder_with_checkpoints_and_bad_checkpoint_is_reported(dataset, tmp_path):

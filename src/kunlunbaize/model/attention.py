@@ -55,11 +55,13 @@ class Attention(nn.Module):
         q_start: int = 0,
         kv_start: int = 0,
         cache: KVBuffer | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend from ``x`` [B, n, d] (positions q_start…) to ``kv_input`` [B, m, d] (key slots kv_start…).
 
         With a ``cache`` the new keys/values are written at slot ``kv_start`` and the query attends to
         every slot before ``kv_start + m``; without one it attends to the new keys only (kv_start = 0).
+        ``mask`` [B, 1, n, ≥ kv_start + m] (True = may attend) replaces the causal mask, e.g. for padding.
         """
         B, n, _ = x.shape
         q = self.wq(x).view(B, n, self.n_heads, self.head_dim).transpose(1, 2)
@@ -71,7 +73,8 @@ class Attention(nn.Module):
             raise ValueError("kv_start > 0 needs a cache holding the earlier keys")
         if k.shape[2] == 0:  # nothing to attend to yet (an MTP depth before its first token): no update
             return torch.zeros_like(x)
-        mask = causal_mask(q_start, n, k.shape[2], x.device)
+        n_k = k.shape[2]
+        mask = causal_mask(q_start, n, n_k, x.device) if mask is None else mask[..., :n_k]
         out = F.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None,
             enable_gqa=self.n_kv_heads != self.n_heads,

@@ -23,9 +23,10 @@ class PlainBlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden, eswish=False)
 
-    def forward(self, x: torch.Tensor, rope: Rope, start: int = 0, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, start: int = 0, cache: LayerCache | None = None,
+                mask: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         u = self.attn_norm(x)
-        a = self.attn(u, u, rope, rope, start, start, cache.self_attn if cache else None)
+        a = self.attn(u, u, rope, rope, start, start, cache.self_attn if cache else None, mask)
         x = x + a
         return a + self.mlp(self.mlp_norm(x))
 
@@ -54,12 +55,16 @@ class TransformerXBlock(nn.Module):
         )
         self.history_window = max(cfg.conv_kernel_sizes) - 1
 
-    def forward(self, x: torch.Tensor, rope: Rope, start: int = 0, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, start: int = 0, cache: LayerCache | None = None,
+                mask: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` [B, 1, n, start+n] replaces the causal mask; ``valid`` [B, n] marks real (non-pad) tokens."""
         u = self.attn_norm(x)
-        branches = self.attn(u, u, rope, rope, start, start, cache.self_attn if cache else None)
+        branches = self.attn(u, u, rope, rope, start, start, cache.self_attn if cache else None, mask)
         x = x + branches
 
         c = self.conv_norm(x)
+        if valid is not None:  # pads read as zeros: with left padding, exactly a sequence start
+            c = c * valid[..., None].to(c.dtype)
         history = None
         if cache is not None and cache.conv_history is not None:
             history = cache.conv_history.read(start, self.history_window)
@@ -68,7 +73,7 @@ class TransformerXBlock(nn.Module):
 
         for j, h in enumerate(features):
             kv_cache = cache.cross_attn[j] if cache is not None else None
-            a = self.cross_attns[j](self.cross_norms[j](x), h, rope, rope, start, start, kv_cache)
+            a = self.cross_attns[j](self.cross_norms[j](x), h, rope, rope, start, start, kv_cache, mask)
             x = x + a
             m = self.mlps[j](self.mlp_norms[j](x))
             x = x + m

@@ -84,7 +84,11 @@ class InferenceCache:
     layers: list[LayerCache]
     mtp: list[KVBuffer]
     max_len: int
+    valid: torch.Tensor
+    """[B, max_len] bool: which slots hold real tokens (False: left padding)."""
     length: int = 0
+    padded: bool = False
+    """Whether any token was fed with an attention mask (then every later forward uses the masked path)."""
 
     @property
     def batch_size(self) -> int:
@@ -98,6 +102,8 @@ class InferenceCache:
 
     def reset(self) -> None:
         self.length = 0
+        self.padded = False
+        self.valid.fill_(True)
 
     @classmethod
     def allocate(cls, config: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
@@ -118,4 +124,5 @@ class InferenceCache:
                 lc.conv_history = HistoryBuffer(batch_size, max_len, config.d_model, device, dtype)
                 lc.cross_attn = [kv() for _ in range(config.n_scales)]
             layers.append(lc)
-        return cls(layers=layers, mtp=[kv() for _ in range(config.mtp_depth)], max_len=max_len)
+        valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        return cls(layers=layers, mtp=[kv() for _ in range(config.mtp_depth)], max_len=max_len, valid=valid)

@@ -25,13 +25,16 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = self._inv_freq(self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        """Tables for ``positions`` [T] or [B, T]: each [T, head_dim] or [B, T, head_dim]."""
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, H, T, hd] by the angles of ``cos``/``sin`` [T, hd] (rotate-half convention)."""
+    """Rotate ``x`` [B, H, T, hd] by ``cos``/``sin`` [T, hd] (shared) or [B, T, hd] (per row; rotate-half)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)

@@ -102,31 +102,69 @@ class KunlunBaize(nn.Module):
             if lo < 0 or hi >= cfg.vocab_size:
                 raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got range [{lo}, {hi}]")
 
+    def _padding(self, attention_mask: torch.Tensor | None, T: int, start: int, cache: InferenceCache | None,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-row positions [B, start+T], attention mask [B, 1, T, start+T] and new-token validity [B, T].
+
+        Positions count real tokens only, so a left-padded row computes exactly what the same row
+        without padding would. Rows with no visible key (pads before a row's first token) read slot 0
+        to stay finite; their outputs are meaningless and unused.
+        """
+        B = cache.batch_size if cache is not None else attention_mask.shape[0]
+        if attention_mask is None:
+            valid_new = torch.ones(B, T, dtype=torch.bool, device=device)
+        else:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (
+                    T, start + T):
+                raise ValueError(f"attention_mask must be [batch, {T}] or [batch, {start + T}], "
+                                 f"got {tuple(attention_mask.shape)}")
+            valid_new = attention_mask[:, -T:].to(device=device, dtype=torch.bool)
+        if cache is not None:
+            cache.valid[:, start:start + T] = valid_new
+            cache.padded = True
+            valid_all = cache.valid[:, :start + T]
+        else:
+            valid_all = valid_new
+        positions = (valid_all.long().cumsum(-1) - 1).clamp_min(0)
+        q = torch.arange(start, start + T, device=device)
+        mask = (torch.arange(start + T, device=device)[None, :] <= q[:, None])[None] & valid_all[:, None, :]
+        mask[..., 0] |= ~mask.any(-1)
+        return positions, mask[:, None], valid_new
+
     def forward(
         self,
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         cache: InferenceCache | None = None,
+        attention_mask: torch.Tensor | None = None,
         ignore_index: int = IGNORE_INDEX,
     ) -> ModelOutput:
         """Logits for ``input_ids`` [B, T]; with ``cache`` the tokens continue the cached sequence.
 
         With ``labels`` (aligned to the input, shifted internally) the joint loss of eq. 22 is returned.
+        ``attention_mask`` (1 = token, 0 = left padding), [B, T] or [B, start+T], makes each row compute
+        what it would alone without its padding.
         """
         start = cache.length if cache is not None else 0
         self._check_input(input_ids, start, cache)
         T = input_ids.shape[1]
-        rope = self.rope(torch.arange(start, start + T, device=input_ids.device))
+        positions = mask = valid = None
+        if attention_mask is not None or (cache is not None and cache.padded):
+            positions, mask, valid = self._padding(attention_mask, T, start, cache, input_ids.device)
+            rope = self.rope(positions[:, start:])
+        else:
+            rope = self.rope(torch.arange(start, start + T, device=input_ids.device))
 
         h = self.embed(input_ids)  # H_0
         emb = h
         states = [h]
         recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for layer, block in enumerate(self.blocks):
+            layer_cache = cache.layers[layer] if cache is not None else None
             if recompute:
-                delta = checkpoint(block, h, rope, use_reentrant=False)
+                delta = checkpoint(block, h, rope, start, None, mask, valid, use_reentrant=False)
             else:
-                delta = block(h, rope, start, cache.layers[layer] if cache is not None else None)  # F_l(H_l)
+                delta = block(h, rope, start, layer_cache, mask, valid)  # F_l(H_l)
             if self.dense is not None:
                 h = delta + self.dense.mix(layer, states)  # eq. 1–2
                 if layer + 1 < len(self.blocks):
@@ -138,7 +176,7 @@ class KunlunBaize(nn.Module):
         mtp_logits: list[torch.Tensor] = []
         if self.mtp is not None:
             mtp_logits = self.mtp(h, emb, self.rope, self.head_weight, start,
-                                  cache.mtp if cache is not None else None)
+                                  cache.mtp if cache is not None else None, positions, mask)
         if cache is not None:
             cache.length = start + T
 

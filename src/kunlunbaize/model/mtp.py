@@ -48,15 +48,24 @@ class MultiTokenPrediction(nn.Module):
         q_start: int,
         kv_start: int,
         cache: KVBuffer | None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One depth (1-based ``j``): g^j from g^{j−1} [B, n, d] at positions q_start…, and the embeddings
-        ``emb`` [B, m, d] of the tokens that fill depth j's key slots kv_start… (slot s holds t_{s+j})."""
+        ``emb`` [B, m, d] of the tokens that fill depth j's key slots kv_start… (slot s holds t_{s+j}).
+
+        With padding, ``positions`` [B, ≥ q_start+n] are the per-row rotary positions of every slot and
+        ``mask`` the trunk's [B, 1, n, ·] mask (key slot s is usable iff token s is real)."""
         depth = self.depths[j - 1]
-        dev = g.device
-        rope_q = rope(torch.arange(q_start, q_start + g.shape[1], device=dev))
-        rope_k = rope(torch.arange(kv_start, kv_start + emb.shape[1], device=dev))
+        n, m = g.shape[1], emb.shape[1]
+        if positions is None:
+            rope_q = rope(torch.arange(q_start, q_start + n, device=g.device))
+            rope_k = rope(torch.arange(kv_start, kv_start + m, device=g.device))
+        else:
+            rope_q = rope(positions[:, q_start:q_start + n])
+            rope_k = rope(positions[:, kv_start:kv_start + m])
         return g + depth.cross_attn(
-            depth.hidden_norm(g), depth.embed_norm(emb), rope_q, rope_k, q_start, kv_start, cache
+            depth.hidden_norm(g), depth.embed_norm(emb), rope_q, rope_k, q_start, kv_start, cache, mask
         )
 
     def logits(self, j: int, g: torch.Tensor, main_head_weight: torch.Tensor) -> torch.Tensor:
@@ -72,6 +81,8 @@ class MultiTokenPrediction(nn.Module):
         main_head_weight: torch.Tensor,
         start: int = 0,
         caches: list[KVBuffer] | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Logits of every depth for a chunk of tokens at positions start … start+n−1.
 
@@ -85,6 +96,6 @@ class MultiTokenPrediction(nn.Module):
             skip = max(0, j - start)  # chunk tokens with index < j have no slot in depth j
             kv_start = max(0, start - j)
             g = self.depth_step(j, g, token_emb[:, skip:], rope, start, kv_start,
-                                caches[j - 1] if caches is not None else None)
+                                caches[j - 1] if caches is not None else None, positions, mask)
             out.append(self.logits(j, g, main_head_weight))
         return out

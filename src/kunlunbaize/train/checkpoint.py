@@ -5,6 +5,7 @@ One folder per checkpoint, ``<run>/checkpoints/step_00000100/``:
     .metadata, __*_*.distcp    model and optimiser state (DCP; sharded under FSDP2, re-shardable on load)
     model.safetensors          full model weights (rank 0), for inference and export
     config.json                the model config
+    tokenizer.json, …          the dataset's tokenizer (a PreTrainedTokenizerFast folder)
     rng_<rank>.pt              each rank's RNG states
     trainer_state.json         step, samples and tokens consumed, … — written last
 
@@ -109,8 +110,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], model_config: dict[str, Any] | None, keep_last: int) -> Path:
-    """Save atomically to ``root/step_<step>`` on every rank; prune to the newest ``keep_last``."""
+                    trainer_state: dict[str, Any], model_config: dict[str, Any] | None, keep_last: int,
+                    extra_files: list[Path] = ()) -> Path:
+    """Save atomically to ``root/step_<step>`` on every rank; prune to the newest ``keep_last``.
+
+    ``extra_files`` (the tokenizer) are copied in, so a checkpoint folder is self-contained.
+    """
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
     if _rank() == 0:
@@ -127,6 +132,8 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
         save_safetensors(weights, tmp / "model.safetensors", {"format": "pt"})
         if model_config is not None:
             (tmp / "config.json").write_text(json.dumps(model_config, indent=2))
+        for f in extra_files:
+            shutil.copyfile(f, tmp / f.name)
     _barrier()
     if _rank() == 0:
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))  # last file: marks it complete

@@ -33,6 +33,7 @@ from .plots import plot_dense_weights, plot_losses
 from .schedule import PAPER_TOKENS, BatchRamp, LRSchedule
 
 DEFAULT_DATA = "data/stdlib"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class TrainingError(RuntimeError):
@@ -177,6 +178,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     val_windows = TokenWindows(data_path, "val", cfg.seq_len)
     sampler = TrainSampler(train_windows, cfg.seed)
 
+    tokenizer_files = [data_path / n for n in TOKENIZER_FILES if (data_path / n).is_file()]
     model, mcfg = build_model(cfg, meta["vocab_size"])
     n_params = sum(p.numel() for p in model.parameters())
     model.to(env.device)
@@ -265,7 +267,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     def checkpoint() -> Path:
         state = {"step": step, "consumed_samples": consumed, "tokens": tokens, "world_size": env.world_size,
                  "train_config": dataclasses.asdict(cfg), "data_meta_vocab": meta["vocab_size"]}
-        return save_checkpoint(ckpt_root, step, model, optimizer, state, mcfg.to_dict(), cfg.keep_last)
+        return save_checkpoint(ckpt_root, step, model, optimizer, state, mcfg.to_dict(), cfg.keep_last,
+                               tokenizer_files)
 
     wrapped.train()
     try:

@@ -129,6 +129,19 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run in a new process group; on timeout kill the whole group (torchrun's workers too)."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out}\n{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
     out = tmp_path / "s"
     proc = subprocess.Popen(_cli(*_common(dataset, out, 32 * 4 * 10_000)), env=_env(),
@@ -149,11 +162,9 @@ def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
 
 def test_ddp_two_ranks_equals_one_process(dataset, tmp_path):
     tokens = 32 * 4 * 6
-    one = subprocess.run(_cli(*_common(dataset, tmp_path / "one", tokens)), env=_env(), capture_output=True,
-                         text=True, timeout=300)
+    one = _run(_cli(*_common(dataset, tmp_path / "one", tokens)))
     assert one.returncode == 0, one.stdout + one.stderr
-    two = subprocess.run(_torchrun(2, *_common(dataset, tmp_path / "two", tokens, "--parallel", "ddp")),
-                         env=_env(), capture_output=True, text=True, timeout=300)
+    two = _run(_torchrun(2, *_common(dataset, tmp_path / "two", tokens, "--parallel", "ddp")))
     assert two.returncode == 0, two.stdout + two.stderr
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 7))
@@ -163,13 +174,11 @@ def test_ddp_two_ranks_equals_one_process(dataset, tmp_path):
 
 def test_fsdp_two_ranks_trains_and_resumes_on_one(dataset, tmp_path):
     out = tmp_path / "f"
-    two = subprocess.run(_torchrun(2, *_common(dataset, out, 32 * 4 * 8, "--parallel", "fsdp", "--stop-at-step",
-                                               "4")), env=_env(), capture_output=True, text=True, timeout=300)
+    two = _run(_torchrun(2, *_common(dataset, out, 32 * 4 * 8, "--parallel", "fsdp", "--stop-at-step", "4")))
     assert two.returncode == 0, two.stdout + two.stderr
     (ckpt,) = checkpoint_dirs(out / "checkpoints")
     assert len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank
-    one = subprocess.run(_cli(*_common(dataset, out, 32 * 4 * 8)), env=_env(), capture_output=True, text=True,
-                         timeout=300)
+    one = _run(_cli(*_common(dataset, out, 32 * 4 * 8)))
     assert one.returncode == 0, one.stdout + one.stderr
     loss = losses(out)
     assert sorted(loss) == list(range(1, 9)) and all(torch.isfinite(torch.tensor(v)) for v in loss.values())

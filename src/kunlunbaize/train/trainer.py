@@ -34,6 +34,7 @@ from .schedule import PAPER_TOKENS, BatchRamp, LRSchedule
 
 DEFAULT_DATA = "data/stdlib"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+EVAL_BATCH = 8  # validation sequences per forward
 
 
 class TrainingError(RuntimeError):
@@ -50,13 +51,13 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     arch: str = "kunlunbaize"  # or "llama": transformers' LlamaForCausalLM with matched width/depth/params
     seq_len: int = 256
-    tokens: int = 1_500_000  # the token budget; the schedules are fractions of it
+    tokens: int = 500_000  # the token budget; the schedules are fractions of it
     batch_size: int = 16  # global sequences per step at the end of the ramp
     batch_size_start: int | None = None  # None: batch_size × 3072/15360, the paper's ratio
     batch_ramp: float = 469e9 / PAPER_TOKENS
-    micro_batch_size: int | None = None  # per rank; None: the whole per-rank batch at once
+    micro_batch_size: int | None = None  # per rank; None: the largest that lets the ramp start at its start
     lr: float = 2e-3  # peak; the paper uses 2.2e-4 at 405B scale
-    warmup_steps: int | None = None  # None: 2% of the steps (at least 1)
+    warmup_steps: int | None = None  # None: 2% of the steps, at least 10 (at most a tenth of the run)
     decay_start: float = 10.0e12 / PAPER_TOKENS
     decay_end: float = 11.8e12 / PAPER_TOKENS
     final_start: float = (11.8e12 + 333e9) / PAPER_TOKENS
@@ -102,6 +103,11 @@ def plan_steps(cfg: TrainConfig, ramp: BatchRamp) -> int:
         tokens += ramp(tokens / cfg.tokens) * cfg.seq_len
         steps += 1
     return steps
+
+
+def default_micro_batch(per_rank: int, start_per_rank: int) -> int:
+    """The largest divisor of the per-rank batch not above the ramp's starting per-rank batch."""
+    return max(d for d in range(1, per_rank + 1) if per_rank % d == 0 and d <= max(1, start_per_rank))
 
 
 def resolve_data(cfg: TrainConfig, env: DistEnv) -> Path:
@@ -197,15 +203,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext())
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
 
-    micro = cfg.micro_batch_size or max(1, cfg.batch_size // env.world_size)
+    if cfg.batch_size % env.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the number of ranks {env.world_size}")
+    start_bs = cfg.batch_size_start or max(env.world_size, round(cfg.batch_size * 3072 / 15360))
+    micro = cfg.micro_batch_size or default_micro_batch(cfg.batch_size // env.world_size,
+                                                        max(1, start_bs // env.world_size))
     granularity = micro * env.world_size
     if cfg.batch_size % granularity:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size × ranks = "
                          f"{micro} × {env.world_size}")
-    start_bs = cfg.batch_size_start or max(granularity, round(cfg.batch_size * 3072 / 15360))
+    start_bs = max(start_bs, granularity)
     ramp = BatchRamp(start=start_bs, end=cfg.batch_size, ramp=cfg.batch_ramp, granularity=granularity)
     total_steps = plan_steps(cfg, ramp)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.02 * total_steps))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(
+        1, min(total_steps // 10, max(10, round(0.02 * total_steps))))
     schedule = LRSchedule(peak=cfg.lr, warmup_steps=warmup, decay_start=cfg.decay_start,
                           decay_end=cfg.decay_end, final_start=cfg.final_start)
 
@@ -246,7 +257,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     stop = _StopFlag()
     stop.install()
-    val_sets = validation_batches(val_windows, micro, cfg.eval_batches)
+    val_sets = validation_batches(val_windows, EVAL_BATCH, cfg.eval_batches)
     n_terms = 2 + mcfg.mtp_depth if cfg.arch == "kunlunbaize" else 2
     window = {"t0": time.perf_counter(), "tokens": 0, "sums": torch.zeros(n_terms), "steps": 0, "gnorm": 0.0}
     bad_in_row, skipped = 0, 0

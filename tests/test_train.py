@@ -183,3 +183,16 @@ def test_fsdp_two_ranks_trains_and_resumes_on_one(dataset, tmp_path):
     loss = losses(out)
     assert sorted(loss) == list(range(1, 9)) and all(torch.isfinite(torch.tensor(v)) for v in loss.values())
     assert "resumed from" in one.stderr
+
+
+def test_llama_baseline_trains_through_the_same_loop_with_matched_params(dataset, tmp_path):
+    from kunlunbaize import ModelConfig
+    from kunlunbaize.train.llama_baseline import LlamaBaseline
+
+    cfg = ModelConfig.preset("tiny", vocab_size=320, **MODEL)
+    llama = LlamaBaseline(cfg)
+    target = cfg.num_params() - cfg.param_breakdown()["mtp"]
+    assert abs(llama.num_params() - target) / target < 0.02  # FFN widened to match, up to rounding
+    summary = train(config(dataset, tmp_path / "llama", arch="llama", tokens=32 * 4 * 6))
+    assert summary["finished"] and summary["val_loss"] < summary["first_val_loss"]
+    assert summary["params"] == llama.num_params()

@@ -138,12 +138,14 @@ class KunlunBaize(nn.Module):
         cache: InferenceCache | None = None,
         attention_mask: torch.Tensor | None = None,
         ignore_index: int = IGNORE_INDEX,
+        mtp: bool = True,
     ) -> ModelOutput:
         """Logits for ``input_ids`` [B, T]; with ``cache`` the tokens continue the cached sequence.
 
         With ``labels`` (aligned to the input, shifted internally) the joint loss of eq. 22 is returned.
         ``attention_mask`` (1 = token, 0 = left padding), [B, T] or [B, start+T], makes each row compute
-        what it would alone without its padding.
+        what it would alone without its padding. ``mtp=False`` skips the MTP depths' logits (with a cache
+        their keys are still stored, so they can draft later).
         """
         start = cache.length if cache is not None else 0
         self._check_input(input_ids, start, cache)
@@ -174,14 +176,18 @@ class KunlunBaize(nn.Module):
         logits = F.linear(self.norm(h), self.head_weight)
 
         mtp_logits: list[torch.Tensor] = []
-        if self.mtp is not None:
+        if self.mtp is not None and mtp:
             mtp_logits = self.mtp(h, emb, self.rope, self.head_weight, start,
                                   cache.mtp if cache is not None else None, positions, mask)
+        elif self.mtp is not None and cache is not None:
+            self.mtp.write_keys(emb, self.rope, start, cache.mtp, positions)
         if cache is not None:
             cache.length = start + T
 
         out = ModelOutput(logits=logits, mtp_logits=mtp_logits, hidden=h)
         if labels is not None:
+            if not mtp and self.mtp is not None:
+                raise ValueError("the joint loss needs the MTP logits: do not pass mtp=False with labels")
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
                                  f"{tuple(input_ids.shape)}")

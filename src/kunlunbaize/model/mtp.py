@@ -68,6 +68,20 @@ class MultiTokenPrediction(nn.Module):
             depth.hidden_norm(g), depth.embed_norm(emb), rope_q, rope_k, q_start, kv_start, cache, mask
         )
 
+    def write_keys(self, token_emb: torch.Tensor, rope: RotaryEmbedding, start: int, caches: list[KVBuffer],
+                   positions: torch.Tensor | None = None) -> None:
+        """Store every depth's keys/values for a chunk at positions start… without computing any logits
+        (a verification pass of speculative decoding needs the keys, not the depths' predictions)."""
+        for j, depth in enumerate(self.depths, start=1):
+            skip, kv_start = max(0, j - start), max(0, start - j)
+            emb = token_emb[:, skip:]
+            if emb.shape[1] == 0:
+                continue
+            pos = (torch.arange(kv_start, kv_start + emb.shape[1], device=emb.device) if positions is None
+                   else positions[:, kv_start:kv_start + emb.shape[1]])
+            k, v = depth.cross_attn.project_kv(depth.embed_norm(emb), rope(pos))
+            caches[j - 1].write(kv_start, k, v)
+
     def logits(self, j: int, g: torch.Tensor, main_head_weight: torch.Tensor) -> torch.Tensor:
         depth = self.depths[j - 1]
         h = depth.out_norm(g)

@@ -1,0 +1,164 @@
+"""Self-speculative decoding: the MTP depths draft, the trunk verifies (how MTP "accelerates inference").
+
+One round, after the trunk has processed tokens t_0 … t_{n−1} and chosen t_n:
+
+1. draft: depth 1 reads the trunk's last hidden state g⁰_{n−1} and the embedding of t_n (its key slot
+   n−1) and proposes d_1 = t_{n+1}; depth j reads g^{j−1}_{n−1} and t_n, d_1 … d_{j−1} and proposes d_j;
+2. verify: one trunk forward over [t_n, d_1 … d_k] gives the trunk's prediction after every prefix;
+3. accept drafts while the trunk agrees (greedy) or by the rejection rule (sampling); the trunk's own
+   token at the first disagreement (or after the last draft) is the next t_n, for free;
+4. roll the cache back to the accepted prefix (``InferenceCache.crop``).
+
+Greedy output is token-for-token the trunk's plain greedy decoding. With sampling, a draft x drawn
+from the depth's distribution q is accepted with probability min(1, p(x)/q(x)) against the trunk's p,
+otherwise the token is drawn from norm(max(0, p − q)): the output distribution is exactly the trunk's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model import InferenceCache, KunlunBaize
+from .generate import GenerationResult, StopCallback, TokenCallback, fit_prompts
+from .sampling import SamplingParams, distribution, sample
+
+
+@dataclass
+class SpecStats:
+    drafted: list[int] = field(default_factory=list)  # per depth: drafts proposed
+    accepted: list[int] = field(default_factory=list)  # per depth: drafts accepted
+    trunk_forwards: int = 0  # verification forwards (the prefill not counted)
+    tokens: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        out: dict[str, float] = {"trunk_forwards": self.trunk_forwards, "tokens": self.tokens,
+                                 "tokens_per_trunk_forward": self.tokens / max(1, self.trunk_forwards)}
+        for j, (d, a) in enumerate(zip(self.drafted, self.accepted, strict=True), start=1):
+            out[f"acceptance_depth_{j}"] = a / d if d else float("nan")
+        return out
+
+
+def draft(model: KunlunBaize, cache: InferenceCache, hidden: torch.Tensor, next_token: int, k: int,
+          sampling: SamplingParams, gen: torch.Generator | None) -> tuple[list[int], list[torch.Tensor]]:
+    """``k`` draft tokens after ``next_token`` (= t_n) and the distributions they were drawn from.
+
+    ``hidden`` [1, 1, d] is the trunk's final hidden state at position n − 1 = ``cache.length`` − 1.
+    """
+    assert model.mtp is not None
+    n = cache.length
+    device = hidden.device
+    tokens = [next_token]
+    qs: list[torch.Tensor] = []
+    g = hidden
+    for j in range(1, k + 1):
+        # depth j's key slot s holds t_{s+j}: slots n−j … n−1 take t_n, d_1 … d_{j−1}
+        new = tokens[max(0, j - n):j]
+        emb = model.embed(torch.tensor([new], device=device))
+        g = model.mtp.depth_step(j, g, emb, model.rope, n - 1, max(0, n - j), cache.mtp[j - 1])
+        logits = model.mtp.logits(j, g, model.head_weight)[:, -1]
+        qs.append(distribution(logits, sampling)[0])
+        tokens.append(int(sample(logits, sampling, gen)[0]))
+    return tokens[1:], qs
+
+
+def _accept(trunk_logits: torch.Tensor, drafts: list[int], qs: list[torch.Tensor], sampling: SamplingParams,
+            gen: torch.Generator | None) -> tuple[int, int]:
+    """Number of drafts accepted and the trunk's token after them."""
+    for i, d in enumerate(drafts):
+        if sampling.greedy:
+            best = int(trunk_logits[i].argmax())
+            if best != d:
+                return i, best
+            continue
+        p = distribution(trunk_logits[i], sampling)
+        q = qs[i]
+        u = torch.rand((), generator=gen, device=p.device)
+        if u * q[d] <= p[d]:  # accept with probability min(1, p/q)
+            continue
+        residual = (p - q).clamp_min(0)
+        if residual.sum() <= 0:  # p == q up to rounding: any draw from p is exact
+            residual = p
+        return i, int(torch.multinomial(residual / residual.sum(), 1, generator=gen))
+    return len(drafts), int(sample(trunk_logits[len(drafts)][None], sampling, gen)[0])
+
+
+@torch.inference_mode()
+def speculative_generate(
+    model: KunlunBaize,
+    prompt: list[int],
+    max_new_tokens: int,
+    sampling: SamplingParams = SamplingParams(),
+    draft_len: int | None = None,
+    adaptive: bool = False,
+    eos_id: int | None = None,
+    seed: int | None = None,
+    truncate: bool = False,
+    on_token: TokenCallback | None = None,
+    should_stop: StopCallback | None = None,
+) -> GenerationResult:
+    """Generate for one prompt with MTP self-speculative decoding; ``stats`` reports acceptance per depth.
+
+    ``draft_len`` (1 … D, default D) drafts per round; ``adaptive`` grows it after a fully accepted round
+    and shrinks it after a round that accepted nothing.
+    """
+    model.eval()
+    D = model.config.mtp_depth
+    if D == 0:
+        raise ValueError("speculative decoding needs MTP depths (mtp_depth >= 1); this model has none")
+    k = D if draft_len is None else draft_len
+    if not 1 <= k <= D:
+        raise ValueError(f"draft_len must be between 1 and mtp_depth={D}, got {draft_len}")
+    device = model.embed.weight.device
+    (prompt,) = fit_prompts([prompt], max_new_tokens, model.config.max_seq_len, truncate)
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    cache = model.new_cache(1, len(prompt) + max_new_tokens)  # verification never writes past it
+    t0 = time.perf_counter()
+    out = model(torch.tensor([prompt], device=device), cache=cache, mtp=False)
+    hidden = out.hidden[:, -1:]
+    nxt = int(sample(out.logits[:, -1], sampling, gen)[0])
+    stats = SpecStats(drafted=[0] * D, accepted=[0] * D)
+    result: list[int] = []
+    reason = "length"
+
+    def emit(tok: int) -> bool:
+        """Append a token; True when generation must end."""
+        nonlocal reason
+        if eos_id is not None and tok == eos_id:
+            reason = "eos"
+            return True
+        result.append(tok)
+        if on_token is not None:
+            on_token(0, tok)
+        if should_stop is not None and should_stop(0, result):
+            reason = "stop"
+            return True
+        return len(result) >= max_new_tokens
+
+    finished = emit(nxt)
+    while not finished:
+        kk = min(k, max_new_tokens - len(result))  # no point drafting past the budget
+        drafts, qs = draft(model, cache, hidden, nxt, kk, sampling, gen)
+        n = cache.length
+        verify = model(torch.tensor([[nxt, *drafts]], device=device), cache=cache, mtp=False)
+        stats.trunk_forwards += 1
+        accepted, bonus = _accept(verify.logits[0], drafts, qs, sampling, gen)
+        for j in range(kk):
+            stats.drafted[j] += 1
+            stats.accepted[j] += int(j < accepted)
+        cache.crop(n + 1 + accepted)  # keep t_n and the accepted drafts; the bonus is fed next round
+        hidden = verify.hidden[:, accepted:accepted + 1]
+        for tok in (*drafts[:accepted], bonus):
+            if emit(tok):
+                finished = True
+                break
+        nxt = bonus
+        if adaptive:
+            k = min(D, k + 1) if accepted == kk else max(1, k - 1) if accepted == 0 else k
+    stats.tokens = len(result)
+    s = stats.as_dict()
+    s["seconds"] = time.perf_counter() - t0
+    s["tokens_per_s"] = len(result) / s["seconds"] if s["seconds"] > 0 else float("nan")
+    return GenerationResult(tokens=[result], finish_reasons=[reason], stats=s)

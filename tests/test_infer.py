@@ -1,0 +1,133 @@
+"""Generation: cached == uncached, padded batch == one by one, speculative greedy == plain greedy,
+and speculative sampling has exactly the trunk's distribution."""
+
+import itertools
+
+import pytest
+import torch
+
+from kunlunbaize.infer import SamplingParams, distribution, generate, speculative_generate
+
+from .conftest import build, tiny
+
+
+def model64(seed=0, **kw):
+    return build(tiny(**kw), seed).double()
+
+
+def reference_greedy(model, prompt, n):
+    """Greedy decoding by full forwards, no cache."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(transformerx=False), dict(dense_residual=False, mtp_depth=1),
+                                dict(mtp_depth=3, conv_kernel_sizes=(2, 9))])
+def test_cached_greedy_equals_uncached(kw):
+    model = model64(**kw)
+    prompt = torch.randint(0, model.config.vocab_size, (7,)).tolist()
+    assert generate(model, [prompt], 20).tokens[0] == reference_greedy(model, prompt, 20)
+
+
+def test_padded_batch_equals_one_by_one():
+    model = model64()
+    V = model.config.vocab_size
+    prompts = [torch.randint(1, V, (n,)).tolist() for n in (9, 2, 5)]
+    batch = generate(model, prompts, 12, eos_id=0)
+    for p, got in zip(prompts, batch.tokens, strict=True):
+        assert got == generate(model, [p], 12, eos_id=0).tokens[0]
+
+
+@pytest.mark.parametrize(("kw", "draft_len", "adaptive"), [
+    (dict(mtp_depth=1), None, False),
+    (dict(mtp_depth=3), 1, False),
+    (dict(mtp_depth=3), 2, False),
+    (dict(mtp_depth=3), None, True),
+    (dict(mtp_depth=2, transformerx=False, dense_residual=False), None, False),
+    (dict(mtp_depth=2, mtp_share_head=True, conv_kernel_sizes=(4,)), None, False),
+])
+def test_speculative_greedy_equals_plain_greedy(kw, draft_len, adaptive):
+    for seed in range(3):
+        model = model64(seed, **kw)
+        prompt = torch.randint(0, model.config.vocab_size, (1 + 3 * seed,)).tolist()  # prompt as short as 1
+        plain = generate(model, [prompt], 25).tokens[0]
+        spec = speculative_generate(model, prompt, 25, draft_len=draft_len, adaptive=adaptive)
+        assert spec.tokens[0] == plain
+        assert spec.stats["trunk_forwards"] <= 25
+        assert 0 <= spec.stats["acceptance_depth_1"] <= 1
+
+
+def test_speculative_accepts_drafts_when_depths_agree_with_the_trunk():
+    # Zero output norms make every logit 0, so trunk and depths all pick token 0: every draft is accepted.
+    model = model64(mtp_depth=3)
+    with torch.no_grad():
+        model.norm.weight.zero_()
+        for d in model.mtp.depths:
+            d.out_norm.weight.zero_()
+    out = speculative_generate(model, [1, 2, 3], 13)
+    assert out.tokens[0] == [0] * 13
+    assert out.stats["acceptance_depth_1"] == 1.0 and out.stats["acceptance_depth_3"] == 1.0
+    assert out.stats["trunk_forwards"] == 3  # 1 (prefill) + 4 + 4 + 4 tokens
+    assert out.stats["tokens_per_trunk_forward"] == 13 / 3
+
+
+def test_speculative_sampling_matches_trunk_distribution():
+    # Exact distribution of the first two generated tokens under the trunk vs. speculative samples (chi-square).
+    torch.manual_seed(0)
+    model = model64(3, vocab_size=5, mtp_depth=2)
+    params = SamplingParams(temperature=1.3, top_k=4)
+    prompt = [1, 3]
+    V = model.config.vocab_size
+    with torch.no_grad():
+        p1 = distribution(model(torch.tensor([prompt])).logits[0, -1], params)
+        expected = torch.zeros(V, V, dtype=torch.float64)
+        for a in range(V):
+            if p1[a] > 0:
+                p2 = distribution(model(torch.tensor([[*prompt, a]])).logits[0, -1], params)
+                expected[a] = p1[a] * p2
+    n = 1500
+    counts = torch.zeros(V, V)
+    gen_seed = itertools.count()
+    for _ in range(n):
+        a, b = speculative_generate(model, prompt, 2, sampling=params, seed=next(gen_seed)).tokens[0]
+        counts[a, b] += 1
+    mask = expected.flatten() * n >= 5  # chi-square needs expected counts >= 5
+    exp = expected.flatten()[mask] * n
+    obs = counts.flatten()[mask].double()
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    dof = int(mask.sum()) - 1
+    # critical value of chi-square at p = 0.001 (Wilson–Hilferty approximation)
+    z = 3.09
+    crit = dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+    assert chi2 < crit, (chi2, crit, dof)
+    assert counts.flatten()[~mask].sum() <= 0.02 * n
+
+
+def test_generation_errors():
+    model = model64()
+    ctx = model.config.max_seq_len
+    with pytest.raises(ValueError, match="fit the context"):
+        generate(model, [[1] * (ctx - 3)], 10)
+    assert len(generate(model, [[1] * (ctx - 3)], 10, truncate=True).tokens[0]) == 10
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, [[]], 3)
+    with pytest.raises(ValueError, match="draft_len"):
+        speculative_generate(model, [1], 3, draft_len=5)
+    with pytest.raises(ValueError, match="needs MTP depths"):
+        speculative_generate(model64(mtp_depth=0), [1], 3)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+
+
+def test_top_k_top_p_filtering():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    assert (distribution(logits, SamplingParams(temperature=1.0, top_k=2))[0, 2:] == 0).all()
+    p = distribution(logits, SamplingParams(temperature=1.0, top_p=0.5))
+    assert p[0, 0] == 1.0  # the top token alone already holds more than half the mass
+    full = torch.softmax(logits, -1)
+    p = distribution(logits, SamplingParams(temperature=1.0, top_p=0.9))
+    kept = (p > 0).sum().item()
+    assert full[0, : kept - 1].sum() < 0.9 <= full[0, :kept].sum() + 1e-6

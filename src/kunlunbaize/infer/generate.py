@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import KunlunBaize
-from .sampling import SamplingParams, sample
+from .sampling import GREEDY, SamplingParams, sample
 
 # Called with (row, token id) for every generated token, as soon as it is chosen.
 TokenCallback = Callable[[int, int], None]
@@ -65,7 +65,7 @@ def generate(
     model: KunlunBaize,
     prompts: list[list[int]],
     max_new_tokens: int,
-    sampling: SamplingParams = SamplingParams(),
+    sampling: SamplingParams = GREEDY,
     eos_id: int | None = None,
     seed: int | None = None,
     truncate: bool = False,

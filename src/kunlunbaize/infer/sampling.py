@@ -28,6 +28,9 @@ class SamplingParams:
         return self.temperature == 0
 
 
+GREEDY = SamplingParams()
+
+
 def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Probabilities [..., V] that sampling draws from (one-hot of the argmax when greedy)."""
     logits = logits.float()

@@ -23,7 +23,7 @@ import torch
 
 from ..model import InferenceCache, KunlunBaize
 from .generate import GenerationResult, StopCallback, TokenCallback, fit_prompts
-from .sampling import SamplingParams, distribution, sample
+from .sampling import GREEDY, SamplingParams, distribution, sample
 
 
 @dataclass
@@ -90,7 +90,7 @@ def speculative_generate(
     model: KunlunBaize,
     prompt: list[int],
     max_new_tokens: int,
-    sampling: SamplingParams = SamplingParams(),
+    sampling: SamplingParams = GREEDY,
     draft_len: int | None = None,
     adaptive: bool = False,
     eos_id: int | None = None,

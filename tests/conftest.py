@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,3 +52,22 @@ def build(cfg: ModelConfig, seed: int = 0) -> KunlunBaize:
 def _deterministic():
     torch.manual_seed(1234)
     yield
+
+
+TRAIN_MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 64,
+               "conv_kernel_sizes": (3, 5), "mtp_depth": 2, "max_seq_len": 64}
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """A small prepared dataset: a few real standard-library modules, BPE vocabulary 320."""
+    pytest.importorskip("tokenizers")
+    from kunlunbaize.data.prepare import prepare
+
+    src = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap.py", "shlex.py", "colorsys.py", "fnmatch.py", "bisect.py", "heapq.py"):
+        (src / name).write_bytes((stdlib / name).read_bytes())
+    out = tmp_path_factory.mktemp("data") / "ds"
+    prepare(sources=[str(src)], out=out, vocab_size=320, workers=1, val_fraction=0.2, progress=False, log=None)
+    return out

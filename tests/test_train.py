@@ -17,25 +17,9 @@ from kunlunbaize.model import KunlunBaize, ModelOutput
 from kunlunbaize.train.checkpoint import CheckpointError, checkpoint_dirs
 from kunlunbaize.train.trainer import TrainConfig, TrainingError, train
 
+from .conftest import TRAIN_MODEL as MODEL
+
 pytest.importorskip("tokenizers")
-MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 64,
-         "conv_kernel_sizes": (3, 5), "mtp_depth": 2, "max_seq_len": 64}
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    """A small prepared dataset: some real Python source, BPE vocabulary 320."""
-    from kunlunbaize.data.prepare import prepare
-
-    src = tmp_path_factory.mktemp("corpus")
-    import sysconfig
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("textwrap.py", "shlex.py", "colorsys.py", "fnmatch.py", "bisect.py", "heapq.py"):
-        (src / name).write_bytes((stdlib / name).read_bytes())
-    out = tmp_path_factory.mktemp("data") / "ds"
-    prepare(sources=[str(src)], out=out, vocab_size=320, workers=1, val_fraction=0.2)
-    return out
 
 
 def config(dataset: Path, out: Path, **kw) -> TrainConfig:

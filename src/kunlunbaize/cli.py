@@ -1,4 +1,4 @@
-"""``kunlun`` command line: ``prepare``, ``train``, ``info`` (size and FLOPs of a preset), ``demo``."""
+"""``kunlun`` command line: ``prepare``, ``train``, ``generate``, ``info`` (size and FLOPs of a preset), ``demo``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -136,6 +137,82 @@ def _add_train_parser(sub) -> None:
     tr.set_defaults(func=cmd_train)
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .infer import SamplingParams, generate, speculative_generate
+    from .infer.load import LoadError, load_model, load_tokenizer
+    from .infer.text import TextStream
+
+    if args.prompt_file:
+        try:
+            prompts = [Path(args.prompt_file).read_text(encoding="utf-8")]
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"kunlun generate: cannot read prompt file {args.prompt_file}: {e}") from None
+    elif args.prompt == ["-"] or (not args.prompt and not sys.stdin.isatty()):
+        prompts = [sys.stdin.read()]
+    else:
+        prompts = args.prompt
+    if not prompts or any(p == "" for p in prompts):
+        raise SystemExit("kunlun generate: empty prompt; give text as an argument, --prompt-file or on stdin")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        model, ckpt = load_model(args.checkpoint, device)
+        tokenizer, eot = load_tokenizer(ckpt, model.config.vocab_size)
+    except (ValueError, LoadError) as e:
+        raise SystemExit(f"kunlun generate: {e}") from None
+    ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+    many = len(prompts) > 1
+
+    def write(row: int, text: str) -> None:
+        if not many:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    stream = TextStream(tokenizer, len(prompts), args.stop, write)
+    print(f"[{ckpt}]", file=sys.stderr)
+    if not many:
+        sys.stdout.write(prompts[0])
+    try:
+        if args.speculative:
+            if many:
+                raise ValueError("--speculative decodes one prompt at a time")
+            result = speculative_generate(model, ids[0], args.max_new_tokens, sampling, args.draft_len,
+                                          args.adaptive, eot, args.seed, args.truncate, should_stop=stream.update)
+        else:
+            result = generate(model, ids, args.max_new_tokens, sampling, eot, args.seed, args.truncate,
+                              should_stop=stream.update)
+    except ValueError as e:
+        raise SystemExit(f"\nkunlun generate: {e}") from None
+    for row in range(len(prompts)):
+        text = stream.finish(row, result.tokens[row])
+        if many:
+            print(f"--- [{row}] ({result.finish_reasons[row]})\n{prompts[row]}{text}")
+    if not many:
+        print()
+    print(f"[finished: {', '.join(result.finish_reasons)}]", file=sys.stderr)
+    if result.stats:
+        print("[" + "  ".join(f"{k} {v:.3g}" for k, v in result.stats.items()) + "]", file=sys.stderr)
+
+
+def _add_generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="generate text from a trained checkpoint (streamed)")
+    g.add_argument("prompt", nargs="*", help="prompt text (several: a batch, left-padded); '-' or none: stdin")
+    g.add_argument("--checkpoint", default="runs/small", help="run folder (newest checkpoint) or checkpoint folder")
+    g.add_argument("--prompt-file")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--truncate", action="store_true", help="keep the end of a prompt too long for the context")
+    g.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    g.add_argument("--draft-len", type=int, default=None, help="drafts per round, 1 … mtp_depth")
+    g.add_argument("--adaptive", action="store_true", help="adapt the draft length to acceptance")
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kunlun", description="KunlunBaize language model tools")
     sub = p.add_subparsers(dest="command", required=True)
@@ -166,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_prepare_parser(sub)
     _add_train_parser(sub)
+    _add_generate_parser(sub)
     return p
 
 

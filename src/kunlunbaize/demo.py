@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .infer import generate
 from .model import KunlunBaize
+from .train.optim import build_optimizer
 
 
 def stdlib_bytes(limit: int = 4_000_000) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,26 +59,6 @@ def evaluate(model: KunlunBaize, data: torch.Tensor, seq_len: int, batches: int 
     return {"main": main, **{f"mtp{j + 1}": v for j, v in enumerate(mtp)}}
 
 
-@torch.no_grad()
-def greedy(model: KunlunBaize, prompt: bytes, max_new_tokens: int) -> bytes:
-    """Greedy continuation with the inference cache (prefill once, then one token per step)."""
-    model.eval()
-    ids = torch.tensor([list(prompt)], dtype=torch.long)
-    budget = min(model.config.max_seq_len, ids.shape[1] + max_new_tokens)
-    if ids.shape[1] >= budget:
-        raise ValueError(f"prompt of {ids.shape[1]} bytes leaves no room in the context of {budget}")
-    cache = model.new_cache(1, budget)
-    logits = model(ids, cache=cache).logits
-    out = []
-    while cache.length < budget:
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        out.append(int(nxt))
-        if cache.length == budget:
-            break
-        logits = model(nxt, cache=cache).logits
-    return bytes(out)
-
-
 def run_demo(cfg: ModelConfig, steps: int, batch_size: int, seq_len: int, lr: float, seed: int,
              prompt: str, max_new_tokens: int) -> dict[str, float]:
     if cfg.vocab_size != 256:
@@ -92,10 +74,7 @@ def run_demo(cfg: ModelConfig, steps: int, batch_size: int, seq_len: int, lr: fl
     print(f"model: {model.num_params():,} parameters  dense_residual={cfg.dense_residual} "
           f"transformerx={cfg.transformerx} mtp_depth={cfg.mtp_depth}")
 
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "dense.logits" in n]
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "dense.logits" not in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.95))
+    opt = build_optimizer(model, lr)  # AdamW (0.9, 0.95), weight decay 0.1 on matrices only
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
@@ -129,6 +108,8 @@ def run_demo(cfg: ModelConfig, steps: int, batch_size: int, seq_len: int, lr: fl
     betas = [p.item() for n, p in model.named_parameters() if n.endswith("beta") and p.numel() == 1]
     if betas:
         print(f"eSwish β: mean {sum(betas) / len(betas):.3f}, range [{min(betas):.3f}, {max(betas):.3f}]")
-    text = greedy(model, prompt.encode(), max_new_tokens)
-    print(f"greedy continuation of {prompt!r}:\n{prompt}{text.decode('utf-8', errors='replace')}")
+    room = cfg.max_seq_len - len(prompt.encode())
+    out = generate(model, [list(prompt.encode())], min(max_new_tokens, room - 1), truncate=True)
+    text = bytes(out.tokens[0]).decode("utf-8", errors="replace")
+    print(f"greedy continuation of {prompt!r} (cached decoding):\n{prompt}{text}")
     return {"before": before["main"], "after": after["main"]}

@@ -1,0 +1,108 @@
+"""`kunlun generate` on a trained checkpoint: plain == speculative greedy, stop strings, batches, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kunlunbaize.cli import main
+from kunlunbaize.infer import generate, speculative_generate
+from kunlunbaize.infer.load import LoadError, load_model, load_tokenizer
+from kunlunbaize.infer.text import TextStream
+from kunlunbaize.train.trainer import TrainConfig, train
+
+from .conftest import TRAIN_MODEL
+
+
+@pytest.fixture(scope="module")
+def run(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gen") / "run"
+    train(TrainConfig(data=str(dataset), out=str(out), preset="tiny", model_overrides=dict(TRAIN_MODEL), seq_len=32,
+                      tokens=32 * 8 * 20, batch_size=8, lr=3e-3, eval_every=1000, progress=False))
+    return out
+
+
+def cli(capsys, *args: str) -> tuple[str, str]:
+    main(["generate", *args])
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def test_checkpoint_loads_with_identical_logits(run):
+    model, ckpt = load_model(run)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["tokens"] >= 32 * 8 * 20  # the whole budget was trained
+    again, _ = load_model(ckpt)
+    x = torch.randint(0, model.config.vocab_size, (1, 16))
+    assert torch.equal(model(x).logits, again(x).logits)
+
+
+def test_speculative_greedy_equals_plain_on_a_trained_checkpoint(run):
+    model, ckpt = load_model(run, dtype=torch.float64)
+    tok, _ = load_tokenizer(ckpt, model.config.vocab_size)
+    for text in ("def ", "import os\n", "class Heap:\n    "):
+        ids = tok.encode(text).ids
+        plain = generate(model, [ids], 30).tokens[0]
+        for k in (1, 2):
+            assert speculative_generate(model, ids, 30, draft_len=k).tokens[0] == plain
+
+
+def test_generate_cli_plain_speculative_and_stop(run, capsys):
+    out, err = cli(capsys, "def ", "--checkpoint", str(run), "--max-new-tokens", "24")
+    assert out.startswith("def ") and "finished" in err
+    spec, err2 = cli(capsys, "def ", "--checkpoint", str(run), "--max-new-tokens", "24", "--speculative")
+    assert spec == out and "acceptance_depth_1" in err2
+    body = out[len("def "):].rstrip("\n")
+    if len(body) > 3:
+        stop = body[1:3]
+        cut, err3 = cli(capsys, "def ", "--checkpoint", str(run), "--max-new-tokens", "24", "--stop", stop)
+        assert cut == "def " + body[: body.index(stop)] + "\n" and "stop" in err3
+
+
+def test_generate_cli_batch_matches_single(run, capsys):
+    batch, _ = cli(capsys, "import ", "x = [", "--checkpoint", str(run), "--max-new-tokens", "10")
+    single, _ = cli(capsys, "x = [", "--checkpoint", str(run), "--max-new-tokens", "10")
+    assert single.rstrip("\n") in batch
+
+
+def test_generate_cli_errors(run, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        main(["generate", "x", "--checkpoint", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="fit the context"):
+        main(["generate", "word " * 200, "--checkpoint", str(run), "--max-new-tokens", "8"])
+    main(["generate", "word " * 200, "--checkpoint", str(run), "--max-new-tokens", "8", "--truncate"])
+    with pytest.raises(SystemExit, match="empty prompt"):
+        main(["generate", "", "--checkpoint", str(run)])
+    bad = tmp_path / "bad"
+    shutil.copytree(load_model(run)[1], bad)
+    (bad / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(SystemExit, match="damaged"):
+        main(["generate", "x", "--checkpoint", str(bad)])
+    other = tmp_path / "other"
+    shutil.copytree(load_model(run)[1], other)
+    cfg = json.loads((other / "config.json").read_text())
+    with pytest.raises(LoadError, match="not trained together"):
+        load_tokenizer(other, cfg["vocab_size"] + 1)
+
+
+class _Chars:
+    """A stand-in tokenizer: token i is the character chr(i)."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(map(chr, ids))
+
+
+def test_text_stream_never_shows_a_stop_string():
+    shown = []
+    stream = TextStream(_Chars(), 1, stop=["END"], write=lambda row, t: shown.append(t))
+    tokens = []
+    for ch in "abc ENxEND tail":
+        tokens.append(ord(ch))
+        if stream.update(0, tokens):
+            break
+    assert stream.finish(0, tokens) == "abc ENx"
+    assert "".join(shown) == "abc ENx"

@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -183,7 +184,9 @@ def prepare(sources: Sequence[str | os.PathLike[str]] = (), out: str | os.PathLi
 
         t0 = time.perf_counter()
         if loaded is None:
-            tok = train_tokenizer(store.iter_texts(), vocab_size, length=len(store), show_progress=progress)
+            # tokenizers' own bars write blank lines to stdout when not on a terminal: only show them on one
+            interactive = progress and sys.stderr.isatty()
+            tok = train_tokenizer(store.iter_texts(), vocab_size, length=len(store), show_progress=interactive)
             eot_token, tok_info = "<|endoftext|>", {"type": "trained-bpe", "source": "trained on this corpus"}
             say(f"trained a byte-level BPE tokenizer: {tok.get_vocab_size():,} tokens "
                 f"({time.perf_counter() - t0:.1f}s)")

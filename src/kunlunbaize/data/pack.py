@@ -119,7 +119,7 @@ def encode_store(store: DocumentStore, tokenizer_json: str, eot_id: int, dtype: 
     tasks = [offsets[lo:hi + 1] for lo, hi in store.chunks(chunk_bytes or CHUNK_BYTES)]
     initargs = (tokenizer_json, str(store.path), eot_id, np.dtype(dtype).str)
     lengths: list[np.ndarray] = []
-    bar = tqdm(total=store.nbytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress,
+    bar = tqdm(total=store.nbytes, unit="B", unit_scale=True, desc="tokenizing", disable=None if progress else True,
                dynamic_ncols=True)
     workers = max(1, min(workers, len(tasks)))
     with open(tokens_path, "wb") as out:

@@ -170,7 +170,7 @@ def prepare(sources: Sequence[str | os.PathLike[str]] = (), out: str | os.PathLi
         work = tmp / WORK_DIR
         work.mkdir()
         store = DocumentStore(work / "documents.txt")
-        bar = tqdm(files, unit="file", desc="reading", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(files, unit="file", desc="reading", disable=None if progress else True, dynamic_ncols=True)
         docs = read_documents(bar, text_field=text_field, decode_errors=decode_errors, report=report)
         for doc in clean_documents(docs, report, min_chars=min_chars, max_chars=max_chars, max_docs=max_docs,
                                    max_bytes=max_bytes):

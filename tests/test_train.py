@@ -47,6 +47,8 @@ def test_resume_reproduces_uninterrupted_run(dataset, tmp_path):
     assert all(a[s] == b[s] for s in a), {s: (a[s], b[s]) for s in a if a[s] != b[s]}  # bitwise equal
     assert (tmp_path / "b" / "loss_curve.png").stat().st_size > 1000
     assert (tmp_path / "b" / "dense_residual_weights.png").stat().st_size > 1000
+    again = train(config(dataset, tmp_path / "b"))  # a finished run re-run: reports, trains nothing
+    assert again["step"] == resumed["step"] and again["val_loss"] == resumed["val_loss"]
     ckpt = Path(resumed["checkpoint"])
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "trainer_state.json").is_file()
     assert (ckpt / "tokenizer.json").is_file()  # self-contained for generation

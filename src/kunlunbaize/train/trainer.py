@@ -385,6 +385,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         vals = [r for r in records if "val_loss" in r]
         if vals:
             summary["first_val_loss"] = vals[0]["val_loss"]
+            if summary["val_loss"] != summary["val_loss"]:  # NaN: a finished run re-run, nothing evaluated now
+                summary["val_loss"] = vals[-1]["val_loss"]
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

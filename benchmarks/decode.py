@@ -1,0 +1,95 @@
+"""Batch-1 decoding speed: plain cached greedy vs. MTP self-speculative greedy at each draft length.
+
+All variants decode the same prompts with the same checkpoint in one process, rounds interleaved,
+and every speculative output is checked token-for-token against plain greedy. Reported: tokens/s,
+the ratio to plain greedy, tokens per trunk forward and acceptance per depth.
+
+    python benchmarks/decode.py --checkpoint runs/small            # a checkpoint from `kunlun train`
+    python benchmarks/decode.py --random small                      # random weights of a preset
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from kunlunbaize import KunlunBaize, ModelConfig
+from kunlunbaize.infer import generate, speculative_generate
+from kunlunbaize.infer.load import load_model, load_tokenizer
+
+PROMPTS = ["def parse_args(argv):\n", "class Cache:\n    def __init__(self", "import os\nimport sys\n\n",
+           "    for i in range(len(", "# Copyright", "if __name__ == '__main__':\n"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", help="run or checkpoint folder")
+    ap.add_argument("--random", metavar="PRESET", help="random weights of a preset instead of a checkpoint")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    if bool(args.checkpoint) == bool(args.random):
+        ap.error("give exactly one of --checkpoint or --random")
+
+    if args.checkpoint:
+        model, ckpt = load_model(args.checkpoint, args.device)
+        tok, _ = load_tokenizer(ckpt, model.config.vocab_size)
+        prompts = [tok.encode(p).ids for p in PROMPTS]
+        what = str(ckpt)
+    else:
+        torch.manual_seed(0)
+        model = KunlunBaize(ModelConfig.preset(args.random)).to(args.device).eval()
+        prompts = [torch.randint(0, model.config.vocab_size, (16,)).tolist() for _ in PROMPTS]
+        what = f"random {args.random}"
+    D = model.config.mtp_depth
+    n = args.max_new_tokens
+
+    variants = {"plain greedy": None, **{f"speculative, draft {k}": k for k in range(1, D + 1)},
+                "speculative, adaptive": "adaptive"}
+    rates = {v: [] for v in variants}
+    stats = {v: [] for v in variants}
+    reference = {i: generate(model, [p], n).tokens[0] for i, p in enumerate(prompts)}
+    for _ in range(args.rounds):
+        for name, k in variants.items():
+            t0, count = time.perf_counter(), 0
+            for i, p in enumerate(prompts):
+                if k is None:
+                    out = generate(model, [p], n)
+                else:
+                    out = speculative_generate(model, p, n, draft_len=None if k == "adaptive" else k,
+                                               adaptive=k == "adaptive")
+                    stats[name].append(out.stats)
+                    if out.tokens[0] != reference[i]:
+                        raise SystemExit(f"{name}: output differs from plain greedy on prompt {i}")
+                count += len(out.tokens[0])
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            rates[name].append(count / (time.perf_counter() - t0))
+
+    base = statistics.median(rates["plain greedy"])
+    print(f"{what}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, MTP depth {D}; "
+          f"{len(prompts)} prompts x {n} new tokens, batch 1, {args.rounds} rounds; device {args.device}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}\n")
+    print("| decoding | tokens/s | vs plain | tokens / trunk forward | " +
+          " | ".join(f"acceptance d{j}" for j in range(1, D + 1)) + " |")
+    print("|---|---:|---:|---:|" + "---:|" * D)
+    for name in variants:
+        r = statistics.median(rates[name])
+        if stats[name]:
+            tpf = statistics.mean(s["tokens_per_trunk_forward"] for s in stats[name])
+            acc = [statistics.mean(s.get(f"acceptance_depth_{j}", float("nan")) for s in stats[name])
+                   for j in range(1, D + 1)]
+            cols = [f"{tpf:.2f}", *(f"{a:.2f}" if a == a else "–" for a in acc)]
+        else:
+            cols = ["1.00", *("–" for _ in range(D))]
+        print(f"| {name} | {r:,.1f} | {r / base:.2f}x | " + " | ".join(cols) + " |")
+    print("\nall speculative outputs were identical to plain greedy")
+
+
+if __name__ == "__main__":
+    main()

@@ -43,7 +43,7 @@ class SpecStats:
 
 def draft(model: KunlunBaize, cache: InferenceCache, hidden: torch.Tensor, next_token: int, k: int,
           sampling: SamplingParams, gen: torch.Generator | None) -> tuple[list[int], list[torch.Tensor]]:
-    """``k`` draft tokens after ``next_token`` (= t_n) and the distributions they were drawn from.
+    """``k`` draft tokens after ``next_token`` (= t_n) and the distributions they were drawn from (none if greedy).
 
     ``hidden`` [1, 1, d] is the trunk's final hidden state at position n − 1 = ``cache.length`` − 1.
     """
@@ -59,8 +59,12 @@ def draft(model: KunlunBaize, cache: InferenceCache, hidden: torch.Tensor, next_
         emb = model.embed(torch.tensor([new], device=device))
         g = model.mtp.depth_step(j, g, emb, model.rope, n - 1, max(0, n - j), cache.mtp[j - 1])
         logits = model.mtp.logits(j, g, model.head_weight)[:, -1]
-        qs.append(distribution(logits, sampling)[0])
-        tokens.append(int(sample(logits, sampling, gen)[0]))
+        if sampling.greedy:  # greedy verification compares argmaxes: no distribution needed
+            tokens.append(int(logits.argmax(-1)[0]))
+            continue
+        q = distribution(logits, sampling)[0]
+        qs.append(q)
+        tokens.append(int(torch.multinomial(q, 1, generator=gen)))
     return tokens[1:], qs
 
 

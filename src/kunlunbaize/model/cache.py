@@ -100,11 +100,6 @@ class InferenceCache:
             raise ValueError(f"cannot crop a cache of length {self.length} to {length}")
         self.length = length
 
-    def reset(self) -> None:
-        self.length = 0
-        self.padded = False
-        self.valid.fill_(True)
-
     @classmethod
     def allocate(cls, config: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
                  dtype: torch.dtype) -> InferenceCache:

@@ -13,15 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.format import DataError, load_meta, open_split
+from ..data.format import DataError, open_split
 
 
 class TokenWindows:
     """Windows of ``seq_len`` tokens over one split's shards (a window may span two shards)."""
 
     def __init__(self, path: str | Path, split: str, seq_len: int) -> None:
-        self.meta = load_meta(path)
-        self.shards = open_split(path, split)
+        self.shards = open_split(path, split)  # validates meta.json and the shard sizes
         self.seq_len = seq_len
         sizes = [len(s) for s in self.shards]
         self.offsets = np.cumsum([0, *sizes])

@@ -36,7 +36,7 @@ def child(args: argparse.Namespace) -> None:
         if args.arch == "llama":
             model.set_activation_checkpointing(True)
         else:
-            model.activation_checkpointing = True
+            model.gradient_checkpointing = True
     model.train()
     opt = build_optimizer(model, 1e-4)
     x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), device=dev)

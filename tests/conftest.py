@@ -71,3 +71,14 @@ def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "ds"
     prepare(sources=[str(src)], out=out, vocab_size=320, workers=1, val_fraction=0.2, progress=False, log=None)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(dataset, tmp_path_factory) -> Path:
+    """A run folder of ``kunlun train`` on :func:`dataset`: a tiny model trained for 20 steps."""
+    from kunlunbaize.train.trainer import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("gen") / "run"
+    train(TrainConfig(data=str(dataset), out=str(out), preset="tiny", model_overrides=dict(TRAIN_MODEL), seq_len=32,
+                      tokens=32 * 8 * 20, batch_size=8, lr=3e-3, eval_every=1000, progress=False))
+    return out

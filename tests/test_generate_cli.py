@@ -13,17 +13,11 @@ from kunlunbaize.cli import main
 from kunlunbaize.infer import generate, speculative_generate
 from kunlunbaize.infer.load import LoadError, load_model, load_tokenizer
 from kunlunbaize.infer.text import TextStream
-from kunlunbaize.train.trainer import TrainConfig, train
-
-from .conftest import TRAIN_MODEL
 
 
-@pytest.fixture(scope="module")
-def run(dataset, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("gen") / "run"
-    train(TrainConfig(data=str(dataset), out=str(out), preset="tiny", model_overrides=dict(TRAIN_MODEL), seq_len=32,
-                      tokens=32 * 8 * 20, batch_size=8, lr=3e-3, eval_every=1000, progress=False))
-    return out
+@pytest.fixture
+def run(trained_run) -> Path:
+    return trained_run
 
 
 def cli(capsys, *args: str) -> tuple[str, str]:

@@ -1,4 +1,4 @@
-"""``kunlun`` command line: ``prepare``, ``train``, ``generate``, ``info`` (size and FLOPs of a preset), ``demo``."""
+"""``kunlun`` command line: ``prepare``, ``train``, ``generate``, ``export``, ``info`` (size and FLOPs), ``demo``."""
 
 from __future__ import annotations
 
@@ -213,6 +213,31 @@ def _add_generate_parser(sub) -> None:
     g.set_defaults(func=cmd_generate)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .infer.load import LoadError
+
+    try:
+        from .hf.export import ExportError, export_hf
+    except ImportError as e:
+        raise SystemExit(f"kunlun export: needs transformers ({e}); pip install 'kunlunbaize[hf]'") from None
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    try:
+        export_hf(args.checkpoint, args.hf, dtype=dtype, overwrite=args.overwrite, verify=not args.no_verify,
+                  log=lambda m: print(m, file=sys.stderr))
+    except (LoadError, ExportError) as e:
+        raise SystemExit(f"kunlun export: {e}") from None
+
+
+def _add_export_parser(sub) -> None:
+    e = sub.add_parser("export", help="convert a training checkpoint to a Hugging Face transformers folder")
+    e.add_argument("--hf", required=True, metavar="OUT", help="folder to write (config, safetensors, tokenizer)")
+    e.add_argument("--checkpoint", default="runs/small", help="run folder (newest checkpoint) or checkpoint folder")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    e.add_argument("--no-verify", action="store_true", help="skip reloading the export and comparing logits")
+    e.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kunlun", description="KunlunBaize language model tools")
     sub = p.add_subparsers(dest="command", required=True)
@@ -244,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_parser(sub)
     _add_train_parser(sub)
     _add_generate_parser(sub)
+    _add_export_parser(sub)
     return p
 
 

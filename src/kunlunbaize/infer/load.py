@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise LoadError(f"no checkpoint at {p}: give a run folder (e.g. runs/small) or a checkpoint folder")
-    if (p / "model.safetensors").is_file():
+    if (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file():
         return p
     latest = latest_checkpoint(p / "checkpoints") if (p / "checkpoints").is_dir() else latest_checkpoint(p)
     if latest is None:
@@ -35,22 +36,28 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[KunlunBaize, Path]:
-    """The model of a checkpoint folder (``config.json`` + ``model.safetensors``), in eval mode."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """The model of a checkpoint folder (``config.json`` + ``model.safetensors``), in eval mode.
 
+    Reads both our training checkpoints and folders written by ``kunlun export --hf`` (transformers
+    layout, possibly sharded), without needing transformers for either.
+    """
     ckpt = resolve_checkpoint(path)
     try:
-        cfg = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
-    except (OSError, json.JSONDecodeError, ValueError, TypeError) as e:
+        raw = json.loads((ckpt / "config.json").read_text())
+        hf = raw.get("model_type") == "kunlunbaize"
+        cfg = ModelConfig.from_dict(_model_config_dict(raw) if hf else raw)
+    except (OSError, json.JSONDecodeError, ValueError, TypeError, AttributeError) as e:
         raise LoadError(f"{ckpt / 'config.json'} is missing or invalid ({e})") from None
     with torch.device("meta"):
         model = KunlunBaize(cfg)
-    try:
-        state = load_file(str(ckpt / "model.safetensors"), device=str(device))
-    except (OSError, SafetensorError) as e:
-        raise LoadError(f"cannot read {ckpt / 'model.safetensors'} ({e}); the file is damaged — use another "
-                        "checkpoint of the run") from None
+    state = _read_safetensors(ckpt, device)
+    if hf:
+        from ..hf.keys import from_hf
+
+        try:
+            state = from_hf(state)
+        except KeyError as e:
+            raise LoadError(f"{ckpt} is not a KunlunBaize export: {e}") from None
     if cfg.tie_embeddings:
         state.pop("head.weight", None)
     try:
@@ -59,6 +66,33 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         raise LoadError(f"{ckpt / 'model.safetensors'} does not match {ckpt / 'config.json'}: {e}") from None
     model.rope.inv_freq = model.rope._inv_freq(torch.device(device))  # not saved: rebuilt off the meta device
     return model.to(device=device, dtype=dtype).eval(), ckpt
+
+
+def _model_config_dict(hf_config: dict) -> dict:
+    """The :class:`ModelConfig` fields of an exported transformers ``config.json``."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    d = {k: v for k, v in hf_config.items() if k in names}
+    d["tie_embeddings"] = bool(hf_config.get("tie_word_embeddings", False))
+    return d
+
+
+def _read_safetensors(ckpt: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """``model.safetensors``, or every shard listed in ``model.safetensors.index.json``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = ckpt / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state = {}
+            for shard in shards:
+                state.update(load_file(str(ckpt / shard), device=str(device)))
+            return state
+        return load_file(str(ckpt / "model.safetensors"), device=str(device))
+    except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as e:
+        raise LoadError(f"cannot read the weights in {ckpt} ({e}); the files are damaged or incomplete — "
+                        "use another checkpoint of the run or export again") from None
 
 
 def load_tokenizer(ckpt: Path, vocab_size: int):

@@ -90,9 +90,30 @@ class InferenceCache:
     padded: bool = False
     """Whether any token was fed with an attention mask (then every later forward uses the masked path)."""
 
+    is_compileable = False
+    """Read by Hugging Face ``generate`` (not a dataclass field): this cache is not a static ``Cache``."""
+
     @property
     def batch_size(self) -> int:
         return self.layers[0].self_attn.k.shape[0]
+
+    def get_seq_length(self) -> int:
+        """Number of cached tokens (the name Hugging Face ``generate`` uses)."""
+        return self.length
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every tensor indexed by batch row."""
+        out = [self.valid]
+        for kv in [*(lc.self_attn for lc in self.layers), *(c for lc in self.layers for c in lc.cross_attn),
+                   *self.mtp]:
+            out += [kv.k, kv.v]
+        out += [lc.conv_history.x for lc in self.layers if lc.conv_history is not None]
+        return out
+
+    def reorder_cache(self, rows: torch.Tensor) -> None:
+        """Keep batch rows ``rows`` (in that order), e.g. the surviving beams of beam search."""
+        for t in self.buffers():
+            t.copy_(t.index_select(0, rows.to(t.device)))
 
     def crop(self, length: int) -> None:
         """Roll back to the first ``length`` tokens (slots past it are ignored and later overwritten)."""

@@ -24,6 +24,12 @@ class RotaryEmbedding(nn.Module):
     def reset_parameters(self) -> None:
         self.inv_freq = self._inv_freq(self.inv_freq.device)
 
+    def _apply(self, fn, recurse=True):
+        """Moves follow ``model.to(device)``, but the table stays float32 under ``model.to(bfloat16)``."""
+        super()._apply(fn, recurse)
+        self.reset_parameters()
+        return self
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables for ``positions`` [T] or [B, T]: each [T, head_dim] or [B, T, head_dim]."""
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -33,42 +34,63 @@ class ModelOutput:
     """Unweighted L^j per depth (eq. 23)."""
 
 
-class KunlunBaize(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
+@dataclass
+class TrunkOutput:
+    """What the trunk hands to the output head and the MTP depths."""
+
+    hidden: torch.Tensor
+    """Final hidden state H_L [B, T, d] before the output norm (g^0 of the MTP module)."""
+    embeddings: torch.Tensor
+    """H_0 = E(t) [B, T, d], the shared token embeddings the MTP depths read (eq. 13, 15)."""
+    start: int
+    """Position of the first input token (the cache length before this forward)."""
+    positions: torch.Tensor | None = None
+    """Per-row rotary positions [B, start+T] when padding is in play, else None."""
+    mask: torch.Tensor | None = None
+    """Attention mask [B, 1, T, start+T] when padding is in play, else None (plain causal)."""
+    layer_inputs: list[torch.Tensor] | None = None
+    """H_0 … H_{L−1} when requested (HF's ``output_hidden_states``)."""
+
+
+@torch.no_grad()
+def init_module(module: nn.Module, std: float, init=nn.init) -> None:
+    """Initialise one module's own tensors: weights ~ N(0, std); norms, eSwish β at 1; dense-residual logits
+    at 0 (uniform); rotary tables recomputed. ``init`` supplies ``normal_``/``ones_``/``zeros_``."""
+    if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d)):
+        init.normal_(module.weight, mean=0.0, std=std)
+    elif isinstance(module, nn.RMSNorm):
+        init.ones_(module.weight)
+    elif isinstance(module, ESwish):
+        init.ones_(module.beta)
+    elif isinstance(module, DenseResidual):
+        for p in module.logits:
+            init.zeros_(p)
+    elif isinstance(module, RotaryEmbedding):
+        module.reset_parameters()
+
+
+class KunlunBaizeTrunk:
+    """Embedding → TransformerX (or plain) blocks with learnable dense residuals → output norm.
+
+    A mixin for ``nn.Module`` subclasses: :class:`KunlunBaize` and the Hugging Face backbone
+    (``kunlunbaize.hf.KunlunBaizeModel``) both build and run the trunk through it, so the two share
+    parameter names below their prefix and compute exactly the same thing.
+    """
+
+    arch: ModelConfig
+    gradient_checkpointing: bool
+
+    def build_trunk(self, config: ModelConfig) -> None:
         config.validate()
-        self.config = config
+        self.arch = config
         d = config.d_model
         self.embed = nn.Embedding(config.vocab_size, d)  # E(·), shared with the MTP depths (eq. 13, 15)
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.blocks = nn.ModuleList(make_block(config) for _ in range(config.n_layers))  # eq. 14
         self.dense = DenseResidual(config.n_layers) if config.dense_residual else None
         self.norm = nn.RMSNorm(d, eps=config.norm_eps)
-        self.head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
-        self.mtp = MultiTokenPrediction(config) if config.mtp_depth > 0 else None
-        self.activation_checkpointing = False
+        self.gradient_checkpointing = False
         """Recompute each block in the backward pass instead of storing its activations (training only)."""
-        self.reset_parameters()
-
-    # ------------------------------------------------------------------ parameters
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Weights ~ N(0, init_std); norms and eSwish β at 1; dense-residual logits at 0 (uniform)."""
-        std = self.config.init_std
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv1d)):
-                nn.init.normal_(m.weight, mean=0.0, std=std)
-            elif isinstance(m, nn.RMSNorm):
-                nn.init.ones_(m.weight)
-            elif isinstance(m, (ESwish, DenseResidual, RotaryEmbedding)):
-                m.reset_parameters()
-
-    @property
-    def head_weight(self) -> torch.Tensor:
-        return self.embed.weight if self.head is None else self.head.weight
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def dense_residual_weights(self) -> torch.Tensor | None:
         """[L, L] lower-triangular softmax weights of LDRSCM (row l: H_0 … H_l), or None when off."""
@@ -78,12 +100,11 @@ class KunlunBaize(nn.Module):
                   dtype: torch.dtype | None = None) -> InferenceCache:
         """An empty decoding cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
         w = self.embed.weight
-        return InferenceCache.allocate(self.config, batch_size, max_len or self.config.max_seq_len,
+        return InferenceCache.allocate(self.arch, batch_size, max_len or self.arch.max_seq_len,
                                        device or w.device, dtype or w.dtype)
 
-    # ------------------------------------------------------------------ forward
     def _check_input(self, input_ids: torch.Tensor, start: int, cache: InferenceCache | None) -> None:
-        cfg = self.config
+        cfg = self.arch
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {tuple(input_ids.shape)} "
                              f"{input_ids.dtype}")
@@ -131,6 +152,65 @@ class KunlunBaize(nn.Module):
         mask[..., 0] |= ~mask.any(-1)
         return positions, mask[:, None], valid_new
 
+    def run_trunk(self, input_ids: torch.Tensor, cache: InferenceCache | None = None,
+                  attention_mask: torch.Tensor | None = None, keep_layer_inputs: bool = False) -> TrunkOutput:
+        """H_L for ``input_ids`` [B, T] (continuing ``cache`` when given); see :meth:`KunlunBaize.forward`."""
+        start = cache.length if cache is not None else 0
+        self._check_input(input_ids, start, cache)
+        T = input_ids.shape[1]
+        positions = mask = valid = None
+        if attention_mask is not None or (cache is not None and cache.padded):
+            positions, mask, valid = self._padding(attention_mask, T, start, cache, input_ids.device)
+            rope = self.rope(positions[:, start:])
+        else:
+            rope = self.rope(torch.arange(start, start + T, device=input_ids.device))
+
+        h = self.embed(input_ids)  # H_0
+        emb = h
+        states = [h]
+        layer_inputs = [] if keep_layer_inputs else None
+        recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        run = getattr(self, "_gradient_checkpointing_func", None) or partial(checkpoint, use_reentrant=False)
+        for layer, block in enumerate(self.blocks):
+            if layer_inputs is not None:
+                layer_inputs.append(h)
+            layer_cache = cache.layers[layer] if cache is not None else None
+            if recompute:
+                delta = run(block, h, rope, start, None, mask, valid)
+            else:
+                delta = block(h, rope, start, layer_cache, mask, valid)  # F_l(H_l)
+            if self.dense is not None:
+                h = delta + self.dense.mix(layer, states)  # eq. 1–2
+                if layer + 1 < len(self.blocks):
+                    states.append(h)
+            else:
+                h = h + delta  # identity skip
+        return TrunkOutput(h, emb, start, positions, mask, layer_inputs)
+
+
+class KunlunBaize(KunlunBaizeTrunk, nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        nn.Module.__init__(self)
+        self.build_trunk(config)
+        self.config = config
+        self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.mtp = MultiTokenPrediction(config) if config.mtp_depth > 0 else None
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ parameters
+    def reset_parameters(self) -> None:
+        """Weights ~ N(0, init_std); norms and eSwish β at 1; dense-residual logits at 0 (uniform)."""
+        for m in self.modules():
+            init_module(m, self.config.init_std)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.head is None else self.head.weight
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ forward
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -147,50 +227,32 @@ class KunlunBaize(nn.Module):
         what it would alone without its padding. ``mtp=False`` skips the MTP depths' logits (with a cache
         their keys are still stored, so they can draft later).
         """
-        start = cache.length if cache is not None else 0
-        self._check_input(input_ids, start, cache)
-        T = input_ids.shape[1]
-        positions = mask = valid = None
-        if attention_mask is not None or (cache is not None and cache.padded):
-            positions, mask, valid = self._padding(attention_mask, T, start, cache, input_ids.device)
-            rope = self.rope(positions[:, start:])
-        else:
-            rope = self.rope(torch.arange(start, start + T, device=input_ids.device))
-
-        h = self.embed(input_ids)  # H_0
-        emb = h
-        states = [h]
-        recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
-        for layer, block in enumerate(self.blocks):
-            layer_cache = cache.layers[layer] if cache is not None else None
-            if recompute:
-                delta = checkpoint(block, h, rope, start, None, mask, valid, use_reentrant=False)
-            else:
-                delta = block(h, rope, start, layer_cache, mask, valid)  # F_l(H_l)
-            if self.dense is not None:
-                h = delta + self.dense.mix(layer, states)  # eq. 1–2
-                if layer + 1 < len(self.blocks):
-                    states.append(h)
-            else:
-                h = h + delta  # identity skip
-        logits = F.linear(self.norm(h), self.head_weight)
-
-        mtp_logits: list[torch.Tensor] = []
-        if self.mtp is not None and mtp:
-            mtp_logits = self.mtp(h, emb, self.rope, self.head_weight, start,
-                                  cache.mtp if cache is not None else None, positions, mask)
-        elif self.mtp is not None and cache is not None:
-            self.mtp.write_keys(emb, self.rope, start, cache.mtp, positions)
+        if labels is not None and not mtp and self.mtp is not None:
+            raise ValueError("the joint loss needs the MTP logits: do not pass mtp=False with labels")
+        trunk = self.run_trunk(input_ids, cache, attention_mask)
+        logits = F.linear(self.norm(trunk.hidden), self.head_weight)
+        mtp_logits = run_mtp(self.mtp, trunk, self.rope, self.head_weight, cache, mtp)
         if cache is not None:
-            cache.length = start + T
+            cache.length = trunk.start + input_ids.shape[1]
 
-        out = ModelOutput(logits=logits, mtp_logits=mtp_logits, hidden=h)
+        out = ModelOutput(logits=logits, mtp_logits=mtp_logits, hidden=trunk.hidden)
         if labels is not None:
-            if not mtp and self.mtp is not None:
-                raise ValueError("the joint loss needs the MTP logits: do not pass mtp=False with labels")
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
                                  f"{tuple(input_ids.shape)}")
             terms = multi_token_loss(logits, mtp_logits, labels, self.config.gammas, ignore_index)
             out.loss, out.main_loss, out.mtp_losses = terms.total, terms.main, terms.mtp
         return out
+
+
+def run_mtp(module: MultiTokenPrediction | None, trunk: TrunkOutput, rope: RotaryEmbedding,
+            head_weight: torch.Tensor, cache: InferenceCache | None, logits: bool) -> list[torch.Tensor]:
+    """Every MTP depth's logits (eq. 13–21), or with ``logits=False`` only their cached keys (or nothing)."""
+    if module is None:
+        return []
+    if logits:
+        return module(trunk.hidden, trunk.embeddings, rope, head_weight, trunk.start,
+                      cache.mtp if cache is not None else None, trunk.positions, trunk.mask)
+    if cache is not None:
+        module.write_keys(trunk.embeddings, rope, trunk.start, cache.mtp, trunk.positions)
+    return []

@@ -192,7 +192,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.arch == "llama":
             model.set_activation_checkpointing(True)
         else:
-            model.activation_checkpointing = True
+            model.gradient_checkpointing = True
     blocks = list(model.blocks)
     if cfg.compile:
         for block in blocks:

@@ -1,0 +1,95 @@
+"""``kunlun export --hf``: a training checkpoint → a transformers folder (safetensors + config + tokenizer)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..infer.load import LoadError, load_model
+from .keys import to_hf
+
+PROBE_TOKENS = 16
+
+
+class ExportError(RuntimeError):
+    """The export could not be completed or did not reproduce the checkpoint; nothing was left at OUT."""
+
+
+def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float32,
+              overwrite: bool = False, verify: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Write ``checkpoint`` (a run or checkpoint folder) as a transformers model folder at ``out``.
+
+    The folder loads with ``AutoModelForCausalLM.from_pretrained(out)`` and ``AutoTokenizer`` once
+    :mod:`kunlunbaize` is imported. With ``verify`` it is loaded back and must give logits identical to the
+    checkpoint's. Written to a temporary sibling and renamed, so ``out`` is either complete or untouched.
+    """
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from .configuration import KunlunBaizeConfig
+    from .modeling import KunlunBaizeForCausalLM
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file; give a folder path for the export")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} already exists and is not empty; choose another folder or pass --overwrite")
+    model, ckpt = load_model(checkpoint)
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(ckpt))
+    except (OSError, ValueError) as e:
+        raise LoadError(f"cannot load the tokenizer saved with {ckpt} ({e})") from None
+    if len(tokenizer) != model.config.vocab_size:
+        raise LoadError(f"tokenizer of {ckpt} has {len(tokenizer)} tokens but the model has "
+                        f"{model.config.vocab_size}: they were not trained together")
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # batched generation pads with end-of-text (as Llama)
+    tokenizer.padding_side = "left"
+
+    config = KunlunBaizeConfig.from_model_config(
+        model.config, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    hf = KunlunBaizeForCausalLM(config)
+    state = to_hf(model.state_dict())
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed.weight"]
+    hf.load_state_dict(state, strict=True)
+    hf.to(dtype).eval()
+
+    tmp = out.with_name(f"{out.name}.tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        hf.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        if verify:
+            _verify(model.to(dtype), tmp, AutoModelForCausalLM, dtype)
+        if out.exists():
+            old = out.with_name(f"{out.name}.old-export")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"exported {ckpt} → {out} ({sum(p.numel() for p in hf.parameters()):,} parameters, {dtype})"
+        + (": reloaded logits identical" if verify else ""))
+    return out
+
+
+@torch.no_grad()
+def _verify(model: torch.nn.Module, folder: Path, auto_cls: type, dtype: torch.dtype) -> None:
+    """Reload ``folder`` through the Auto class and require logits identical to ``model``'s."""
+    reloaded = auto_cls.from_pretrained(str(folder), dtype=dtype).eval()
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (2, min(PROBE_TOKENS, cfg.max_seq_len)), generator=gen)
+    want = model(ids, mtp=True)
+    got = reloaded(ids, mtp=True, use_cache=False)
+    pairs = [(want.logits, got.logits), *zip(want.mtp_logits, got.mtp_logits or (), strict=True)]
+    for a, b in pairs:
+        if not torch.equal(a, b):
+            raise ExportError(f"the exported model does not reproduce the checkpoint (max |Δlogit| = "
+                              f"{(a - b).abs().max().item():.3g}); nothing was written")

@@ -1,0 +1,212 @@
+"""KunlunBaize as a transformers model: backbone (``KunlunBaizeModel``) + head (``KunlunBaizeForCausalLM``).
+
+The backbone runs the same trunk code as :class:`kunlunbaize.KunlunBaize` (the
+:class:`KunlunBaizeTrunk` mixin), so an exported checkpoint computes identical logits. ``generate()``
+uses our :class:`InferenceCache` (self-attention K/V, conv history, conv-feature K/V and MTP K/V in
+preallocated slots) rather than a ``DynamicCache``, as transformers' Mamba does with its own state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from ..model.cache import InferenceCache
+from ..model.loss import shifted_cross_entropy
+from ..model.model import KunlunBaizeTrunk, TrunkOutput, init_module, run_mtp
+from ..model.mtp import MultiTokenPrediction
+from .configuration import KunlunBaizeConfig
+
+try:  # transformers >= 5: init functions that leave already-loaded weights alone
+    from transformers import initialization as hf_init
+except ImportError:  # pragma: no cover - older transformers
+    hf_init = nn.init
+
+
+@dataclass
+class KunlunBaizeCausalLMOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus the MTP depths' logits and losses when ``mtp=True``."""
+
+    mtp_logits: tuple[torch.Tensor, ...] | None = None
+    """D tensors [B, T, V]: depth j at position i predicts token i+j+1."""
+    mtp_losses: tuple[torch.Tensor, ...] | None = None
+    """Unweighted L^j per depth (eq. 23) when labels were given."""
+
+
+class KunlunBaizePreTrainedModel(PreTrainedModel):
+    config_class = KunlunBaizeConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules: ClassVar[list[str]] = ["TransformerXBlock", "PlainBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        init_module(module, self.config.init_std, init=hf_init)
+
+
+class KunlunBaizeModel(KunlunBaizeTrunk, KunlunBaizePreTrainedModel):
+    """The trunk: embedding → TransformerX blocks with dense residuals → final norm (``last_hidden_state``)."""
+
+    def __init__(self, config: KunlunBaizeConfig) -> None:
+        super().__init__(config)
+        self.build_trunk(config.to_model_config())
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed = value
+
+    def trunk(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+              past_key_values: Any, use_cache: bool | None, output_hidden_states: bool | None,
+              inputs_embeds: torch.Tensor | None) -> tuple[TrunkOutput, InferenceCache | None]:
+        """Run the trunk with transformers' argument conventions; returns the trunk output and the cache."""
+        if inputs_embeds is not None:
+            raise ValueError("KunlunBaize needs input_ids: its convolutions and MTP depths read the token "
+                             "embeddings, so inputs_embeds is not supported")
+        if input_ids is None:
+            raise ValueError("pass input_ids")
+        cache = past_key_values
+        if cache is not None and not isinstance(cache, InferenceCache):
+            if hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0:
+                cache = None  # an empty transformers Cache handed in by a caller: use ours instead
+            else:
+                raise ValueError(f"past_key_values must be a kunlunbaize InferenceCache (got {type(cache).__name__}):"
+                                 " KunlunBaize also caches convolution and MTP state")
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = self.new_cache(input_ids.shape[0])
+        elif not use_cache:
+            cache = None
+        if attention_mask is not None and attention_mask.dim() == 2 and not (cache is not None and cache.padded) \
+                and bool(attention_mask.all()):
+            attention_mask = None  # no padding anywhere: the plain causal path is faster and identical
+        out = self.run_trunk(input_ids, cache, attention_mask, keep_layer_inputs=bool(output_hidden_states))
+        return out, cache
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: InferenceCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast | tuple:
+        out, cache = self.trunk(input_ids, attention_mask, past_key_values, use_cache, output_hidden_states,
+                                inputs_embeds)
+        if cache is not None:
+            cache.length = out.start + input_ids.shape[1]
+        last = self.norm(out.hidden)
+        result = BaseModelOutputWithPast(last_hidden_state=last, past_key_values=cache,
+                                         hidden_states=_hidden_states(out, last))
+        return result if return_dict is not False else result.to_tuple()
+
+
+def _hidden_states(out: TrunkOutput, last: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """transformers' ``hidden_states``: H_0 … H_{L−1}, then the normalised final state (as Llama)."""
+    return None if out.layer_inputs is None else (*out.layer_inputs, last)
+
+
+class KunlunBaizeForCausalLM(KunlunBaizePreTrainedModel, GenerationMixin):
+    """Backbone + output head ``lm_head`` + the MTP depths ``mtp`` (trained with ``mtp=True``)."""
+
+    # tied only when config.tie_word_embeddings
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed.weight"}
+
+    def __init__(self, config: KunlunBaizeConfig) -> None:
+        super().__init__(config)
+        arch = config.to_model_config()
+        self.model = KunlunBaizeModel(config)
+        self.lm_head = nn.Linear(arch.d_model, arch.vocab_size, bias=False)
+        self.mtp = MultiTokenPrediction(arch) if arch.mtp_depth > 0 else None
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not make a DynamicCache: forward() creates an InferenceCache
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def get_decoder(self) -> KunlunBaizeModel:
+        return self.model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: InferenceCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mtp: bool = False,
+        **kwargs: Any,
+    ) -> KunlunBaizeCausalLMOutput | tuple:
+        """Next-token logits (and the loss against ``labels``, shifted inside, -100 ignored).
+
+        ``mtp=True`` also returns every MTP depth's logits, and with labels the loss becomes the paper's
+        joint loss L_main + Σ_j γ_j L^j (eq. 22) — what pre-training optimises. ``logits_to_keep=k``
+        computes logits for the last k positions only (what ``generate`` asks for).
+        """
+        out, cache = self.model.trunk(input_ids, attention_mask, past_key_values, use_cache,
+                                      output_hidden_states, inputs_embeds)
+        last = self.model.norm(out.hidden)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(last[:, keep])
+        mtp_logits = run_mtp(self.mtp, out, self.model.rope, self.lm_head.weight, cache, mtp)
+        if cache is not None:
+            cache.length = out.start + input_ids.shape[1]
+
+        loss = mtp_losses = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if mtp_logits:
+                mtp_losses = tuple(shifted_cross_entropy(lg, labels, j + 1)
+                                   for j, lg in enumerate(mtp_logits, start=1))
+                for gamma, term in zip(self.model.arch.gammas, mtp_losses, strict=True):
+                    loss = loss + gamma * term
+        result = KunlunBaizeCausalLMOutput(
+            loss=loss, logits=logits, past_key_values=cache, hidden_states=_hidden_states(out, last),
+            mtp_logits=tuple(mtp_logits) or None, mtp_losses=mtp_losses,
+        )
+        return result if return_dict is not False else result.to_tuple()
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        past_key_values: InferenceCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Feed only the tokens the cache has not seen; the mask stays full length (it marks the padding)."""
+        if isinstance(past_key_values, InferenceCache) and past_key_values.length > 0:
+            input_ids = input_ids[:, past_key_values.length:]
+        inputs = {"input_ids": input_ids.contiguous(), "past_key_values": past_key_values,
+                  "attention_mask": attention_mask, "use_cache": use_cache}
+        if "logits_to_keep" in kwargs:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs

@@ -1,0 +1,304 @@
+"""Hugging Face integration: config, backbone/head split, Auto classes, generate, export, lm-eval, PEFT."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from kunlunbaize.cli import main
+from kunlunbaize.hf import KunlunBaizeConfig, KunlunBaizeForCausalLM, KunlunBaizeModel
+from kunlunbaize.hf.keys import from_hf, to_hf
+from kunlunbaize.infer import generate
+from kunlunbaize.infer.load import load_model
+
+from .conftest import build, config_id, switch_configs, tiny
+
+CONFIGS = switch_configs()
+
+
+def to_hf_model(model, **config_kwargs) -> KunlunBaizeForCausalLM:
+    """The HF twin of one of our models (same weights)."""
+    cfg = KunlunBaizeConfig.from_model_config(model.config, **config_kwargs)
+    hf = KunlunBaizeForCausalLM(cfg)
+    state = to_hf(model.state_dict())
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed.weight"]
+    hf.load_state_dict(state, strict=True)
+    return hf.to(next(model.parameters()).dtype).eval()
+
+
+# ---------------------------------------------------------------------------------------------- config
+def test_config_aliases_validation_and_round_trip(tmp_path):
+    cfg = KunlunBaizeConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                            conv_kernel_sizes=[3, 5], mtp_depth=2, tie_word_embeddings=True)
+    assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads) == (48, 3, 4, 2)
+    assert cfg.hidden_size == 48 and cfg.max_position_embeddings == cfg.max_seq_len and cfg.tie_embeddings
+    arch = cfg.to_model_config()
+    assert arch.conv_kernel_sizes == (3, 5) and arch.tie_embeddings
+    cfg.save_pretrained(tmp_path)
+    again = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(again, KunlunBaizeConfig) and again.to_model_config() == arch
+    for c in CONFIGS:
+        assert KunlunBaizeConfig.from_model_config(c).to_model_config() == c
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        KunlunBaizeConfig(n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="mtp_depth"):
+        KunlunBaizeConfig(mtp_depth=-1)
+
+
+def test_import_registers_auto_classes_lazily():
+    """`import kunlunbaize` does not import transformers, yet the Auto classes know the model (either order)."""
+    probe = ("import sys, kunlunbaize; assert 'transformers' not in sys.modules; "
+             "from transformers import AutoConfig, AutoModelForCausalLM; "
+             "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING as M; "
+             "c = AutoConfig.for_model('kunlunbaize'); print(type(c).__name__, M[type(c)].__name__)")
+    for code in (probe, "import transformers; " + probe.replace("assert 'transformers' not in sys.modules; ", "")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["KunlunBaizeConfig", "KunlunBaizeForCausalLM"]
+
+
+# ---------------------------------------------------------------------------------------------- model
+@pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
+def test_hf_model_computes_exactly_what_ours_does(cfg):
+    ours = build(cfg)
+    hf = to_hf_model(ours)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    for m in (None, mask):
+        want = ours(ids, attention_mask=m)
+        got = hf(ids, attention_mask=m, mtp=True, output_hidden_states=True)
+        assert torch.equal(want.logits, got.logits)
+        assert len(want.mtp_logits) == cfg.mtp_depth
+        for a, b in zip(want.mtp_logits, got.mtp_logits or (), strict=True):
+            assert torch.equal(a, b)
+    # the backbone/head split transformers, TRL and PEFT rely on
+    assert isinstance(hf.base_model, KunlunBaizeModel) and hf.get_output_embeddings() is hf.lm_head
+    base = hf.model(ids, output_hidden_states=True, use_cache=False)
+    assert torch.equal(hf.lm_head(base.last_hidden_state), ours(ids).logits)
+    assert len(base.hidden_states) == cfg.n_layers + 1
+    assert torch.equal(base.hidden_states[-1], base.last_hidden_state)
+    assert torch.equal(base.hidden_states[0], hf.get_input_embeddings()(ids))
+    assert (hf.lm_head.weight is hf.model.embed.weight) == cfg.tie_embeddings
+
+
+def test_loss_is_causal_lm_loss_and_mtp_gives_the_joint_loss():
+    ours = build(tiny())
+    hf = to_hf_model(ours)
+    ids = torch.randint(0, 61, (2, 16))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    want = ours(ids, labels=labels)
+    assert torch.allclose(hf(ids, labels=labels).loss, want.main_loss, atol=1e-6)
+    joint = hf(ids, labels=labels, mtp=True)
+    assert torch.allclose(joint.loss, want.loss, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(joint.mtp_losses, want.mtp_losses, strict=True))
+
+
+def test_gradient_checkpointing_stores_less_with_identical_gradients():
+    ours = build(tiny())
+    ids = torch.randint(0, 61, (2, 16))
+
+    def run(checkpointing: bool):
+        hf = to_hf_model(ours).train()
+        if checkpointing:
+            hf.gradient_checkpointing_enable()
+        saved = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = hf(ids, labels=ids, mtp=True).loss
+        loss.backward()
+        return {n: p.grad for n, p in hf.named_parameters() if p.grad is not None}, sum(saved)
+
+    plain, stored_plain = run(False)
+    ckpt, stored_ckpt = run(True)
+    assert stored_ckpt < stored_plain / 2  # block activations are recomputed, not stored
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        assert torch.allclose(plain[name], ckpt[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("cfg", [tiny(), tiny(transformerx=False, mtp_depth=0), tiny(tie_embeddings=True)],
+                         ids=["full", "plain", "tied"])
+def test_save_and_load_pretrained_round_trip(cfg, tmp_path):
+    hf = to_hf_model(build(cfg))
+    hf.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(again, KunlunBaizeForCausalLM)
+    ids = torch.randint(0, cfg.vocab_size, (1, 10))
+    assert torch.equal(hf(ids).logits, again(ids).logits)
+    assert (again.lm_head.weight is again.model.embed.weight) == cfg.tie_embeddings
+    assert torch.equal(again.model.rope.inv_freq, hf.model.rope.inv_freq)
+
+
+# ---------------------------------------------------------------------------------------------- generate
+@pytest.mark.parametrize("cfg", CONFIGS[::3], ids=config_id)
+def test_hf_generate_greedy_equals_ours_with_and_without_cache(cfg):
+    ours = build(cfg).double()
+    hf = to_hf_model(ours, pad_token_id=0, eos_token_id=None)
+    prompts = [[5, 9, 3, 7, 11, 2, 8], [4, 6, 1]]
+    want = generate(ours, prompts, 12).tokens
+    ids = torch.tensor([prompts[0], [0] * 4 + prompts[1]])
+    mask = torch.tensor([[1] * 7, [0] * 4 + [1] * 3])
+    for use_cache in (True, False):
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, use_cache=use_cache)
+        assert out[:, 7:].tolist() == want
+
+
+def test_beam_search_reorders_the_cache():
+    hf = to_hf_model(build(tiny()).double(), pad_token_id=0, eos_token_id=None)
+    ids = torch.tensor([[5, 9, 3, 7], [4, 6, 1, 2]])
+    kw = dict(max_new_tokens=8, num_beams=3, do_sample=False, num_return_sequences=2)
+    assert torch.equal(hf.generate(ids, use_cache=True, **kw), hf.generate(ids, use_cache=False, **kw))
+
+
+def test_a_foreign_non_empty_cache_is_refused():
+    from transformers import DynamicCache
+
+    hf = to_hf_model(build(tiny()))
+    cache = DynamicCache()
+    cache.update(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), 0)
+    with pytest.raises(ValueError, match="InferenceCache"):
+        hf(torch.tensor([[1, 2]]), past_key_values=cache)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        hf(inputs_embeds=torch.zeros(1, 2, 32))
+
+
+# ---------------------------------------------------------------------------------------------- export
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "hf"
+    main(["export", "--hf", str(out), "--checkpoint", str(trained_run)])
+    return out
+
+
+def test_export_loads_back_with_identical_logits(trained_run, exported):
+    files = {p.name for p in exported.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= files
+    assert json.loads((exported / "config.json").read_text())["model_type"] == "kunlunbaize"
+    ours, _ = load_model(trained_run)
+    hf = AutoModelForCausalLM.from_pretrained(exported).eval()
+    tok = AutoTokenizer.from_pretrained(exported)
+    ids = torch.tensor([tok.encode("def heappush(heap, item):")])
+    assert torch.equal(ours(ids).logits, hf(ids).logits)
+    back, _ = load_model(exported)  # `kunlun generate` reads exports too
+    assert from_hf(hf.state_dict()).keys() == back.state_dict().keys()
+    assert torch.equal(back(ids).logits, ours(ids).logits)
+    # transformers' own generate and pipeline on the export == our greedy decoding
+    want = generate(ours, [ids[0].tolist()], 20).tokens[0]
+    got = hf.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert got[:len(want)] == want
+    from transformers import pipeline
+
+    text = pipeline("text-generation", model=str(exported))("def ", max_new_tokens=8, do_sample=False)
+    assert text[0]["generated_text"].startswith("def ")
+
+
+def test_generate_cli_reads_an_export(trained_run, exported, capsys):
+    main(["generate", "class Heap:", "--checkpoint", str(trained_run), "--max-new-tokens", "16"])
+    from_run = capsys.readouterr().out
+    main(["generate", "class Heap:", "--checkpoint", str(exported), "--max-new-tokens", "16", "--speculative"])
+    assert capsys.readouterr().out == from_run
+
+
+def test_export_errors_leave_nothing_behind(trained_run, exported, tmp_path):
+    dst = tmp_path / "hf"
+    shutil.copytree(exported, dst)
+    with pytest.raises(SystemExit, match=r"not empty.*--overwrite"):
+        main(["export", "--hf", str(dst), "--checkpoint", str(trained_run)])
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        main(["export", "--hf", str(tmp_path / "x"), "--checkpoint", str(tmp_path / "missing")])
+    assert not (tmp_path / "x").exists()
+    main(["export", "--hf", str(dst), "--checkpoint", str(trained_run), "--overwrite", "--dtype", "bfloat16"])
+    assert AutoModelForCausalLM.from_pretrained(dst).dtype == torch.bfloat16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary folders left
+
+
+# ---------------------------------------------------------------------------------------------- ecosystem
+def test_lm_eval_hflm_scores_a_local_multiple_choice_task(trained_run, exported, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    docs = [{"question": "def add(a, b):\n    return", "choices": [" a + b", " heap", " None"], "answer": 0},
+            {"question": "import", "choices": [" os", " )", " ]]"], "answer": 0},
+            {"question": "for i in", "choices": [" range(n):", " def", " +="], "answer": 0}]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "kb_mc.yaml").write_text(textwrap.dedent(f"""\
+        task: kb_mc
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {data}
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "{{{{question}}}}"
+        doc_to_choice: "{{{{choices}}}}"
+        doc_to_target: answer
+        target_delimiter: ""
+        metric_list:
+          - metric: acc
+        """))
+    lm = HFLM(pretrained=str(exported), backend="causal", batch_size=2, device="cpu")
+    res = lm_eval.simple_evaluate(model=lm, tasks=["kb_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
+                                  log_samples=True)
+    assert 0.0 <= res["results"]["kb_mc"]["acc,none"] <= 1.0
+    ours, _ = load_model(trained_run)
+    tok = AutoTokenizer.from_pretrained(exported)
+    for sample in res["samples"]["kb_mc"]:
+        doc = sample["doc"]
+        for choice, resp in zip(doc["choices"], sample["resps"], strict=True):
+            loglik = float(resp[0][0])
+            ctx, full = tok.encode(doc["question"]), tok.encode(doc["question"] + choice)
+            logp = torch.log_softmax(ours(torch.tensor([full])).logits[0].double(), -1)
+            want = sum(logp[i - 1, full[i]].item() for i in range(len(ctx), len(full)))
+            assert loglik == pytest.approx(want, abs=1e-3)
+
+
+def test_peft_lora_attaches_to_the_attention_projections():
+    peft = pytest.importorskip("peft")
+    cfg = tiny()
+    hf = to_hf_model(build(cfg))
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    before = hf(ids).logits
+    lora = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["wq", "wk", "wv", "wo"]))
+    wrapped = [n for n, m in lora.named_modules() if isinstance(m, peft.tuners.lora.Linear)]
+    n_attention = cfg.n_layers * (1 + len(cfg.conv_kernel_sizes)) + cfg.mtp_depth  # self, conv-cross, MTP
+    assert len(wrapped) == 4 * n_attention
+    assert all(n.rsplit(".", 1)[-1] in ("wq", "wk", "wv", "wo") for n in wrapped)
+    assert torch.equal(lora(ids).logits, before)  # LoRA's B starts at zero
+    trainable = [p for p in lora.parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, p in lora.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    lora.train()
+    losses = []
+    for _ in range(5):
+        loss = lora(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    lora.eval()
+    tuned = lora(ids).logits
+    merged = lora.merge_and_unload()
+    assert torch.allclose(merged(ids).logits, tuned, atol=1e-5)
+    assert not torch.equal(tuned, before)

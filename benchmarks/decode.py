@@ -1,8 +1,11 @@
-"""Batch-1 decoding speed: plain cached greedy vs. MTP self-speculative greedy at each draft length.
+"""Batch-1 decoding speed: plain cached greedy vs. MTP self-speculative greedy vs. HF ``generate``.
 
-All variants decode the same prompts with the same checkpoint in one process, rounds interleaved,
-and every speculative output is checked token-for-token against plain greedy. Reported: tokens/s,
-the ratio to plain greedy, tokens per trunk forward and acceptance per depth.
+All variants decode the same prompts with the same weights in one process, rounds interleaved:
+our plain cached greedy, MTP self-speculative greedy at each draft length (and adaptive), and
+transformers' ``generate`` (greedy, with our cache) on the same model exported by ``kunlun export
+--hf`` and loaded through ``AutoModelForCausalLM``. Every output is checked token-for-token against
+plain greedy. Reported: tokens/s, the ratio to plain greedy, tokens per trunk forward, acceptance
+per depth.
 
     python benchmarks/decode.py --checkpoint runs/small            # a checkpoint from `kunlun train`
     python benchmarks/decode.py --random small                      # random weights of a preset
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
@@ -32,6 +36,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers generate() comparison")
     args = ap.parse_args()
     if bool(args.checkpoint) == bool(args.random):
         ap.error("give exactly one of --checkpoint or --random")
@@ -51,6 +56,9 @@ def main() -> None:
 
     variants = {"plain greedy": None, **{f"speculative, draft {k}": k for k in range(1, D + 1)},
                 "speculative, adaptive": "adaptive"}
+    hf = None if args.no_hf else hf_twin(model, args.device)
+    if hf is not None:
+        variants["HF generate (exported model)"] = "hf"
     rates = {v: [] for v in variants}
     stats = {v: [] for v in variants}
     reference = {i: generate(model, [p], n).tokens[0] for i, p in enumerate(prompts)}
@@ -59,14 +67,18 @@ def main() -> None:
             t0, count = time.perf_counter(), 0
             for i, p in enumerate(prompts):
                 if k is None:
-                    out = generate(model, [p], n)
+                    tokens = generate(model, [p], n).tokens[0]
+                elif k == "hf":
+                    ids = torch.tensor([p], device=args.device)
+                    tokens = hf.generate(ids, max_new_tokens=n, do_sample=False)[0, len(p):].tolist()
                 else:
                     out = speculative_generate(model, p, n, draft_len=None if k == "adaptive" else k,
                                                adaptive=k == "adaptive")
                     stats[name].append(out.stats)
-                    if out.tokens[0] != reference[i]:
-                        raise SystemExit(f"{name}: output differs from plain greedy on prompt {i}")
-                count += len(out.tokens[0])
+                    tokens = out.tokens[0]
+                if tokens != reference[i]:
+                    raise SystemExit(f"{name}: output differs from plain greedy on prompt {i}")
+                count += len(tokens)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             rates[name].append(count / (time.perf_counter() - t0))
@@ -88,7 +100,22 @@ def main() -> None:
         else:
             cols = ["1.00", *("–" for _ in range(D))]
         print(f"| {name} | {r:,.1f} | {r / base:.2f}x | " + " | ".join(cols) + " |")
-    print("\nall speculative outputs were identical to plain greedy")
+    print("\nevery output was identical to plain greedy")
+
+
+def hf_twin(model: KunlunBaize, device: str):
+    """The model exported to a transformers folder and loaded back through ``AutoModelForCausalLM``."""
+    try:
+        from transformers import AutoModelForCausalLM
+
+        from kunlunbaize.hf import KunlunBaizeForCausalLM
+    except ImportError:
+        print("transformers is not installed: skipping the HF generate comparison")
+        return None
+    twin = KunlunBaizeForCausalLM.from_kunlunbaize(model, eos_token_id=None, pad_token_id=0)
+    with tempfile.TemporaryDirectory() as folder:
+        twin.save_pretrained(folder)
+        return AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
 
 
 if __name__ == "__main__":

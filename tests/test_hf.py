@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from kunlunbaize.cli import main
 from kunlunbaize.hf import KunlunBaizeConfig, KunlunBaizeForCausalLM, KunlunBaizeModel
-from kunlunbaize.hf.keys import from_hf, to_hf
+from kunlunbaize.hf.keys import from_hf
 from kunlunbaize.infer import generate
 from kunlunbaize.infer.load import load_model
 
@@ -29,13 +29,7 @@ CONFIGS = switch_configs()
 
 def to_hf_model(model, **config_kwargs) -> KunlunBaizeForCausalLM:
     """The HF twin of one of our models (same weights)."""
-    cfg = KunlunBaizeConfig.from_model_config(model.config, **config_kwargs)
-    hf = KunlunBaizeForCausalLM(cfg)
-    state = to_hf(model.state_dict())
-    if cfg.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed.weight"]
-    hf.load_state_dict(state, strict=True)
-    return hf.to(next(model.parameters()).dtype).eval()
+    return KunlunBaizeForCausalLM.from_kunlunbaize(model, **config_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- config

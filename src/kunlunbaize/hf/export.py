@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from ..infer.load import LoadError, load_model
-from .keys import to_hf
 
 PROBE_TOKENS = 16
 
@@ -28,7 +27,6 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = t
     """
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from .configuration import KunlunBaizeConfig
     from .modeling import KunlunBaizeForCausalLM
 
     out = Path(out)
@@ -48,14 +46,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = t
         tokenizer.pad_token = tokenizer.eos_token  # batched generation pads with end-of-text (as Llama)
     tokenizer.padding_side = "left"
 
-    config = KunlunBaizeConfig.from_model_config(
-        model.config, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    hf = KunlunBaizeForCausalLM(config)
-    state = to_hf(model.state_dict())
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed.weight"]
-    hf.load_state_dict(state, strict=True)
-    hf.to(dtype).eval()
+    hf = KunlunBaizeForCausalLM.from_kunlunbaize(model, eos_token_id=tokenizer.eos_token_id,
+                                                 pad_token_id=tokenizer.pad_token_id, bos_token_id=None).to(dtype)
 
     tmp = out.with_name(f"{out.name}.tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -21,6 +21,7 @@ from ..model.loss import shifted_cross_entropy
 from ..model.model import KunlunBaizeTrunk, TrunkOutput, init_module, run_mtp
 from ..model.mtp import MultiTokenPrediction
 from .configuration import KunlunBaizeConfig
+from .keys import to_hf
 
 try:  # transformers >= 5: init functions that leave already-loaded weights alone
     from transformers import initialization as hf_init
@@ -131,6 +132,18 @@ class KunlunBaizeForCausalLM(KunlunBaizePreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(arch.d_model, arch.vocab_size, bias=False)
         self.mtp = MultiTokenPrediction(arch) if arch.mtp_depth > 0 else None
         self.post_init()
+
+    @classmethod
+    def from_kunlunbaize(cls, model: torch.nn.Module, **config_kwargs: Any) -> KunlunBaizeForCausalLM:
+        """The transformers twin of a :class:`kunlunbaize.KunlunBaize` (same weights, same dtype, eval mode);
+        ``config_kwargs`` add transformers settings (``eos_token_id``, ``pad_token_id`` …)."""
+        config = KunlunBaizeConfig.from_model_config(model.config, **config_kwargs)
+        twin = cls(config)
+        state = to_hf(model.state_dict())
+        if config.tie_word_embeddings:
+            state["lm_head.weight"] = state["model.embed.weight"]
+        twin.load_state_dict(state, strict=True)
+        return twin.to(model.embed.weight.dtype).eval()
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

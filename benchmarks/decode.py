@@ -101,6 +101,49 @@ def main() -> None:
             cols = ["1.00", *("–" for _ in range(D))]
         print(f"| {name} | {r:,.1f} | {r / base:.2f}x | " + " | ".join(cols) + " |")
     print("\nevery output was identical to plain greedy")
+    if D:
+        cost_table(model, D, args.device)
+
+
+@torch.inference_mode()
+def cost_table(model: KunlunBaize, D: int, device: str, reps: int = 60) -> None:
+    """What one speculative round costs relative to one plain step: a trunk forward over n = k+1 tokens
+    (verification of k drafts, MTP keys included) and k drafting steps, timed interleaved."""
+    from kunlunbaize.infer.sampling import GREEDY
+    from kunlunbaize.infer.speculative import draft
+
+    P = min(64, model.config.max_seq_len - D - 2)
+    prompt = torch.randint(0, model.config.vocab_size, (1, P), device=device)
+    plain = model.new_cache(1, P + 1, mtp=False)  # what plain decoding uses
+    model(prompt, cache=plain, mtp=False)
+    cache = model.new_cache(1, P + D + 1)  # what speculative decoding uses
+    hidden = model(prompt, cache=cache, mtp=False).hidden[:, -1:]
+    times: dict[str, list[float]] = {}
+
+    def timed(key: str, fn) -> None:
+        t0 = time.perf_counter()
+        fn()
+        times.setdefault(key, []).append(time.perf_counter() - t0)
+
+    for _ in range(reps):
+        plain.crop(P)
+        timed("plain", lambda: model(prompt[:, :1], cache=plain, mtp=False))
+        for n in range(2, D + 2):
+            cache.crop(P)
+            timed(f"F{n}", lambda n=n: model(prompt[:, :n], cache=cache, mtp=False))
+        for k in range(1, D + 1):
+            cache.crop(P)
+            timed(f"d{k}", lambda k=k: draft(model, cache, hidden, 1, k, GREEDY, None))
+    med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+    f1 = med["plain"]
+    print(f"\ncost of a round (median of {reps}, after a {P}-token prompt), relative to a plain decoding step "
+          f"F(1) = {f1:.2f} ms:\n")
+    print("| draft length k | verify: trunk forward of k+1 tokens | drafting k tokens | round / F(1) |")
+    print("|---:|---:|---:|---:|")
+    for k in range(1, D + 1):
+        fk, dk = med[f"F{k + 1}"], med[f"d{k}"]
+        print(f"| {k} | {fk:.2f} ms ({fk / f1:.2f}x) | {dk:.2f} ms ({dk / f1:.2f}x) | {(fk + dk) / f1:.2f} |")
+    print("\nspeedup ≈ (tokens per trunk forward) / (round / F(1))")
 
 
 def hf_twin(model: KunlunBaize, device: str):

@@ -76,3 +76,32 @@ def test_cache_errors():
     with pytest.raises(ValueError, match="max_seq_len"):
         model.new_cache(1, cfg.max_seq_len + 1)
     assert issubclass(CacheOverflowError, ValueError)
+
+
+def test_cache_without_mtp_state_decodes_the_same_and_refuses_to_draft():
+    cfg = CONFIGS[1]
+    assert cfg.mtp_depth > 0
+    model = build(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        full = model(x).logits
+        cache = model.new_cache(2, 16, mtp=False)
+        assert cache.mtp == []
+        logits = torch.cat([model(x[:, i:i + 1], cache=cache, mtp=False).logits for i in range(16)], 1)
+        assert (logits - full).abs().max() <= TOL
+        cache.crop(8)
+        with pytest.raises(ValueError, match="no MTP state"):
+            model(x[:, 8:9], cache=cache)
+
+
+def test_reorder_cache_keeps_the_chosen_rows():
+    model = build(CONFIGS[0])
+    x = torch.randint(0, CONFIGS[0].vocab_size, (3, 10))
+    with torch.no_grad():
+        cache = model.new_cache(3, 12)
+        model(x[:, :9], cache=cache)
+        cache.reorder_cache(torch.tensor([2, 2, 0]))
+        step = model(x[[2, 2, 0], 9:], cache=cache).logits
+        full = model(x[[2, 2, 0]]).logits[:, 9:]
+    assert (step - full).abs().max() <= TOL
+    assert cache.get_seq_length() == 10

@@ -92,6 +92,27 @@ def cmd_train(args: argparse.Namespace) -> None:
     if "dense_plot" in summary:
         print(f"dense-residual weights: {summary['dense_plot']}")
     print(f"metrics:      {summary['run_dir']}/metrics.jsonl (TensorBoard: {summary['run_dir']}/tensorboard)")
+    if cfg.arch == "kunlunbaize" and args.sample_tokens > 0:
+        _print_sample(summary["checkpoint"], args.sample_prompt, args.sample_tokens)
+
+
+def _print_sample(checkpoint: str, prompt: str, max_new_tokens: int) -> None:
+    """Greedy text from the trained checkpoint, decoded MTP self-speculatively when the model has depths."""
+    from .infer import generate, speculative_generate
+    from .infer.load import load_model, load_tokenizer
+
+    model, ckpt = load_model(checkpoint)
+    tok, eot = load_tokenizer(ckpt, model.config.vocab_size)
+    ids = tok.encode(prompt).ids or ([eot] if eot is not None else [0])
+    n = max(1, min(max_new_tokens, model.config.max_seq_len - len(ids) - 1))
+    if model.config.mtp_depth:
+        out = speculative_generate(model, ids, n, eos_id=eot, truncate=True)
+        how = (f"greedy, MTP self-speculative: {out.stats['tokens_per_trunk_forward']:.2f} tokens per trunk "
+               f"forward, depth-1 acceptance {out.stats['acceptance_depth_1']:.2f}")
+    else:
+        out = generate(model, [ids], n, eos_id=eot, truncate=True)
+        how = "greedy"
+    print(f"\nsample ({how}; `kunlun generate` for more):\n{prompt}{tok.decode(out.tokens[0])}")
 
 
 def _add_train_parser(sub) -> None:
@@ -134,6 +155,8 @@ def _add_train_parser(sub) -> None:
     tr.add_argument("--peak-tflops", dest="peak_tflops", type=float, help="device peak for MFU")
     tr.add_argument("--stop-at-step", dest="stop_at_step", type=int, help="save and stop after this step")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--sample-prompt", default="def ", help="prompt of the sample generated after training")
+    tr.add_argument("--sample-tokens", type=int, default=80, help="tokens of that sample (0: none)")
     tr.set_defaults(func=cmd_train)
 
 

@@ -67,8 +67,9 @@ class KunlunBaizeModel(KunlunBaizeTrunk, KunlunBaizePreTrainedModel):
 
     def trunk(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
               past_key_values: Any, use_cache: bool | None, output_hidden_states: bool | None,
-              inputs_embeds: torch.Tensor | None) -> tuple[TrunkOutput, InferenceCache | None]:
-        """Run the trunk with transformers' argument conventions; returns the trunk output and the cache."""
+              inputs_embeds: torch.Tensor | None, mtp: bool = False) -> tuple[TrunkOutput, InferenceCache | None]:
+        """Run the trunk with transformers' argument conventions; returns the trunk output and the cache
+        (a new one holds MTP state only if ``mtp``: ``generate`` never drafts, so it skips that work)."""
         if inputs_embeds is not None:
             raise ValueError("KunlunBaize needs input_ids: its convolutions and MTP depths read the token "
                              "embeddings, so inputs_embeds is not supported")
@@ -84,7 +85,7 @@ class KunlunBaizeModel(KunlunBaizeTrunk, KunlunBaizePreTrainedModel):
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
-            cache = self.new_cache(input_ids.shape[0])
+            cache = self.new_cache(input_ids.shape[0], mtp=mtp)
         elif not use_cache:
             cache = None
         if attention_mask is not None and attention_mask.dim() == 2 and not (cache is not None and cache.padded) \
@@ -185,7 +186,7 @@ class KunlunBaizeForCausalLM(KunlunBaizePreTrainedModel, GenerationMixin):
         computes logits for the last k positions only (what ``generate`` asks for).
         """
         out, cache = self.model.trunk(input_ids, attention_mask, past_key_values, use_cache,
-                                      output_hidden_states, inputs_embeds)
+                                      output_hidden_states, inputs_embeds, mtp)
         last = self.model.norm(out.hidden)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(last[:, keep])

@@ -80,7 +80,7 @@ def generate(
     ids, mask = left_pad(prompts, pad, device)
     B, T = ids.shape
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = model.new_cache(B, T + max_new_tokens)
+    cache = model.new_cache(B, T + max_new_tokens, mtp=False)  # plain decoding never drafts
     logits = model(ids, cache=cache, attention_mask=mask, mtp=False).logits[:, -1]
     out: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B

@@ -123,8 +123,8 @@ class InferenceCache:
 
     @classmethod
     def allocate(cls, config: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
-                 dtype: torch.dtype) -> InferenceCache:
-        """Zero buffers for ``config`` holding ``max_len`` positions."""
+                 dtype: torch.dtype, mtp: bool = True) -> InferenceCache:
+        """Zero buffers for ``config`` holding ``max_len`` positions (``mtp=False``: none for the MTP depths)."""
         if max_len > config.max_seq_len:
             raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}")
         device = torch.device(device)
@@ -141,4 +141,5 @@ class InferenceCache:
                 lc.cross_attn = [kv() for _ in range(config.n_scales)]
             layers.append(lc)
         valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
-        return cls(layers=layers, mtp=[kv() for _ in range(config.mtp_depth)], max_len=max_len, valid=valid)
+        depths = [kv() for _ in range(config.mtp_depth if mtp else 0)]
+        return cls(layers=layers, mtp=depths, max_len=max_len, valid=valid)

@@ -97,11 +97,15 @@ class KunlunBaizeTrunk:
         return self.dense.weight_matrix() if self.dense is not None else None
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None) -> InferenceCache:
-        """An empty decoding cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
+                  dtype: torch.dtype | None = None, mtp: bool = True) -> InferenceCache:
+        """An empty decoding cache for ``batch_size`` sequences of up to ``max_len`` tokens.
+
+        ``mtp=False`` leaves out the MTP depths' state: plain decoding then skips their key projections,
+        but the depths cannot draft (or give logits) from this cache.
+        """
         w = self.embed.weight
         return InferenceCache.allocate(self.arch, batch_size, max_len or self.arch.max_seq_len,
-                                       device or w.device, dtype or w.dtype)
+                                       device or w.device, dtype or w.dtype, mtp=mtp)
 
     def _check_input(self, input_ids: torch.Tensor, start: int, cache: InferenceCache | None) -> None:
         cfg = self.arch
@@ -249,6 +253,11 @@ def run_mtp(module: MultiTokenPrediction | None, trunk: TrunkOutput, rope: Rotar
             head_weight: torch.Tensor, cache: InferenceCache | None, logits: bool) -> list[torch.Tensor]:
     """Every MTP depth's logits (eq. 13–21), or with ``logits=False`` only their cached keys (or nothing)."""
     if module is None:
+        return []
+    if cache is not None and not cache.mtp:
+        if logits:
+            raise ValueError("this cache holds no MTP state (made with new_cache(mtp=False)): "
+                             "the MTP depths cannot run on it; make the cache with mtp=True")
         return []
     if logits:
         return module(trunk.hidden, trunk.embeddings, rope, head_weight, trunk.start,

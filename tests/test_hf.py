@@ -163,6 +163,18 @@ def test_beam_search_reorders_the_cache():
     assert torch.equal(hf.generate(ids, use_cache=True, **kw), hf.generate(ids, use_cache=False, **kw))
 
 
+def test_forward_builds_a_cache_only_when_asked_and_continues_it():
+    hf = to_hf_model(build(tiny()))
+    ids = torch.randint(0, 61, (2, 14))
+    full = hf(ids)
+    assert full.past_key_values is None  # preallocated, so not built for a plain forward
+    first = hf(ids[:, :9], use_cache=True)
+    assert first.past_key_values.get_seq_length() == 9
+    rest = hf(ids[:, 9:], past_key_values=first.past_key_values)
+    assert (rest.logits - full.logits[:, 9:]).abs().max() <= 1e-5
+    assert rest.past_key_values.get_seq_length() == 14
+
+
 def test_a_foreign_non_empty_cache_is_refused():
     from transformers import DynamicCache
 

@@ -70,6 +70,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from .data.format import DataError
     from .train.checkpoint import CheckpointError
+    from .train.distributed import shutdown
     from .train.trainer import TrainConfig, TrainingError, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -81,6 +82,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         summary = train(cfg)
     except (ValueError, DataError, CheckpointError, TrainingError) as e:
         raise SystemExit(f"kunlun train: {e}") from None
+    finally:
+        shutdown()  # a process group left to interpreter teardown can abort the process (gloo threads)
     if "loss_plot" not in summary:  # not rank 0
         return
     print(f"\ntrained {summary['step']} steps, {summary['tokens']:,} tokens"

@@ -82,8 +82,8 @@ class KunlunBaizeModel(KunlunBaizeTrunk, KunlunBaizePreTrainedModel):
             else:
                 raise ValueError(f"past_key_values must be a kunlunbaize InferenceCache (got {type(cache).__name__}):"
                                  " KunlunBaize also caches convolution and MTP state")
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
+        if use_cache is None:  # the cache is preallocated (max_position_embeddings slots): build it only
+            use_cache = cache is not None  # when asked (generate asks) or to continue one
         if use_cache and cache is None:
             cache = self.new_cache(input_ids.shape[0], mtp=mtp)
         elif not use_cache:

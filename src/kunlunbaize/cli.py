@@ -158,7 +158,7 @@ def _add_train_parser(sub) -> None:
     tr.add_argument("--peak-tflops", dest="peak_tflops", type=float, help="device peak for MFU")
     tr.add_argument("--stop-at-step", dest="stop_at_step", type=int, help="save and stop after this step")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
-    tr.add_argument("--sample-prompt", default="def ", help="prompt of the sample generated after training")
+    tr.add_argument("--sample-prompt", default="def main():", help="prompt of the sample generated after training")
     tr.add_argument("--sample-tokens", type=int, default=80, help="tokens of that sample (0: none)")
     tr.set_defaults(func=cmd_train)
 

@@ -143,8 +143,22 @@ def test_save_and_load_pretrained_round_trip(cfg, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- generate
+def generate_counting(hf: KunlunBaizeForCausalLM, *args, **kwargs) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """``hf.generate(*args, **kwargs)`` and the shape (rows, tokens) of the input_ids of every forward it ran."""
+    fed = []
+
+    def record(_module, args, kw) -> None:
+        fed.append(tuple((kw["input_ids"] if "input_ids" in kw else args[0]).shape))
+
+    handle = hf.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        return hf.generate(*args, **kwargs), fed
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("cfg", CONFIGS[::3], ids=config_id)
-def test_hf_generate_greedy_equals_ours_with_and_without_cache(cfg):
+def test_hf_generate_greedy_equals_ours_and_reuses_the_cache(cfg):
     ours = build(cfg).double()
     hf = to_hf_model(ours, pad_token_id=0, eos_token_id=None)
     prompts = [[5, 9, 3, 7, 11, 2, 8], [4, 6, 1]]
@@ -152,15 +166,31 @@ def test_hf_generate_greedy_equals_ours_with_and_without_cache(cfg):
     ids = torch.tensor([prompts[0], [0] * 4 + prompts[1]])
     mask = torch.tensor([[1] * 7, [0] * 4 + [1] * 3])
     for use_cache in (True, False):
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, use_cache=use_cache)
+        out, fed = generate_counting(hf, ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                     use_cache=use_cache)
         assert out[:, 7:].tolist() == want
+        # with the cache, the prompt once and then one new token per row and step; without, everything every step
+        assert fed == ([(2, 7)] + [(2, 1)] * 11 if use_cache else [(2, 7 + i) for i in range(12)])
 
 
-def test_beam_search_reorders_the_cache():
+def test_beam_search_reorders_and_reuses_the_cache():
     hf = to_hf_model(build(tiny()).double(), pad_token_id=0, eos_token_id=None)
     ids = torch.tensor([[5, 9, 3, 7], [4, 6, 1, 2]])
     kw = dict(max_new_tokens=8, num_beams=3, do_sample=False, num_return_sequences=2)
-    assert torch.equal(hf.generate(ids, use_cache=True, **kw), hf.generate(ids, use_cache=False, **kw))
+    out, fed = generate_counting(hf, ids, use_cache=True, **kw)
+    assert fed == [(6, 4)] + [(6, 1)] * 7  # 2 prompts × 3 beams
+    assert torch.equal(out, hf.generate(ids, use_cache=False, **kw))
+
+
+def test_generate_continues_a_returned_cache():
+    hf = to_hf_model(build(tiny()).double(), pad_token_id=0, eos_token_id=None)
+    ids = torch.tensor([[5, 9, 3, 7]])
+    first = hf.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    cache = first.get("cache", first.get("past_key_values"))
+    assert cache.get_seq_length() == 7  # the last token generated is not fed yet
+    out, fed = generate_counting(hf, first.sequences, cache=cache, max_new_tokens=3, do_sample=False)
+    assert fed == [(1, 1)] * 3
+    assert torch.equal(out, hf.generate(ids, max_new_tokens=7, do_sample=False))
 
 
 def test_forward_builds_a_cache_only_when_asked_and_continues_it():
@@ -173,6 +203,10 @@ def test_forward_builds_a_cache_only_when_asked_and_continues_it():
     rest = hf(ids[:, 9:], past_key_values=first.past_key_values)
     assert (rest.logits - full.logits[:, 9:]).abs().max() <= 1e-5
     assert rest.past_key_values.get_seq_length() == 14
+    first = hf(ids[:, :9], use_cache=True)  # the newer name of the argument
+    assert hf(ids[:, 9:], cache=first.past_key_values).past_key_values.get_seq_length() == 14
+    with pytest.raises(ValueError, match="two different caches"):
+        hf(ids[:, 9:], cache=first.past_key_values, past_key_values=hf(ids[:, :9], use_cache=True).past_key_values)
 
 
 def test_a_foreign_non_empty_cache_is_refused():
@@ -215,6 +249,20 @@ def test_export_loads_back_with_identical_logits(trained_run, exported):
 
     text = pipeline("text-generation", model=str(exported))("def ", max_new_tokens=8, do_sample=False)
     assert text[0]["generated_text"].startswith("def ")
+
+
+def test_exported_tokenizer_pads_left_and_knows_the_context(exported):
+    """What `kunlun export` sets up is in tokenizer_config.json, so the guide's batched example works as written."""
+    tok = AutoTokenizer.from_pretrained(exported)
+    assert (tok.padding_side, tok.model_max_length, tok.pad_token) == ("left", 64, tok.eos_token)
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    prompts = ["def parse(", "import"]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    assert batch["attention_mask"][1, 0] == 0  # the shorter prompt is padded on the left
+    out = model.generate(**batch, max_new_tokens=12, do_sample=False)
+    for row, prompt in zip(out, prompts, strict=True):
+        alone = model.generate(**tok([prompt], return_tensors="pt"), max_new_tokens=12, do_sample=False)
+        assert tok.decode(row, skip_special_tokens=True) == tok.decode(alone[0], skip_special_tokens=True)
 
 
 def test_generate_cli_reads_an_export(trained_run, exported, capsys):

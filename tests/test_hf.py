@@ -51,16 +51,47 @@ def test_config_aliases_validation_and_round_trip(tmp_path):
         KunlunBaizeConfig(mtp_depth=-1)
 
 
-def test_import_registers_auto_classes_lazily():
-    """`import kunlunbaize` does not import transformers, yet the Auto classes know the model (either order)."""
-    probe = ("import sys, kunlunbaize; assert 'transformers' not in sys.modules; "
-             "from transformers import AutoConfig, AutoModelForCausalLM; "
-             "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING as M; "
-             "c = AutoConfig.for_model('kunlunbaize'); print(type(c).__name__, M[type(c)].__name__)")
-    for code in (probe, "import transformers; " + probe.replace("assert 'transformers' not in sys.modules; ", "")):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.split() == ["KunlunBaizeConfig", "KunlunBaizeForCausalLM"]
+REGISTERED = ("from transformers import AutoConfig, AutoModelForCausalLM; "
+              "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING as M; "
+              "c = AutoConfig.for_model('kunlunbaize'); print(type(c).__name__, M[type(c)].__name__); "
+              "import sys; from kunlunbaize._hf_hook import _RegisterOnImport as H; "
+              "assert not any(isinstance(f, H) for f in sys.meta_path), 'the import hook stayed'")
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+@pytest.mark.parametrize("first", [
+    "import sys, kunlunbaize; assert 'transformers' not in sys.modules; import transformers",
+    "import transformers, kunlunbaize",
+    "import kunlunbaize, importlib.util as u; [u.find_spec('transformers') for _ in range(3)]; import transformers",
+    "import kunlunbaize, importlib.util as u; u.find_spec('transformers'); import transformers.models.auto",
+    "import kunlunbaize, trl",
+], ids=["kb-then-tf", "tf-then-kb", "probes-then-tf", "probe-then-submodule", "kb-then-trl"])
+def test_import_registers_auto_classes_in_any_order(first):
+    """`import kunlunbaize` does not import transformers, yet the Auto classes know the model, whatever imports
+    transformers and however often it is probed for first (TRL calls importlib.util.find_spec before importing)."""
+    if "trl" in first:
+        pytest.importorskip("trl")
+    out = run_python(first + "; " + REGISTERED)
+    assert out.stdout.split() == ["KunlunBaizeConfig", "KunlunBaizeForCausalLM"]
+
+
+def test_unsupported_transformers_is_reported_not_silent():
+    from kunlunbaize.hf import check_transformers_version
+
+    check_transformers_version("5.24.0")
+    with pytest.raises(ImportError, match=r"supports transformers >=5\.0,<6 but transformers 4\.57\.1"):
+        check_transformers_version("4.57.1")
+    code = ("import warnings, transformers; transformers.__version__ = '4.57.1'\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always'); import kunlunbaize\n"
+            "print(*[str(x.message) for x in w])")
+    out = run_python(code)
+    assert "Hugging Face integration is unavailable" in out.stdout and "pip install" in out.stdout
 
 
 # ---------------------------------------------------------------------------------------------- model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -58,8 +59,8 @@ REGISTERED = ("from transformers import AutoConfig, AutoModelForCausalLM; "
               "assert not any(isinstance(f, H) for f in sys.meta_path), 'the import hook stayed'")
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+def run_python(code: str, *flags: str) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
     return out
 
@@ -70,13 +71,14 @@ def run_python(code: str) -> subprocess.CompletedProcess:
     "import kunlunbaize, importlib.util as u; [u.find_spec('transformers') for _ in range(3)]; import transformers",
     "import kunlunbaize, importlib.util as u; u.find_spec('transformers'); import transformers.models.auto",
     "import kunlunbaize, trl",
-], ids=["kb-then-tf", "tf-then-kb", "probes-then-tf", "probe-then-submodule", "kb-then-trl"])
+    "from kunlunbaize.hf import KunlunBaizeConfig",
+], ids=["kb-then-tf", "tf-then-kb", "probes-then-tf", "probe-then-submodule", "kb-then-trl", "kb-hf-first"])
 def test_import_registers_auto_classes_in_any_order(first):
     """`import kunlunbaize` does not import transformers, yet the Auto classes know the model, whatever imports
     transformers and however often it is probed for first (TRL calls importlib.util.find_spec before importing)."""
     if "trl" in first:
         pytest.importorskip("trl")
-    out = run_python(first + "; " + REGISTERED)
+    out = run_python(first + "; " + REGISTERED, "-W", "error::RuntimeWarning:kunlunbaize._hf_hook")
     assert out.stdout.split() == ["KunlunBaizeConfig", "KunlunBaizeForCausalLM"]
 
 
@@ -317,17 +319,11 @@ def test_export_errors_leave_nothing_behind(trained_run, exported, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- ecosystem
-def test_lm_eval_hflm_scores_a_local_multiple_choice_task(trained_run, exported, tmp_path):
-    lm_eval = pytest.importorskip("lm_eval")
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    docs = [{"question": "def add(a, b):\n    return", "choices": [" a + b", " heap", " None"], "answer": 0},
-            {"question": "import", "choices": [" os", " )", " ]]"], "answer": 0},
-            {"question": "for i in", "choices": [" range(n):", " def", " +="], "answer": 0}]
-    data = tmp_path / "mc.jsonl"
+def write_mc_task(folder: Path, docs: list[dict]) -> None:
+    """A local multiple-choice lm-eval task ``kb_mc`` over ``docs`` (question, choices, answer) in ``folder``."""
+    data = folder / "mc.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (tmp_path / "kb_mc.yaml").write_text(textwrap.dedent(f"""\
+    (folder / "kb_mc.yaml").write_text(textwrap.dedent(f"""\
         task: kb_mc
         dataset_path: json
         dataset_kwargs:
@@ -342,6 +338,17 @@ def test_lm_eval_hflm_scores_a_local_multiple_choice_task(trained_run, exported,
         metric_list:
           - metric: acc
         """))
+
+
+def test_lm_eval_hflm_scores_a_local_multiple_choice_task(trained_run, exported, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    docs = [{"question": "def add(a, b):\n    return", "choices": [" a + b", " heap", " None"], "answer": 0},
+            {"question": "import", "choices": [" os", " )", " ]]"], "answer": 0},
+            {"question": "for i in", "choices": [" range(n):", " def", " +="], "answer": 0}]
+    write_mc_task(tmp_path, docs)
     lm = HFLM(pretrained=str(exported), backend="causal", batch_size=2, device="cpu")
     res = lm_eval.simple_evaluate(model=lm, tasks=["kb_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
                                   log_samples=True)
@@ -356,6 +363,53 @@ def test_lm_eval_hflm_scores_a_local_multiple_choice_task(trained_run, exported,
             logp = torch.log_softmax(ours(torch.tensor([full])).logits[0].double(), -1)
             want = sum(logp[i - 1, full[i]].item() for i in range(len(ctx), len(full)))
             assert loglik == pytest.approx(want, abs=1e-3)
+
+
+def test_lm_eval_command_line_scores_an_export(exported, tmp_path):
+    """The real lm-eval CLI (through ``python -m kunlunbaize.lm_eval``) loads the export and reports the accuracy
+    our model scores in-process: answers are set so that the model is right on exactly half the questions."""
+    pytest.importorskip("lm_eval")
+    questions = [("def add(a, b):\n    return", [" a + b", " heap", " None"]), ("import", [" os", " )", " ]]"]),
+                 ("for i in", [" range(n):", " def", " +="]), ("class", [" Heap:", " 3", " +"])]
+    ours, _ = load_model(exported)
+    tok = AutoTokenizer.from_pretrained(exported)
+
+    def loglik(context: str, choice: str) -> float:
+        ctx, full = tok.encode(context), tok.encode(context + choice)
+        logp = torch.log_softmax(ours(torch.tensor([full])).logits[0].double(), -1)
+        return sum(logp[i - 1, full[i]].item() for i in range(len(ctx), len(full)))
+
+    docs = []
+    for n, (question, choices) in enumerate(questions):
+        best = max(range(len(choices)), key=lambda i: loglik(question, choices[i]))
+        docs.append({"question": question, "choices": choices, "answer": best if n % 2 else (best + 1) % 3})
+    write_mc_task(tmp_path, docs)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "kunlunbaize.lm_eval", "run", "--model", "hf", "--model_args",
+           f"pretrained={exported},backend=causal", "--tasks", "kb_mc", "--include_path", str(tmp_path),
+           "--batch_size", "2", "--output_path", str(tmp_path / "out")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (results,) = (tmp_path / "out").rglob("results_*.json")
+    assert json.loads(results.read_text())["results"]["kb_mc"]["acc,none"] == 0.5
+
+
+def test_trl_dpo_trains_an_export_without_a_reference_model(exported, tmp_path):
+    """TRL builds the reference model from the path (reading config.auto_map); one DPO step runs."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    assert KunlunBaizeConfig().auto_map == {} and "auto_map" not in (exported / "config.json").read_text()
+    pairs = Dataset.from_list([{"prompt": "def add(a, b):", "chosen": " return a + b", "rejected": " pass"},
+                               {"prompt": "import", "chosen": " os", "rejected": " )"}] * 2)
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, per_device_train_batch_size=2,
+                     save_strategy="no", max_length=32)
+    trainer = DPOTrainer(model=str(exported), args=args, train_dataset=pairs)
+    assert isinstance(trainer.model, KunlunBaizeForCausalLM)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    assert trainer.train().global_step == 1
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
 
 
 def test_peft_lora_attaches_to_the_attention_projections():

@@ -19,6 +19,9 @@ from types import ModuleType
 
 
 def _register() -> None:
+    importing = sys.modules.get(f"{__package__}.hf")
+    if importing is not None and not hasattr(importing, "register"):
+        return  # transformers is being imported by kunlunbaize.hf itself, which registers when it is complete
     try:
         from .hf import register
     except ImportError as e:  # transformers outside the supported range, or broken: say so, do not break the import

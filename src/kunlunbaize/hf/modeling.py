@@ -28,7 +28,7 @@ try:  # transformers >= 5: init functions that leave already-loaded weights alon
 except ImportError:  # pragma: no cover - older transformers
     hf_init = nn.init
 
-# transformers renamed the cache from ``past_key_values`` to ``cache`` (5.2x: in generate's model kwargs, in
+# transformers renamed the cache from ``past_key_values`` to ``cache`` after 5.0 (in generate's model kwargs, in
 # prepare_inputs_for_generation and in the output classes); the old names stay accepted as aliases.
 # Both are parameters of forward() and prepare_inputs_for_generation(): generate() refuses model kwargs not in them.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -51,16 +52,48 @@ def test_config_aliases_validation_and_round_trip(tmp_path):
         KunlunBaizeConfig(mtp_depth=-1)
 
 
-def test_import_registers_auto_classes_lazily():
-    """`import kunlunbaize` does not import transformers, yet the Auto classes know the model (either order)."""
-    probe = ("import sys, kunlunbaize; assert 'transformers' not in sys.modules; "
-             "from transformers import AutoConfig, AutoModelForCausalLM; "
-             "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING as M; "
-             "c = AutoConfig.for_model('kunlunbaize'); print(type(c).__name__, M[type(c)].__name__)")
-    for code in (probe, "import transformers; " + probe.replace("assert 'transformers' not in sys.modules; ", "")):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.split() == ["KunlunBaizeConfig", "KunlunBaizeForCausalLM"]
+REGISTERED = ("from transformers import AutoConfig, AutoModelForCausalLM; "
+              "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING as M; "
+              "c = AutoConfig.for_model('kunlunbaize'); print(type(c).__name__, M[type(c)].__name__); "
+              "import sys; from kunlunbaize._hf_hook import _RegisterOnImport as H; "
+              "assert not any(isinstance(f, H) for f in sys.meta_path), 'the import hook stayed'")
+
+
+def run_python(code: str, *flags: str) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+@pytest.mark.parametrize("first", [
+    "import sys, kunlunbaize; assert 'transformers' not in sys.modules; import transformers",
+    "import transformers, kunlunbaize",
+    "import kunlunbaize, importlib.util as u; [u.find_spec('transformers') for _ in range(3)]; import transformers",
+    "import kunlunbaize, importlib.util as u; u.find_spec('transformers'); import transformers.models.auto",
+    "import kunlunbaize, trl",
+    "from kunlunbaize.hf import KunlunBaizeConfig",
+], ids=["kb-then-tf", "tf-then-kb", "probes-then-tf", "probe-then-submodule", "kb-then-trl", "kb-hf-first"])
+def test_import_registers_auto_classes_in_any_order(first):
+    """`import kunlunbaize` does not import transformers, yet the Auto classes know the model, whatever imports
+    transformers and however often it is probed for first (TRL calls importlib.util.find_spec before importing)."""
+    if "trl" in first:
+        pytest.importorskip("trl")
+    out = run_python(first + "; " + REGISTERED, "-W", "error::RuntimeWarning:kunlunbaize._hf_hook")
+    assert out.stdout.split() == ["KunlunBaizeConfig", "KunlunBaizeForCausalLM"]
+
+
+def test_unsupported_transformers_is_reported_not_silent():
+    from kunlunbaize.hf import check_transformers_version
+
+    check_transformers_version("5.24.0")
+    with pytest.raises(ImportError, match=r"supports transformers >=5\.0,<6 but transformers 4\.57\.1"):
+        check_transformers_version("4.57.1")
+    code = ("import warnings, transformers; transformers.__version__ = '4.57.1'\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always'); import kunlunbaize\n"
+            "print(*[str(x.message) for x in w])")
+    out = run_python(code)
+    assert "Hugging Face integration is unavailable" in out.stdout and "pip install" in out.stdout
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -143,8 +176,22 @@ def test_save_and_load_pretrained_round_trip(cfg, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- generate
+def generate_counting(hf: KunlunBaizeForCausalLM, *args, **kwargs) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """``hf.generate(*args, **kwargs)`` and the shape (rows, tokens) of the input_ids of every forward it ran."""
+    fed = []
+
+    def record(_module, args, kw) -> None:
+        fed.append(tuple((kw["input_ids"] if "input_ids" in kw else args[0]).shape))
+
+    handle = hf.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        return hf.generate(*args, **kwargs), fed
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("cfg", CONFIGS[::3], ids=config_id)
-def test_hf_generate_greedy_equals_ours_with_and_without_cache(cfg):
+def test_hf_generate_greedy_equals_ours_and_reuses_the_cache(cfg):
     ours = build(cfg).double()
     hf = to_hf_model(ours, pad_token_id=0, eos_token_id=None)
     prompts = [[5, 9, 3, 7, 11, 2, 8], [4, 6, 1]]
@@ -152,15 +199,31 @@ def test_hf_generate_greedy_equals_ours_with_and_without_cache(cfg):
     ids = torch.tensor([prompts[0], [0] * 4 + prompts[1]])
     mask = torch.tensor([[1] * 7, [0] * 4 + [1] * 3])
     for use_cache in (True, False):
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, use_cache=use_cache)
+        out, fed = generate_counting(hf, ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                     use_cache=use_cache)
         assert out[:, 7:].tolist() == want
+        # with the cache, the prompt once and then one new token per row and step; without, everything every step
+        assert fed == ([(2, 7)] + [(2, 1)] * 11 if use_cache else [(2, 7 + i) for i in range(12)])
 
 
-def test_beam_search_reorders_the_cache():
+def test_beam_search_reorders_and_reuses_the_cache():
     hf = to_hf_model(build(tiny()).double(), pad_token_id=0, eos_token_id=None)
     ids = torch.tensor([[5, 9, 3, 7], [4, 6, 1, 2]])
     kw = dict(max_new_tokens=8, num_beams=3, do_sample=False, num_return_sequences=2)
-    assert torch.equal(hf.generate(ids, use_cache=True, **kw), hf.generate(ids, use_cache=False, **kw))
+    out, fed = generate_counting(hf, ids, use_cache=True, **kw)
+    assert fed == [(6, 4)] + [(6, 1)] * 7  # 2 prompts × 3 beams
+    assert torch.equal(out, hf.generate(ids, use_cache=False, **kw))
+
+
+def test_generate_continues_a_returned_cache():
+    hf = to_hf_model(build(tiny()).double(), pad_token_id=0, eos_token_id=None)
+    ids = torch.tensor([[5, 9, 3, 7]])
+    first = hf.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    cache = first.get("cache", first.get("past_key_values"))
+    assert cache.get_seq_length() == 7  # the last token generated is not fed yet
+    out, fed = generate_counting(hf, first.sequences, cache=cache, max_new_tokens=3, do_sample=False)
+    assert fed == [(1, 1)] * 3
+    assert torch.equal(out, hf.generate(ids, max_new_tokens=7, do_sample=False))
 
 
 def test_forward_builds_a_cache_only_when_asked_and_continues_it():
@@ -173,6 +236,10 @@ def test_forward_builds_a_cache_only_when_asked_and_continues_it():
     rest = hf(ids[:, 9:], past_key_values=first.past_key_values)
     assert (rest.logits - full.logits[:, 9:]).abs().max() <= 1e-5
     assert rest.past_key_values.get_seq_length() == 14
+    first = hf(ids[:, :9], use_cache=True)  # the newer name of the argument
+    assert hf(ids[:, 9:], cache=first.past_key_values).past_key_values.get_seq_length() == 14
+    with pytest.raises(ValueError, match="two different caches"):
+        hf(ids[:, 9:], cache=first.past_key_values, past_key_values=hf(ids[:, :9], use_cache=True).past_key_values)
 
 
 def test_a_foreign_non_empty_cache_is_refused():
@@ -217,6 +284,20 @@ def test_export_loads_back_with_identical_logits(trained_run, exported):
     assert text[0]["generated_text"].startswith("def ")
 
 
+def test_exported_tokenizer_pads_left_and_knows_the_context(exported):
+    """What `kunlun export` sets up is in tokenizer_config.json, so the guide's batched example works as written."""
+    tok = AutoTokenizer.from_pretrained(exported)
+    assert (tok.padding_side, tok.model_max_length, tok.pad_token) == ("left", 64, tok.eos_token)
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    prompts = ["def parse(", "import"]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    assert batch["attention_mask"][1, 0] == 0  # the shorter prompt is padded on the left
+    out = model.generate(**batch, max_new_tokens=12, do_sample=False)
+    for row, prompt in zip(out, prompts, strict=True):
+        alone = model.generate(**tok([prompt], return_tensors="pt"), max_new_tokens=12, do_sample=False)
+        assert tok.decode(row, skip_special_tokens=True) == tok.decode(alone[0], skip_special_tokens=True)
+
+
 def test_generate_cli_reads_an_export(trained_run, exported, capsys):
     main(["generate", "class Heap:", "--checkpoint", str(trained_run), "--max-new-tokens", "16"])
     from_run = capsys.readouterr().out
@@ -238,17 +319,11 @@ def test_export_errors_leave_nothing_behind(trained_run, exported, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- ecosystem
-def test_lm_eval_hflm_scores_a_local_multiple_choice_task(trained_run, exported, tmp_path):
-    lm_eval = pytest.importorskip("lm_eval")
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    docs = [{"question": "def add(a, b):\n    return", "choices": [" a + b", " heap", " None"], "answer": 0},
-            {"question": "import", "choices": [" os", " )", " ]]"], "answer": 0},
-            {"question": "for i in", "choices": [" range(n):", " def", " +="], "answer": 0}]
-    data = tmp_path / "mc.jsonl"
+def write_mc_task(folder: Path, docs: list[dict]) -> None:
+    """A local multiple-choice lm-eval task ``kb_mc`` over ``docs`` (question, choices, answer) in ``folder``."""
+    data = folder / "mc.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (tmp_path / "kb_mc.yaml").write_text(textwrap.dedent(f"""\
+    (folder / "kb_mc.yaml").write_text(textwrap.dedent(f"""\
         task: kb_mc
         dataset_path: json
         dataset_kwargs:
@@ -263,6 +338,17 @@ def test_lm_eval_hflm_scores_a_local_multiple_choice_task(trained_run, exported,
         metric_list:
           - metric: acc
         """))
+
+
+def test_lm_eval_hflm_scores_a_local_multiple_choice_task(trained_run, exported, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    docs = [{"question": "def add(a, b):\n    return", "choices": [" a + b", " heap", " None"], "answer": 0},
+            {"question": "import", "choices": [" os", " )", " ]]"], "answer": 0},
+            {"question": "for i in", "choices": [" range(n):", " def", " +="], "answer": 0}]
+    write_mc_task(tmp_path, docs)
     lm = HFLM(pretrained=str(exported), backend="causal", batch_size=2, device="cpu")
     res = lm_eval.simple_evaluate(model=lm, tasks=["kb_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
                                   log_samples=True)
@@ -277,6 +363,53 @@ def test_lm_eval_hflm_scores_a_local_multiple_choice_task(trained_run, exported,
             logp = torch.log_softmax(ours(torch.tensor([full])).logits[0].double(), -1)
             want = sum(logp[i - 1, full[i]].item() for i in range(len(ctx), len(full)))
             assert loglik == pytest.approx(want, abs=1e-3)
+
+
+def test_lm_eval_command_line_scores_an_export(exported, tmp_path):
+    """The real lm-eval CLI (through ``python -m kunlunbaize.lm_eval``) loads the export and reports the accuracy
+    our model scores in-process: answers are set so that the model is right on exactly half the questions."""
+    pytest.importorskip("lm_eval")
+    questions = [("def add(a, b):\n    return", [" a + b", " heap", " None"]), ("import", [" os", " )", " ]]"]),
+                 ("for i in", [" range(n):", " def", " +="]), ("class", [" Heap:", " 3", " +"])]
+    ours, _ = load_model(exported)
+    tok = AutoTokenizer.from_pretrained(exported)
+
+    def loglik(context: str, choice: str) -> float:
+        ctx, full = tok.encode(context), tok.encode(context + choice)
+        logp = torch.log_softmax(ours(torch.tensor([full])).logits[0].double(), -1)
+        return sum(logp[i - 1, full[i]].item() for i in range(len(ctx), len(full)))
+
+    docs = []
+    for n, (question, choices) in enumerate(questions):
+        best = max(range(len(choices)), key=lambda i: loglik(question, choices[i]))
+        docs.append({"question": question, "choices": choices, "answer": best if n % 2 else (best + 1) % 3})
+    write_mc_task(tmp_path, docs)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "kunlunbaize.lm_eval", "run", "--model", "hf", "--model_args",
+           f"pretrained={exported},backend=causal", "--tasks", "kb_mc", "--include_path", str(tmp_path),
+           "--batch_size", "2", "--output_path", str(tmp_path / "out")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (results,) = (tmp_path / "out").rglob("results_*.json")
+    assert json.loads(results.read_text())["results"]["kb_mc"]["acc,none"] == 0.5
+
+
+def test_trl_dpo_trains_an_export_without_a_reference_model(exported, tmp_path):
+    """TRL builds the reference model from the path (reading config.auto_map); one DPO step runs."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    assert KunlunBaizeConfig().auto_map == {} and "auto_map" not in (exported / "config.json").read_text()
+    pairs = Dataset.from_list([{"prompt": "def add(a, b):", "chosen": " return a + b", "rejected": " pass"},
+                               {"prompt": "import", "chosen": " os", "rejected": " )"}] * 2)
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, per_device_train_batch_size=2,
+                     save_strategy="no", max_length=32)
+    trainer = DPOTrainer(model=str(exported), args=args, train_dataset=pairs)
+    assert isinstance(trainer.model, KunlunBaizeForCausalLM)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    assert trainer.train().global_step == 1
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
 
 
 def test_peft_lora_attaches_to_the_attention_projections():

@@ -8,9 +8,32 @@ exported folder without ``trust_remote_code``.
 
 from __future__ import annotations
 
-from .configuration import KunlunBaizeConfig
-from .export import export_hf
-from .modeling import KunlunBaizeCausalLMOutput, KunlunBaizeForCausalLM, KunlunBaizeModel, KunlunBaizePreTrainedModel
+import transformers
+from packaging.version import Version
+
+TRANSFORMERS_SUPPORTED = ("5.0", "6")
+"""The transformers versions the integration supports: from the first, up to (excluding) the second.
+Keep in step with the ``hf`` and ``train`` extras of pyproject.toml."""
+
+
+def check_transformers_version(version: str = transformers.__version__) -> None:
+    """Raise ``ImportError`` saying what to install if ``version`` of transformers is not supported."""
+    low, high = TRANSFORMERS_SUPPORTED
+    if not Version(low) <= Version(version) < Version(high):
+        raise ImportError(f"KunlunBaize supports transformers >={low},<{high} but transformers {version} is "
+                          f"installed: run pip install 'transformers>={low},<{high}'")
+
+
+check_transformers_version()
+
+from .configuration import KunlunBaizeConfig  # noqa: E402
+from .export import export_hf  # noqa: E402
+from .modeling import (  # noqa: E402
+    KunlunBaizeCausalLMOutput,
+    KunlunBaizeForCausalLM,
+    KunlunBaizeModel,
+    KunlunBaizePreTrainedModel,
+)
 
 
 def register() -> None:
@@ -24,5 +47,5 @@ def register() -> None:
 
 register()
 
-__all__ = ["KunlunBaizeCausalLMOutput", "KunlunBaizeConfig", "KunlunBaizeForCausalLM", "KunlunBaizeModel",
-           "KunlunBaizePreTrainedModel", "export_hf", "register"]
+__all__ = ["TRANSFORMERS_SUPPORTED", "KunlunBaizeCausalLMOutput", "KunlunBaizeConfig", "KunlunBaizeForCausalLM",
+           "KunlunBaizeModel", "KunlunBaizePreTrainedModel", "check_transformers_version", "export_hf", "register"]

@@ -19,6 +19,9 @@ class KunlunBaizeConfig(PretrainedConfig):
     ``ValueError`` naming the field, exactly as :class:`ModelConfig` does."""
 
     model_type = "kunlunbaize"
+    auto_map: ClassVar[dict[str, str]] = {}
+    """No remote code: the classes ship with the package. TRL reads ``config.auto_map`` unguarded for every model
+    that is not built into transformers; a class attribute, so it is never written to ``config.json``."""
     keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
     attribute_map: ClassVar[dict[str, str]] = {
         "hidden_size": "d_model",

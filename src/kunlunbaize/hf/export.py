@@ -25,7 +25,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = t
     :mod:`kunlunbaize` is imported. With ``verify`` it is loaded back and must give logits identical to the
     checkpoint's. Written to a temporary sibling and renamed, so ``out`` is either complete or untouched.
     """
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
     from .modeling import KunlunBaizeForCausalLM
 
@@ -35,16 +35,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = t
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} already exists and is not empty; choose another folder or pass --overwrite")
     model, ckpt = load_model(checkpoint)
-    try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(ckpt))
-    except (OSError, ValueError) as e:
-        raise LoadError(f"cannot load the tokenizer saved with {ckpt} ({e})") from None
-    if len(tokenizer) != model.config.vocab_size:
-        raise LoadError(f"tokenizer of {ckpt} has {len(tokenizer)} tokens but the model has "
-                        f"{model.config.vocab_size}: they were not trained together")
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # batched generation pads with end-of-text (as Llama)
-    tokenizer.padding_side = "left"
+    tokenizer = _export_tokenizer(ckpt, model.config.vocab_size, model.config.max_seq_len)
 
     hf = KunlunBaizeForCausalLM.from_kunlunbaize(model, eos_token_id=tokenizer.eos_token_id,
                                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=None).to(dtype)
@@ -54,6 +45,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = t
     try:
         hf.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        _verify_tokenizer(tmp, tokenizer)
         if verify:
             _verify(model.to(dtype), tmp, AutoModelForCausalLM, dtype)
         if out.exists():
@@ -69,6 +61,37 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = t
     log(f"exported {ckpt} → {out} ({sum(p.numel() for p in hf.parameters()):,} parameters, {dtype})"
         + (": reloaded logits identical" if verify else ""))
     return out
+
+
+def _export_tokenizer(ckpt: Path, vocab_size: int, context: int):
+    """The checkpoint's tokenizer set up for the export: left padding with end-of-text as the pad token (batched
+    generation, as Llama) and ``model_max_length`` = the model's context. Settings go in as from_pretrained
+    arguments: only those are written to ``tokenizer_config.json`` (attributes set afterwards are not)."""
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(ckpt), padding_side="left", model_max_length=context)
+    except (OSError, ValueError) as e:
+        raise LoadError(f"cannot load the tokenizer saved with {ckpt} ({e})") from None
+    if len(tokenizer) != vocab_size:
+        raise LoadError(f"tokenizer of {ckpt} has {len(tokenizer)} tokens but the model has "
+                        f"{vocab_size}: they were not trained together")
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _verify_tokenizer(folder: Path, tokenizer) -> None:
+    """``AutoTokenizer`` on ``folder`` must come back with the settings of ``tokenizer`` (padding, context, tokens)."""
+    from transformers import AutoTokenizer
+
+    again = AutoTokenizer.from_pretrained(str(folder))
+    for name in ("padding_side", "model_max_length", "pad_token", "eos_token", "bos_token"):
+        if getattr(again, name) != getattr(tokenizer, name):
+            raise ExportError(f"the exported tokenizer reloads with {name}={getattr(again, name)!r} instead of "
+                              f"{getattr(tokenizer, name)!r}; nothing was written")
+    if again.get_vocab() != tokenizer.get_vocab():
+        raise ExportError("the exported tokenizer reloads with a different vocabulary; nothing was written")
 
 
 @torch.no_grad()

@@ -28,6 +28,19 @@ try:  # transformers >= 5: init functions that leave already-loaded weights alon
 except ImportError:  # pragma: no cover - older transformers
     hf_init = nn.init
 
+# transformers renamed the cache from ``past_key_values`` to ``cache`` after 5.0 (in generate's model kwargs, in
+# prepare_inputs_for_generation and in the output classes); the old names stay accepted as aliases.
+# Both are parameters of forward() and prepare_inputs_for_generation(): generate() refuses model kwargs not in them.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _given_cache(past_key_values: Any, cache: Any, kwargs: dict[str, Any]) -> Any:
+    """The cache passed under any of the names transformers uses for it (``cache_params`` removed from ``kwargs``)."""
+    given = [c for c in (past_key_values, cache, kwargs.pop("cache_params", None)) if c is not None]
+    if any(c is not given[0] for c in given[1:]):
+        raise ValueError("two different caches were passed (as past_key_values and as cache); pass one")
+    return given[0] if given else None
+
 
 @dataclass
 class KunlunBaizeCausalLMOutput(CausalLMOutputWithPast):
@@ -103,15 +116,17 @@ class KunlunBaizeModel(KunlunBaizeTrunk, KunlunBaizePreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: InferenceCache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast | tuple:
-        out, cache = self.trunk(input_ids, attention_mask, past_key_values, use_cache, output_hidden_states,
-                                inputs_embeds)
+        """The trunk's final normalised state; the cache may also be passed as ``cache`` (its newer name)."""
+        out, cache = self.trunk(input_ids, attention_mask, _given_cache(past_key_values, cache, kwargs), use_cache,
+                                output_hidden_states, inputs_embeds)
         if cache is not None:
             cache.length = out.start + input_ids.shape[1]
         last = self.norm(out.hidden)
-        result = BaseModelOutputWithPast(last_hidden_state=last, past_key_values=cache,
-                                         hidden_states=_hidden_states(out, last))
+        result = BaseModelOutputWithPast(last_hidden_state=last, hidden_states=_hidden_states(out, last),
+                                         **{_CACHE_FIELD: cache})
         return result if return_dict is not False else result.to_tuple()
 
 
@@ -177,16 +192,18 @@ class KunlunBaizeForCausalLM(KunlunBaizePreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mtp: bool = False,
+        cache: InferenceCache | None = None,
         **kwargs: Any,
     ) -> KunlunBaizeCausalLMOutput | tuple:
         """Next-token logits (and the loss against ``labels``, shifted inside, -100 ignored).
 
         ``mtp=True`` also returns every MTP depth's logits, and with labels the loss becomes the paper's
         joint loss L_main + Σ_j γ_j L^j (eq. 22) — what pre-training optimises. ``logits_to_keep=k``
-        computes logits for the last k positions only (what ``generate`` asks for).
+        computes logits for the last k positions only (what ``generate`` asks for). The cache may also be
+        passed as ``cache`` (its name in newer transformers).
         """
-        out, cache = self.model.trunk(input_ids, attention_mask, past_key_values, use_cache,
-                                      output_hidden_states, inputs_embeds, mtp)
+        out, cache = self.model.trunk(input_ids, attention_mask, _given_cache(past_key_values, cache, kwargs),
+                                      use_cache, output_hidden_states, inputs_embeds, mtp)
         last = self.model.norm(out.hidden)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(last[:, keep])
@@ -203,8 +220,8 @@ class KunlunBaizeForCausalLM(KunlunBaizePreTrainedModel, GenerationMixin):
                 for gamma, term in zip(self.model.arch.gammas, mtp_losses, strict=True):
                     loss = loss + gamma * term
         result = KunlunBaizeCausalLMOutput(
-            loss=loss, logits=logits, past_key_values=cache, hidden_states=_hidden_states(out, last),
-            mtp_logits=tuple(mtp_logits) or None, mtp_losses=mtp_losses,
+            loss=loss, logits=logits, hidden_states=_hidden_states(out, last),
+            mtp_logits=tuple(mtp_logits) or None, mtp_losses=mtp_losses, **{_CACHE_FIELD: cache},
         )
         return result if return_dict is not False else result.to_tuple()
 
@@ -214,12 +231,16 @@ class KunlunBaizeForCausalLM(KunlunBaizePreTrainedModel, GenerationMixin):
         past_key_values: InferenceCache | None = None,
         attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        cache: InferenceCache | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """Feed only the tokens the cache has not seen; the mask stays full length (it marks the padding)."""
-        if isinstance(past_key_values, InferenceCache) and past_key_values.length > 0:
-            input_ids = input_ids[:, past_key_values.length:]
-        inputs = {"input_ids": input_ids.contiguous(), "past_key_values": past_key_values,
+        """Feed only the tokens the cache has not seen; the mask stays full length (it marks the padding).
+
+        ``generate`` hands the cache over as ``past_key_values`` or, in newer transformers, as ``cache``."""
+        cache = _given_cache(past_key_values, cache, kwargs)
+        if isinstance(cache, InferenceCache) and cache.length > 0:
+            input_ids = input_ids[:, cache.length:]
+        inputs = {"input_ids": input_ids.contiguous(), "past_key_values": cache,
                   "attention_mask": attention_mask, "use_cache": use_cache}
         if "logits_to_keep" in kwargs:
             inputs["logits_to_keep"] = kwargs["logits_to_keep"]

@@ -92,6 +92,11 @@ class InferenceCache:
 
     is_compileable = False
     """Read by Hugging Face ``generate`` (not a dataclass field): this cache is not a static ``Cache``."""
+    is_linear = (False,)
+    """Read by Hugging Face ``generate`` when continuing a cache: it holds attention K/V, so prompts are sliced by
+    :meth:`get_seq_length` (not a dataclass field, like the two below)."""
+    is_croppable = True
+    """Read by Hugging Face ``generate``: :meth:`crop` rolls back (assisted decoding)."""
 
     @property
     def batch_size(self) -> int:

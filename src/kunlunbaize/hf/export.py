@@ -54,6 +54,9 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = t
     try:
         hf.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        from ..train.checkpoint import honour_umask
+
+        honour_umask(tmp)  # safetensors writes model.safetensors with mode 0600
         if verify:
             _verify(model.to(dtype), tmp, AutoModelForCausalLM, dtype)
         if out.exists():

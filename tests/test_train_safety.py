@@ -103,6 +103,8 @@ def test_damaged_checkpoint_is_named_and_auto_falls_back(dataset, tmp_path, capf
     err = capfd.readouterr().err
     assert "falling back to the previous checkpoint" in err and "step_00000002" in err
     assert summary["finished"] and _steps(run) == list(range(1, summary["step"] + 1))
+    assert (run / "checkpoints" / "superseded-1" / "step_00000004").is_dir()  # kept, but out of the way
+    assert checkpoint_dirs(run / "checkpoints")[-1] == Path(summary["checkpoint"])
     with pytest.raises(CheckpointError, match=r"/nonexistent does not exist"):
         train(config(dataset, tmp_path / "x", resume="/nonexistent"))
 

@@ -371,6 +371,22 @@ def _resume(cfg: TrainConfig, env: DistEnv, ckpt_root: Path, data_path: Path, me
     return None, None
 
 
+def _set_aside_later_checkpoints(ckpt_root: Path, resumed: Path) -> Path | None:
+    """Move the complete checkpoints after ``resumed`` into a new ``superseded-N/``, so that neither ``--resume auto``
+    nor ``--keep-last`` pruning mixes them with the run that continues from ``resumed``; return it (None: none)."""
+    later = [p for p in checkpoint_dirs(ckpt_root) if p.name > resumed.name]
+    if not later:
+        return None
+    n = 1
+    while (ckpt_root / f"superseded-{n}").exists():
+        n += 1
+    dest = ckpt_root / f"superseded-{n}"
+    dest.mkdir()
+    for path in later:
+        os.replace(path, dest / path.name)
+    return dest
+
+
 def _val_windows(cfg: TrainConfig, data_path: Path, meta: dict[str, Any]) -> tuple[TokenWindows | None, str]:
     """The validation windows, or None and why there is no validation."""
     if cfg.eval_batches == 0:
@@ -457,6 +473,10 @@ def _train(cfg: TrainConfig, env: DistEnv, data_path: Path) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         same_run = resume_from is not None and resume_from.parent.resolve() == ckpt_root.resolve()
         if same_run:
+            moved = _set_aside_later_checkpoints(ckpt_root, resume_from)
+            if moved is not None:
+                notes.append(f"note: resumed from step {step}, so the later checkpoint(s) of {ckpt_root} belong to "
+                             f"the run being replaced; moved them to {moved} (delete it once you do not need them)")
             dropped = truncate_metrics(run_dir / METRICS, step)
             if dropped:
                 notes.append(f"note: dropped {dropped} record(s) after step {step} from {run_dir / METRICS} "

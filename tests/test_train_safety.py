@@ -47,6 +47,11 @@ def test_resume_refuses_a_dataset_made_with_another_tokenizer(dataset, tmp_path)
     with pytest.raises(CheckpointError, match=r"another tokenizer.*resume with the --data it was trained on"):
         train(config(other, tmp_path / "r", tokens=SHORT))
     assert [p.name for p in checkpoint_dirs(tmp_path / "r" / "checkpoints")] == ["step_00000002"]
+    same = _copy_dataset(dataset, tmp_path / "same")
+    tok = json.loads((same / "tokenizer.json").read_text())
+    tok["padding"] = {"strategy": "BatchLongest"}  # another layout and a setting that does not change ids
+    (same / "tokenizer.json").write_text(json.dumps(tok, indent=4, sort_keys=True))
+    assert train(config(same, tmp_path / "r", tokens=SHORT))["finished"]
 
 
 def test_metrics_and_tensorboard_are_cut_back_on_resume(dataset, tmp_path):

@@ -131,9 +131,23 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[
 
 
 def tokenizer_digest(folder: Path) -> str | None:
-    """SHA-256 of ``folder/tokenizer.json`` (a dataset's or a checkpoint's), or None when there is none."""
+    """SHA-256 of what fixes the token ids in ``folder/tokenizer.json`` (a dataset's or a checkpoint's): the model
+    (vocabulary, merges), the added tokens, the normalizer and the pre-tokenizer; None when there is no file.
+
+    Formatting and settings that do not change ids (padding, truncation, decoder) do not count.
+    """
     file = folder / TOKENIZER_FILE
-    return hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else None
+    if not file.is_file():
+        return None
+    data = file.read_bytes()
+    try:
+        tok = json.loads(data)
+        added = [(t.get("id"), t.get("content"), t.get("special")) for t in tok.get("added_tokens") or []]
+        data = json.dumps({"model": tok.get("model"), "added_tokens": added, "normalizer": tok.get("normalizer"),
+                           "pre_tokenizer": tok.get("pre_tokenizer")}, sort_keys=True).encode()
+    except (ValueError, AttributeError, TypeError):  # not the usual structure: compare the bytes
+        pass
+    return hashlib.sha256(data).hexdigest()
 
 
 def _rng_state() -> dict[str, Any]:

@@ -632,6 +632,9 @@ def _train(cfg: TrainConfig, env: DistEnv, data_path: Path) -> dict[str, Any]:
         return _finish(cfg, env, model, run_dir, data_path, final_ckpt, step=step, tokens=tokens, finished=finished,
                        last_val=last_val, validated=bool(val_sets), skipped=skipped, n_params=n_params)
     except KeyboardInterrupt:
+        if final_ckpt is not None and last_saved == step:
+            raise TrainingInterrupted(f"interrupted after saving the checkpoint {final_ckpt} (run the same command "
+                                      "to resume from it)") from None
         where = f"the last complete checkpoint is {final_ckpt}" if final_ckpt else "no checkpoint was saved"
         raise TrainingInterrupted(f"interrupted at step {step} without saving; {where} (run the same command to "
                                   "resume from it)") from None

@@ -54,11 +54,11 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = t
     try:
         hf.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        if verify:
+            _verify(model.to(dtype), tmp, AutoModelForCausalLM, dtype)
         from ..train.checkpoint import honour_umask
 
         honour_umask(tmp)  # safetensors writes model.safetensors with mode 0600
-        if verify:
-            _verify(model.to(dtype), tmp, AutoModelForCausalLM, dtype)
         if out.exists():
             old = out.with_name(f"{out.name}.old-export")
             shutil.rmtree(old, ignore_errors=True)

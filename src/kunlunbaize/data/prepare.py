@@ -145,8 +145,13 @@ def prepare(sources: Sequence[str | os.PathLike[str]] = (), out: str | os.PathLi
     started = time.perf_counter()
 
     if sources:
-        files = discover(sources)
+        skipped: list[Path] = []
+        files = discover(sources, skipped)
         described = [str(s) for s in sources]
+        if skipped:
+            listed = ", ".join(map(str, skipped[:5])) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+            say(f"note: skipped {len(skipped)} folder(s) written by kunlun (datasets, training runs, checkpoints, "
+                f"exports): {listed}")
         resolved = [str(Path(s).resolve()) if Path(s).exists() else str(s) for s in sources]
     else:
         files = stdlib_files()

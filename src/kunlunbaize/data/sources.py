@@ -27,6 +27,7 @@ STDLIB_EXCLUDED_DIRS = ("site-packages", "dist-packages", "__pycache__")
 INSTALL_DATA_HINT = "install it with `pip install 'kunlunbaize[data]'`"
 _READ_ERRORS = (OSError, EOFError, zlib.error)
 _TEMP_OUTPUT = re.compile(r"\.(tmp|old)-\d+$")  # folders kunlun prepare builds in / swaps out
+_TEMP_EXPORT = re.compile(r"\.(tmp|old)-export$|^step_\d+\.tmp$")  # kunlun export / checkpoint saves in progress
 
 
 @dataclass(frozen=True)
@@ -79,16 +80,45 @@ def _is_token_dataset(path: Path) -> bool:
         return False
 
 
+def _json_field(path: Path, key: str) -> object:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def is_project_output(path: Path) -> bool:
+    """Whether folder ``path`` was written by this project: a ``kunlun prepare`` dataset (finished or temporary),
+    a ``kunlun train`` run folder, one of its checkpoints or TensorBoard logs, or a ``kunlun export`` folder."""
+    if _is_token_dataset(path) or _TEMP_EXPORT.search(path.name):
+        return True
+    if (path / "train_config.json").is_file() or (path / "trainer_state.json").is_file():  # run / checkpoint
+        return True
+    if path.name == "tensorboard" and (path.parent / "metrics.jsonl").is_file():  # a run's, even without config
+        return True
+    if (path / "metrics.jsonl").is_file() and ((path / "checkpoints").is_dir() or (path / "tensorboard").is_dir()):
+        return True
+    return _json_field(path / "config.json", "model_type") == "kunlunbaize"  # a Hugging Face export
+
+
 def _walk(root: Path, *, exclude: Iterable[str] = (), skip_hidden: bool = True,
-          datasets_out: list[Path] | None = None) -> list[Path]:
-    """All files under ``root``, recursively, sorted by path; saved HF datasets go to ``datasets_out`` instead."""
+          datasets_out: list[Path] | None = None, skipped_out: list[Path] | None = None) -> list[Path]:
+    """All files under ``root``, recursively, sorted by path; saved HF datasets go to ``datasets_out`` instead.
+
+    Folders written by this project (:func:`is_project_output`) are not entered; they are listed in ``skipped_out``.
+    """
     excluded = set(exclude)
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         keep = []
         for d in dirnames:
-            if d in excluded or (skip_hidden and d.startswith(".")) or _is_token_dataset(here / d):
+            if d in excluded or (skip_hidden and d.startswith(".")):
+                continue
+            if is_project_output(here / d):
+                if skipped_out is not None:
+                    skipped_out.append(here / d)
                 continue
             if datasets_out is not None and is_hf_dataset_dir(here / d):
                 datasets_out.append(here / d)
@@ -99,20 +129,20 @@ def _walk(root: Path, *, exclude: Iterable[str] = (), skip_hidden: bool = True,
     return sorted(found, key=lambda p: p.parts)
 
 
-def _expand_dir(path: Path) -> list[SourceFile]:
+def _expand_dir(path: Path, skipped: list[Path] | None) -> list[SourceFile]:
     if is_hf_dataset_dir(path):
         return [SourceFile(path, "hf")]
     datasets: list[Path] = []
-    files = [SourceFile(p, file_kind(p)) for p in _walk(path, datasets_out=datasets)]
+    files = [SourceFile(p, file_kind(p)) for p in _walk(path, datasets_out=datasets, skipped_out=skipped)]
     return files + [SourceFile(d, "hf") for d in sorted(datasets, key=lambda p: p.parts)]
 
 
-def discover(sources: Sequence[str | os.PathLike[str]]) -> list[SourceFile]:
+def discover(sources: Sequence[str | os.PathLike[str]], skipped: list[Path] | None = None) -> list[SourceFile]:
     """Input files of ``sources`` (files, folders searched recursively, globs), in order, each path once.
 
-    Hidden files and folders (names starting with ".") and prepared token datasets (``kunlun prepare`` outputs)
-    inside folders are ignored. Raises DataError for a path that does not exist. An empty result is not an error
-    here.
+    Hidden files and folders (names starting with ".") and the project's own outputs inside folders (prepared
+    datasets, training runs and their checkpoints, exports: :func:`is_project_output`) are ignored; the latter are
+    appended to ``skipped``. Raises DataError for a path that does not exist. An empty result is not an error here.
     """
     out: list[SourceFile] = []
     seen: set[Path] = set()
@@ -127,13 +157,13 @@ def discover(sources: Sequence[str | os.PathLike[str]]) -> list[SourceFile]:
     for source in sources:
         path = Path(source).expanduser()
         if path.is_dir():
-            add(_expand_dir(path))
+            add(_expand_dir(path, skipped))
         elif path.is_file():
             add([SourceFile(path, file_kind(path))])
         elif glob.has_magic(str(source)):
             for match in sorted(glob.glob(os.path.expanduser(str(source)), recursive=True)):
                 m = Path(match)
-                add(_expand_dir(m) if m.is_dir() else [SourceFile(m, file_kind(m))])
+                add(_expand_dir(m, skipped) if m.is_dir() else [SourceFile(m, file_kind(m))])
         else:
             raise DataError(f"input source {str(source)!r} does not exist (not a file, folder or matching glob); "
                             f"check the path")
@@ -145,7 +175,8 @@ def read_documents(files: Iterable[SourceFile], *, text_field: str = "text", dec
     """Text of every document of ``files`` in order: a whole text file, a JSONL line, or a Parquet/dataset row.
 
     Binary, undecodable (with ``decode_errors="skip"``) and unreadable files, and records without text, are skipped
-    and counted in ``report``. A record lacking the ``text_field`` column/key raises DataError.
+    and counted in ``report``; so are JSONL records lacking the ``text_field`` key when other records of the same
+    file have it. A file or dataset in which no record has the ``text_field`` column/key raises DataError.
     """
     readers = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet, "hf": _read_hf_dataset}
     for item in files:
@@ -171,6 +202,9 @@ def _read_text(path: Path, _field: str, errors: str, report: CleanReport) -> Ite
 
 def _read_jsonl(path: Path, field: str, errors: str, report: CleanReport) -> Iterator[str]:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
+    found_field = False
+    missing: list[str] = []  # records without the field seen before any record with it
+    first_fields = ""
     try:
         with opener(path, "rb") as f:
             if b"\x00" in f.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES]:
@@ -192,9 +226,17 @@ def _read_jsonl(path: Path, field: str, errors: str, report: CleanReport) -> Ite
                     report.note("bad_record", f"{origin} (a JSON {type(record).__name__}, not an object)")
                     continue
                 if field not in record:
-                    fields = ", ".join(map(repr, list(record)[:20])) or "none"
-                    raise DataError(f"{origin}: JSONL record has no field {field!r} (its fields: {fields}); "
-                                    f"pass the name of the text field with --text-field")
+                    if found_field:
+                        report.note("bad_record", f"{origin} (no field {field!r})")
+                    else:  # counted once the field shows up; an error if no record of the file has it
+                        missing.append(f"{origin} (no field {field!r})")
+                        first_fields = first_fields or ", ".join(map(repr, list(record)[:20])) or "none"
+                    continue
+                if not found_field:
+                    found_field = True
+                    for origin_missing in missing:
+                        report.note("bad_record", origin_missing)
+                    missing.clear()
                 value = record[field]
                 if not isinstance(value, str):
                     report.note("bad_record", f"{origin} (field {field!r} is {type(value).__name__}, not text)")
@@ -202,6 +244,10 @@ def _read_jsonl(path: Path, field: str, errors: str, report: CleanReport) -> Ite
                 yield value
     except _READ_ERRORS as e:
         report.note("unreadable", f"{path} ({e})")
+    if missing:  # no record of the file has the field: a misnamed --text-field, or not a corpus file
+        raise DataError(f"{missing[0].split(' (')[0]}: JSONL record has no field {field!r} (its fields: "
+                        f"{first_fields}), nor does any other record of {path} ({len(missing):,} record(s)); pass "
+                        f"the name of the text field with --text-field")
 
 
 def _text_values(values: Iterable[object], origin: str, field: str, errors: str,
@@ -219,6 +265,7 @@ def _text_values(values: Iterable[object], origin: str, field: str, errors: str,
 
 def _read_parquet(path: Path, field: str, errors: str, report: CleanReport) -> Iterator[str]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"reading the Parquet file {path} needs pyarrow: {INSTALL_DATA_HINT}") from None
@@ -236,7 +283,10 @@ def _read_parquet(path: Path, field: str, errors: str, report: CleanReport) -> I
         for batch in pf.iter_batches(batch_size=1024, columns=[field]):
             yield from batch.column(0).to_pylist()
 
-    yield from _text_values(values(), str(path), field, errors, report)
+    try:
+        yield from _text_values(values(), str(path), field, errors, report)
+    except (OSError, pa.ArrowException) as e:  # damaged past its footer: keep the rows read so far
+        report.note("unreadable", f"{path} (stopped part-way: {e})")
 
 
 def _read_hf_dataset(path: Path, field: str, errors: str, report: CleanReport) -> Iterator[str]:
@@ -245,7 +295,11 @@ def _read_hf_dataset(path: Path, field: str, errors: str, report: CleanReport) -
     except ImportError:
         raise DataError(f"reading the saved Hugging Face dataset {path} needs `datasets`: "
                         f"{INSTALL_DATA_HINT}") from None
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises FileNotFoundError, ValueError, ArrowInvalid … for damaged folders
+        report.note("unreadable", f"{path} ({type(e).__name__}: {e})")
+        return
     parts = list(loaded.items()) if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
     for split, ds in parts:
         origin = f"{path}[{split}]" if split else str(path)

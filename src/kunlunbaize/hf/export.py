@@ -48,6 +48,9 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = t
         _verify_tokenizer(tmp, tokenizer)
         if verify:
             _verify(model.to(dtype), tmp, AutoModelForCausalLM, dtype)
+        from ..train.checkpoint import honour_umask
+
+        honour_umask(tmp)  # safetensors writes model.safetensors with mode 0600
         if out.exists():
             old = out.with_name(f"{out.name}.old-export")
             shutil.rmtree(old, ignore_errors=True)

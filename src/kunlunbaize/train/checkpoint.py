@@ -10,14 +10,19 @@ One folder per checkpoint, ``<run>/checkpoints/step_00000100/``:
     trainer_state.json         step, samples and tokens consumed, … — written last
 
 Everything is written into ``step_…tmp`` and renamed into place, so a run killed mid-save leaves no
-folder that looks complete; a checkpoint without ``trainer_state.json`` is never resumed from.
+folder that looks complete; a checkpoint without ``trainer_state.json`` is never resumed from. Files get the
+usual permissions (``0666`` less the umask), ``model.safetensors`` included.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import os
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -36,10 +41,16 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 STATE_FILE = "trainer_state.json"
+TOKENIZER_FILE = "tokenizer.json"
+_STEP_DIR = re.compile(r"step_\d+$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or unreadable."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """A complete-looking checkpoint has a file that cannot be read (an earlier checkpoint may still be good)."""
 
 
 def _rank() -> int:
@@ -51,20 +62,43 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def _root_logger_off():
+    # DCP logs its own tracebacks on the root logger when a checkpoint is unreadable; the CheckpointError says it.
+    root = logging.getLogger()
+    was = root.disabled
+    root.disabled = True
+    try:
+        yield
+    finally:
+        root.disabled = was
+
+
 def _quiet(fn, *args, **kwargs):
     # DCP warns that it runs without a process group in single-process runs; that is intended here.
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _root_logger_off():
         warnings.filterwarnings("ignore", message=".*process group.*")
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         return fn(*args, **kwargs)
+
+
+def honour_umask(path: Path) -> None:
+    """Give ``path`` (a file, or every file under a folder) the mode a plain ``open`` would: ``0666`` less the umask.
+
+    Some writers (safetensors' ``save_file``) create files ``0600`` through a private temporary file.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    for f in files:
+        os.chmod(f, 0o666 & ~mask)
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
-            and not p.name.endswith(".tmp") and (p / STATE_FILE).is_file()]
+    done = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name) and (p / STATE_FILE).is_file()]
     return sorted(done, key=lambda p: p.name)
 
 
@@ -92,7 +126,28 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[
         out[name] = t.detach().contiguous()
     tmp = path.with_suffix(".tmp")
     save_file(out, str(tmp), metadata=metadata)
+    honour_umask(tmp)
     os.replace(tmp, path)
+
+
+def tokenizer_digest(folder: Path) -> str | None:
+    """SHA-256 of what fixes the token ids in ``folder/tokenizer.json`` (a dataset's or a checkpoint's): the model
+    (vocabulary, merges), the added tokens, the normalizer and the pre-tokenizer; None when there is no file.
+
+    Formatting and settings that do not change ids (padding, truncation, decoder) do not count.
+    """
+    file = folder / TOKENIZER_FILE
+    if not file.is_file():
+        return None
+    data = file.read_bytes()
+    try:
+        tok = json.loads(data)
+        added = [(t.get("id"), t.get("content"), t.get("special")) for t in tok.get("added_tokens") or []]
+        data = json.dumps({"model": tok.get("model"), "added_tokens": added, "normalizer": tok.get("normalizer"),
+                           "pre_tokenizer": tok.get("pre_tokenizer")}, sort_keys=True).encode()
+    except (ValueError, AttributeError, TypeError):  # not the usual structure: compare the bytes
+        pass
+    return hashlib.sha256(data).hexdigest()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -137,35 +192,76 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
     _barrier()
     if _rank() == 0:
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))  # last file: marks it complete
-        if final.exists():
-            shutil.rmtree(final)
+        old = root / f"step_{step:08d}.old"
+        if final.exists():  # re-saving a step (resumed from an earlier checkpoint): never without a complete one
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         for old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimiser and this rank's RNG from ``path``; return the trainer state."""
+def resolve_checkpoint(path: Path) -> Path:
+    """The checkpoint ``--resume PATH`` names: a ``step_N`` folder, or the newest complete one of a run folder."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoint folder (<run>/checkpoints/step_N) "
+                              "or a run folder, --resume auto (the newest in --out), or --resume none (a fresh run)")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a checkpoint folder; give <run>/checkpoints/step_N or a run "
+                              "folder")
+    if not (path / STATE_FILE).is_file():
+        for root in (path / "checkpoints", path):  # a run folder, or its checkpoints folder
+            newest = latest_checkpoint(root)
+            if newest is not None:
+                return newest
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE_FILE}): a save interrupted "
+                              "part-way, or not a checkpoint folder; resume from an earlier checkpoint, or "
+                              "--resume none")
+    return path
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The ``trainer_state.json`` of checkpoint ``path``; CheckpointError when it is missing or damaged."""
     state_file = path / STATE_FILE
-    if not state_file.is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE_FILE}); it was probably "
-                              "interrupted while saving — resume from an earlier one")
     try:
-        trainer_state = json.loads(state_file.read_text())
+        state = json.loads(state_file.read_text())
+        if not isinstance(state, dict) or not {"step", "consumed_samples", "tokens"} <= state.keys():
+            raise ValueError("not a trainer state")
+    except (OSError, ValueError) as e:
+        raise CheckpointDamaged(_damaged(path, state_file, e)) from None
+    return state
+
+
+def _damaged(path: Path, file: Path | str, e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    reason = f"{type(e).__name__}: {lines[-1]}" if lines else type(e).__name__
+    return (f"could not load checkpoint {path}: {file} is damaged or unreadable ({reason}). Resume from an "
+            f"earlier checkpoint with --resume {path.parent}/step_N, or start afresh with --resume none in another "
+            "--out folder")
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model, optimiser and this rank's RNG from ``path``; return the trainer state.
+
+    Raises CheckpointError naming the damaged file; the model and optimiser may then be partly overwritten
+    (load another checkpoint into them, or rebuild them).
+    """
+    path = resolve_checkpoint(path)
+    trainer_state = read_trainer_state(path)
+    try:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         _quiet(dcp.load, state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     except (Exception, CheckpointException) as e:  # damaged or mismatched files (DCP's is a BaseException)
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        reason = lines[-1] if lines else ""
-        raise CheckpointError(
-            f"could not load checkpoint {path}: {type(e).__name__} {reason}. If its files are damaged, delete "
-            "this folder to resume from the previous checkpoint, or start a fresh run in another --out folder"
-        ) from e
+        raise CheckpointDamaged(_damaged(path, "its model/optimiser state (.metadata, *.distcp)", e)) from e
     rng = path / f"rng_{_rank()}.pt"
     if rng.is_file():  # absent when resuming on more ranks than saved: those ranks keep their seeded RNG
-        _set_rng_state(torch.load(rng, weights_only=False))
+        try:
+            _set_rng_state(torch.load(rng, weights_only=False))
+        except Exception as e:  # UnpicklingError, PytorchStreamReader's RuntimeError, a wrong structure …
+            raise CheckpointDamaged(_damaged(path, rng, e)) from e
     return trainer_state

@@ -38,7 +38,8 @@ def plot_losses(records: list[dict[str, Any]], path: Path, title: str = "") -> P
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title or "loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -74,6 +74,7 @@ def test_bare_kunlun_prints_help_and_version_exists(capsys):
     ["generate", "x", "--draft-len", "0"], ["info", "--seq-len", "-5"], ["info", "--seq-len", "0"],
     ["demo", "--steps", "0"], ["demo", "--steps", "-1"], ["demo", "--batch-size", "0"], ["demo", "--seq-len", "1"],
     ["demo", "--lr", "0"], ["demo", "--lr", "nan"], ["demo", "--max-new-tokens", "0"], ["info", "--bogus"],
+    ["generate", "x", "--seed", "99999999999999999999999"], ["demo", "--seed", "-1"],
 ])
 def test_numeric_arguments_are_validated(capsys, args):
     code, out, err = run_main(capsys, *args)

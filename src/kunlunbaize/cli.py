@@ -25,19 +25,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} — see `{self.prog} --help`\n")
 
 
-def int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer >= ``low`` (underscores allowed, e.g. 1_000)."""
+def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``low`` (and <= ``high``); underscores allowed, e.g. 1_000."""
 
     def parse(raw: str) -> int:
         try:
             value = int(raw.replace("_", ""))
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {raw!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        if value < low or (high is not None and value > high):
+            where = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"expected an integer {where}, got {value}")
         return value
 
     return parse
+
+
+SEED = int_at_least(0, 2**63 - 1)  # what torch.Generator.manual_seed takes
 
 
 def float_in(low: float, high: float = math.inf, *, low_open: bool = False) -> Callable[[str], float]:
@@ -363,7 +367,7 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--temperature", type=float_in(0), default=0.0, help="0: greedy")
     g.add_argument("--top-k", type=int_at_least(0), default=0, help="0: no top-k filter")
     g.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=1.0, help="in (0, 1]; 1: no nucleus filter")
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--seed", type=SEED, default=None, help="for sampling (default: random)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--truncate", action="store_true",
                    help="keep the end of a long prompt: its last max(context − max-new-tokens, context/2) tokens")
@@ -431,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int_at_least(1), default=16)
     demo.add_argument("--seq-len", type=int_at_least(2), default=128)
     demo.add_argument("--lr", type=float_in(0, low_open=True), default=3e-3)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=SEED, default=0)
     demo.add_argument("--prompt", default="def ")
     demo.add_argument("--max-new-tokens", type=int_at_least(1), default=120)
     demo.set_defaults(func=cmd_demo)

@@ -255,3 +255,7 @@ def test_export_llama_checkpoint(llama_run, tmp_path, capsys):
     assert code == 0, err  # `kunlun generate` reads the export too
     code, _, err = run_main(capsys, "export", "--hf", str(llama_run), "--checkpoint", str(llama_run), "--overwrite")
     assert code == 1 and "would be replaced" in err and resolve_checkpoint(llama_run).is_dir()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run_main(capsys, "export", "--hf", str(blocker / "sub"), "--checkpoint", str(llama_run))
+    assert code == 1 and err.startswith(f"kunlun export: cannot write {blocker / 'sub'}"), err

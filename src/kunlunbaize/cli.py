@@ -400,6 +400,9 @@ def cmd_export(args: argparse.Namespace) -> None:
                log=lambda m: print(m, file=sys.stderr))
     except (LoadError, ExportError) as e:
         raise SystemExit(f"kunlun export: {e}") from None
+    except OSError as e:  # the temporary folder is removed by the export itself: OUT is complete or untouched
+        raise SystemExit(f"kunlun export: cannot write {args.hf} ({e.strerror or e}: {e.filename or ''}) — "
+                         "choose a folder you can write to") from None
 
 
 def _add_export_parser(sub) -> None:

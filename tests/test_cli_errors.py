@@ -248,6 +248,7 @@ def test_export_llama_checkpoint(llama_run, tmp_path, capsys):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tok.padding_side == "left" and tok.model_max_length == hf.config.max_position_embeddings
     ours, _ = load_llama(llama_run)
     ids = torch.tensor([tok("def f(x):")["input_ids"]])
     assert torch.equal(hf(ids).logits, ours(ids).logits)

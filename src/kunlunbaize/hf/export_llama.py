@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 
 from ..infer.llama import load_llama
-from ..infer.load import LoadError
-from .export import PROBE_TOKENS, ExportError
+from .export import PROBE_TOKENS, ExportError, _export_tokenizer, _verify_tokenizer
 
 
 def export_llama(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float32,
@@ -21,7 +20,7 @@ def export_llama(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype 
     With ``verify`` the folder is loaded back with ``AutoModelForCausalLM`` and must give logits identical to
     the checkpoint's. Written to a temporary sibling and renamed, so ``out`` is either complete or untouched.
     """
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -29,16 +28,7 @@ def export_llama(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype 
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} already exists and is not empty; choose another folder or pass --overwrite")
     model, ckpt = load_llama(checkpoint, dtype=dtype)
-    try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(ckpt))
-    except (OSError, ValueError) as e:
-        raise LoadError(f"cannot load the tokenizer saved with {ckpt} ({e})") from None
-    if len(tokenizer) != model.config.vocab_size:
-        raise LoadError(f"tokenizer of {ckpt} has {len(tokenizer)} tokens but the model has "
-                        f"{model.config.vocab_size}: they were not trained together")
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    tokenizer = _export_tokenizer(ckpt, model.config.vocab_size, model.config.max_position_embeddings)
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.bos_token_id = None
@@ -51,6 +41,7 @@ def export_llama(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype 
     try:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        _verify_tokenizer(tmp, tokenizer)
         if verify:
             _verify(model, tmp, AutoModelForCausalLM, dtype)
         if out.exists():

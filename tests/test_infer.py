@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kunlunbaize.infer import SamplingParams, distribution, generate, speculative_generate
+from kunlunbaize.infer.generate import fit_prompts
 
 from .conftest import build, tiny
 
@@ -110,7 +111,9 @@ def test_generation_errors():
     model = model64()
     ctx = model.config.max_seq_len
     with pytest.raises(ValueError, match="fit the context"):
-        generate(model, [[1] * (ctx - 3)], 10)
+        generate(model, [[1] * ctx], 10)  # no room left to generate
+    clipped = generate(model, [[1] * (ctx - 3)], 10)  # the budget is clipped to the room left
+    assert len(clipped.tokens[0]) == 3 and clipped.finish_reasons == ["length"]
     assert len(generate(model, [[1] * (ctx - 3)], 10, truncate=True).tokens[0]) == 10
     with pytest.raises(ValueError, match="empty"):
         generate(model, [[]], 3)
@@ -120,6 +123,19 @@ def test_generation_errors():
         speculative_generate(model64(mtp_depth=0), [1], 3)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+def test_fit_prompts_truncate_keeps_room():
+    # context 64: a request of at most half the context is honoured; a larger one keeps the last half of the
+    # prompt and is clipped to the other half; without truncate only the budget is clipped
+    assert fit_prompts([[1] * 100], 10, 64, truncate=True) == ([[1] * 54], 10)
+    assert fit_prompts([[1] * 100], 400, 64, truncate=True) == ([[1] * 32], 32)
+    assert fit_prompts([[1] * 20], 400, 64, truncate=True) == ([[1] * 20], 44)
+    assert fit_prompts([[1] * 20, [2] * 5], 400, 64, truncate=False) == ([[1] * 20, [2] * 5], 44)
+    model = model64(mtp_depth=2)
+    spec = speculative_generate(model, [1] * 60, 400)
+    assert len(spec.tokens[0]) == 4 and spec.finish_reasons == ["length"]
+    assert spec.tokens[0] == generate(model, [[1] * 60], 400).tokens[0]
 
 
 def test_top_k_top_p_filtering():

@@ -4,21 +4,71 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
-import torch
-
+from . import __version__
 from .config import PRESETS, ModelConfig
 
+COMMANDS = ("info", "demo", "prepare", "train", "generate", "export")
 
-def _parse_overrides(pairs: list[str]) -> dict:
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, ``kunlun <cmd>: what is wrong — see `kunlun <cmd> --help```, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} — see `{self.prog} --help`\n")
+
+
+def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``low`` (and <= ``high``); underscores allowed, e.g. 1_000."""
+
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.replace("_", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {raw!r}") from None
+        if value < low or (high is not None and value > high):
+            where = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"expected an integer {where}, got {value}")
+        return value
+
+    return parse
+
+
+SEED = int_at_least(0, 2**63 - 1)  # what torch.Generator.manual_seed takes
+
+
+def float_in(low: float, high: float = math.inf, *, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite float in [low, high] (or (low, high] with ``low_open``)."""
+    if high < math.inf:
+        where = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+    else:
+        where = f"{'>' if low_open else '>='} {low:g}"
+
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {raw!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+            raise argparse.ArgumentTypeError(f"expected a finite number {where}, got {raw}")
+        return value
+
+    return parse
+
+
+def _parse_overrides(pairs: list[str], command: str = "kunlun") -> dict:
     """``key=value`` pairs into typed ModelConfig overrides (ints, floats, bools, comma lists)."""
     out: dict = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"kunlun: override {pair!r} must look like key=value")
+            raise SystemExit(f"{command}: --set {pair!r} must look like key=value, e.g. --set mtp_depth=1")
         key, raw = pair.split("=", 1)
         out[key] = _parse_value(raw)
     return out
@@ -39,12 +89,15 @@ def _parse_value(raw: str):
 
 def _config(args: argparse.Namespace) -> ModelConfig:
     try:
-        return ModelConfig.preset(args.preset, **_parse_overrides(args.set))
+        return ModelConfig.preset(args.preset, **_parse_overrides(args.set, f"kunlun {args.command}"))
     except ValueError as e:
-        raise SystemExit(f"kunlun: invalid config: {e}") from None
+        raise SystemExit(f"kunlun {args.command}: invalid config: {e} — fix the --set value "
+                         "(`kunlun info --preset NAME` shows every field)") from None
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    import torch
+
     from .model import KunlunBaize
 
     cfg = _config(args)
@@ -163,11 +216,11 @@ def _add_train_parser(sub) -> None:
     tr.set_defaults(func=cmd_train)
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    from .infer import SamplingParams, generate, speculative_generate
-    from .infer.load import LoadError, load_model, load_tokenizer
-    from .infer.text import TextStream
-
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts of ``kunlun generate``: the arguments, ``--prompt-file`` (not both) or stdin."""
+    if args.prompt_file and args.prompt:
+        raise SystemExit("kunlun generate: a prompt was given both as an argument and with --prompt-file — "
+                         "give only one of them")
     if args.prompt_file:
         try:
             prompts = [Path(args.prompt_file).read_text(encoding="utf-8")]
@@ -178,16 +231,91 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         prompts = args.prompt
     if not prompts or any(p == "" for p in prompts):
-        raise SystemExit("kunlun generate: empty prompt; give text as an argument, --prompt-file or on stdin")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        raise SystemExit("kunlun generate: empty prompt — give text as an argument, --prompt-file or on stdin")
+    return prompts
+
+
+def resolve_device(name: str, command: str) -> str:
+    """``--device`` checked against this machine: auto (cuda when available, else cpu), cpu, cuda[:N], mps."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SystemExit(f"kunlun {command}: unknown --device {name!r} — use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"kunlun {command}: --device {name}: no CUDA GPU is usable on this machine — "
+                             "use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SystemExit(f"kunlun {command}: --device {name}: this machine has {torch.cuda.device_count()} "
+                             "GPU(s) — use cuda:0 … or auto")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise SystemExit(f"kunlun {command}: --device {name}: MPS is not available here — use --device cpu")
+    elif dev.type != "cpu":
+        raise SystemExit(f"kunlun {command}: --device {name} is not supported — use auto, cpu, cuda or cuda:N")
+    return str(dev)
+
+
+def _load_for_generation(args: argparse.Namespace, device: str):
+    """(model, checkpoint folder, generate function, context length, MTP depth) of ``--checkpoint``."""
+    from .infer import generate
+    from .infer.load import LoadError, checkpoint_arch, load_model, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    if checkpoint_arch(ckpt) == "llama":
+        if args.speculative:
+            raise LoadError(f"{ckpt} is a Llama baseline checkpoint (`kunlun train --arch llama`): it has no MTP "
+                            "depths to draft with — drop --speculative")
+        try:
+            from .infer.llama import generate_llama, load_llama
+        except ImportError as e:
+            raise LoadError(f"{ckpt} is a Llama baseline checkpoint, which needs transformers ({e}) — "
+                            "pip install 'kunlunbaize[hf]'") from None
+        model, ckpt = load_llama(ckpt, device)
+        return model, ckpt, generate_llama, model.config.max_position_embeddings, 0
+    model, ckpt = load_model(ckpt, device)
+    return model, ckpt, generate, model.config.max_seq_len, model.config.mtp_depth
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .infer import SamplingParams, speculative_generate
+    from .infer.generate import fit_prompts
+    from .infer.load import LoadError, load_tokenizer
+    from .infer.text import TextStream
+
+    prompts = _read_prompts(args)
+    many = len(prompts) > 1
+    if not args.speculative and (args.draft_len is not None or args.adaptive):
+        raise SystemExit("kunlun generate: --draft-len and --adaptive apply to --speculative decoding — "
+                         "add --speculative or drop them")
+    if args.speculative and many:
+        raise SystemExit("kunlun generate: --speculative decodes one prompt at a time — give a single prompt")
+    device = resolve_device(args.device, "generate")
+    try:  # everything is checked before anything is written to stdout
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-        model, ckpt = load_model(args.checkpoint, device)
+        model, ckpt, run, context, depth = _load_for_generation(args, device)
+        if args.speculative and depth == 0:
+            raise LoadError(f"{ckpt} has no MTP depths (mtp_depth=0) to draft with — drop --speculative")
+        if args.speculative and args.draft_len is not None and args.draft_len > depth:
+            raise LoadError(f"--draft-len {args.draft_len} exceeds the model's mtp_depth={depth} — "
+                            f"use 1 … {depth}")
         tokenizer, eot = load_tokenizer(ckpt, model.config.vocab_size)
+        ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+        fitted, max_new = fit_prompts(ids, args.max_new_tokens, context, args.truncate)
     except (ValueError, LoadError) as e:
         raise SystemExit(f"kunlun generate: {e}") from None
-    ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
-    many = len(prompts) > 1
+    for row, (full, kept) in enumerate(zip(ids, fitted, strict=True)):
+        if len(kept) < len(full):
+            print(f"kunlun generate: warning: prompt{f' {row}' if many else ''} truncated to its last {len(kept)} "
+                  f"of {len(full)} tokens (--truncate)", file=sys.stderr)
+    if max_new < args.max_new_tokens:
+        print(f"kunlun generate: warning: --max-new-tokens {args.max_new_tokens} clipped to {max_new}: the context "
+              f"holds {context} tokens and the {'longest ' if many else ''}prompt takes {context - max_new}",
+              file=sys.stderr)
 
     def write(row: int, text: str) -> None:
         if not many:
@@ -195,20 +323,29 @@ def cmd_generate(args: argparse.Namespace) -> None:
             sys.stdout.flush()
 
     stream = TextStream(tokenizer, len(prompts), args.stop, write)
+
+    def should_stop(row: int, tokens: list[int]) -> bool:  # nobody reads a closed stdout: stop generating
+        return stream.update(row, tokens) or (not many and output_closed())
+
     print(f"[{ckpt}]", file=sys.stderr)
     if not many:
         sys.stdout.write(prompts[0])
     try:
         if args.speculative:
-            if many:
-                raise ValueError("--speculative decodes one prompt at a time")
-            result = speculative_generate(model, ids[0], args.max_new_tokens, sampling, args.draft_len,
-                                          args.adaptive, eot, args.seed, args.truncate, should_stop=stream.update)
+            result = speculative_generate(model, fitted[0], max_new, sampling, args.draft_len, args.adaptive, eot,
+                                          args.seed, should_stop=should_stop)
         else:
-            result = generate(model, ids, args.max_new_tokens, sampling, eot, args.seed, args.truncate,
-                              should_stop=stream.update)
+            result = run(model, fitted, max_new, sampling, eot, args.seed, should_stop=should_stop)
     except ValueError as e:
         raise SystemExit(f"\nkunlun generate: {e}") from None
+    except KeyboardInterrupt:  # keep what was generated: the held-back text, and each row of a batch
+        for row in range(len(prompts)):
+            stream.flush(row)
+            if many:
+                print(f"--- [{row}] (interrupted)\n{prompts[row]}{stream.texts[row]}")
+        if not many:
+            print()
+        raise
     for row in range(len(prompts)):
         text = stream.finish(row, result.tokens[row])
         if many:
@@ -224,38 +361,53 @@ def _add_generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="generate text from a trained checkpoint (streamed)")
     g.add_argument("prompt", nargs="*", help="prompt text (several: a batch, left-padded); '-' or none: stdin")
     g.add_argument("--checkpoint", default="runs/small", help="run folder (newest checkpoint) or checkpoint folder")
-    g.add_argument("--prompt-file")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--prompt-file", help="read the prompt from this file (instead of arguments or stdin)")
+    g.add_argument("--max-new-tokens", type=int_at_least(1), default=200,
+                   help="at most this many tokens (clipped, with a warning, to the room the context leaves)")
+    g.add_argument("--temperature", type=float_in(0), default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int_at_least(0), default=0, help="0: no top-k filter")
+    g.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=1.0, help="in (0, 1]; 1: no nucleus filter")
+    g.add_argument("--seed", type=SEED, default=None, help="for sampling (default: random)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--truncate", action="store_true", help="keep the end of a prompt too long for the context")
+    g.add_argument("--truncate", action="store_true",
+                   help="keep the end of a long prompt: its last max(context − max-new-tokens, context/2) tokens")
     g.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
-    g.add_argument("--draft-len", type=int, default=None, help="drafts per round, 1 … mtp_depth")
+    g.add_argument("--draft-len", type=int_at_least(1), default=None, help="drafts per round, 1 … mtp_depth")
     g.add_argument("--adaptive", action="store_true", help="adapt the draft length to acceptance")
-    g.add_argument("--device", default="auto")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N, mps")
     g.set_defaults(func=cmd_generate)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .infer.load import LoadError
+    import torch
+
+    from .infer.load import LoadError, checkpoint_arch, resolve_checkpoint
 
     try:
         from .hf.export import ExportError, export_hf
+        from .hf.export_llama import export_llama
     except ImportError as e:
-        raise SystemExit(f"kunlun export: needs transformers ({e}); pip install 'kunlunbaize[hf]'") from None
+        raise SystemExit(f"kunlun export: needs transformers ({e}) — pip install 'kunlunbaize[hf]'") from None
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     try:
-        export_hf(args.checkpoint, args.hf, dtype=dtype, overwrite=args.overwrite, verify=not args.no_verify,
-                  log=lambda m: print(m, file=sys.stderr))
+        ckpt = resolve_checkpoint(args.checkpoint)
+        out = Path(args.hf).resolve()
+        if out == ckpt.resolve() or out in ckpt.resolve().parents:
+            raise ExportError(f"--hf {args.hf} holds the checkpoint being exported ({ckpt}) and would be replaced "
+                              "— choose another folder")
+        export = export_llama if checkpoint_arch(ckpt) == "llama" else export_hf
+        export(ckpt, args.hf, dtype=dtype, overwrite=args.overwrite, verify=not args.no_verify,
+               log=lambda m: print(m, file=sys.stderr))
     except (LoadError, ExportError) as e:
         raise SystemExit(f"kunlun export: {e}") from None
+    except OSError as e:  # the temporary folder is removed by the export itself: OUT is complete or untouched
+        raise SystemExit(f"kunlun export: cannot write {args.hf} ({e.strerror or e}: {e.filename or ''}) — "
+                         "choose a folder you can write to") from None
 
 
 def _add_export_parser(sub) -> None:
-    e = sub.add_parser("export", help="convert a training checkpoint to a Hugging Face transformers folder")
+    e = sub.add_parser("export", help="convert a training checkpoint to a Hugging Face transformers folder "
+                                      "(a Llama baseline checkpoint: a plain LlamaForCausalLM folder)")
     e.add_argument("--hf", required=True, metavar="OUT", help="folder to write (config, safetensors, tokenizer)")
     e.add_argument("--checkpoint", default="runs/small", help="run folder (newest checkpoint) or checkpoint folder")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -265,8 +417,9 @@ def _add_export_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kunlun", description="KunlunBaize language model tools")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="kunlun", description="KunlunBaize language model tools")
+    p.add_argument("--version", action="version", version=f"kunlun (kunlunbaize) {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def model_args(sp: argparse.ArgumentParser, default_preset: str) -> None:
         sp.add_argument("--preset", default=default_preset, choices=list(PRESETS))
@@ -275,19 +428,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="parameter count and FLOPs per token of a preset (built on meta)")
     model_args(info, "paper")
-    info.add_argument("--seq-len", type=int, default=None)
+    info.add_argument("--seq-len", type=int_at_least(1), default=None, help="default: the preset's max_seq_len")
     info.set_defaults(func=cmd_info)
 
     demo = sub.add_parser("demo", help="train a small byte-level model on the Python standard library, "
                                        "evaluate it and generate from it (CPU, minutes)")
     model_args(demo, "tiny")
-    demo.add_argument("--steps", type=int, default=300)
-    demo.add_argument("--batch-size", type=int, default=16)
-    demo.add_argument("--seq-len", type=int, default=128)
-    demo.add_argument("--lr", type=float, default=3e-3)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--steps", type=int_at_least(1), default=300)
+    demo.add_argument("--batch-size", type=int_at_least(1), default=16)
+    demo.add_argument("--seq-len", type=int_at_least(2), default=128)
+    demo.add_argument("--lr", type=float_in(0, low_open=True), default=3e-3)
+    demo.add_argument("--seed", type=SEED, default=0)
     demo.add_argument("--prompt", default="def ")
-    demo.add_argument("--max-new-tokens", type=int, default=120)
+    demo.add_argument("--max-new-tokens", type=int_at_least(1), default=120)
     demo.set_defaults(func=cmd_demo)
 
     from .data.cli import add_prepare_parser
@@ -296,11 +449,84 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_generate_parser(sub)
     _add_export_parser(sub)
+    p.commands = sub.choices  # name -> parser, for errors found after parsing
     return p
 
 
+class _OutputGuard:
+    """Stands in for sys.stdout/sys.stderr so that a reader going away (``kunlun info | head -1``) stops nothing.
+
+    On the first BrokenPipeError the stream's file descriptor is pointed at /dev/null: the command carries
+    on, its later output (and the interpreter's final flush) goes nowhere, and it exits with its own status.
+    """
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self.closed_by_reader = False
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        self.closed_by_reader = True
+        try:
+            fd = self._stream.fileno()
+        except (OSError, ValueError, AttributeError):  # not a real file (e.g. captured in a test)
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def output_closed() -> bool:
+    """True once the reader of stdout has gone away (only inside :func:`main`)."""
+    return isinstance(sys.stdout, _OutputGuard) and sys.stdout.closed_by_reader
+
+
+def _command_of(argv: list[str]) -> str:
+    """``kunlun <command>`` for messages, from the raw arguments (they may not be parsed yet)."""
+    cmd = next((a for a in argv if not a.startswith("-")), "")
+    return f"kunlun {cmd}" if cmd in COMMANDS else "kunlun"
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    """The ``kunlun`` command. Errors end it with a one-line message and a non-zero status, never a traceback:
+    usage errors 2, failures 1, Ctrl-C 130; a closed stdout or stderr stops nothing (see :class:`_OutputGuard`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _OutputGuard(sys.stdout), _OutputGuard(sys.stderr)
+    try:
+        _run(argv)
+    except KeyboardInterrupt:
+        print(f"{_command_of(argv)}: interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        for guard in (sys.stdout, sys.stderr):
+            guard.flush()
+        sys.stdout, sys.stderr = saved
+
+
+def _run(argv: list[str]) -> None:
+    parser = build_parser()  # imports the training code: inside main's Ctrl-C handling
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the command's own parser: `kunlun info: unrecognized arguments: …`
+        parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command is None:  # bare `kunlun`: the help, as a usage error
+        parser.print_help()
+        raise SystemExit(2)
     t0 = time.time()
     args.func(args)
     if args.command == "demo":

@@ -59,15 +59,34 @@ def evaluate(model: KunlunBaize, data: torch.Tensor, seq_len: int, batches: int 
     return {"main": main, **{f"mtp{j + 1}": v for j, v in enumerate(mtp)}}
 
 
+def check_demo_args(cfg: ModelConfig, steps: int, batch_size: int, seq_len: int, lr: float, prompt: str,
+                    max_new_tokens: int) -> None:
+    """Refuse arguments the demo cannot run with (SystemExit with a one-line ``kunlun demo:`` message)."""
+    problems = [(steps >= 1, f"--steps {steps}: must be >= 1"),
+                (batch_size >= 1, f"--batch-size {batch_size}: must be >= 1"),
+                (2 <= seq_len <= cfg.max_seq_len,
+                 f"--seq-len {seq_len}: must be between 2 and the preset's max_seq_len {cfg.max_seq_len}"),
+                (math.isfinite(lr) and lr > 0, f"--lr {lr}: must be a finite number > 0"),
+                (max_new_tokens >= 1, f"--max-new-tokens {max_new_tokens}: must be >= 1"),
+                (prompt != "", "--prompt is empty: give at least one character")]
+    for ok, message in problems:
+        if not ok:
+            raise SystemExit(f"kunlun demo: {message}")
+
+
 def run_demo(cfg: ModelConfig, steps: int, batch_size: int, seq_len: int, lr: float, seed: int,
              prompt: str, max_new_tokens: int) -> dict[str, float]:
     if cfg.vocab_size != 256:
         print(f"demo is byte-level: vocab_size {cfg.vocab_size} -> 256")
         cfg = ModelConfig.from_dict({**cfg.to_dict(), "vocab_size": 256})
-    if seq_len > cfg.max_seq_len:
-        raise SystemExit(f"kunlun demo: --seq-len {seq_len} exceeds the preset's max_seq_len {cfg.max_seq_len}")
+    check_demo_args(cfg, steps, batch_size, seq_len, lr, prompt, max_new_tokens)
     torch.manual_seed(seed)
-    train, val = stdlib_bytes()
+    try:
+        train, val = stdlib_bytes()
+    except RuntimeError as e:
+        raise SystemExit(f"kunlun demo: {e}") from None
+    if min(train.numel(), val.numel()) <= seq_len:
+        raise SystemExit(f"kunlun demo: the corpus is too small for --seq-len {seq_len} — lower it")
     print(f"corpus: Python {sysconfig.get_python_version()} standard library, "
           f"{train.numel():,} train / {val.numel():,} validation bytes")
     model = KunlunBaize(cfg)
@@ -108,8 +127,7 @@ def run_demo(cfg: ModelConfig, steps: int, batch_size: int, seq_len: int, lr: fl
     betas = [p.item() for n, p in model.named_parameters() if n.endswith("beta") and p.numel() == 1]
     if betas:
         print(f"eSwish β: mean {sum(betas) / len(betas):.3f}, range [{min(betas):.3f}, {max(betas):.3f}]")
-    room = cfg.max_seq_len - len(prompt.encode())
-    out = generate(model, [list(prompt.encode())], min(max_new_tokens, room - 1), truncate=True)
+    out = generate(model, [list(prompt.encode())], max_new_tokens, truncate=True)  # clipped to the context
     text = bytes(out.tokens[0]).decode("utf-8", errors="replace")
     print(f"greedy continuation of {prompt!r} (cached decoding):\n{prompt}{text}")
     return {"before": before["main"], "after": after["main"]}

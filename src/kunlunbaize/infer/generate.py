@@ -25,27 +25,35 @@ class GenerationResult:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def fit_prompts(prompts: list[list[int]], max_new_tokens: int, context: int, truncate: bool) -> list[list[int]]:
-    """Check prompts against the context window; with ``truncate`` keep each prompt's last tokens that fit."""
+def fit_prompts(prompts: list[list[int]], max_new_tokens: int, context: int,
+                truncate: bool) -> tuple[list[list[int]], int]:
+    """Fit prompts and the generation budget into the context window of ``context`` tokens.
+
+    Returns the prompts and the number of tokens to generate: ``max_new_tokens``, clipped to the room the
+    longest prompt leaves (generation then fills the context and ends with reason "length").
+
+    * A prompt of ``context`` tokens or more leaves no room: ValueError, unless ``truncate``.
+    * ``truncate`` keeps the last ``max(context - max_new_tokens, context // 2)`` tokens of a prompt longer
+      than that: the requested tokens fit when they take at most half the context; a larger request keeps
+      the last half of the context for the prompt and is clipped to the other half.
+    """
     if not prompts:
         raise ValueError("no prompt given")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if max_new_tokens >= context:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context of {context}")
-    room = context - max_new_tokens
+    keep = max(context - max_new_tokens, context // 2, 1)
     out = []
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty: give at least one token (e.g. the end-of-text token)")
-        if len(p) > room:
-            if not truncate:
-                raise ValueError(
-                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} at most {room} fit the "
-                    f"context of {context}. Shorten it, lower max_new_tokens, or truncate (keeps the last {room})")
-            p = p[-room:]
+        if truncate and len(p) > keep:
+            p = p[-keep:]
+        elif len(p) >= context:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; at most {context - 1} fit the context of {context} with room to "
+                f"generate. Shorten it, or truncate (keeps its last {keep})")
         out.append(list(p))
-    return out
+    return out, min(max_new_tokens, context - max(len(p) for p in out))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -72,20 +80,33 @@ def generate(
     on_token: TokenCallback | None = None,
     should_stop: StopCallback | None = None,
 ) -> GenerationResult:
-    """Generate up to ``max_new_tokens`` per prompt with the inference cache (prefill, then one token a step)."""
+    """Generate up to ``max_new_tokens`` per prompt with the inference cache (prefill, then one token a step).
+
+    Prompts and budget are fitted to the context by :func:`fit_prompts` (the budget clipped to the room left).
+    """
     model.eval()
     device = model.embed.weight.device
-    prompts = fit_prompts(prompts, max_new_tokens, model.config.max_seq_len, truncate)
+    prompts, max_new_tokens = fit_prompts(prompts, max_new_tokens, model.config.max_seq_len, truncate)
     pad = eos_id if eos_id is not None else 0
     ids, mask = left_pad(prompts, pad, device)
     B, T = ids.shape
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     cache = model.new_cache(B, T + max_new_tokens, mtp=False)  # plain decoding never drafts
     logits = model(ids, cache=cache, attention_mask=mask, mtp=False).logits[:, -1]
+    return decode_loop(logits, lambda feed: model(feed, cache=cache, mtp=False).logits[:, -1], max_new_tokens,
+                       sampling, eos_id, pad, gen, on_token, should_stop)
+
+
+def decode_loop(logits: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor], max_new_tokens: int,
+                sampling: SamplingParams, eos_id: int | None, pad: int, gen: torch.Generator | None,
+                on_token: TokenCallback | None, should_stop: StopCallback | None) -> GenerationResult:
+    """Sample a token per row from ``logits`` [B, V], feed them back through ``step`` ([B, 1] ids → [B, V]
+    logits of a cached model), until every row ends (end-of-text, stop) or ``max_new_tokens``."""
+    B = logits.shape[0]
     out: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
     done = [False] * B
-    for step in range(max_new_tokens):
+    for i in range(max_new_tokens):
         tokens = sample(logits, sampling, gen).tolist()
         for b, tok in enumerate(tokens):
             if done[b]:
@@ -98,8 +119,8 @@ def generate(
                 on_token(b, tok)
             if should_stop is not None and should_stop(b, out[b]):
                 done[b], reasons[b] = True, "stop"
-        if all(done) or step == max_new_tokens - 1:
+        if all(done) or i == max_new_tokens - 1:
             break
-        feed = torch.tensor([[t if not d else pad] for t, d in zip(tokens, done, strict=True)], device=device)
-        logits = model(feed, cache=cache, mtp=False).logits[:, -1]
+        feed = torch.tensor([[t if not d else pad] for t, d in zip(tokens, done, strict=True)], device=logits.device)
+        logits = step(feed)
     return GenerationResult(tokens=out, finish_reasons=reasons)

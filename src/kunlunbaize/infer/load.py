@@ -34,20 +34,80 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
+def read_config(ckpt: Path) -> dict:
+    """The checkpoint's ``config.json`` as a dict; a LoadError naming the file when it is missing or damaged."""
+    file = ckpt / "config.json"
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LoadError(f"{file} is missing: a checkpoint folder holds config.json next to model.safetensors — "
+                        "use a checkpoint written by `kunlun train` or `kunlun export --hf`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoadError(f"{file} is unreadable or truncated ({e}) — use another checkpoint of the run, "
+                        "or copy config.json from the run's other checkpoints") from None
+    if not isinstance(raw, dict):
+        raise LoadError(f"{file} holds a JSON {type(raw).__name__}, not a model config — "
+                        "use another checkpoint of the run")
+    return raw
+
+
+def checkpoint_arch(ckpt: Path, config: dict | None = None) -> str:
+    """``"kunlunbaize"`` or ``"llama"`` (the baseline of ``kunlun train --arch llama``) for a checkpoint folder.
+
+    Said by ``config.json`` (``arch``, or ``model_type`` of an export); for checkpoints written before the
+    architecture was recorded there, by ``trainer_state.json`` or else by the weight names (``hf.model.…``).
+    """
+    from ..train.llama_baseline import ARCH_KEY
+
+    raw = read_config(ckpt) if config is None else config
+    if raw.get(ARCH_KEY) in ("kunlunbaize", "llama"):
+        return raw[ARCH_KEY]
+    if raw.get("model_type") in ("kunlunbaize", "llama"):
+        return raw["model_type"]
+    try:
+        arch = json.loads((ckpt / "trainer_state.json").read_text())["train_config"]["arch"]
+        if arch in ("kunlunbaize", "llama"):
+            return arch
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return "llama" if any(k.startswith("hf.model.") for k in weight_names(ckpt)) else "kunlunbaize"
+
+
+def weight_names(ckpt: Path) -> list[str]:
+    """Tensor names of the checkpoint's safetensors files (headers only); empty when they cannot be read."""
+    from safetensors import safe_open
+
+    files = [ckpt / "model.safetensors"]
+    index = ckpt / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            return list(json.loads(index.read_text())["weight_map"])
+        with safe_open(str(files[0]), framework="pt") as f:
+            return list(f.keys())
+    except Exception:  # any damage: no names (the loader reports it properly)
+        return []
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[KunlunBaize, Path]:
     """The model of a checkpoint folder (``config.json`` + ``model.safetensors``), in eval mode.
 
     Reads both our training checkpoints and folders written by ``kunlun export --hf`` (transformers
-    layout, possibly sharded), without needing transformers for either.
+    layout, possibly sharded), without needing transformers for either. A Llama baseline checkpoint is
+    refused with a LoadError that says so (load it with :func:`kunlunbaize.infer.llama.load_llama`).
     """
     ckpt = resolve_checkpoint(path)
+    raw = read_config(ckpt)
+    if checkpoint_arch(ckpt, raw) == "llama":
+        raise LoadError(f"{ckpt} is a Llama baseline checkpoint (`kunlun train --arch llama`: transformers' "
+                        "LlamaForCausalLM), not a KunlunBaize model — load it with kunlunbaize.infer.llama.load_llama; "
+                        "`kunlun generate` and `kunlun export --hf` take it as it is")
     try:
-        raw = json.loads((ckpt / "config.json").read_text())
         hf = raw.get("model_type") == "kunlunbaize"
         cfg = ModelConfig.from_dict(_model_config_dict(raw) if hf else raw)
-    except (OSError, json.JSONDecodeError, ValueError, TypeError, AttributeError) as e:
-        raise LoadError(f"{ckpt / 'config.json'} is missing or invalid ({e})") from None
+    except (ValueError, TypeError, AttributeError) as e:
+        raise LoadError(f"{ckpt / 'config.json'} does not describe a KunlunBaize model ({e}) — "
+                        "use a checkpoint written by `kunlun train` or `kunlun export --hf`") from None
     with torch.device("meta"):
         model = KunlunBaize(cfg)
     state = _read_safetensors(ckpt, device)
@@ -60,12 +120,31 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
             raise LoadError(f"{ckpt} is not a KunlunBaize export: {e}") from None
     if cfg.tie_embeddings:
         state.pop("head.weight", None)
+    check_keys(ckpt, model.state_dict().keys(), state.keys())
     try:
         model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise LoadError(f"{ckpt / 'model.safetensors'} does not match {ckpt / 'config.json'}: {e}") from None
+    except RuntimeError as e:  # shapes differ
+        detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise LoadError(f"the weights in {ckpt} do not match its config.json ({detail}) — the folder mixes files "
+                        "of different models; use a checkpoint written as a whole by `kunlun train`") from None
     model.rope.inv_freq = model.rope._inv_freq(torch.device(device))  # not saved: rebuilt off the meta device
     return model.to(device=device, dtype=dtype).eval(), ckpt
+
+
+def check_keys(ckpt: Path, expected, found, optional: tuple[str, ...] = ()) -> None:
+    """A short LoadError when the weight names differ from the model's (counts and a few examples, not all)."""
+    missing = sorted(set(expected) - set(found) - set(optional))
+    unexpected = sorted(set(found) - set(expected))
+    if not missing and not unexpected:
+        return
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f", … ({len(keys)} in all)" if len(keys) > 3 else "")
+
+    parts = ([f"{len(missing)} missing ({few(missing)})"] if missing else []) + (
+        [f"{len(unexpected)} unexpected ({few(unexpected)})"] if unexpected else [])
+    raise LoadError(f"the weights in {ckpt} do not match its config.json: {'; '.join(parts)} — the folder mixes "
+                    "files of different models; use a checkpoint written as a whole by `kunlun train`")
 
 
 def _model_config_dict(hf_config: dict) -> dict:
@@ -103,7 +182,11 @@ def load_tokenizer(ckpt: Path, vocab_size: int):
     if not file.is_file():
         raise LoadError(f"{ckpt} has no tokenizer.json; copy the tokenizer of the training data "
                         "(the `kunlun prepare` folder) next to model.safetensors")
-    tok = Tokenizer.from_file(str(file))
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception on damaged files
+        raise LoadError(f"{file} is unreadable or truncated ({e}) — copy tokenizer.json from the training data "
+                        "(the `kunlun prepare` folder) or another checkpoint of the run") from None
     if tok.get_vocab_size() != vocab_size:
         raise LoadError(f"tokenizer {file} has {tok.get_vocab_size()} tokens but the model has {vocab_size}: "
                         "they were not trained together")

@@ -116,7 +116,7 @@ def speculative_generate(
     if not 1 <= k <= D:
         raise ValueError(f"draft_len must be between 1 and mtp_depth={D}, got {draft_len}")
     device = model.embed.weight.device
-    (prompt,) = fit_prompts([prompt], max_new_tokens, model.config.max_seq_len, truncate)
+    (prompt,), max_new_tokens = fit_prompts([prompt], max_new_tokens, model.config.max_seq_len, truncate)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     cache = model.new_cache(1, len(prompt) + max_new_tokens)  # verification never writes past it
     t0 = time.perf_counter()

@@ -44,6 +44,10 @@ class TextStream:
         self._reveal(row, len(self.texts[row]))
         return self.texts[row]
 
+    def flush(self, row: int) -> None:
+        """Write the row's text held back so far (an interrupted generation keeps everything decoded)."""
+        self._reveal(row, len(self.texts[row]))
+
     def _reveal(self, row: int, upto: int) -> None:
         if self.write is not None and upto > self.shown[row]:
             self.write(row, self.texts[row][self.shown[row]:upto])

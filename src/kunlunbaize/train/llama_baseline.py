@@ -8,6 +8,24 @@ from torch import nn
 from ..config import ModelConfig
 from ..model import ModelOutput
 
+ARCH_KEY = "arch"  # in a Llama baseline checkpoint's config.json: "llama"
+LLAMA_CONFIG_KEY = "llama_config"  # …and the LlamaConfig of its weights
+
+
+def checkpoint_config(arch: str, cfg: ModelConfig) -> dict:
+    """A checkpoint's ``config.json``: the ModelConfig; for the Llama baseline also ``arch`` and its LlamaConfig,
+    so that the checkpoint says what it holds (``kunlun generate``/``export`` read it)."""
+    if arch != "llama":
+        return cfg.to_dict()
+    return {ARCH_KEY: "llama", **cfg.to_dict(), LLAMA_CONFIG_KEY: matched_llama_config(cfg).to_dict()}
+
+
+def model_config_dict(saved: dict) -> dict:
+    """The ModelConfig fields of a checkpoint's ``config.json`` (without what :func:`checkpoint_config` adds)."""
+    if not isinstance(saved, dict):  # not a config at all: left for the caller's comparison to refuse
+        return saved
+    return {k: v for k, v in saved.items() if k not in (ARCH_KEY, LLAMA_CONFIG_KEY)}
+
 
 def matched_llama_config(cfg: ModelConfig):
     """A ``LlamaConfig`` with KunlunBaize's width, depth, heads and vocabulary, and an FFN widened so the

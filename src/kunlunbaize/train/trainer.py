@@ -46,6 +46,7 @@ from .checkpoint import (
 )
 from .data import TokenWindows, TrainSampler, validation_batches
 from .distributed import DistEnv, all_reduce_mean, gradient_sync, init_distributed, peak_flops, wrap_model
+from .llama_baseline import checkpoint_config, model_config_dict
 from .logging import METRICS, RunLogger, read_metrics, set_aside_logs, truncate_metrics
 from .optim import build_optimizer
 from .plots import plot_dense_weights, plot_losses
@@ -327,7 +328,7 @@ def _check_resumable(path: Path, data_path: Path, meta: dict[str, Any], mcfg: Mo
         except (OSError, ValueError) as e:
             raise CheckpointDamaged(f"could not load checkpoint {path}: {config_file} is damaged ({e}); resume "
                                     "from an earlier checkpoint, or --resume none in another --out folder") from None
-        if saved != mcfg.to_dict():
+        if model_config_dict(saved) != mcfg.to_dict():
             if isinstance(saved, dict) and saved.get("vocab_size") != mcfg.vocab_size:
                 raise CheckpointError(f"checkpoint {path} has a vocabulary of {saved.get('vocab_size')} tokens but "
                                       f"the dataset {data_path} has {mcfg.vocab_size}; resume with the --data it was "
@@ -533,8 +534,8 @@ def _train(cfg: TrainConfig, env: DistEnv, data_path: Path) -> dict[str, Any]:
         state = {"step": step, "consumed_samples": consumed, "tokens": tokens, "world_size": env.world_size,
                  "train_config": dataclasses.asdict(cfg), "data_meta_vocab": meta["vocab_size"], "data": data_identity}
         with stop.saving_checkpoint():
-            return save_checkpoint(ckpt_root, step, model, optimizer, state, mcfg.to_dict(), cfg.keep_last,
-                                   tokenizer_files)
+            return save_checkpoint(ckpt_root, step, model, optimizer, state, checkpoint_config(cfg.arch, mcfg),
+                                   cfg.keep_last, tokenizer_files)
 
     wrapped.train()
     try:

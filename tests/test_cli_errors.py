@@ -1,0 +1,262 @@
+"""`kunlun` fails with one clear line and the right status, never a traceback: usage, validation, closed pipes,
+Ctrl-C, damaged checkpoints; and Llama baseline checkpoints (`kunlun train --arch llama`) work with
+`generate` and `export --hf`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import kunlunbaize
+from kunlunbaize.cli import main
+from kunlunbaize.infer import SamplingParams
+from kunlunbaize.infer.load import LoadError, checkpoint_arch, load_model, resolve_checkpoint
+
+from .conftest import TRAIN_MODEL
+
+SRC = str(Path(kunlunbaize.__file__).resolve().parents[1])
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """``kunlun ARGS`` in-process: exit status, stdout, stderr."""
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def kunlun(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": SRC}
+    return subprocess.Popen([sys.executable, "-m", "kunlunbaize.cli", *args], env=env, **kw)
+
+
+@pytest.fixture(scope="session")
+def llama_run(dataset, tmp_path_factory) -> Path:
+    """A run folder of ``kunlun train --arch llama``: a tiny LlamaForCausalLM trained for a few steps."""
+    pytest.importorskip("transformers")
+    from kunlunbaize.train.trainer import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("llama") / "run"
+    train(TrainConfig(data=str(dataset), out=str(out), preset="tiny", model_overrides=dict(TRAIN_MODEL), seq_len=32,
+                      tokens=32 * 8 * 4, batch_size=8, lr=3e-3, eval_every=1000, progress=False, arch="llama"))
+    return out
+
+
+# --- usage ---------------------------------------------------------------------------------------------------
+
+def test_bare_kunlun_prints_help_and_version_exists(capsys):
+    code, out, err = run_main(capsys)
+    assert code == 2 and "usage: kunlun" in out and "generate" in out and "error" not in err
+    code, out, _ = run_main(capsys, "--version")
+    assert code == 0 and out.strip() == f"kunlun (kunlunbaize) {kunlunbaize.__version__}"
+
+
+@pytest.mark.parametrize("args", [
+    ["generate", "x", "--temperature", "nan"], ["generate", "x", "--temperature", "inf"],
+    ["generate", "x", "--temperature", "-1"], ["generate", "x", "--top-p", "0"], ["generate", "x", "--top-p", "-0.5"],
+    ["generate", "x", "--top-p", "1.5"], ["generate", "x", "--top-p", "nan"], ["generate", "x", "--top-k", "-1"],
+    ["generate", "x", "--max-new-tokens", "0"], ["generate", "x", "--max-new-tokens", "-1"],
+    ["generate", "x", "--draft-len", "0"], ["info", "--seq-len", "-5"], ["info", "--seq-len", "0"],
+    ["demo", "--steps", "0"], ["demo", "--steps", "-1"], ["demo", "--batch-size", "0"], ["demo", "--seq-len", "1"],
+    ["demo", "--lr", "0"], ["demo", "--lr", "nan"], ["demo", "--max-new-tokens", "0"], ["info", "--bogus"],
+    ["generate", "x", "--seed", "99999999999999999999999"], ["demo", "--seed", "-1"],
+])
+def test_numeric_arguments_are_validated(capsys, args):
+    code, out, err = run_main(capsys, *args)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"kunlun {args[0]}: ") and f"kunlun {args[0]} --help" in lines[0]
+
+
+def test_sampling_params_refuse_non_finite_values():
+    for kw in (dict(temperature=math.nan), dict(temperature=math.inf), dict(top_p=math.nan), dict(top_p=-0.1)):
+        with pytest.raises(ValueError):
+            SamplingParams(**kw)
+
+
+def test_config_errors_name_the_command(capsys):
+    code, _, err = run_main(capsys, "info", "--set", "n_layers=0")
+    assert code == 1 and err.startswith("kunlun info: invalid config")
+    code, _, err = run_main(capsys, "info", "--set", "oops")
+    assert code == 1 and err.startswith("kunlun info: --set 'oops' must look like key=value")
+    code, _, err = run_main(capsys, "demo", "--prompt", "")
+    assert code == 1 and "kunlun demo: --prompt is empty" in err
+
+
+# --- generate: checks before anything is printed ---------------------------------------------------------------
+
+def test_generate_checks_come_before_the_echo(trained_run, tmp_path, capsys):
+    run = str(trained_run)
+    prompt_file = tmp_path / "p.txt"
+    prompt_file.write_text("def ")
+    cases = [
+        (["word " * 200, "--max-new-tokens", "8"], "fit the context"),
+        (["x", "--prompt-file", str(prompt_file)], "both as an argument and with --prompt-file"),
+        (["x", "--device", "tpu"], "unknown --device 'tpu'"),
+        (["x", "--draft-len", "1"], "--draft-len and --adaptive apply to --speculative"),
+        (["x", "y", "--speculative"], "one prompt at a time"),
+        (["x", "--speculative", "--draft-len", "9"], "exceeds the model's mtp_depth=2"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["x", "--device", "cuda"], "no CUDA GPU"))
+    for args, message in cases:
+        code, out, err = run_main(capsys, "generate", *args, "--checkpoint", run)
+        assert code == 1 and out == "" and message in err, (args, err)
+        assert "Traceback" not in err
+
+
+def test_max_new_tokens_is_clipped_to_the_context(trained_run, capsys):
+    code, out, err = run_main(capsys, "generate", "def ", "--checkpoint", str(trained_run), "--max-new-tokens", "400")
+    assert code == 0 and out.startswith("def ")
+    assert "--max-new-tokens 400 clipped to" in err and "[finished: length]" in err
+    code, out, err = run_main(capsys, "generate", "word " * 200, "--checkpoint", str(trained_run),
+                              "--max-new-tokens", "400", "--truncate")
+    assert code == 0 and "truncated to its last 32 of" in err and "clipped to 32" in err  # context 64: half each
+
+
+def test_damaged_config_and_tokenizer_are_named(trained_run, tmp_path, capsys):
+    ckpt = resolve_checkpoint(trained_run)
+    for name in ("config.json", "tokenizer.json"):
+        bad = tmp_path / name
+        shutil.copytree(ckpt, bad)
+        (bad / name).write_text((ckpt / name).read_text()[:40])
+        code, out, err = run_main(capsys, "generate", "x", "--checkpoint", str(bad))
+        assert code == 1 and out == "" and f"{bad / name} is unreadable or truncated" in err, err
+
+
+def test_ctrl_c_in_generate_keeps_the_streamed_text(trained_run, capsys, monkeypatch):
+    from kunlunbaize.infer.text import TextStream
+
+    args = ["generate", "def ", "--checkpoint", str(trained_run), "--stop", "\x00\x00\x00\x00"]
+    code, full, _ = run_main(capsys, *args, "--max-new-tokens", "6")
+    assert code == 0
+    update, calls = TextStream.update, []
+
+    def interrupted(self, row, tokens, final=False):
+        calls.append(1)
+        if len(calls) > 6:
+            raise KeyboardInterrupt
+        return update(self, row, tokens, final)
+
+    monkeypatch.setattr(TextStream, "update", interrupted)
+    code, out, err = run_main(capsys, *args, "--max-new-tokens", "40")
+    assert code == 130 and "kunlun generate: interrupted" in err and "Traceback" not in err
+    assert out == full  # the 6 tokens streamed, held-back text included, and the final newline
+
+
+# --- process boundary: closed pipes and Ctrl-C ----------------------------------------------------------------------
+
+def test_closed_stdout_stops_nothing(trained_run, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("def f(x):\n    return x + 1\n" * 50)
+    out = tmp_path / "ds"
+    commands = [["info"], ["generate", "def ", "--checkpoint", str(trained_run), "--max-new-tokens", "20"],
+                ["prepare", str(src), "--out", str(out), "--vocab-size", "300", "--workers", "1"]]
+    for args in commands:
+        p = kunlun(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p.stdout.close()  # the reader is gone before the first line (`| head -0`)
+        err = p.stderr.read().decode()
+        assert p.wait(timeout=120) == 0, (args, err)
+        assert "Traceback" not in err and "BrokenPipe" not in err, (args, err)
+    assert (out / "meta.json").is_file()  # the dataset was built all the same
+
+
+def test_ctrl_c_during_startup_imports_exits_130(tmp_path):
+    env = {**os.environ, "PYTHONPATH": SRC}
+    code = ("import sys, kunlunbaize.cli as c; assert 'torch' not in sys.modules; print('ready', flush=True); "
+            "c.main(['info', '--preset', 'tiny'])")
+    p = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline().strip() == b"ready"  # the command line is imported; torch is not yet
+    time.sleep(0.3)  # inside main(), importing torch (which takes seconds)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err.decode()
+    assert err.decode().strip() == "kunlun info: interrupted (Ctrl-C)"
+
+
+# --- Llama baseline checkpoints ------------------------------------------------------------------------------------
+
+def test_llama_checkpoint_says_what_it_is(llama_run):
+    ckpt = resolve_checkpoint(llama_run)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["arch"] == "llama" and cfg["llama_config"]["model_type"] == "llama"
+    assert checkpoint_arch(ckpt) == "llama"
+    with pytest.raises(LoadError, match="Llama baseline checkpoint"):
+        load_model(ckpt)
+
+
+def test_generate_from_a_llama_checkpoint(llama_run, tmp_path, capsys):
+    code, first, err = run_main(capsys, "generate", "def ", "--checkpoint", str(llama_run), "--max-new-tokens", "6")
+    assert code == 0 and first.startswith("def ") and "[finished:" in err
+    code, out, err = run_main(capsys, "generate", "def ", "--checkpoint", str(llama_run), "--speculative")
+    assert code == 1 and out == "" and "Llama baseline checkpoint" in err and "drop --speculative" in err
+    # written before checkpoints recorded their architecture: recognised by the weight names
+    old = tmp_path / "old"
+    shutil.copytree(resolve_checkpoint(llama_run), old)
+    cfg = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k not in ("arch", "llama_config")}))
+    (old / "trainer_state.json").unlink()
+    assert checkpoint_arch(old) == "llama"
+    code, again, err = run_main(capsys, "generate", "def ", "--checkpoint", str(old), "--max-new-tokens", "6")
+    assert code == 0 and again == first, err
+
+
+def test_generate_llama_is_exact():
+    transformers = pytest.importorskip("transformers")
+    from kunlunbaize.infer.llama import generate_llama
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=53, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=40)
+    model = transformers.LlamaForCausalLM(cfg).double().eval()
+    prompts = [torch.randint(1, 53, (n,)).tolist() for n in (7, 2, 4)]
+    for p in prompts:
+        ids = list(p)
+        with torch.no_grad():
+            for _ in range(12):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert generate_llama(model, [p], 12).tokens[0] == ids[len(p):]
+    batch = generate_llama(model, prompts, 12, eos_id=0)
+    assert batch.tokens == [generate_llama(model, [p], 12, eos_id=0).tokens[0] for p in prompts]
+    assert len(generate_llama(model, [[1] * 30], 100).tokens[0]) == 10  # clipped to the context of 40
+
+
+def test_export_llama_checkpoint(llama_run, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from kunlunbaize.infer.llama import load_llama
+
+    out = tmp_path / "hf"
+    code, _, err = run_main(capsys, "export", "--hf", str(out), "--checkpoint", str(llama_run))
+    assert code == 0 and "reloaded logits identical" in err, err
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tok.padding_side == "left" and tok.model_max_length == hf.config.max_position_embeddings
+    ours, _ = load_llama(llama_run)
+    ids = torch.tensor([tok("def f(x):")["input_ids"]])
+    assert torch.equal(hf(ids).logits, ours(ids).logits)
+    code, _, err = run_main(capsys, "generate", "def ", "--checkpoint", str(out), "--max-new-tokens", "4")
+    assert code == 0, err  # `kunlun generate` reads the export too
+    code, _, err = run_main(capsys, "export", "--hf", str(llama_run), "--checkpoint", str(llama_run), "--overwrite")
+    assert code == 1 and "would be replaced" in err and resolve_checkpoint(llama_run).is_dir()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run_main(capsys, "export", "--hf", str(blocker / "sub"), "--checkpoint", str(llama_run))
+    assert code == 1 and err.startswith(f"kunlun export: cannot write {blocker / 'sub'}"), err

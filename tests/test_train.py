@@ -141,6 +141,7 @@ def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     assert "received SIGTERM" in output
+    assert "sample (" not in output  # asked to stop: no sample to wait for
     (ckpt,) = checkpoint_dirs(out / "checkpoints")
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] >= 3

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -234,3 +235,23 @@ def test_second_ctrl_c_keeps_saving_without_a_traceback(dataset, tmp_path):
     assert "please wait" in output and "Traceback" not in output
     (ckpt,) = checkpoint_dirs(out / "checkpoints")
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] >= 3
+
+
+def test_sample_prompt_comes_from_the_corpus(dataset, tmp_path):
+    """The sample after training starts from the corpus's own text; `def main():` only for the embedded Python."""
+    from tokenizers import Tokenizer
+
+    from kunlunbaize.train.sample import MAX_PROMPT_CHARS, STDLIB_PROMPT, corpus_prompt
+
+    tok = Tokenizer.from_file(str(dataset / "tokenizer.json"))
+    prompt = corpus_prompt(dataset, tok)
+    assert prompt and prompt != STDLIB_PROMPT and len(prompt) <= MAX_PROMPT_CHARS
+    corpus = "".join(p.read_text() for p in (Path(sysconfig.get_paths()["stdlib"])).glob("*.py")
+                     if p.name in ("textwrap.py", "shlex.py", "colorsys.py", "fnmatch.py", "bisect.py", "heapq.py"))
+    assert prompt in corpus
+    stdlib = tmp_path / "stdlib"
+    shutil.copytree(dataset, stdlib)
+    meta = json.loads((stdlib / "meta.json").read_text())
+    meta["sources"] = ["python-stdlib:/usr/lib/python3"]
+    (stdlib / "meta.json").write_text(json.dumps(meta))
+    assert corpus_prompt(stdlib, tok) == STDLIB_PROMPT

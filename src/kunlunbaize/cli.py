@@ -128,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    values["model_overrides"] = _parse_overrides(args.set)
+    values["model_overrides"] = _parse_overrides(args.set, "kunlun train")
     values["progress"] = not args.no_progress
     try:
         cfg = TrainConfig(**values)
@@ -139,8 +139,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         shutdown()  # a process group left to interpreter teardown can abort the process (gloo threads)
     if "loss_plot" not in summary:  # not rank 0
         return
-    print(f"\ntrained {summary['step']} steps, {summary['tokens']:,} tokens"
-          + ("" if summary["finished"] else " (stopped early; run the same command to resume)"))
+    if summary["steps_now"] == 0 and summary["finished"]:
+        print(f"\nnothing to train: the budget of {cfg.tokens:,} tokens was already spent at step {summary['step']}")
+    else:
+        print(f"\ntrained {summary['step']} steps, {summary['tokens']:,} tokens"
+              + ("" if summary["finished"] else " (stopped early; run the same command to resume)"))
     if "first_val_loss" in summary:
         print(f"validation loss {summary['first_val_loss']:.3f} -> {summary['val_loss']:.3f}")
     print(f"checkpoint:   {summary['checkpoint']}")
@@ -148,27 +151,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     if "dense_plot" in summary:
         print(f"dense-residual weights: {summary['dense_plot']}")
     print(f"metrics:      {summary['run_dir']}/metrics.jsonl (TensorBoard: {summary['run_dir']}/tensorboard)")
-    if cfg.arch == "kunlunbaize" and args.sample_tokens > 0:
-        _print_sample(summary["checkpoint"], args.sample_prompt, args.sample_tokens)
+    if args.sample_tokens > 0 and summary["checkpoint"] and not summary["interrupted"]:
+        from .infer.load import LoadError
+        from .train.sample import print_sample
 
-
-def _print_sample(checkpoint: str, prompt: str, max_new_tokens: int) -> None:
-    """Greedy text from the trained checkpoint, decoded MTP self-speculatively when the model has depths."""
-    from .infer import generate, speculative_generate
-    from .infer.load import load_model, load_tokenizer
-
-    model, ckpt = load_model(checkpoint)
-    tok, eot = load_tokenizer(ckpt, model.config.vocab_size)
-    ids = tok.encode(prompt).ids or ([eot] if eot is not None else [0])
-    n = max(1, min(max_new_tokens, model.config.max_seq_len - len(ids) - 1))
-    if model.config.mtp_depth:
-        out = speculative_generate(model, ids, n, eos_id=eot, truncate=True)
-        how = (f"greedy, MTP self-speculative: {out.stats['tokens_per_trunk_forward']:.2f} tokens per trunk "
-               f"forward, depth-1 acceptance {out.stats['acceptance_depth_1']:.2f}")
-    else:
-        out = generate(model, [ids], n, eos_id=eot, truncate=True)
-        how = "greedy"
-    print(f"\nsample ({how}; `kunlun generate` for more):\n{prompt}{tok.decode(out.tokens[0])}")
+        try:
+            print_sample(summary["checkpoint"], args.sample_prompt, cfg.data, args.sample_tokens)
+        except (LoadError, DataError, ValueError) as e:
+            raise SystemExit(f"kunlun train: training finished, but the sample could not be generated: {e}") from None
 
 
 def _add_train_parser(sub) -> None:
@@ -211,7 +201,8 @@ def _add_train_parser(sub) -> None:
     tr.add_argument("--peak-tflops", dest="peak_tflops", type=float, help="device peak for MFU")
     tr.add_argument("--stop-at-step", dest="stop_at_step", type=int, help="save and stop after this step")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
-    tr.add_argument("--sample-prompt", default="def main():", help="prompt of the sample generated after training")
+    tr.add_argument("--sample-prompt", default=None, help="prompt of the sample generated after training (default: "
+                    "'def main():' on the embedded Python corpus, else the start of a validation document)")
     tr.add_argument("--sample-tokens", type=int, default=80, help="tokens of that sample (0: none)")
     tr.set_defaults(func=cmd_train)
 

@@ -470,6 +470,7 @@ def _train(cfg: TrainConfig, env: DistEnv, data_path: Path) -> dict[str, Any]:
     resume_from, state = _resume(cfg, env, ckpt_root, data_path, meta, mcfg, model, optimizer, notes)
     if state is not None:
         step, consumed, tokens = state["step"], state["consumed_samples"], state["tokens"]
+    first_step = step
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         same_run = resume_from is not None and resume_from.parent.resolve() == ckpt_root.resolve()
@@ -631,7 +632,8 @@ def _train(cfg: TrainConfig, env: DistEnv, data_path: Path) -> dict[str, Any]:
         finally:
             logger.close()
         return _finish(cfg, env, model, run_dir, data_path, final_ckpt, step=step, tokens=tokens, finished=finished,
-                       last_val=last_val, validated=bool(val_sets), skipped=skipped, n_params=n_params)
+                       last_val=last_val, validated=bool(val_sets), skipped=skipped, n_params=n_params,
+                       steps_now=step - first_step, interrupted=stop.signal_name or None)
     except KeyboardInterrupt:
         if final_ckpt is not None and last_saved == step:
             raise TrainingInterrupted(f"interrupted after saving the checkpoint {final_ckpt} (run the same command "
@@ -645,9 +647,10 @@ def _train(cfg: TrainConfig, env: DistEnv, data_path: Path) -> dict[str, Any]:
 
 def _finish(cfg: TrainConfig, env: DistEnv, model: nn.Module, run_dir: Path, data_path: Path,
             final_ckpt: Path | None, *, step: int, tokens: int, finished: bool, last_val: float, validated: bool,
-            skipped: int, n_params: int) -> dict[str, Any]:
-    """The run's summary (also written to summary.json) and its plots."""
-    summary = {"step": step, "tokens": tokens, "finished": finished,
+            skipped: int, n_params: int, steps_now: int, interrupted: str | None) -> dict[str, Any]:
+    """The run's summary (also written to summary.json) and its plots. ``steps_now``: steps this invocation trained;
+    ``interrupted``: the signal that stopped it early, if one did."""
+    summary = {"step": step, "tokens": tokens, "finished": finished, "steps_now": steps_now, "interrupted": interrupted,
                "val_loss": last_val if validated and math.isfinite(last_val) else None,
                "checkpoint": str(final_ckpt) if final_ckpt else None, "run_dir": str(run_dir),
                "skipped_steps": skipped, "params": n_params}

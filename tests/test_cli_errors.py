@@ -245,6 +245,9 @@ def test_export_llama_checkpoint(llama_run, tmp_path, capsys):
     code, _, err = run_main(capsys, "export", "--hf", str(out), "--checkpoint", str(llama_run))
     assert code == 0 and "reloaded logits identical" in err, err
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    mask = os.umask(0)
+    os.umask(mask)  # every file readable as the umask says (safetensors alone would write 0600)
+    assert {p.name for p in out.iterdir() if p.stat().st_mode & 0o777 != 0o666 & ~mask} == set()
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
     tok = transformers.AutoTokenizer.from_pretrained(str(out))

@@ -29,28 +29,46 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = t
 
     from .modeling import KunlunBaizeForCausalLM
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} is a file; give a folder path for the export")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} already exists and is not empty; choose another folder or pass --overwrite")
+    out = check_out(out, overwrite)
     model, ckpt = load_model(checkpoint)
     tokenizer = _export_tokenizer(ckpt, model.config.vocab_size, model.config.max_seq_len)
 
     hf = KunlunBaizeForCausalLM.from_kunlunbaize(model, eos_token_id=tokenizer.eos_token_id,
                                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=None).to(dtype)
 
-    tmp = out.with_name(f"{out.name}.tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    def write(tmp: Path) -> None:
         hf.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         _verify_tokenizer(tmp, tokenizer)
         if verify:
             _verify(model.to(dtype), tmp, AutoModelForCausalLM, dtype)
-        from ..train.checkpoint import honour_umask
 
-        honour_umask(tmp)  # safetensors writes model.safetensors with mode 0600
+    write_folder(out, write)
+    log(f"exported {ckpt} → {out} ({sum(p.numel() for p in hf.parameters()):,} parameters, {dtype})"
+        + (": reloaded logits identical" if verify else ""))
+    return out
+
+
+def check_out(out: str | Path, overwrite: bool) -> Path:
+    """``out`` as a Path, refused when it is a file, or a non-empty folder without ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file; give a folder path for the export")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} already exists and is not empty; choose another folder or pass --overwrite")
+    return out
+
+
+def write_folder(out: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write`` on a temporary sibling of ``out``, then put it in place of ``out``: ``out`` ends up either
+    complete or as it was. Files get the umask's modes (safetensors writes model.safetensors 0600)."""
+    from ..train.checkpoint import honour_umask
+
+    tmp = out.with_name(f"{out.name}.tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        honour_umask(tmp)
         if out.exists():
             old = out.with_name(f"{out.name}.old-export")
             shutil.rmtree(old, ignore_errors=True)
@@ -61,9 +79,6 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = t
             tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"exported {ckpt} → {out} ({sum(p.numel() for p in hf.parameters()):,} parameters, {dtype})"
-        + (": reloaded logits identical" if verify else ""))
-    return out
 
 
 def _export_tokenizer(ckpt: Path, vocab_size: int, context: int):

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..infer.llama import load_llama
-from .export import PROBE_TOKENS, ExportError, _export_tokenizer, _verify_tokenizer
+from .export import PROBE_TOKENS, ExportError, _export_tokenizer, _verify_tokenizer, check_out, write_folder
 
 
 def export_llama(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float32,
@@ -22,11 +21,7 @@ def export_llama(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype 
     """
     from transformers import AutoModelForCausalLM
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} is a file; give a folder path for the export")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} already exists and is not empty; choose another folder or pass --overwrite")
+    out = check_out(out, overwrite)
     model, ckpt = load_llama(checkpoint, dtype=dtype)
     tokenizer = _export_tokenizer(ckpt, model.config.vocab_size, model.config.max_position_embeddings)
     model.config.eos_token_id = tokenizer.eos_token_id
@@ -36,24 +31,14 @@ def export_llama(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype 
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
 
-    tmp = out.with_name(f"{out.name}.tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         _verify_tokenizer(tmp, tokenizer)
         if verify:
             _verify(model, tmp, AutoModelForCausalLM, dtype)
-        if out.exists():
-            old = out.with_name(f"{out.name}.old-export")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_folder(out, write)
     log(f"exported Llama baseline {ckpt} → {out} (LlamaForCausalLM, {model.num_parameters():,} parameters, {dtype})"
         + (": reloaded logits identical" if verify else ""))
     return out

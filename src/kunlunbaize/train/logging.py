@@ -21,15 +21,19 @@ PREVIOUS_LOGS = (METRICS, TENSORBOARD, "summary.json", "loss_curve.png", "dense_
 
 def set_aside_logs(run_dir: Path) -> Path | None:
     """Move an earlier run's logs and plots out of ``run_dir`` into a new ``previous-N/``; return it (None: none)."""
-    found = [run_dir / n for n in PREVIOUS_LOGS if (run_dir / n).exists()]
-    if not found:
+    return move_into_new_folder([run_dir / n for n in PREVIOUS_LOGS if (run_dir / n).exists()], run_dir, "previous")
+
+
+def move_into_new_folder(paths: list[Path], parent: Path, stem: str) -> Path | None:
+    """Move ``paths`` into a new ``parent/<stem>-N/`` (the first free N); return it (None: nothing to move)."""
+    if not paths:
         return None
     n = 1
-    while (run_dir / f"previous-{n}").exists():
+    while (parent / f"{stem}-{n}").exists():
         n += 1
-    dest = run_dir / f"previous-{n}"
+    dest = parent / f"{stem}-{n}"
     dest.mkdir()
-    for path in found:
+    for path in paths:
         os.replace(path, dest / path.name)
     return dest
 

@@ -47,7 +47,7 @@ from .checkpoint import (
 from .data import TokenWindows, TrainSampler, validation_batches
 from .distributed import DistEnv, all_reduce_mean, gradient_sync, init_distributed, peak_flops, wrap_model
 from .llama_baseline import checkpoint_config, model_config_dict
-from .logging import METRICS, RunLogger, read_metrics, set_aside_logs, truncate_metrics
+from .logging import METRICS, RunLogger, move_into_new_folder, read_metrics, set_aside_logs, truncate_metrics
 from .optim import build_optimizer
 from .plots import plot_dense_weights, plot_losses
 from .schedule import PAPER_TOKENS, BatchRamp, LRSchedule
@@ -375,17 +375,8 @@ def _resume(cfg: TrainConfig, env: DistEnv, ckpt_root: Path, data_path: Path, me
 def _set_aside_later_checkpoints(ckpt_root: Path, resumed: Path) -> Path | None:
     """Move the complete checkpoints after ``resumed`` into a new ``superseded-N/``, so that neither ``--resume auto``
     nor ``--keep-last`` pruning mixes them with the run that continues from ``resumed``; return it (None: none)."""
-    later = [p for p in checkpoint_dirs(ckpt_root) if p.name > resumed.name]
-    if not later:
-        return None
-    n = 1
-    while (ckpt_root / f"superseded-{n}").exists():
-        n += 1
-    dest = ckpt_root / f"superseded-{n}"
-    dest.mkdir()
-    for path in later:
-        os.replace(path, dest / path.name)
-    return dest
+    return move_into_new_folder([p for p in checkpoint_dirs(ckpt_root) if p.name > resumed.name], ckpt_root,
+                                "superseded")
 
 
 def _val_windows(cfg: TrainConfig, data_path: Path, meta: dict[str, Any]) -> tuple[TokenWindows | None, str]:

@@ -255,3 +255,19 @@ def test_sample_prompt_comes_from_the_corpus(dataset, tmp_path):
     meta["sources"] = ["python-stdlib:/usr/lib/python3"]
     (stdlib / "meta.json").write_text(json.dumps(meta))
     assert corpus_prompt(stdlib, tok) == STDLIB_PROMPT
+
+
+def test_cli_rerun_of_a_finished_run_says_so(trained_run, dataset, tmp_path, capsys):
+    """`kunlun train` again on a finished run reports it, not 'trained N steps' as if it had trained them now."""
+    from kunlunbaize.cli import main
+
+    from .conftest import TRAIN_MODEL
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    sets = [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in TRAIN_MODEL.items()]
+    main(["train", "--data", str(dataset), "--out", str(run), "--preset", "tiny", "--seq-len", "32", "--tokens",
+          str(32 * 8 * 20), "--batch-size", "8", "--lr", "3e-3", "--eval-every", "1000", "--no-progress",
+          "--sample-tokens", "0", "--set", *sets])
+    out = capsys.readouterr().out
+    assert "already trained:" in out and "\ntrained " not in out, out

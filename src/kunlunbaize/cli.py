@@ -140,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if "loss_plot" not in summary:  # not rank 0
         return
     if summary["steps_now"] == 0 and summary["finished"]:
-        print(f"\nnothing to train: the budget of {cfg.tokens:,} tokens was already spent at step {summary['step']}")
+        print(f"\nalready trained: {summary['step']} steps, {summary['tokens']:,} tokens (the whole budget)")
     else:
         print(f"\ntrained {summary['step']} steps, {summary['tokens']:,} tokens"
               + ("" if summary["finished"] else " (stopped early; run the same command to resume)"))

@@ -263,3 +263,14 @@ def test_export_llama_checkpoint(llama_run, tmp_path, capsys):
     blocker.write_text("")
     code, _, err = run_main(capsys, "export", "--hf", str(blocker / "sub"), "--checkpoint", str(llama_run))
     assert code == 1 and err.startswith(f"kunlun export: cannot write {blocker / 'sub'}"), err
+
+
+def test_prepare_into_an_unwritable_folder_is_one_line(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("some text to prepare\n" * 50)
+    (tmp_path / "afile").write_text("not a folder")
+    code, _, err = run_main(capsys, "prepare", str(tmp_path / "corpus"), "--out", str(tmp_path / "afile" / "ds"),
+                            "--workers", "1")
+    assert code == 1 and err.strip().splitlines()[-1].startswith("kunlun prepare: error: cannot write"), err
+    assert "Traceback" not in err and not list(tmp_path.glob("afile*.tmp-*"))

@@ -92,6 +92,11 @@ def run_prepare(args: argparse.Namespace) -> None:
     except DataError as e:
         print(f"kunlun prepare: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except OSError as e:  # --out not writable, disk full …: the temporary folder is already removed
+        where = f" {e.filename}" if e.filename else ""
+        print(f"kunlun prepare: error: cannot write{where}: {e.strerror or e} — choose a writable --out folder "
+              "(and check the free space); nothing was written", file=sys.stderr)
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
         print("kunlun prepare: interrupted; nothing was written", file=sys.stderr)
         raise SystemExit(130) from None

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .clean import BINARY_SNIFF_BYTES, CleanReport, decode_text, looks_binary
+from .clean import BINARY_SNIFF_BYTES, MAX_LISTED_PATHS, CleanReport, decode_text, looks_binary
 from .format import FORMAT, META_FILE, DataError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
@@ -203,7 +203,8 @@ def _read_text(path: Path, _field: str, errors: str, report: CleanReport) -> Ite
 def _read_jsonl(path: Path, field: str, errors: str, report: CleanReport) -> Iterator[str]:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     found_field = False
-    missing: list[str] = []  # records without the field seen before any record with it
+    missing: list[str] = []  # the first records without the field seen before any record with it (listed)
+    n_missing = 0  # all of them (counted)
     first_fields = ""
     try:
         with opener(path, "rb") as f:
@@ -229,14 +230,18 @@ def _read_jsonl(path: Path, field: str, errors: str, report: CleanReport) -> Ite
                     if found_field:
                         report.note("bad_record", f"{origin} (no field {field!r})")
                     else:  # counted once the field shows up; an error if no record of the file has it
-                        missing.append(f"{origin} (no field {field!r})")
+                        n_missing += 1
+                        if len(missing) < MAX_LISTED_PATHS:
+                            missing.append(f"{origin} (no field {field!r})")
                         first_fields = first_fields or ", ".join(map(repr, list(record)[:20])) or "none"
                     continue
                 if not found_field:
                     found_field = True
                     for origin_missing in missing:
                         report.note("bad_record", origin_missing)
+                    report.bad_records += n_missing - len(missing)  # counted, not listed
                     missing.clear()
+                    n_missing = 0
                 value = record[field]
                 if not isinstance(value, str):
                     report.note("bad_record", f"{origin} (field {field!r} is {type(value).__name__}, not text)")
@@ -246,7 +251,7 @@ def _read_jsonl(path: Path, field: str, errors: str, report: CleanReport) -> Ite
         report.note("unreadable", f"{path} ({e})")
     if missing:  # no record of the file has the field: a misnamed --text-field, or not a corpus file
         raise DataError(f"{missing[0].split(' (')[0]}: JSONL record has no field {field!r} (its fields: "
-                        f"{first_fields}), nor does any other record of {path} ({len(missing):,} record(s)); pass "
+                        f"{first_fields}), nor does any other record of {path} ({n_missing:,} record(s)); pass "
                         f"the name of the text field with --text-field")
 
 

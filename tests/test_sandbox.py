@@ -8,6 +8,8 @@ import os
 import resource
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ PARTS = set(LEVEL.split("+"))
 CONTAINED = "uid" in PARTS  # the unprivileged uid: NPROC is enforced, root's files and processes are out of reach
 NO_NET = bool(PARTS & {"netns", "bwrap"})
 OK = "print('ok')\n"
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture(autouse=True)
@@ -187,3 +190,19 @@ def test_the_uid_drop_alone_keeps_root_processes_out_of_reach(monkeypatch):
                     isolation="uid", timeout=5)
     assert r.isolation == "uid" and r.passed, r
     assert r.stdout.split() == ["no", "signal", "no", "environ"]
+
+
+@pytest.mark.parametrize("with_prlimit", [True, False], ids=["prlimit", "preexec_fn"])
+def test_the_rlimits_reach_the_program(monkeypatch, with_prlimit):
+    monkeypatch.setattr(sandbox, "_HAS_PRLIMIT", with_prlimit and sandbox._HAS_PRLIMIT)
+    r = run_program("import resource as r\nfor n in ('AS', 'CPU', 'FSIZE', 'NOFILE', 'CORE', 'NPROC'):\n"
+                    "    print(r.getrlimit(getattr(r, 'RLIMIT_' + n))[0])\n", timeout=3.0, memory_mb=300)
+    assert r.passed, r
+    assert r.stdout.split() == [str(300 << 20), "4", str(16 << 20), "256", "0", "64"]
+
+
+def test_importing_the_sandbox_needs_no_torch():
+    code = "import sys, kunlunbaize.eval.sandbox; assert 'torch' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": SRC}, check=False,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

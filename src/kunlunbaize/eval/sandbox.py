@@ -2,8 +2,8 @@
 
 Every program runs in its own process, in a throwaway directory, with a cleared environment, stdin from
 ``/dev/null``, its own session (process group) killed as a whole on a wall-clock timeout or an output flood,
-and rlimits on address space, CPU time, file size, open files, processes and core dumps. On top of that, the
-best isolation the machine offers (detected once, see :func:`isolation_level`):
+and rlimits (via ``prlimit``) on address space, CPU time, file size, open files, processes and core dumps.
+On top of that, the best isolation the machine offers (detected once, see :func:`isolation_level`):
 
 * ``bwrap+uid``: bubblewrap with every namespace unshared and only the system/Python directories mounted
   read-only, run as an unprivileged uid;
@@ -40,6 +40,7 @@ MAX_FILE_MB = 16  # RLIMIT_FSIZE, per file written
 ENV_FORCE = "KUNLUN_SANDBOX_ISOLATION"  # force a (weaker) isolation level, e.g. "none" or "uid"
 COMPONENTS = ("bwrap", "netns", "pidns", "uid")
 _PROBE_TIMEOUT = 10.0
+_HAS_PRLIMIT = shutil.which("prlimit") is not None
 
 
 @dataclass
@@ -81,10 +82,15 @@ def _setpriv_argv() -> list[str]:
     return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 
 
-def _unshare_argv() -> list[str]:
-    """Network + PID namespaces (the PID namespace's init takes the whole tree down with it)."""
-    user = [] if _is_root() else ["--map-root-user"]
-    return ["unshare", *user, "--net", "--pid", "--fork", "--kill-child", "--mount-proc", "--"]
+def _unshare_argv(parts: set[str] | frozenset[str] = frozenset({"netns", "pidns"})) -> list[str]:
+    """``unshare`` for the network and/or PID namespaces in ``parts`` (the PID namespace's first process takes
+    the whole tree down with it when it dies)."""
+    argv = ["unshare"] if _is_root() else ["unshare", "--map-root-user"]
+    if "netns" in parts:
+        argv.append("--net")
+    if "pidns" in parts:
+        argv += ["--pid", "--fork", "--kill-child", "--mount-proc"]
+    return [*argv, "--"]
 
 
 @lru_cache(maxsize=1)
@@ -153,25 +159,39 @@ def _command(level: str, workdir: str, script: str) -> list[str]:
     if "uid" in parts and "bwrap" in parts:
         return [*_setpriv_argv(), *_bwrap_argv(workdir, os.path.dirname(os.path.realpath(sys.executable))),
                 *python]
-    if "netns" in parts:
-        prefix += _unshare_argv()
+    if parts & {"netns", "pidns"}:
+        prefix += _unshare_argv(parts)
     if "uid" in parts:
         prefix += _setpriv_argv()
     return [*prefix, *python]
 
 
-def _limits(timeout: float, memory_mb: int) -> Callable[[], None]:
-    """A ``preexec_fn`` that sets the rlimits (inherited through unshare/setpriv into the program)."""
+def _rlimits(timeout: float, memory_mb: int) -> dict[str, tuple[int, int]]:
+    """The rlimits (soft, hard) of a program, by ``prlimit`` option name. RLIMIT_NPROC is not enforced for
+    root: only the uid drop makes it count."""
     cpu = max(1, math.ceil(timeout)) + 1
+    mem, fsize = memory_mb << 20, MAX_FILE_MB << 20
+    return {"as": (mem, mem), "cpu": (cpu, cpu + 1), "fsize": (fsize, fsize), "nofile": (MAX_FILES, MAX_FILES),
+            "core": (0, 0), "nproc": (MAX_PROCS, MAX_PROCS)}
+
+
+_RESOURCES = {"as": "RLIMIT_AS", "cpu": "RLIMIT_CPU", "fsize": "RLIMIT_FSIZE", "nofile": "RLIMIT_NOFILE",
+              "core": "RLIMIT_CORE", "nproc": "RLIMIT_NPROC"}
+
+
+def _prlimit_argv(limits: dict[str, tuple[int, int]]) -> list[str]:
+    """``prlimit`` setting the limits before it execs the rest (inherited through unshare/setpriv/bwrap)."""
+    return ["prlimit", *(f"--{name}={soft}:{hard}" for name, (soft, hard) in limits.items()), "--"]
+
+
+def _preexec_limits(limits: dict[str, tuple[int, int]]) -> Callable[[], None]:
+    """A ``preexec_fn`` setting the limits: the fallback without ``prlimit`` (``preexec_fn`` is not safe in a
+    threaded evaluator: a child may deadlock between fork and exec, so ``prlimit`` is preferred)."""
+    pairs = [(getattr(resource, _RESOURCES[name]), value) for name, value in limits.items()]
 
     def apply() -> None:
-        mem = memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_MB << 20, MAX_FILE_MB << 20))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (MAX_FILES, MAX_FILES))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_NPROC, (MAX_PROCS, MAX_PROCS))  # not enforced for root: see "uid"
+        for res, value in pairs:
+            resource.setrlimit(res, value)
 
     return apply
 
@@ -236,10 +256,16 @@ def run_program(source: str, *, timeout: float = 10.0, memory_mb: int = 1024, ma
             f.write(source)
         os.chmod(script, 0o644)
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8", "TMPDIR": workdir}
+        limits = _rlimits(timeout, memory_mb)
+        argv, preexec = _command(level, workdir, script), None
+        if _HAS_PRLIMIT:
+            argv = [*_prlimit_argv(limits), *argv]
+        else:
+            preexec = _preexec_limits(limits)
         try:
-            proc = subprocess.Popen(_command(level, workdir, script), cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                                    preexec_fn=_limits(timeout, memory_mb), close_fds=True)
+            proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, start_new_session=True, preexec_fn=preexec,
+                                    close_fds=True)
         except OSError as e:
             return ExecResult("error", None, "", f"sandbox: cannot start: {e}", time.monotonic() - start, level)
         try:

@@ -219,6 +219,13 @@ def test_arith_splits_disjoint() -> None:
     assert all(split_of(_question(p)) == "test" for p in test)
 
 
+def test_arith_generation_ends_when_a_split_is_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(arith, "split_of", lambda question: "train")
+    monkeypatch.setattr(arith, "_MAX_MISSES", 1000)
+    with pytest.raises(RuntimeError, match="no new test problem"):
+        arith_problems("test", 1)
+
+
 def test_arith_answers_correct() -> None:
     for p in arith_problems("test") + arith_problems("train", 500):
         assert int(p["answer"]) == _recompute(_question(p["prompt"])), p

@@ -32,6 +32,7 @@ MAX_TRAIN = 50_000  # well below the ~100k distinct train problems, so generatio
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 STOP = ("\n\n", "\nQuestion:")  # stop sequences for generation: the model should answer on one line
 _TEST_BUCKETS = 5  # one problem in five is a test problem
+_MAX_MISSES = 100_000
 
 _NAMES = ("Tom", "Anna", "Ben", "Maria", "Li", "Sara", "Omar", "Emma", "Ivan", "Yuki")
 _ITEMS = ("apples", "pencils", "stickers", "marbles", "books", "cookies", "coins", "cards")
@@ -140,13 +141,17 @@ def _generate(split: str, seed: int) -> Iterator[dict]:
     """Problems of ``split`` in a fixed order, without duplicates, cycling through the levels."""
     rng = random.Random(seed)
     seen: set[str] = set()
-    i = 0
+    i = misses = 0
     while True:
         level = i % len(_LEVELS)
         i += 1
         question, expr = _LEVELS[level](rng)
         if question in seen or split_of(question) != split:
+            misses += 1
+            if misses > _MAX_MISSES:  # a broken split or an exhausted problem space: fail instead of looping
+                raise RuntimeError(f"arith: no new {split} problem in {_MAX_MISSES} draws after {len(seen)}")
             continue
+        misses = 0
         seen.add(question)
         yield {
             "id": f"arith-{split}-{len(seen) - 1}",

@@ -1,5 +1,7 @@
-"""Evaluation helpers. Lightweight on import (no torch): the sandbox lives in :mod:`kunlunbaize.eval.sandbox`."""
+"""Evaluation helpers. Lightweight on import (no torch): the sandbox lives in :mod:`kunlunbaize.eval.sandbox`,
+answer extraction and scoring in :mod:`kunlunbaize.eval.scoring`, the built-in ``arith`` task in
+:mod:`kunlunbaize.eval.arith`."""
 
 from __future__ import annotations
 
-__all__ = ["sandbox"]
+__all__ = ["arith", "sandbox", "scoring"]

@@ -274,3 +274,12 @@ def test_prepare_into_an_unwritable_folder_is_one_line(tmp_path, capsys):
                             "--workers", "1")
     assert code == 1 and err.strip().splitlines()[-1].startswith("kunlun prepare: error: cannot write"), err
     assert "Traceback" not in err and not list(tmp_path.glob("afile*.tmp-*"))
+
+
+def test_sample_after_training_a_llama_baseline(llama_run, dataset, capsys):
+    """The sample `kunlun train` prints works for a Llama baseline run too (plain greedy, corpus prompt)."""
+    from kunlunbaize.train.sample import print_sample
+
+    print_sample(llama_run, None, dataset, 5)
+    out = capsys.readouterr().out
+    assert "sample (greedy, Llama baseline" in out and len(out.strip().splitlines()) >= 2, out

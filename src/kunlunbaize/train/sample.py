@@ -39,7 +39,8 @@ def print_sample(checkpoint: str | Path, prompt: str | None, data: str | Path, m
     from ..infer.load import checkpoint_arch, load_model, load_tokenizer, resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
-    if checkpoint_arch(ckpt) == "llama":
+    llama = checkpoint_arch(ckpt) == "llama"
+    if llama:
         model, _ = load_llama(ckpt)
         context, mtp_depth = model.config.max_position_embeddings, 0
     else:
@@ -54,7 +55,7 @@ def print_sample(checkpoint: str | Path, prompt: str | None, data: str | Path, m
         out = speculative_generate(model, ids, n, eos_id=eot, truncate=True)
         how = (f"greedy, MTP self-speculative: {out.stats['tokens_per_trunk_forward']:.2f} tokens per trunk "
                f"forward, depth-1 acceptance {out.stats['acceptance_depth_1']:.2f}")
-    elif checkpoint_arch(ckpt) == "llama":
+    elif llama:
         out, how = generate_llama(model, [ids], n, eos_id=eot, truncate=True), "greedy, Llama baseline"
     else:
         out, how = generate(model, [ids], n, eos_id=eot, truncate=True), "greedy"

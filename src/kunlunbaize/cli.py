@@ -1,4 +1,5 @@
-"""``kunlun`` command line: ``prepare``, ``train``, ``generate``, ``export``, ``info`` (size and FLOPs), ``demo``."""
+"""``kunlun`` command line: ``prepare``, ``train``, ``generate``, ``eval``, ``export``, ``info`` (size and FLOPs),
+``demo``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .config import PRESETS, ModelConfig
 
-COMMANDS = ("info", "demo", "prepare", "train", "generate", "export")
+COMMANDS = ("info", "demo", "prepare", "train", "generate", "eval", "export")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -439,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_parser(sub)
     _add_train_parser(sub)
     _add_generate_parser(sub)
+    from .eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     _add_export_parser(sub)
     p.commands = sub.choices  # name -> parser, for errors found after parsing
     return p

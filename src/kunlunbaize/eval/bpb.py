@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..data.format import DataError, load_meta, open_split
 
-__all__ = ["BpbResult", "TokenStream", "bits_per_byte", "byte_length_table", "evaluate_bpb"]
+__all__ = ["BpbResult", "TokenStream", "bits_per_byte", "bpb_of_split", "byte_length_table", "evaluate_bpb"]
 
 
 @dataclass(frozen=True)
@@ -176,6 +176,8 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
+    if isinstance(getattr(model, "device", None), torch.device):
+        return model.device
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
@@ -268,21 +270,29 @@ def evaluate_bpb(checkpoint: str | Path, data_dir: str | Path, split: str = "val
     """
     from ..infer.load import load_model, load_tokenizer
 
+    model, ckpt = load_model(checkpoint, device=device)
+    tokenizer, _ = load_tokenizer(ckpt, model.config.vocab_size)
+    return bpb_of_split(model, ckpt, tokenizer, model.config.max_seq_len, data_dir, split, seq_len=seq_len,
+                        stride=stride, max_tokens=max_tokens, batch_size=batch_size, progress=progress)
+
+
+def bpb_of_split(model, ckpt: Path, tokenizer, max_seq_len: int, data_dir: str | Path, split: str = "val", *,
+                 seq_len: int | None = None, stride: int | None = None, max_tokens: int | None = None,
+                 batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
+    """:func:`evaluate_bpb` for a model already loaded from checkpoint folder ``ckpt`` (called as
+    ``model(ids, mtp=False)``; ``tokenizer`` is its ``tokenizers.Tokenizer``, ``max_seq_len`` its context)."""
     data = Path(data_dir)
     meta = load_meta(data)
-    model, ckpt = load_model(checkpoint, device=device)
-    vocab = model.config.vocab_size
-    _check_tokenizers(ckpt, data, meta, vocab)
+    _check_tokenizers(ckpt, data, meta, tokenizer.get_vocab_size())
     stream = TokenStream(open_split(data, split))
     if len(stream) < 2:
         raise DataError(f"the {split} split of {data} has {len(stream)} tokens: nothing to evaluate (was it prepared "
                         f"with --val-fraction 0?); prepare again with e.g. `--val-fraction 0.01`, or evaluate "
                         f"split='train'")
-    limit = model.config.max_seq_len
-    if seq_len is not None and seq_len > limit:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={limit}; pass seq_len <= {limit}")
-    seq_len = seq_len or min(_trained_seq_len(ckpt) or limit, limit)
-    tokenizer, _ = load_tokenizer(ckpt, vocab)
+    if seq_len is not None and seq_len > max_seq_len:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={max_seq_len}; pass seq_len <= "
+                         f"{max_seq_len}")
+    seq_len = seq_len or min(_trained_seq_len(ckpt) or max_seq_len, max_seq_len)
     result = bits_per_byte(model, stream, byte_length_table(tokenizer), seq_len=seq_len, stride=stride,
                            batch_size=batch_size, max_tokens=max_tokens, progress=progress)
     return {"checkpoint": str(ckpt), "data": str(data), "split": split, "split_tokens": len(stream),

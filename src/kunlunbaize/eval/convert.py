@@ -274,8 +274,8 @@ def _index(value: Any, n: int, field: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TaskFileError(f"{field} must be a 0-based index (an integer), got {value!r}")
     if not 0 <= value < n:
-        raise TaskFileError(f"{field} {value} is out of range for {n} choices (0..{n - 1}); "
-                            "a label of -1 marks a test split without answers")
+        hint = " (-1 marks a test split without answers: use a split with them)" if value == -1 else ""
+        raise TaskFileError(f"{field} {value} is out of range for {n} choices (0..{n - 1}){hint}")
     return value
 
 

@@ -386,6 +386,15 @@ def test_conversion_errors(record: dict, kind: str, layout: str | None, message:
     assert message in str(e.value)
 
 
+def test_converted_files_load_again_unchanged(tmp_path: Path) -> None:
+    """A converted file is canonical: read back with auto-detection, every record stays as written."""
+    for layout, (record, kind, expected) in EXPECTED.items():
+        src = write_jsonl(tmp_path / f"{layout}.jsonl", [record])
+        dst = tmp_path / f"{layout}-canonical.jsonl"
+        assert convert_file(src, dst, kind) == 1
+        assert load_task_file(dst, kind) == [expected], layout
+
+
 def test_undetectable_record() -> None:
     with pytest.raises(TaskFileError) as e:
         detect_layout({"text": "hello", "label": 1})
@@ -393,6 +402,8 @@ def test_undetectable_record() -> None:
                                    "mmlu, ceval, cmmlu, arc, hellaswag, piqa, gsm8k, math, aime, humaneval, mbpp, "
                                    "canonical")
     assert issubclass(TaskFileError, ValueError)
+    with pytest.raises(TaskFileError, match="a record must be a JSON object, got a JSON array"):
+        detect_layout([1, 2])  # type: ignore[arg-type]
 
 
 # --- reading files -------------------------------------------------------------------------------------------------

@@ -199,6 +199,8 @@ def detect_layout(record: dict[str, Any]) -> str:
 
     Raises :class:`TaskFileError` listing the keys found and the supported layouts when none matches.
     """
+    if not isinstance(record, dict):
+        raise TaskFileError(f"a record must be a JSON object, got a JSON {_type(record)}")
     keys = set(record)
     if {"task_id", "prompt", "test", "entry_point"} <= keys:
         return "humaneval"

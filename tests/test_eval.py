@@ -102,7 +102,7 @@ def test_gen_batched_generation_equals_one_prompt_at_a_time(model, tmp_path):
 
 def test_gen_extracts_and_scores_answers(model, tmp_path, monkeypatch):
     """Outputs are cut at stop strings, the answer extracted and compared exactly and as mathematics."""
-    outputs = {"Q1": " 12\n\nQuestion: next", "Q2": " it is \\frac{1}{2}", "Q3": " 0.5", "Q4": " no idea"}
+    outputs = {"Q1": " 12\n\nQuestion: next", "Q2": " it is \\boxed{\\frac{1}{2}}", "Q3": " 0.5", "Q4": " no idea"}
     file = write_jsonl(tmp_path / "g.jsonl", [{"prompt": f"{q}\nAnswer:", "answer": a} for q, a in
                                              zip(outputs, ["12", "0.5", "0.5", "3"], strict=True)])
 

@@ -54,18 +54,15 @@ class Records:
         """Complete problems only; a torn last line or an incomplete problem is dropped from the file."""
         if not self.file.is_file():
             return {}
-        lines, dropped = [], False
+        units: dict[int, list[dict[str, Any]]] = {}
+        dropped = False
         with self.file.open("rb") as f:
             for raw in f:
                 try:
-                    line = json.loads(raw)
-                    lines.append(line) if raw.endswith(b"\n") and isinstance(line, dict) else None
-                    dropped |= not raw.endswith(b"\n")
-                except ValueError:
+                    line = json.loads(raw) if raw.endswith(b"\n") else None
+                    units.setdefault(int(line["index"]), []).append(line)
+                except (ValueError, TypeError, KeyError):  # a torn or foreign line
                     dropped = True
-        units: dict[int, list[dict[str, Any]]] = {}
-        for line in lines:
-            units.setdefault(int(line["index"]), []).append(line)
         complete = {u: ls for u, ls in units.items() if len(ls) == self.per_unit}
         if dropped or len(complete) != len(units):
             self._rewrite([ln for u in sorted(complete) for ln in complete[u]])

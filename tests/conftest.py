@@ -82,3 +82,15 @@ def trained_run(dataset, tmp_path_factory) -> Path:
     train(TrainConfig(data=str(dataset), out=str(out), preset="tiny", model_overrides=dict(TRAIN_MODEL), seq_len=32,
                       tokens=32 * 8 * 20, batch_size=8, lr=3e-3, eval_every=1000, progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def llama_run(dataset, tmp_path_factory) -> Path:
+    """A run folder of ``kunlun train --arch llama``: a tiny LlamaForCausalLM trained for a few steps."""
+    pytest.importorskip("transformers")
+    from kunlunbaize.train.trainer import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("llama") / "run"
+    train(TrainConfig(data=str(dataset), out=str(out), preset="tiny", model_overrides=dict(TRAIN_MODEL), seq_len=32,
+                      tokens=32 * 8 * 4, batch_size=8, lr=3e-3, eval_every=1000, progress=False, arch="llama"))
+    return out

@@ -22,8 +22,6 @@ from kunlunbaize.cli import main
 from kunlunbaize.infer import SamplingParams
 from kunlunbaize.infer.load import LoadError, checkpoint_arch, load_model, resolve_checkpoint
 
-from .conftest import TRAIN_MODEL
-
 SRC = str(Path(kunlunbaize.__file__).resolve().parents[1])
 
 
@@ -43,18 +41,6 @@ def run_main(capsys, *args: str) -> tuple[int, str, str]:
 def kunlun(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": SRC}
     return subprocess.Popen([sys.executable, "-m", "kunlunbaize.cli", *args], env=env, **kw)
-
-
-@pytest.fixture(scope="session")
-def llama_run(dataset, tmp_path_factory) -> Path:
-    """A run folder of ``kunlun train --arch llama``: a tiny LlamaForCausalLM trained for a few steps."""
-    pytest.importorskip("transformers")
-    from kunlunbaize.train.trainer import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("llama") / "run"
-    train(TrainConfig(data=str(dataset), out=str(out), preset="tiny", model_overrides=dict(TRAIN_MODEL), seq_len=32,
-                      tokens=32 * 8 * 4, batch_size=8, lr=3e-3, eval_every=1000, progress=False, arch="llama"))
-    return out
 
 
 # --- usage ---------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from kunlunbaize.eval.model import EvalModel, Generated
 from kunlunbaize.eval.runner import TaskRunner, mean_stderr
 from kunlunbaize.eval.tasks import TaskError, apply_chat_template, make_task
 
-from .test_cli_errors import llama_run, run_main  # noqa: F401 (a fixture)
+from .test_cli_errors import run_main
 
 MC = [{"question": "def add(a, b):\n    return", "choices": ["a + b", "heap", "None"], "answer": 0},
       {"question": "import", "choices": ["os", ")", "]]"], "answer": 0},
@@ -326,7 +326,7 @@ def test_bad_arguments_get_one_line_errors(trained_run, tmp_path, capsys, monkey
 
 
 # ------------------------------------------------------------------------------------------------ Llama
-def test_the_llama_baseline_is_evaluated_through_the_same_interface(llama_run, dataset, tmp_path):  # noqa: F811
+def test_the_llama_baseline_is_evaluated_through_the_same_interface(llama_run, dataset, tmp_path):
     """The matched Llama of the ablation study: generation (batched = alone), log-likelihoods and bpb."""
     from kunlunbaize.eval.bpb import TokenStream, bits_per_byte, byte_length_table, open_split
 

@@ -12,6 +12,10 @@ and Python version. Four levels, taken in turn:
 Splits: every problem's question text is hashed with SHA-256 and one in five goes to ``test``, the rest to
 ``train``, so the splits are disjoint by construction for every seed. The test split has :data:`TEST_SIZE`
 problems (fixed, so scores are comparable); the train split is as long as asked for.
+
+Two schemas: :func:`arith_problems` gives the ``gen`` schema (``prompt``, ``answer``: the model writes the
+number), :func:`arith_mc_problems` the same problems in the ``mc`` schema (``question``, four ``choices``,
+``answer`` index: the model's log-likelihood picks the number).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 __all__ = [
-    "MAX_TRAIN", "PROMPT_TEMPLATE", "STOP", "TEST_SIZE", "arith_problems", "few_shot_prefix", "split_of", "write_jsonl",
+    "MAX_TRAIN", "PROMPT_TEMPLATE", "STOP", "TEST_SIZE", "arith_mc_problems", "arith_problems", "few_shot_prefix",
+    "split_of", "write_jsonl",
 ]
 
 TEST_SIZE = 500
@@ -178,6 +183,44 @@ def arith_problems(split: str = "test", n: int | None = None, seed: int = 0) -> 
         raise ValueError(f"n must be in [0, {limit}] for the {split} split, got {n}")
     gen = _generate(split, seed)
     return [next(gen) for _ in range(n)]
+
+
+def question_of(record: dict) -> str:
+    """The question text of an arith record (its prompt without ``Question: `` and ``\nAnswer:``)."""
+    head, tail = PROMPT_TEMPLATE.split("{question}")
+    return record["prompt"].removeprefix(head).removesuffix(tail)
+
+
+def _distractors(answer: int, rng: random.Random) -> list[int]:
+    """Three distinct wrong answers near ``answer``: off by one, by ten, a digit slip, a sign error."""
+    candidates = [answer + 1, answer - 1, answer + 10, answer - 10, answer + 2, -answer, answer * 10]
+    digits = str(abs(answer))
+    if len(digits) > 1:  # the last two digits swapped
+        swapped = int(digits[:-2] + digits[-1] + digits[-2])
+        candidates.append(swapped if answer >= 0 else -swapped)
+    out: list[int] = []
+    while len(out) < 3:
+        pick = candidates[rng.getrandbits(16) % len(candidates)]
+        if pick != answer and pick not in out:
+            out.append(pick)
+    return out
+
+
+def arith_mc_problems(split: str = "test", n: int | None = None, seed: int = 0) -> list[dict]:
+    """The problems of :func:`arith_problems` as multiple choice: ``{"id", "question", "choices", "answer",
+    "level"}`` with four distinct integer choices (the answer and three near misses) and ``answer`` the index of
+    the right one, its position drawn so that each position is about equally likely."""
+    out = []
+    for p in arith_problems(split, n, seed):
+        digest = hashlib.sha256(f"{seed}:{p['id']}".encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "big"))
+        right = int(p["answer"])
+        choices = _distractors(right, rng)
+        position = rng.getrandbits(16) % 4
+        choices.insert(position, right)
+        out.append({"id": p["id"].replace("arith-", "arith-mc-", 1), "question": question_of(p),
+                    "choices": [str(c) for c in choices], "answer": position, "level": p["level"]})
+    return out
 
 
 def few_shot_prefix(k: int, seed: int = 0) -> str:

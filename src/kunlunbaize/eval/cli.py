@@ -34,7 +34,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise TaskError(f"the same task is given twice ({', '.join(names)})")
         lm_tasks = [t for t in (args.lm_eval or "").split(",") if t]
         summary = evaluate(args.checkpoint, tasks, out=args.out, lm_eval_tasks=lm_tasks,
-                           include_path=args.include_path, batch_size=args.batch_size, limit=args.limit,
+                           include_path=args.include_path, lm_eval_few_shot=args.few_shot,
+                           batch_size=args.batch_size, limit=args.limit,
                            seed=args.seed, chat=args.chat_template, fresh=args.fresh, device=device, dtype=dtype,
                            progress=not args.no_progress, workers=args.workers, timeout=args.timeout, data=args.data)
     except (TaskError, LoadError, DataError, ValueError) as e:
@@ -62,7 +63,7 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--limit", type=int_at_least(1), help="evaluate only the first N problems of each task")
     e.add_argument("--batch-size", type=int_at_least(1), default=16, help="sequences per forward (default 16)")
     e.add_argument("--few-shot", type=int_at_least(0), help="solved examples before each prompt (default: 0; "
-                                                            "arith: 3)")
+                                                            "arith: 3; lm-eval: the task's own)")
     e.add_argument("--samples", type=int_at_least(1), help="generations per problem (math-avg: 16; code: 1)")
     e.add_argument("--temperature", type=float_in(0), help="math-avg: 0.7; code: 0 for one sample, 0.8 for more")
     e.add_argument("--top-p", type=float_in(0, 1, low_open=True), help="nucleus sampling (default 1)")

@@ -2,7 +2,10 @@
 
 Side by side in one process, rounds interleaved: the same task, the same problems, through ``kunlun eval``'s own
 runner (records written, answers scored), once per batch size. The greedy outputs of every batch size must be
-identical (the script fails otherwise); the figure is problems per second and its ratio to batch size 1.
+identical (the script fails otherwise); the figure is problems per second and its ratio to batch size 1. A
+multiple-choice "batch size" counts continuations: batch size 16 scores 4 four-choice problems per forward, batch
+size 1 one problem (its 4 choices) per forward. "distinct outputs" counts the different outputs (generated texts,
+or predicted choices) among the problems: a model that writes the same text for every prompt checks little.
 
     python benchmarks/eval_throughput.py                                  # runs/small, arith (gen) + arith-mc
     python benchmarks/eval_throughput.py --checkpoint runs/small --limit 64 --batch-sizes 1,8,16,32 --rounds 3
@@ -57,8 +60,8 @@ def main() -> None:
           f"{torch.__version__}, {torch.get_num_threads()} threads; checkpoint {model.checkpoint} "
           f"({sum(p.numel() for p in model.model.parameters()):,} parameters, context {model.context}); "
           f"{args.limit} problems per task, {args.rounds} rounds (median)")
-    print("| task | batch size | seconds | problems/s | vs batch 1 | outputs identical |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("| task | batch size | seconds | problems/s | vs batch 1 | outputs identical | distinct outputs |")
+    print("|---|---:|---:|---:|---:|---|---:|")
     for spec in args.tasks.split(","):
         run(model, spec, min(4, args.limit), sizes[-1])  # warm-up
         times: dict[int, list[float]] = {b: [] for b in sizes}
@@ -72,7 +75,9 @@ def main() -> None:
         for b in sizes:
             t = statistics.median(times[b])
             same = outputs[b] == outputs[sizes[0]]
-            print(f"| {spec} | {b} | {t:.2f} | {args.limit / t:.1f} | {base / t:.2f}× | {'yes' if same else 'NO'} |")
+            distinct = len({json.dumps(o) for o in outputs[b]})
+            print(f"| {spec} | {b} | {t:.2f} | {args.limit / t:.1f} | {base / t:.2f}× | {'yes' if same else 'NO'} "
+                  f"| {distinct} |")
             if not same:
                 raise SystemExit(f"{spec}: batch size {b} changed the outputs")
 

@@ -188,7 +188,8 @@ def user_files(tmp_path_factory) -> Path:
 
 
 def _sandbox(tmp: Path, user_files: Path, trained_run: Path, dataset: Path) -> Path:
-    """A folder laid out as the guides assume: runs/small, data/stdlib, the user's files, .venv/bin/kunlun."""
+    """A folder laid out as the guides assume: runs/small, data/stdlib, examples/, the user's files,
+    .venv/bin/kunlun."""
     (tmp / ".venv" / "bin").mkdir(parents=True)
     kunlun = tmp / ".venv" / "bin" / "kunlun"
     kunlun.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m kunlunbaize.cli "$@"\n')
@@ -200,6 +201,7 @@ def _sandbox(tmp: Path, user_files: Path, trained_run: Path, dataset: Path) -> P
         (tmp / item.name).symlink_to(item, target_is_directory=item.is_dir())
     (tmp / "data").mkdir()
     (tmp / "data" / "stdlib").symlink_to(dataset, target_is_directory=True)
+    (tmp / "examples").symlink_to(ROOT / "examples", target_is_directory=True)  # the shipped lm-eval tasks
     run = tmp / "runs" / "small"
     (run / "checkpoints").mkdir(parents=True)
     for item in trained_run.iterdir():

@@ -31,6 +31,28 @@ def model(trained_run) -> EvalModel:
     return EvalModel(trained_run)
 
 
+@pytest.fixture(scope="module")
+def noisy(trained_run, tmp_path_factory) -> EvalModel:
+    """The trained tiny model with noise added to every weight: it writes a different text for every prompt
+    (the trained one writes the same indentation everywhere), so batching bugs cannot hide."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from kunlunbaize.infer.load import resolve_checkpoint
+
+    ckpt = tmp_path_factory.mktemp("noisy") / "ckpt"
+    shutil.copytree(resolve_checkpoint(trained_run), ckpt)
+    state, gen = load_file(str(ckpt / "model.safetensors")), torch.Generator().manual_seed(0)
+    state = {k: v + 0.5 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in state.items()}
+    save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    return EvalModel(ckpt)
+
+
+PY = ["def ", "import os\n", "class Heap:\n    def ", "for i in range(", "x = [", "if __name__ == ", "    return ",
+      "while True:\n        ", '"""', "from collections import "]
+
+
 def run_task(model: EvalModel, spec: str, out: Path, **kw) -> dict:
     task_kw = {k: kw.pop(k) for k in ("samples", "temperature", "few_shot", "max_new_tokens", "stop") if k in kw}
     task = make_task(spec, **task_kw)
@@ -70,10 +92,10 @@ def test_mc_scores_each_choice_by_its_log_likelihood(model, tmp_path):
     assert summary["rows"][0]["stderr"] == pytest.approx(mean_stderr(acc)[1])
 
 
-def test_mc_batched_equals_one_at_a_time(model, tmp_path):
+def test_mc_batched_equals_one_at_a_time(noisy, tmp_path):
     file = write_jsonl(tmp_path / "mc.jsonl", MC)
-    run_task(model, f"mc={file}", tmp_path / "a", batch_size=1)
-    run_task(model, f"mc={file}", tmp_path / "b", batch_size=64)
+    run_task(noisy, f"mc={file}", tmp_path / "a", batch_size=1)
+    run_task(noisy, f"mc={file}", tmp_path / "b", batch_size=64)
     one, many = records(tmp_path / "a" / "mc-mc"), records(tmp_path / "b" / "mc-mc")
     for x, y in zip(one, many, strict=True):
         assert x["loglik"] == pytest.approx(y["loglik"], abs=1e-4)
@@ -90,13 +112,23 @@ def test_a_context_longer_than_the_window_is_cut_on_the_left(model):
 
 
 # ------------------------------------------------------------------------------------------------ gen
-def test_gen_batched_generation_equals_one_prompt_at_a_time(model, tmp_path):
-    """Left-padded batches give each problem exactly the greedy output it gets alone."""
-    one = run_task(model, "arith", tmp_path / "a", batch_size=1, limit=6)
-    many = run_task(model, "arith", tmp_path / "b", batch_size=16, limit=6)
-    a, b = records(tmp_path / "a" / "arith"), records(tmp_path / "b" / "arith")
+def test_gen_batched_generation_equals_one_prompt_at_a_time(noisy, tmp_path):
+    """Left-padded batches (prompts of different lengths) give each problem exactly the greedy output it gets
+    alone."""
+    file = write_jsonl(tmp_path / "py.jsonl", [{"prompt": p, "answer": "0"} for p in PY])
+    one = run_task(noisy, f"gen={file}", tmp_path / "a", batch_size=1, max_new_tokens=12, stop=["XYZ"])
+    many = run_task(noisy, f"gen={file}", tmp_path / "b", batch_size=8, max_new_tokens=12, stop=["XYZ"])
+    a, b = records(tmp_path / "a" / "gen-py"), records(tmp_path / "b" / "gen-py")
+    assert len({x["output"] for x in a}) == len(PY)  # every prompt its own text
     assert [x["output"] for x in a] == [y["output"] for y in b]
     assert [x["tokens"] for x in a] == [y["tokens"] for y in b]
+    assert one["rows"] == many["rows"]
+
+
+def test_arith_is_scored_the_same_at_any_batch_size(model, tmp_path):
+    one = run_task(model, "arith", tmp_path / "a", batch_size=1, limit=4)
+    many = run_task(model, "arith", tmp_path / "b", batch_size=16, limit=4)
+    assert records(tmp_path / "a" / "arith") == records(tmp_path / "b" / "arith")
     assert one["rows"] == many["rows"]
 
 

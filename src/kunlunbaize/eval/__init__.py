@@ -1,8 +1,12 @@
-"""Evaluation helpers. Lightweight on import (no torch): the sandbox lives in :mod:`kunlunbaize.eval.sandbox`,
-answer extraction and scoring in :mod:`kunlunbaize.eval.scoring`, the built-in ``arith`` task in
-:mod:`kunlunbaize.eval.arith`, reading task files and converting public layouts (MMLU, GSM8K, HumanEval, …) to the
-canonical schemas in :mod:`kunlunbaize.eval.convert`."""
+"""Evaluation (``kunlun eval``). Lightweight on import (no torch).
+
+Torch-free parts: the sandbox for generated code (:mod:`.sandbox`), answer extraction and scoring
+(:mod:`.scoring`), the built-in ``arith`` task (:mod:`.arith`), task files and public layouts (:mod:`.convert`),
+task specs and prompts (:mod:`.tasks`). With torch: a checkpoint as the evaluator sees it (:mod:`.model`), the
+per-task runner with records and resume (:mod:`.runner`), the command's orchestration and table
+(:mod:`.evaluate`), bits per byte (:mod:`.bpb`) and lm-evaluation-harness (:mod:`.harness`).
+"""
 
 from __future__ import annotations
 
-__all__ = ["arith", "convert", "sandbox", "scoring"]
+__all__ = ["arith", "bpb", "convert", "evaluate", "harness", "model", "runner", "sandbox", "scoring", "tasks"]

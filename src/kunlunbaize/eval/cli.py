@@ -40,6 +40,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
                            progress=not args.no_progress, workers=args.workers, timeout=args.timeout, data=args.data)
     except (TaskError, LoadError, DataError, ValueError) as e:
         raise SystemExit(f"kunlun eval: {e}") from None
+    except KeyboardInterrupt:
+        print("kunlun eval: the records scored so far are kept; run the same command to resume", file=sys.stderr)
+        raise
     print(format_table(summary["rows"]))
     print(f"\nrecords and summary: {summary['out']}", file=sys.stderr)
 

@@ -167,8 +167,13 @@ class TaskRunner:
                 yield todo
 
     def _bar(self):
-        from tqdm.auto import tqdm
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # tqdm comes with the train extra; without it, no bar
+            from contextlib import nullcontext
+            from types import SimpleNamespace
 
+            return nullcontext(SimpleNamespace(update=lambda n=1: None))
         return tqdm(total=self.count, initial=sum(1 for i in range(self.count) if i in self.records.done),
                     desc=self.task.name, unit="problem", dynamic_ncols=True, file=sys.stderr,
                     disable=None if self.progress else True)

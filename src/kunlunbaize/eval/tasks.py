@@ -128,9 +128,8 @@ def _from_path(name: str, path: str, split: str) -> Task:
 
     if name in KINDS:
         kind, layout = name, None
-    elif name in LAYOUTS:
-        kinds = LAYOUT_KINDS[name]
-        kind, layout = (kinds if isinstance(kinds, str) else kinds[0]), name
+    elif name in LAYOUTS and name != "canonical":
+        kind, layout = LAYOUT_KINDS[name][0], name
     else:
         raise TaskError(f"--task {name}={path}: {name!r} is neither a task kind ({', '.join(KINDS)}) nor a known "
                         f"layout ({', '.join(LAYOUTS)})")
@@ -166,19 +165,13 @@ def _protocol_defaults(task: Task) -> None:
         task.samples, task.temperature = 16, 0.7
     if task.kind == "code":
         task.stop = CODE_STOP
-    if task.source in ("arith", "arith-mc"):
-        from .arith import STOP, arith_problems
+    if task.source in ("arith", "arith-mc"):  # few-shot examples from arith's train split: never a test problem
+        from .arith import STOP, arith_mc_problems, arith_problems
 
         task.few_shot = 3
-        task.few_shot_pool = (arith_problems("train", n=200) if task.source == "arith" else _arith_mc_train())
+        task.few_shot_pool = (arith_problems if task.source == "arith" else arith_mc_problems)("train", n=200)
         if task.kind != "mc":
             task.stop, task.max_new_tokens = tuple(STOP), 16  # an integer answer, then a blank line
-
-
-def _arith_mc_train() -> list[dict[str, Any]]:
-    from .arith import arith_mc_problems
-
-    return arith_mc_problems("train", n=200)
 
 
 def _check(task: Task) -> None:

@@ -1,5 +1,5 @@
-"""``kunlun`` command line: ``prepare``, ``train``, ``generate``, ``eval``, ``export``, ``info`` (size and FLOPs),
-``demo``."""
+"""``kunlun`` command line: ``prepare``, ``train``, ``generate``, ``eval``, ``ablate``, ``export``, ``info`` (size and
+FLOPs), ``demo``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .config import PRESETS, ModelConfig
 
-COMMANDS = ("info", "demo", "prepare", "train", "generate", "eval", "export")
+COMMANDS = ("info", "demo", "prepare", "train", "generate", "eval", "ablate", "export")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -443,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_eval_parser
 
     add_eval_parser(sub)
+    from .ablate.cli import add_ablate_parser
+
+    add_ablate_parser(sub)
     _add_export_parser(sub)
     p.commands = sub.choices  # name -> parser, for errors found after parsing
     return p

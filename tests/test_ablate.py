@@ -1,0 +1,130 @@
+"""``kunlun ablate``: the plan (variants differ only in their switch, seeds only in the seed, FLOPs matching),
+the study's bookkeeping (runs in worker processes, resume, a changed setting refused) and the aggregation."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+
+from kunlunbaize.ablate.plan import VARIANTS, StudyConfig, model_config, plan, train_config
+from kunlunbaize.ablate.report import aggregate, mean_sd
+from kunlunbaize.ablate.run import StudyError, run_study
+
+from .conftest import TRAIN_MODEL
+from .test_cli_errors import run_main
+
+
+def study(**kw) -> StudyConfig:
+    base = dict(preset="tiny", model_overrides=dict(TRAIN_MODEL), tokens=32 * 8 * 3, seq_len=32, batch_size=8,
+                seeds=(0, 1), eval_every=1, eval_tasks=("bpb",))
+    base.update(kw)
+    return StudyConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+def test_variants_differ_only_in_their_switch():
+    cfg = study()
+    runs = {r.name: r for r in plan(cfg)}
+    full = train_config(cfg, runs["full-s0"], "x")
+    full_model = model_config(cfg, VARIANTS["full"]).to_dict()
+    for name in ("no_dense", "no_transformerx", "no_mtp", "llama"):
+        other = train_config(cfg, runs[f"{name}-s0"], "x")
+        assert {k for k in full if full[k] != other[k]} == ({"arch"} if name == "llama" else {"model_overrides"})
+        changed = {k for k, v in model_config(cfg, VARIANTS[name]).to_dict().items() if full_model[k] != v}
+        assert changed == set(VARIANTS[name].switch) | ({"mtp_loss_weights"} if name == "no_mtp" and
+                                                         full_model["mtp_loss_weights"] else set())
+
+
+def test_seeds_differ_only_in_the_seed():
+    cfg = study(seeds=(0, 7))
+    runs = {r.name: r for r in plan(cfg)}
+    a, b = train_config(cfg, runs["full-s0"], "x"), train_config(cfg, runs["full-s7"], "x")
+    assert {k for k in a if a[k] != b[k]} == {"seed"}
+
+
+def test_equal_flops_runs_get_the_full_models_compute():
+    cfg = study(match="both", seeds=(0,))
+    runs = plan(cfg)
+    full = next(r for r in runs if r.variant == "full")
+    flops_runs = [r for r in runs if r.match == "flops"]
+    assert {r.variant for r in flops_runs} == {"no_transformerx", "no_mtp", "llama"}  # no_dense: same FLOPs
+    for r in flops_runs:
+        assert r.flops_per_token < full.flops_per_token
+        assert r.tokens * r.flops_per_token == pytest.approx(full.tokens * full.flops_per_token, rel=1e-3)
+    assert [r.name for r in runs if r.match == "tokens"] == [f"{v}-s0" for v in VARIANTS]
+    only = plan(study(match="tokens"))
+    assert all(r.tokens == cfg.tokens for r in only) and len(only) == 2 * len(VARIANTS)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"variants": ("full", "bogus")}, "bogus"),
+    ({"seeds": (0, 0)}, "distinct seeds"),
+    ({"match": "flops", "variants": ("llama",)}, "include variant full"),
+    ({"model_overrides": {"d_model": 30}}, "d_model"),
+])
+def test_invalid_studies_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        plan(study(**kw))
+
+
+# ---------------------------------------------------------------------------------------------- aggregation
+def fake_run(variant: str, seed: int, loss: float, match: str = "tokens") -> dict:
+    return {"spec": {"variant": variant, "seed": seed, "match": match, "flops_per_token": 1e6, "tokens": 100},
+            "val_loss": loss, "params": 1000, "tokens": 100, "tokens_per_s": 10.0, "curve": [],
+            "eval": [{"task": "bpb", "metric": "bpb", "value": loss / 2}]}
+
+
+def test_aggregation_means_sds_and_paired_deltas():
+    runs = [fake_run("full", 0, 3.0), fake_run("full", 1, 3.2), fake_run("llama", 0, 2.9), fake_run("llama", 1, 3.3),
+            fake_run("llama", 0, 2.5, "flops"), fake_run("llama", 1, 2.7, "flops")]
+    rows = {(r["match"], r["variant"]): r for r in aggregate(runs)}
+    full, llama = rows[("tokens", "full")], rows[("tokens", "llama")]
+    assert full["metrics"]["val_loss"] == pytest.approx((3.1, statistics.stdev([3.0, 3.2])))
+    assert full["metrics"]["bpb bpb"][0] == pytest.approx(1.55)
+    assert llama["delta_vs_full"] == pytest.approx((0.0, statistics.stdev([-0.1, 0.1])))
+    assert full["delta_vs_llama"][0] == pytest.approx(0.0)
+    # equal FLOPs: the full model's own run is the reference
+    assert rows[("flops", "llama")]["delta_vs_full"][0] == pytest.approx(-0.5)
+    assert rows[("flops", "full")]["n"] == 2
+    assert mean_sd([1.0]) == (1.0, None) and mean_sd([]) == (None, None)
+
+
+# --------------------------------------------------------------------------------------------- the study
+def test_a_study_runs_resumes_and_reports(dataset, tmp_path):
+    """Two variants × two seeds + the equal-FLOPs run, two at a time in worker processes; the report aggregates
+    the runs' own numbers; a second invocation reruns nothing, a run that lost its done.json is redone, and a
+    changed setting is refused."""
+    cfg = study(out=str(tmp_path / "study"), data=str(dataset), variants=("full", "no_mtp"), jobs=2)
+    said: list[str] = []
+    result = run_study(cfg, log=said.append)
+    assert result["ran"] == ["full-s0", "no_mtp-s0", "no_mtp-flops-s0", "full-s1", "no_mtp-s1", "no_mtp-flops-s1"]
+    done = {n: json.loads((tmp_path / "study" / "runs" / n / "done.json").read_text()) for n in result["ran"]}
+    assert done["no_mtp-flops-s0"]["tokens"] > done["no_mtp-s0"]["tokens"]
+    assert all(math.isfinite(d["val_loss"]) and d["eval"][0]["metric"] == "bpb" for d in done.values())
+    report = json.loads((tmp_path / "study" / "ablation.json").read_text())
+    rows = {(r["match"], r["variant"]): r for r in report["rows"]}
+    want = [done[f"no_mtp-s{s}"]["val_loss"] - done[f"full-s{s}"]["val_loss"] for s in (0, 1)]
+    assert rows[("tokens", "no_mtp")]["delta_vs_full"][0] == pytest.approx(statistics.fmean(want))
+    assert rows[("tokens", "full")]["metrics"]["val_loss"][0] == pytest.approx(
+        statistics.fmean(done[f"full-s{s}"]["val_loss"] for s in (0, 1)))
+    md = (tmp_path / "study" / "ablation.md").read_text()
+    assert "equal tokens" in md and "equal training FLOPs" in md and "− MTP" in md
+    assert (tmp_path / "study" / "ablation_curves.png").stat().st_size > 0
+
+    again = run_study(cfg, log=said.append)
+    assert again["ran"] == [] and len(again["skipped"]) == 6
+    (tmp_path / "study" / "runs" / "no_mtp-s1" / "done.json").unlink()  # killed after training, before the end
+    assert run_study(cfg, log=said.append)["ran"] == ["no_mtp-s1"]
+    with pytest.raises(StudyError, match=r"other settings \(lr\)"):
+        run_study(study(out=cfg.out, data=cfg.data, variants=("full", "no_mtp"), lr=1e-4), log=said.append)
+
+
+def test_kunlun_ablate_dry_run_and_errors(capsys):
+    code, out, err = run_main(capsys, "ablate", "--dry-run", "--seeds", "0", "--variants", "full,llama")
+    assert code == 0, err
+    assert [line.split()[0] for line in out.splitlines()] == ["full-s0", "llama-s0", "llama-flops-s0"]
+    code, _, err = run_main(capsys, "ablate", "--dry-run", "--variants", "full,nope")
+    assert code == 1 and "nope" in err and "Traceback" not in err

@@ -124,3 +124,39 @@ def test_bad_inputs_are_rejected():
         model(torch.zeros(3))
     with pytest.raises(ValueError, match="labels shape"):
         model(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_identity_dense_init_starts_as_a_plain_residual():
+    """dense_init="identity": every layer puts weight 0.95 on its latest output, the rest spread evenly — close to
+    H_{l+1} = F_l(H_l) + H_l; reset_parameters, the HF class and the config keep it; "uniform" is the paper's."""
+    cfg = tiny(n_layers=5, dense_init="identity")
+    model = KunlunBaize(cfg)
+    W = model.dense_residual_weights()
+    for layer in range(5):
+        assert W[layer, layer] == pytest.approx(1.0 if layer == 0 else 0.95, abs=1e-6)
+        if layer:
+            assert torch.allclose(W[layer, :layer], torch.full((layer,), 0.05 / layer), atol=1e-6)
+    with torch.no_grad():
+        for p in model.dense.logits:
+            p.zero_()
+    model.reset_parameters()
+    assert torch.allclose(model.dense_residual_weights(), W)
+    assert KunlunBaize(tiny(n_layers=5)).dense_residual_weights()[4, 0] == pytest.approx(0.2)  # uniform
+    pytest.importorskip("transformers")
+    from kunlunbaize.hf import KunlunBaizeConfig, KunlunBaizeForCausalLM
+
+    hf = KunlunBaizeForCausalLM(KunlunBaizeConfig.from_model_config(cfg))
+    assert torch.allclose(hf.model.dense.weight_matrix(), W)
+    with pytest.raises(ValueError, match="dense_init"):
+        tiny(dense_init="diagonal")
+
+
+def test_eswish_beta_init_is_configurable():
+    cfg = tiny(eswish_beta_init=2.5, eswish_per_channel=True)
+    model = KunlunBaize(cfg)
+    betas = [m.beta for m in model.modules() if isinstance(m, ESwish)]
+    assert betas and all(torch.all(b == 2.5) for b in betas)
+    x = torch.randn(3, 8)
+    assert torch.allclose(ESwish(8, beta_init=2.5)(x), x * torch.sigmoid(2.5 * x))
+    with pytest.raises(ValueError, match="eswish_beta_init"):
+        tiny(eswish_beta_init=float("nan"))

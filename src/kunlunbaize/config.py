@@ -37,6 +37,10 @@ class ModelConfig:
 
     # --- LDRSCM (§3.1) ---
     dense_residual: bool = True
+    dense_init: str = "uniform"
+    """Initial dense-residual mix: ``"uniform"`` (the paper: logits 0, the average of all earlier outputs) or
+    ``"identity"`` (DenseFormer's start: weight 0.95 on the latest output, so each layer begins as a plain
+    residual)."""
 
     # --- TransformerX (§3.2) ---
     transformerx: bool = True
@@ -46,6 +50,8 @@ class ModelConfig:
     """Hidden size of each per-scale MLP (eq. 9–12). ``None``: ``ffn_hidden // len(conv_kernel_sizes)``."""
     eswish_per_channel: bool = False
     """eSwish β (eq. 5) as one scalar per activation (False) or one value per channel (True)."""
+    eswish_beta_init: float = 1.0
+    """Initial eSwish β (eq. 5): 1 is Swish/SiLU; larger is closer to ReLU, near 0 closer to x/2."""
 
     # --- MTPIM (§3.3) ---
     mtp_depth: int = 1
@@ -79,6 +85,11 @@ class ModelConfig:
                      "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 self._fail(name, "must be True or False")
+        if self.dense_init not in ("uniform", "identity"):
+            self._fail("dense_init", "must be 'uniform' (the paper) or 'identity'")
+        beta = self.eswish_beta_init
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+            self._fail("eswish_beta_init", "must be a finite number")
         for name in ("rope_theta", "norm_eps", "init_std"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):

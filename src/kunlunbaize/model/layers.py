@@ -47,14 +47,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class ESwish(nn.Module):
-    """eSwish(x) = x · σ(βx) with learnable β initialised to 1 (eq. 5); β scalar or per channel."""
+    """eSwish(x) = x · σ(βx) with learnable β initialised to ``beta_init`` (1: the paper; eq. 5); β scalar or
+    per channel."""
 
-    def __init__(self, channels: int, per_channel: bool = False) -> None:
+    def __init__(self, channels: int, per_channel: bool = False, beta_init: float = 1.0) -> None:
         super().__init__()
-        self.beta = nn.Parameter(torch.ones(channels if per_channel else 1))
+        self.beta_init = float(beta_init)
+        self.beta = nn.Parameter(torch.full((channels if per_channel else 1,), self.beta_init))
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.beta)
+        nn.init.constant_(self.beta, self.beta_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(self.beta.to(x.dtype) * x)
@@ -63,12 +65,13 @@ class ESwish(nn.Module):
 class SwiGLU(nn.Module):
     """Gated MLP ``down(act(gate(x)) * up(x))``; act is eSwish (TransformerX) or fixed Swish/SiLU (plain)."""
 
-    def __init__(self, d_model: int, hidden: int, eswish: bool, per_channel: bool = False) -> None:
+    def __init__(self, d_model: int, hidden: int, eswish: bool, per_channel: bool = False,
+                 beta_init: float = 1.0) -> None:
         super().__init__()
         self.gate = nn.Linear(d_model, hidden, bias=False)
         self.up = nn.Linear(d_model, hidden, bias=False)
         self.down = nn.Linear(hidden, d_model, bias=False)
-        self.act: nn.Module = ESwish(hidden, per_channel) if eswish else nn.SiLU()
+        self.act: nn.Module = ESwish(hidden, per_channel, beta_init) if eswish else nn.SiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.act(self.gate(x)) * self.up(x))
@@ -81,12 +84,12 @@ class CausalDSConv(nn.Module):
     ``k − 1`` zeros on the left instead, so output l reads inputs l−k+1 … l (a causal convolution).
     """
 
-    def __init__(self, d_model: int, kernel_size: int, per_channel: bool = False) -> None:
+    def __init__(self, d_model: int, kernel_size: int, per_channel: bool = False, beta_init: float = 1.0) -> None:
         super().__init__()
         self.kernel_size = kernel_size
         self.depthwise = nn.Conv1d(d_model, d_model, kernel_size, groups=d_model, bias=False)  # K_d, eq. 6
         self.pointwise = nn.Linear(d_model, d_model, bias=False)  # K_p, eq. 7
-        self.act = ESwish(d_model, per_channel)  # eq. 8
+        self.act = ESwish(d_model, per_channel, beta_init)  # eq. 8
 
     def forward(self, x: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` [B, T, d] new inputs; ``history`` [B, ≥k−1, d] earlier inputs (None: zeros, sequence start)."""

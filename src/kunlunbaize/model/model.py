@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 from .block import make_block
 from .cache import InferenceCache
-from .dense_residual import DenseResidual
+from .dense_residual import DenseResidual, initial_logits
 from .layers import ESwish, RotaryEmbedding
 from .loss import IGNORE_INDEX, multi_token_loss
 from .mtp import MultiTokenPrediction
@@ -54,17 +54,21 @@ class TrunkOutput:
 
 @torch.no_grad()
 def init_module(module: nn.Module, std: float, init=nn.init) -> None:
-    """Initialise one module's own tensors: weights ~ N(0, std); norms, eSwish β at 1; dense-residual logits
-    at 0 (uniform); rotary tables recomputed. ``init`` supplies ``normal_``/``ones_``/``zeros_``."""
+    """Initialise one module's own tensors: weights ~ N(0, std); norms at 1; eSwish β at its ``beta_init``;
+    dense-residual logits as its ``init`` says (0: uniform); rotary tables recomputed. ``init`` supplies
+    ``normal_``/``ones_``/``zeros_``/``constant_`` (transformers' versions skip tensors loaded from a checkpoint)."""
     if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d)):
         init.normal_(module.weight, mean=0.0, std=std)
     elif isinstance(module, nn.RMSNorm):
         init.ones_(module.weight)
     elif isinstance(module, ESwish):
-        init.ones_(module.beta)
+        init.constant_(module.beta, module.beta_init)
     elif isinstance(module, DenseResidual):
-        for p in module.logits:
+        for layer, p in enumerate(module.logits):
             init.zeros_(p)
+            if module.init != "uniform" and not getattr(p, "_is_hf_initialized", False):
+                with torch.no_grad():
+                    p.copy_(initial_logits(layer, module.init))
     elif isinstance(module, RotaryEmbedding):
         module.reset_parameters()
 
@@ -87,7 +91,7 @@ class KunlunBaizeTrunk:
         self.embed = nn.Embedding(config.vocab_size, d)  # E(·), shared with the MTP depths (eq. 13, 15)
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.blocks = nn.ModuleList(make_block(config) for _ in range(config.n_layers))  # eq. 14
-        self.dense = DenseResidual(config.n_layers) if config.dense_residual else None
+        self.dense = DenseResidual(config.n_layers, config.dense_init) if config.dense_residual else None
         self.norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.gradient_checkpointing = False
         """Recompute each block in the backward pass instead of storing its activations (training only)."""

@@ -128,3 +128,11 @@ def test_kunlun_ablate_dry_run_and_errors(capsys):
     assert [line.split()[0] for line in out.splitlines()] == ["full-s0", "llama-s0", "llama-flops-s0"]
     code, _, err = run_main(capsys, "ablate", "--dry-run", "--variants", "full,nope")
     assert code == 1 and "nope" in err and "Traceback" not in err
+
+
+def test_dense_lr_mult_reaches_the_runs_only_when_set():
+    spec = plan(study(seeds=(0,)))[0]
+    assert "dense_lr_mult" not in train_config(study(), spec, "x")  # specs of earlier studies stay valid
+    assert train_config(study(dense_lr_mult=10.0), spec, "x")["dense_lr_mult"] == 10.0
+    with pytest.raises(ValueError, match="dense_lr_mult"):
+        plan(study(dense_lr_mult=0.0))

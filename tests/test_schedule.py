@@ -58,3 +58,30 @@ def test_weight_decay_groups():
             assert id(p) not in decayed, name
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
     assert not decays("x.norm.weight", torch.zeros(3, 3))  # a 2-D norm scale would still be exempt
+
+
+def test_dense_lr_mult_scales_only_the_dense_logits_step():
+    """With dense_lr_mult the dense-residual logits get their own group: Adam's first step moves them by
+    lr × mult (the sign of the gradient), every other parameter exactly as with the shared learning rate."""
+    from kunlunbaize.train.optim import build_optimizer
+    from kunlunbaize.train.trainer import TrainConfig
+
+    moved = {}
+    for mult in (1.0, 10.0):
+        torch.manual_seed(0)
+        model = KunlunBaize(tiny(n_layers=3))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = build_optimizer(model, 1e-3, dense_lr_mult=mult)
+        assert len(opt.param_groups) == (2 if mult == 1.0 else 3)
+        for group in opt.param_groups:  # as the trainer sets the scheduled LR
+            group["lr"] = 1e-3 * group.get("lr_mult", 1.0)
+        x = torch.randint(0, 61, (2, 12))
+        model(x, labels=x).loss.backward()
+        opt.step()
+        moved[mult] = {n: (p.detach() - before[n]) for n, p in model.named_parameters()}
+    for name, delta in moved[10.0].items():
+        want = moved[1.0][name] * (10.0 if "dense.logits" in name else 1.0)
+        assert torch.allclose(delta, want, atol=1e-7, rtol=1e-4), name
+    assert moved[10.0]["dense.logits.2"].abs().max() == pytest.approx(1e-2, rel=1e-3)
+    with pytest.raises(ValueError, match="dense_lr_mult"):
+        TrainConfig(dense_lr_mult=0.0).validate()

@@ -271,3 +271,16 @@ def test_cli_rerun_of_a_finished_run_says_so(trained_run, dataset, tmp_path, cap
           "--sample-tokens", "0", "--set", *sets])
     out = capsys.readouterr().out
     assert "already trained:" in out and "\ntrained " not in out, out
+
+
+def test_resume_with_another_dense_lr_mult_is_refused_clearly(trained_run, tmp_path):
+    """The optimiser of a --dense-lr-mult run has another layout: resuming with another value names the cause
+    (not "damaged") and leaves the run as it was."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    saved = json.loads((run / "train_config.json").read_text())
+    cfg = TrainConfig(**{**saved, "out": str(run), "tokens": saved["tokens"] * 2, "dense_lr_mult": 10.0})
+    with pytest.raises(CheckpointError, match=r"trained with --dense-lr-mult 1, not 10"):
+        train(cfg)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before

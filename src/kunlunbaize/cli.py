@@ -182,6 +182,8 @@ def _add_train_parser(sub) -> None:
     tr.add_argument("--micro-batch-size", dest="micro_batch_size", type=int, help="per rank; the rest is "
                                                                                  "gradient accumulation")
     tr.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    tr.add_argument("--dense-lr-mult", dest="dense_lr_mult", type=float,
+                    help="learning rate of the dense-residual logits / --lr (default 1)")
     tr.add_argument("--warmup-steps", dest="warmup_steps", type=int)
     tr.add_argument("--weight-decay", dest="weight_decay", type=float)
     tr.add_argument("--grad-clip", dest="grad_clip", type=float)

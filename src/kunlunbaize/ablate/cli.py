@@ -23,7 +23,8 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     cfg = StudyConfig(out=args.out, data=args.data, preset=args.preset,
                       model_overrides=_parse_overrides(args.set, "kunlun ablate"), tokens=args.tokens, seeds=seeds,
                       variants=_names(args.variants), match=args.match, seq_len=args.seq_len,
-                      batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
+                      batch_size=args.batch_size, lr=args.lr, dense_lr_mult=args.dense_lr_mult,
+                      eval_every=args.eval_every,
                       eval_tasks=_names(args.eval), eval_limit=args.eval_limit, jobs=args.jobs, device=args.device,
                       dtype=args.dtype)
     try:
@@ -73,6 +74,8 @@ def add_ablate_parser(sub) -> None:
     a.add_argument("--seq-len", type=int_at_least(2), default=d.seq_len)
     a.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size)
     a.add_argument("--lr", type=float, default=d.lr)
+    a.add_argument("--dense-lr-mult", type=float, default=d.dense_lr_mult,
+                   help="learning rate of the dense-residual logits / --lr (default 1: the shared LR, the paper)")
     a.add_argument("--eval-every", type=int_at_least(1), default=d.eval_every, help="validation every N steps")
     a.add_argument("--eval", default=",".join(d.eval_tasks), help="kunlun eval tasks run on every final "
                                                                   "checkpoint (default bpb,arith)")

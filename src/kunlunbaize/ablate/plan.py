@@ -54,6 +54,7 @@ class StudyConfig:
     seq_len: int = 256
     batch_size: int = 16
     lr: float = 2e-3
+    dense_lr_mult: float = 1.0  # the dense-residual logits' learning rate / lr
     eval_every: int = 25
     eval_tasks: tuple[str, ...] = ("bpb", "arith")
     eval_limit: int | None = None
@@ -76,6 +77,8 @@ class StudyConfig:
             problems.append(f"seeds {list(self.seeds)}: give distinct seeds >= 0")
         if self.tokens < 1 or self.jobs < 1 or self.eval_every < 1:
             problems.append("tokens, jobs and eval_every must be >= 1")
+        if not self.dense_lr_mult > 0:
+            problems.append(f"dense_lr_mult {self.dense_lr_mult}: must be > 0")
         if self.match != "tokens" and "full" not in self.variants:
             problems.append("the equal-FLOPs comparison is measured against the full model: include variant full")
         if problems:
@@ -147,7 +150,10 @@ def plan(cfg: StudyConfig) -> list[RunSpec]:
 def train_config(cfg: StudyConfig, spec: RunSpec, run_dir: str) -> dict[str, Any]:
     """The ``TrainConfig`` fields of a run (a JSON-able dict)."""
     variant = VARIANTS[spec.variant]
-    return {"data": cfg.data, "out": run_dir, "preset": cfg.preset, "model_overrides": variant_overrides(cfg, variant),
-            "arch": variant.arch, "seq_len": cfg.seq_len, "tokens": spec.tokens, "batch_size": cfg.batch_size,
-            "lr": cfg.lr, "seed": spec.seed, "eval_every": cfg.eval_every, "ckpt_every": max(1, cfg.eval_every * 2),
-            "keep_last": 1, "resume": "auto", "device": cfg.device, "dtype": cfg.dtype, "progress": False}
+    out = {"data": cfg.data, "out": run_dir, "preset": cfg.preset, "model_overrides": variant_overrides(cfg, variant),
+           "arch": variant.arch, "seq_len": cfg.seq_len, "tokens": spec.tokens, "batch_size": cfg.batch_size,
+           "lr": cfg.lr, "seed": spec.seed, "eval_every": cfg.eval_every, "ckpt_every": max(1, cfg.eval_every * 2),
+           "keep_last": 1, "resume": "auto", "device": cfg.device, "dtype": cfg.dtype, "progress": False}
+    if cfg.dense_lr_mult != 1.0:  # only when set, so studies made before the option keep their specs
+        out["dense_lr_mult"] = cfg.dense_lr_mult
+    return out

@@ -84,6 +84,7 @@ class TrainConfig:
     batch_ramp: float = 469e9 / PAPER_TOKENS
     micro_batch_size: int | None = None  # per rank; None: the largest that lets the ramp start at its start
     lr: float = 2e-3  # peak; the paper uses 2.2e-4 at 405B scale
+    dense_lr_mult: float = 1.0  # the dense-residual logits' learning rate / lr (1: the shared LR, the paper)
     warmup_steps: int | None = None  # None: 2% of the steps, at least 10 (at most a tenth of the run)
     decay_start: float = 10.0e12 / PAPER_TOKENS
     decay_end: float = 11.8e12 / PAPER_TOKENS
@@ -129,6 +130,7 @@ class TrainConfig:
             ("batch_ramp", real(self.batch_ramp, 0, 1), "a fraction in [0, 1]"),
             ("micro_batch_size", opt(self.micro_batch_size, lambda v: v >= 1), "None or >= 1"),
             ("lr", real(self.lr, 0, lo_open=True), "> 0"),
+            ("dense_lr_mult", real(self.dense_lr_mult, 0, lo_open=True), "> 0"),
             ("warmup_steps", opt(self.warmup_steps, lambda v: v >= 0), "None or >= 0"),
             ("decay_start", real(self.decay_start, 0, self.decay_end), "in [0, decay_end]"),
             ("decay_end", real(self.decay_end, self.decay_start, self.final_start), "in [decay_start, final_start]"),
@@ -355,6 +357,7 @@ def _resume(cfg: TrainConfig, env: DistEnv, ckpt_root: Path, data_path: Path, me
     candidates = list(reversed(checkpoint_dirs(ckpt_root))) if auto else [resolve_checkpoint(Path(cfg.resume))]
     for i, path in enumerate(candidates):
         error: CheckpointDamaged | None = None
+        _check_dense_lr_mult(path, cfg)
         try:
             note = _check_resumable(path, data_path, meta, mcfg)
             state = load_checkpoint(path, model, optimizer)
@@ -370,6 +373,18 @@ def _resume(cfg: TrainConfig, env: DistEnv, ckpt_root: Path, data_path: Path, me
             notes.append(note)
         return path, state
     return None, None
+
+
+def _check_dense_lr_mult(path: Path, cfg: TrainConfig) -> None:
+    """CheckpointError when the checkpoint was trained with another ``dense_lr_mult``: its optimiser has another
+    layout (the dense logits in a group of their own or not), and its learning rates were another run's."""
+    try:
+        saved = json.loads((path / "trainer_state.json").read_text())["train_config"].get("dense_lr_mult", 1.0)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # unreadable: the loader reports it
+    if saved != cfg.dense_lr_mult:
+        raise CheckpointError(f"{path} was trained with --dense-lr-mult {saved:g}, not {cfg.dense_lr_mult:g}: resume "
+                              f"with --dense-lr-mult {saved:g}, or train with the new value into another --out folder")
 
 
 def _set_aside_later_checkpoints(ckpt_root: Path, resumed: Path) -> Path | None:
@@ -435,7 +450,8 @@ def _train(cfg: TrainConfig, env: DistEnv, data_path: Path) -> dict[str, Any]:
     wrapped = wrap_model(model, blocks, env, mode)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if env.device.type == "cuda" else "fp32")
     autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext())
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                                dense_lr_mult=cfg.dense_lr_mult)
 
     if cfg.batch_size % env.world_size:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the number of ranks {env.world_size}")
@@ -542,7 +558,7 @@ def _train(cfg: TrainConfig, env: DistEnv, data_path: Path) -> dict[str, Any]:
                 accum = global_batch // granularity
                 lr = schedule(step, fraction)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_mult", 1.0)
                 step_sums = torch.zeros(n_terms, device=env.device)
                 for m in range(accum):
                     first = consumed + (m * env.world_size + env.rank) * micro

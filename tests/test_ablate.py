@@ -112,7 +112,9 @@ def test_a_study_runs_resumes_and_reports(dataset, tmp_path):
         statistics.fmean(done[f"full-s{s}"]["val_loss"] for s in (0, 1)))
     md = (tmp_path / "study" / "ablation.md").read_text()
     assert "equal tokens" in md and "equal training FLOPs" in md and "− MTP" in md
-    assert (tmp_path / "study" / "ablation_curves.png").stat().st_size > 0
+    for plot in ("ablation_curves.png", "ablation_bars.png"):
+        assert (tmp_path / "study" / plot).stat().st_size > 0
+    assert not (tmp_path / "study" / "ablation_gap.png").exists()  # no Llama in this study: no gap to plot
 
     again = run_study(cfg, log=said.append)
     assert again["ran"] == [] and len(again["skipped"]) == 6

@@ -171,7 +171,42 @@ def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path) -> l
     bars = out / "ablation_bars.png"
     fig.savefig(bars, dpi=120)
     plt.close(fig)
-    return [curves, bars]
+    gap = _plot_gap(plt, runs, colors, out)
+    return [curves, bars] + ([gap] if gap else [])
+
+
+def _plot_gap(plt, runs: list[dict[str, Any]], colors: dict[str, str], out: Path) -> Path | None:
+    """Each variant's validation loss minus Llama's (paired by seed, equal tokens) against tokens: where the
+    ranking changes with training length."""
+    tokens_runs = [r for r in runs if r["spec"]["match"] == "tokens"]
+    llama = {r["spec"]["seed"]: dict(r["curve"]) for r in tokens_runs if r["spec"]["variant"] == "llama"}
+    if not llama:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for variant in [v for v in VARIANTS if v != "llama"]:
+        pairs = [(dict(r["curve"]), llama[r["spec"]["seed"]]) for r in tokens_runs
+                 if r["spec"]["variant"] == variant and r["spec"]["seed"] in llama]
+        if not pairs:
+            continue
+        steps = sorted(set.intersection(*[set(c) & set(ref) for c, ref in pairs]))
+        diffs = [[c[t] - ref[t] for c, ref in pairs] for t in steps]
+        mean = [statistics.fmean(d) for d in diffs]
+        sd = [statistics.stdev(d) if len(d) > 1 else 0.0 for d in diffs]
+        x = [t / 1e6 for t in steps]
+        ax.plot(x, mean, "-", color=colors[variant], label=f"{VARIANTS[variant].label} (n={len(pairs)})")
+        ax.fill_between(x, [m - e for m, e in zip(mean, sd, strict=True)],
+                        [m + e for m, e in zip(mean, sd, strict=True)], color=colors[variant], alpha=0.2)
+    ax.axhline(0.0, color=colors["llama"], lw=1, label="HF Llama, matched params")
+    ax.set_xlabel("tokens (millions)")
+    ax.set_ylabel("validation loss − Llama's (nats/token)")
+    ax.set_title("the gap to Llama along training (equal tokens; below 0: better than Llama)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "ablation_gap.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def write_report(cfg: StudyConfig) -> dict[str, Any]:

@@ -138,3 +138,10 @@ def test_dense_lr_mult_reaches_the_runs_only_when_set():
     assert train_config(study(dense_lr_mult=10.0), spec, "x")["dense_lr_mult"] == 10.0
     with pytest.raises(ValueError, match="dense_lr_mult"):
         plan(study(dense_lr_mult=0.0))
+
+
+def test_a_missing_dataset_is_reported_before_any_run(tmp_path):
+    with pytest.raises(StudyError, match="no prepared dataset at"):
+        run_study(study(out=str(tmp_path / "s"), data=str(tmp_path / "nothing"), variants=("full",), seeds=(0,)),
+                  log=lambda m: None)
+    assert not list((tmp_path / "s" / "runs" / "full-s0").glob("worker.log"))

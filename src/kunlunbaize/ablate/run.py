@@ -54,6 +54,22 @@ def _check_spec(cfg: StudyConfig, spec: RunSpec) -> None:
     file.write_text(json.dumps(want, indent=2))
 
 
+def _prepare_data(cfg: StudyConfig, log: Log) -> None:
+    """Prepare the embedded corpus once, here, before parallel runs would each start preparing it."""
+    from ..data.format import is_prepared
+    from ..train.trainer import DEFAULT_DATA
+
+    if is_prepared(Path(cfg.data)):
+        return
+    if cfg.data != DEFAULT_DATA:
+        raise StudyError(f"no prepared dataset at {cfg.data}; run `kunlun prepare SOURCES --out {cfg.data}` first "
+                         "(or leave --data at its default, the embedded corpus)")
+    from ..data.prepare import prepare
+
+    log(f"preparing the embedded corpus (Python standard library) into {cfg.data} …")
+    prepare(sources=[], out=Path(cfg.data))
+
+
 def _launch(cfg: StudyConfig, spec: RunSpec, threads: int, log: Log) -> None:
     """Train and evaluate one run in a child process (``python -m kunlunbaize.ablate.worker``)."""
     folder = run_dir(cfg, spec)
@@ -82,6 +98,8 @@ def run_study(cfg: StudyConfig, log: Log = print, report: bool = True) -> dict[s
     for spec in runs:
         _check_spec(cfg, spec)
     todo = [s for s in runs if not is_done(cfg, s)]
+    if todo:
+        _prepare_data(cfg, log)
     skipped = [s.name for s in runs if s not in todo]
     if skipped:
         log(f"{len(skipped)} of {len(runs)} runs already done: {', '.join(skipped)}")

@@ -3,6 +3,7 @@
 Every variant runs through the same training loop (`kunlunbaize.train.train`) with the same seed,
 schedule, batch and validation windows. Reports the final validation loss (next-token
 cross-entropy, nats/token), training tokens/s and parameters, as a Markdown table and a figure.
+One seed, one budget: `kunlun ablate` is the full study (several seeds, equal FLOPs, evaluation).
 
     python benchmarks/train_vs_llama.py                          # small preset, embedded corpus
     python benchmarks/train_vs_llama.py --tokens 200000 --variants full llama
@@ -18,18 +19,11 @@ from pathlib import Path
 
 import torch
 
+from kunlunbaize.ablate.plan import VARIANTS
 from kunlunbaize.train.logging import read_metrics
 from kunlunbaize.train.trainer import DEFAULT_DATA, TrainConfig, train
 
-VARIANTS = {
-    "full": ("kunlunbaize", {}),
-    "llama": ("llama", {}),
-    "no_dense": ("kunlunbaize", {"dense_residual": False}),
-    "no_transformerx": ("kunlunbaize", {"transformerx": False}),
-    "no_mtp": ("kunlunbaize", {"mtp_depth": 0}),
-}
-LABELS = {"full": "KunlunBaize (full)", "llama": "HF Llama, matched params", "no_dense": "- dense residual",
-          "no_transformerx": "- TransformerX", "no_mtp": "- MTP"}
+LABELS = {name: v.label for name, v in VARIANTS.items()}
 
 
 def plot(results: dict[str, dict], path: Path) -> None:
@@ -77,7 +71,7 @@ def main() -> None:
     out = Path(args.out)
     results: dict[str, dict] = {}
     for name in args.variants:
-        arch, overrides = VARIANTS[name]
+        arch, overrides = VARIANTS[name].arch, dict(VARIANTS[name].switch)
         run = out / name
         cfg = TrainConfig(data=args.data, out=str(run), preset=args.preset, model_overrides=overrides, arch=arch,
                           seq_len=args.seq_len, tokens=args.tokens, batch_size=args.batch_size, lr=args.lr,

@@ -93,7 +93,7 @@ def test_aggregation_means_sds_and_paired_deltas():
 
 
 # --------------------------------------------------------------------------------------------- the study
-def test_a_study_runs_resumes_and_reports(dataset, tmp_path):
+def test_a_study_runs_resumes_and_reports(dataset, tmp_path, capsys):
     """Two variants × two seeds + the equal-FLOPs run, two at a time in worker processes; the report aggregates
     the runs' own numbers; a second invocation reruns nothing, a run that lost its done.json is redone, and a
     changed setting is refused."""
@@ -119,6 +119,12 @@ def test_a_study_runs_resumes_and_reports(dataset, tmp_path):
     again = run_study(cfg, log=said.append)
     assert again["ran"] == [] and len(again["skipped"]) == 6
     (tmp_path / "study" / "runs" / "no_mtp-s1" / "done.json").unlink()  # killed after training, before the end
+    overrides = [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in TRAIN_MODEL.items()]
+    code, out, err = run_main(capsys, "ablate", "--dry-run", "--out", cfg.out, "--data", cfg.data, "--preset", "tiny",
+                              "--set", *overrides, "--tokens", str(cfg.tokens), "--seq-len", "32", "--batch-size",
+                              "8", "--seeds", "0,1", "--eval-every", "1", "--eval", "bpb", "--variants", "full,no_mtp")
+    assert code == 0, err
+    assert [line.split()[0] for line in out.splitlines() if not line.endswith("done")] == ["no_mtp-s1"]
     assert run_study(cfg, log=said.append)["ran"] == ["no_mtp-s1"]
     with pytest.raises(StudyError, match=r"other settings \(lr\)"):
         run_study(study(out=cfg.out, data=cfg.data, variants=("full", "no_mtp"), lr=1e-4), log=said.append)

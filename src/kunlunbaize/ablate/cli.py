@@ -30,9 +30,12 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     try:
         runs = plan(cfg)
         if args.dry_run:
+            from .run import is_done
+
             for r in runs:
                 print(f"{r.name:<28} {r.variant:<16} seed {r.seed}  {r.tokens:>12,} tokens  "
-                      f"{r.flops_per_token / 1e9:.3f} GFLOPs/token ({r.match} match)")
+                      f"{r.flops_per_token / 1e9:.3f} GFLOPs/token ({r.match} match)"
+                      + ("  done" if is_done(cfg, r) else ""))
             return
         if args.report_only:
             from .report import write_report
@@ -84,6 +87,6 @@ def add_ablate_parser(sub) -> None:
                                                                        "CPU cores / jobs threads)")
     a.add_argument("--device", default=d.device, help="auto, cpu, cuda")
     a.add_argument("--dtype", default=d.dtype, choices=["auto", "fp32", "bf16"])
-    a.add_argument("--dry-run", action="store_true", help="print the planned runs and stop")
+    a.add_argument("--dry-run", action="store_true", help="print the planned runs (and which are done) and stop")
     a.add_argument("--report-only", action="store_true", help="write the report from the runs done so far")
     a.set_defaults(func=cmd_ablate)

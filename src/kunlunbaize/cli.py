@@ -255,24 +255,15 @@ def resolve_device(name: str, command: str) -> str:
 
 
 def _load_for_generation(args: argparse.Namespace, device: str):
-    """(model, checkpoint folder, generate function, context length, MTP depth) of ``--checkpoint``."""
-    from .infer import generate
-    from .infer.load import LoadError, checkpoint_arch, load_model, resolve_checkpoint
+    """The :class:`kunlunbaize.infer.load.Generator` of ``--checkpoint`` (a Llama checkpoint with --speculative is
+    refused before anything is loaded)."""
+    from .infer.load import LoadError, checkpoint_arch, load_for_generation, resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.checkpoint)
-    if checkpoint_arch(ckpt) == "llama":
-        if args.speculative:
-            raise LoadError(f"{ckpt} is a Llama baseline checkpoint (`kunlun train --arch llama`): it has no MTP "
-                            "depths to draft with — drop --speculative")
-        try:
-            from .infer.llama import generate_llama, load_llama
-        except ImportError as e:
-            raise LoadError(f"{ckpt} is a Llama baseline checkpoint, which needs transformers ({e}) — "
-                            "pip install 'kunlunbaize[hf]'") from None
-        model, ckpt = load_llama(ckpt, device)
-        return model, ckpt, generate_llama, model.config.max_position_embeddings, 0
-    model, ckpt = load_model(ckpt, device)
-    return model, ckpt, generate, model.config.max_seq_len, model.config.mtp_depth
+    if args.speculative and checkpoint_arch(ckpt) == "llama":
+        raise LoadError(f"{ckpt} is a Llama baseline checkpoint (`kunlun train --arch llama`): it has no MTP "
+                        "depths to draft with — drop --speculative")
+    return load_for_generation(ckpt, device)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -291,7 +282,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     device = resolve_device(args.device, "generate")
     try:  # everything is checked before anything is written to stdout
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-        model, ckpt, run, context, depth = _load_for_generation(args, device)
+        loaded = _load_for_generation(args, device)
+        model, ckpt, run, context, depth = (loaded.model, loaded.checkpoint, loaded.generate, loaded.context,
+                                            loaded.mtp_depth)
         if args.speculative and depth == 0:
             raise LoadError(f"{ckpt} has no MTP depths (mtp_depth=0) to draft with — drop --speculative")
         if args.speculative and args.draft_len is not None and args.draft_len > depth:

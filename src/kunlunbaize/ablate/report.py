@@ -28,12 +28,13 @@ def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
 
 
-def collect(cfg: StudyConfig) -> list[dict[str, Any]]:
-    """``done.json`` of every planned run that is done, with its validation curve."""
+def collect(cfg: StudyConfig, specs: list | None = None) -> list[dict[str, Any]]:
+    """``done.json`` of every planned run (``specs``, default the study's plan) that is done, with its validation
+    curve."""
     from ..train.logging import read_metrics
 
     out = []
-    for spec in plan(cfg):
+    for spec in plan(cfg) if specs is None else specs:
         folder = run_dir(cfg, spec)
         if (folder / "done.json").is_file():
             done = json.loads((folder / "done.json").read_text())
@@ -212,10 +213,11 @@ def _plot_gap(plt, runs: list[dict[str, Any]], colors: dict[str, str], out: Path
 def write_report(cfg: StudyConfig) -> dict[str, Any]:
     """Aggregate the runs done so far into ``ablation.json``, ``ablation.md`` and the plots; returns the paths."""
     out = Path(cfg.out)
-    runs = collect(cfg)
+    specs = plan(cfg)
+    runs = collect(cfg, specs)
     rows = aggregate(runs)
     (out / "ablation.json").write_text(json.dumps({"rows": rows, "runs": [
-        {k: v for k, v in r.items() if k != "curve"} for r in runs], "planned": len(plan(cfg))}, indent=2))
+        {k: v for k, v in r.items() if k != "curve"} for r in runs], "planned": len(specs)}, indent=2))
     (out / "ablation.md").write_text(markdown(rows, cfg))
     files = {"json": str(out / "ablation.json"), "markdown": str(out / "ablation.md"), "done": len(runs)}
     if runs:

@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from ..infer.generate import GenerationResult, generate
-from ..infer.load import checkpoint_arch, load_model, load_tokenizer, resolve_checkpoint
+from ..infer.generate import GenerationResult
+from ..infer.load import load_for_generation, load_tokenizer
 from ..infer.sampling import SamplingParams
 from ..infer.text import TextStream
 
@@ -41,20 +41,13 @@ class EvalModel:
     """
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        ckpt = resolve_checkpoint(path)
-        self.arch = checkpoint_arch(ckpt)
-        if self.arch == "llama":
-            from ..infer.llama import load_llama
-
-            self.model, self.checkpoint = load_llama(ckpt, device=device, dtype=dtype)
-            self.context = int(self.model.config.max_position_embeddings)
-            self.vocab_size = int(self.model.config.vocab_size)
-        else:
-            self.model, self.checkpoint = load_model(ckpt, device=device, dtype=dtype)
-            self.context = self.model.config.max_seq_len
-            self.vocab_size = self.model.config.vocab_size
+        loaded = load_for_generation(path, device, dtype)
+        self.model, self.checkpoint, self.arch, self._generate = (loaded.model, loaded.checkpoint, loaded.arch,
+                                                                  loaded.generate)
+        self.context, self.vocab_size = loaded.context, loaded.vocab_size
         self.device = torch.device(device)
         self.tokenizer, self.eot = load_tokenizer(self.checkpoint, self.vocab_size)
+        self.prefix_id = self.eot if self.eot is not None else 0  # what an empty text is conditioned on
         self.chat_template = read_chat_template(self.checkpoint)
 
     # ----------------------------------------------------------------------------------------- forward
@@ -76,7 +69,7 @@ class EvalModel:
         whole = self.encode(context + continuation)
         ctx = self.encode(context)
         if not ctx:  # an empty context is conditioned on the end-of-text token (lm-eval's prefix token)
-            return [self.eot if self.eot is not None else 0], whole
+            return [self.prefix_id], whole
         return ctx, whole[len(ctx):]
 
     @torch.inference_mode()
@@ -98,13 +91,13 @@ class EvalModel:
         for b, r in enumerate(rows):
             ids[b, :len(r)] = torch.tensor(r)
         # right padding: positions after a row's end never influence its earlier positions (causal model)
-        logp = F.log_softmax(self(ids.to(self.device)).logits.float(), dim=-1)
-        out = []
-        for b, ((_, cont), n) in enumerate(zip(pairs, spans, strict=True)):
-            end = len(rows[b])
-            targets = torch.tensor(cont[-n:], device=logp.device)
-            out.append(float(logp[b, end - n:end].gather(-1, targets[:, None]).double().sum()))
-        return out
+        logits = self(ids.to(self.device)).logits
+        # only the positions that predict a continuation token are normalised (not the whole [B, T, V])
+        picked = torch.cat([logits[b, len(r) - n:len(r)] for b, (r, n) in enumerate(zip(rows, spans, strict=True))])
+        targets = torch.tensor([t for (_, cont), n in zip(pairs, spans, strict=True) for t in cont[-n:]],
+                               device=picked.device)
+        token_logp = F.log_softmax(picked.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1).double()
+        return [float(part.sum()) for part in token_logp.split(spans)]
 
     # ---------------------------------------------------------------------------------------- generation
     def generate(self, prompts: list[str], max_new_tokens: int, sampling: SamplingParams, seed: int | None,
@@ -114,14 +107,11 @@ class EvalModel:
         Prompts that do not fit the context with room to generate keep their last tokens (the budget is clipped
         to the room left, as :func:`kunlunbaize.infer.generate.fit_prompts` says).
         """
-        ids = [self.encode(p) or [self.eot if self.eot is not None else 0] for p in prompts]
+        ids = [self.encode(p) or [self.prefix_id] for p in prompts]
         stream = TextStream(self.tokenizer, len(prompts), stop=list(stop))
-        if self.arch == "llama":
-            from ..infer.llama import generate_llama as run
-        else:
-            run = generate
-        result: GenerationResult = run(self.model, ids, max_new_tokens, sampling=sampling, eos_id=self.eot,
-                                       seed=seed, truncate=True, should_stop=stream.update)
+        result: GenerationResult = self._generate(self.model, ids, max_new_tokens, sampling=sampling,
+                                                  eos_id=self.eot, seed=seed, truncate=True,
+                                                  should_stop=stream.update)
         return [Generated(stream.finish(b, toks), len(toks), result.finish_reasons[b])
                 for b, toks in enumerate(result.tokens)]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -129,6 +131,40 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
                         "of different models; use a checkpoint written as a whole by `kunlun train`") from None
     model.rope.inv_freq = model.rope._inv_freq(torch.device(device))  # not saved: rebuilt off the meta device
     return model.to(device=device, dtype=dtype).eval(), ckpt
+
+
+@dataclass
+class Generator:
+    """A checkpoint of either architecture, ready to generate from."""
+
+    model: torch.nn.Module  # KunlunBaize, or transformers' LlamaForCausalLM for the Llama baseline
+    checkpoint: Path
+    arch: str  # "kunlunbaize" or "llama"
+    generate: Callable  # kunlunbaize.infer.generate or kunlunbaize.infer.llama.generate_llama (same signature)
+    context: int  # the model's maximum sequence length
+    vocab_size: int
+    mtp_depth: int  # MTP depths to draft with (0 for Llama)
+
+
+def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> Generator:
+    """The model of a run, checkpoint or export folder, KunlunBaize or the Llama baseline, with its generate
+    function. A Llama checkpoint without transformers installed is a LoadError that says what to install."""
+    ckpt = resolve_checkpoint(path)
+    if checkpoint_arch(ckpt) == "llama":
+        try:
+            from .llama import generate_llama, load_llama
+        except ImportError as e:
+            raise LoadError(f"{ckpt} is a Llama baseline checkpoint, which needs transformers ({e}) — "
+                            "pip install 'kunlunbaize[hf]'") from None
+        model, ckpt = load_llama(ckpt, device, dtype)
+        return Generator(model, ckpt, "llama", generate_llama, int(model.config.max_position_embeddings),
+                         int(model.config.vocab_size), 0)
+    from .generate import generate
+
+    model, ckpt = load_model(ckpt, device, dtype)
+    cfg = model.config
+    return Generator(model, ckpt, "kunlunbaize", generate, cfg.max_seq_len, cfg.vocab_size, cfg.mtp_depth)
 
 
 def check_keys(ckpt: Path, expected, found, optional: tuple[str, ...] = ()) -> None:

@@ -34,19 +34,12 @@ def corpus_prompt(data: str | Path, tokenizer) -> str:
 def print_sample(checkpoint: str | Path, prompt: str | None, data: str | Path, max_new_tokens: int) -> None:
     """Print a greedy continuation of ``prompt`` (None: :func:`corpus_prompt`) from ``checkpoint``: decoded
     MTP self-speculatively when the model has depths; a Llama baseline checkpoint decodes plainly."""
-    from ..infer import generate, speculative_generate
-    from ..infer.llama import generate_llama, load_llama
-    from ..infer.load import checkpoint_arch, load_model, load_tokenizer, resolve_checkpoint
+    from ..infer import speculative_generate
+    from ..infer.load import load_for_generation, load_tokenizer
 
-    ckpt = resolve_checkpoint(checkpoint)
-    llama = checkpoint_arch(ckpt) == "llama"
-    if llama:
-        model, _ = load_llama(ckpt)
-        context, mtp_depth = model.config.max_position_embeddings, 0
-    else:
-        model, _ = load_model(ckpt)
-        context, mtp_depth = model.config.max_seq_len, model.config.mtp_depth
-    tok, eot = load_tokenizer(ckpt, model.config.vocab_size)
+    loaded = load_for_generation(checkpoint)
+    model, context, mtp_depth = loaded.model, loaded.context, loaded.mtp_depth
+    tok, eot = load_tokenizer(loaded.checkpoint, loaded.vocab_size)
     if prompt is None:
         prompt = corpus_prompt(data, tok)
     ids = tok.encode(prompt).ids or ([eot] if eot is not None else [0])
@@ -55,8 +48,7 @@ def print_sample(checkpoint: str | Path, prompt: str | None, data: str | Path, m
         out = speculative_generate(model, ids, n, eos_id=eot, truncate=True)
         how = (f"greedy, MTP self-speculative: {out.stats['tokens_per_trunk_forward']:.2f} tokens per trunk "
                f"forward, depth-1 acceptance {out.stats['acceptance_depth_1']:.2f}")
-    elif llama:
-        out, how = generate_llama(model, [ids], n, eos_id=eot, truncate=True), "greedy, Llama baseline"
     else:
-        out, how = generate(model, [ids], n, eos_id=eot, truncate=True), "greedy"
+        out = loaded.generate(model, [ids], n, eos_id=eot, truncate=True)
+        how = "greedy, Llama baseline" if loaded.arch == "llama" else "greedy"
     print(f"\nsample ({how}; `kunlun generate` for more):\n{prompt}{tok.decode(out.tokens[0])}")

@@ -160,3 +160,33 @@ def test_eswish_beta_init_is_configurable():
     assert torch.allclose(ESwish(8, beta_init=2.5)(x), x * torch.sigmoid(2.5 * x))
     with pytest.raises(ValueError, match="eswish_beta_init"):
         tiny(eswish_beta_init=float("nan"))
+
+
+def test_fan_in_conv_init_keeps_the_feature_scale():
+    """conv_init="fan_in": depthwise ~ N(0, 1/k) and pointwise ~ N(0, 1/d) variance, so the conv features start at
+    their input's scale; "normal" (the paper: N(0, init_std)) leaves them at a few percent of it. Other weights
+    keep init_std; the HF class initialises the same way."""
+    import math
+
+    torch.manual_seed(0)
+    cfg = tiny(d_model=64, conv_kernel_sizes=(3, 15), conv_init="fan_in")
+    model = KunlunBaize(cfg)
+    conv = [m for m in model.modules() if isinstance(m, CausalDSConv)]
+    assert len(conv) == 2 * cfg.n_layers
+    for c in conv:
+        assert c.depthwise.weight.std().item() == pytest.approx(1 / math.sqrt(c.kernel_size), rel=0.2)
+        assert c.pointwise.weight.std().item() == pytest.approx(1 / math.sqrt(64), rel=0.1)
+    assert model.blocks[0].attn.wq.weight.std().item() == pytest.approx(cfg.init_std, rel=0.1)
+    x = torch.randn(4, 64, 64)
+    paper = CausalDSConv(64, 15)
+    for p in paper.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    assert paper(x).pow(2).mean().sqrt() < 0.05 < conv[1](x).pow(2).mean().sqrt()
+    pytest.importorskip("transformers")
+    from kunlunbaize.hf import KunlunBaizeConfig, KunlunBaizeForCausalLM
+
+    hf = KunlunBaizeForCausalLM(KunlunBaizeConfig.from_model_config(cfg))
+    dw = [m.depthwise.weight.std().item() for m in hf.modules() if isinstance(m, CausalDSConv)]
+    assert dw[1] == pytest.approx(1 / math.sqrt(15), rel=0.2)
+    with pytest.raises(ValueError, match="conv_init"):
+        tiny(conv_init="kaiming")

@@ -52,6 +52,10 @@ class ModelConfig:
     """eSwish β (eq. 5) as one scalar per activation (False) or one value per channel (True)."""
     eswish_beta_init: float = 1.0
     """Initial eSwish β (eq. 5): 1 is Swish/SiLU; larger is closer to ReLU, near 0 closer to x/2."""
+    conv_init: str = "normal"
+    """Initial convolution weights (eq. 6–7): ``"normal"`` (the paper: N(0, init_std) like every weight) or
+    ``"fan_in"`` (std 1/√k for the depthwise kernel, 1/√d for the pointwise one, so the features h_j start at the
+    scale of their input instead of ~1% of it)."""
 
     # --- MTPIM (§3.3) ---
     mtp_depth: int = 1
@@ -87,6 +91,8 @@ class ModelConfig:
                 self._fail(name, "must be True or False")
         if self.dense_init not in ("uniform", "identity"):
             self._fail("dense_init", "must be 'uniform' (the paper) or 'identity'")
+        if self.conv_init not in ("normal", "fan_in"):
+            self._fail("conv_init", "must be 'normal' (the paper) or 'fan_in'")
         beta = self.eswish_beta_init
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
             self._fail("eswish_beta_init", "must be a finite number")

@@ -45,7 +45,8 @@ class TransformerXBlock(nn.Module):
         self.attn_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
         self.attn = Attention(d, cfg.n_heads, cfg.n_kv_heads)
         self.conv_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
-        self.convs = nn.ModuleList(CausalDSConv(d, k, cfg.eswish_per_channel, cfg.eswish_beta_init)
+        self.convs = nn.ModuleList(CausalDSConv(d, k, cfg.eswish_per_channel, cfg.eswish_beta_init,
+                                                cfg.conv_init)
                                    for k in cfg.conv_kernel_sizes)
         self.cross_norms = nn.ModuleList(nn.RMSNorm(d, eps=cfg.norm_eps) for _ in cfg.conv_kernel_sizes)
         self.cross_attns = nn.ModuleList(Attention(d, cfg.n_heads, cfg.n_kv_heads) for _ in cfg.conv_kernel_sizes)

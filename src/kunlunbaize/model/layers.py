@@ -84,12 +84,16 @@ class CausalDSConv(nn.Module):
     ``k − 1`` zeros on the left instead, so output l reads inputs l−k+1 … l (a causal convolution).
     """
 
-    def __init__(self, d_model: int, kernel_size: int, per_channel: bool = False, beta_init: float = 1.0) -> None:
+    def __init__(self, d_model: int, kernel_size: int, per_channel: bool = False, beta_init: float = 1.0,
+                 init: str = "normal") -> None:
         super().__init__()
         self.kernel_size = kernel_size
         self.depthwise = nn.Conv1d(d_model, d_model, kernel_size, groups=d_model, bias=False)  # K_d, eq. 6
         self.pointwise = nn.Linear(d_model, d_model, bias=False)  # K_p, eq. 7
         self.act = ESwish(d_model, per_channel, beta_init)  # eq. 8
+        if init == "fan_in":  # variance-preserving starts, read by the model's initialiser
+            self.depthwise.init_std = kernel_size ** -0.5
+            self.pointwise.init_std = d_model ** -0.5
 
     def forward(self, x: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` [B, T, d] new inputs; ``history`` [B, ≥k−1, d] earlier inputs (None: zeros, sequence start)."""

@@ -54,11 +54,12 @@ class TrunkOutput:
 
 @torch.no_grad()
 def init_module(module: nn.Module, std: float, init=nn.init) -> None:
-    """Initialise one module's own tensors: weights ~ N(0, std); norms at 1; eSwish β at its ``beta_init``;
+    """Initialise one module's own tensors: weights ~ N(0, std) (or the module's own ``init_std``, set by
+    ``conv_init="fan_in"``); norms at 1; eSwish β at its ``beta_init``;
     dense-residual logits as its ``init`` says (0: uniform); rotary tables recomputed. ``init`` supplies
     ``normal_``/``ones_``/``zeros_``/``constant_`` (transformers' versions skip tensors loaded from a checkpoint)."""
     if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d)):
-        init.normal_(module.weight, mean=0.0, std=std)
+        init.normal_(module.weight, mean=0.0, std=getattr(module, "init_std", std))
     elif isinstance(module, nn.RMSNorm):
         init.ones_(module.weight)
     elif isinstance(module, ESwish):

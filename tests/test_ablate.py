@@ -151,3 +151,30 @@ def test_a_missing_dataset_is_reported_before_any_run(tmp_path):
         run_study(study(out=str(tmp_path / "s"), data=str(tmp_path / "nothing"), variants=("full",), seeds=(0,)),
                   log=lambda m: None)
     assert not list((tmp_path / "s" / "runs" / "full-s0").glob("worker.log"))
+
+
+def test_probe_measures_each_branch():
+    """branch_scales reports every block's branches; a cross-attention whose output projection is zero reads 0, the
+    others do not; a plain block has one MLP and no conv scales; β is read from the eSwish modules."""
+    import torch
+
+    from kunlunbaize import KunlunBaize
+    from kunlunbaize.ablate.probe import branch_scales, format_rows
+
+    from .conftest import tiny
+
+    torch.manual_seed(0)
+    model = KunlunBaize(tiny(n_layers=2, conv_kernel_sizes=(3, 5))).eval()
+    with torch.no_grad():
+        model.blocks[1].cross_attns[0].wo.weight.zero_()
+        model.blocks[0].mlps[1].act.beta.fill_(2.0)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 16))
+    rows = branch_scales(model, tokens)
+    assert [r["layer"] for r in rows] == [0, 1]
+    assert rows[1]["cross_attn"][0] == 0 and rows[1]["cross_attn"][1] > 0
+    assert all(v > 0 for r in rows for v in [r["input"], r["self_attn"], *r["mlp"], *r["conv"]])
+    assert rows[0]["mlp_beta"] == [1.0, 2.0] and rows[0]["conv_beta"] == [1.0, 1.0]
+    assert "| 1 |" in format_rows("tiny", rows)
+    plain = branch_scales(KunlunBaize(tiny(n_layers=2, transformerx=False)).eval(), tokens)
+    assert len(plain[0]["mlp"]) == 1 and plain[0]["cross_attn"] == [] and plain[0]["conv"] == []
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed

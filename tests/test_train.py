@@ -63,8 +63,23 @@ def test_fresh_run_refuses_folder_with_checkpoints_and_bad_checkpoint_is_reporte
         f.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="could not load checkpoint"):
         train(config(dataset, tmp_path / "r"))
-    with pytest.raises(CheckpointError, match="different model config"):
+    with pytest.raises(CheckpointError, match=r"different model config \(n_layers\)"):
         train(config(dataset, tmp_path / "r", model_overrides={**MODEL, "n_layers": 3}))
+
+
+def test_a_checkpoint_older_than_a_config_field_resumes(dataset, tmp_path):
+    """A checkpoint written before a ModelConfig field existed (its config.json lacks it) resumes when the run
+    uses that field's default, and is refused, naming the field, when it does not."""
+    import json
+
+    train(config(dataset, tmp_path / "r", stop_at_step=2))
+    (ckpt,) = checkpoint_dirs(tmp_path / "r" / "checkpoints")
+    saved = json.loads((ckpt / "config.json").read_text())
+    del saved["conv_init"]
+    (ckpt / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match=r"different model config \(conv_init\)"):
+        train(config(dataset, tmp_path / "r", stop_at_step=3, model_overrides={**MODEL, "conv_init": "fan_in"}))
+    assert train(config(dataset, tmp_path / "r", stop_at_step=3))["step"] == 3
 
 
 def test_interrupted_save_is_not_resumed(dataset, tmp_path):

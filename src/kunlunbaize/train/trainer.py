@@ -330,13 +330,17 @@ def _check_resumable(path: Path, data_path: Path, meta: dict[str, Any], mcfg: Mo
         except (OSError, ValueError) as e:
             raise CheckpointDamaged(f"could not load checkpoint {path}: {config_file} is damaged ({e}); resume "
                                     "from an earlier checkpoint, or --resume none in another --out folder") from None
-        if model_config_dict(saved) != mcfg.to_dict():
+        have, want = model_config_dict(saved), mcfg.to_dict()
+        if isinstance(have, dict):  # a field added after the checkpoint was written has its default there
+            have = {**{k: v for k, v in ModelConfig().to_dict().items() if k not in have}, **have}
+        if have != want:
             if isinstance(saved, dict) and saved.get("vocab_size") != mcfg.vocab_size:
                 raise CheckpointError(f"checkpoint {path} has a vocabulary of {saved.get('vocab_size')} tokens but "
                                       f"the dataset {data_path} has {mcfg.vocab_size}; resume with the --data it was "
                                       "trained on, or train into another --out folder")
-            raise CheckpointError(f"checkpoint {path} was trained with a different model config; resume with the "
-                                  "same --preset/--set, or train into another --out folder")
+            differ = sorted(k for k in want if not isinstance(have, dict) or have.get(k) != want[k])
+            raise CheckpointError(f"checkpoint {path} was trained with a different model config ({', '.join(differ)}); "
+                                  "resume with the same --preset/--set, or train into another --out folder")
     data = state.get("data", {})
     if data.get("train_tokens") not in (None, meta["splits"]["train"]["tokens"]):
         return (f"note: {data_path} is not the dataset checkpoint {path} was trained on ({data.get('path')}); the "

@@ -248,6 +248,18 @@ def run_program(source: str, *, timeout: float = 10.0, memory_mb: int = 1024, ma
     """Run one Python program in the sandbox and report how it ended. ``isolation`` (or
     ``$KUNLUN_SANDBOX_ISOLATION``) can force a weaker level than the best available one, e.g. "none"."""
     level = isolation_level(isolation)
+    for attempt in range(5):
+        result = _run_once(source, level, timeout, memory_mb, max_output)
+        # setpriv cannot exec while the shared uid's process limit is still held by an earlier program's processes
+        # being torn down (EAGAIN): the program never started, so wait for them to be reaped and start it again.
+        if not (result.returncode == 126 and result.stderr.startswith("setpriv:")
+                and "Resource temporarily unavailable" in result.stderr):
+            break
+        time.sleep(0.2 * (attempt + 1))
+    return result
+
+
+def _run_once(source: str, level: str, timeout: float, memory_mb: int, max_output: int) -> ExecResult:
     start = time.monotonic()
     workdir = _make_workdir("uid" in _parse_level(level))
     try:

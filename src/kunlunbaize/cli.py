@@ -1,5 +1,5 @@
-"""``kunlun`` command line: ``prepare``, ``train``, ``generate``, ``eval``, ``ablate``, ``export``, ``info`` (size and
-FLOPs), ``demo``."""
+"""``kunlun`` command line: ``prepare``, ``train``, ``generate``, ``eval``, ``ablate``, ``export``, ``posttrain``,
+``reward``, ``info`` (size and FLOPs), ``demo``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .config import PRESETS, ModelConfig
 
-COMMANDS = ("info", "demo", "prepare", "train", "generate", "eval", "ablate", "export")
+COMMANDS = ("info", "demo", "prepare", "train", "generate", "eval", "ablate", "export", "posttrain", "reward")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -442,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ablate_parser(sub)
     _add_export_parser(sub)
+    from .posttrain.cli import add_posttrain_parser, add_reward_parser
+
+    add_posttrain_parser(sub)
+    add_reward_parser(sub)
     p.commands = sub.choices  # name -> parser, for errors found after parsing
     return p
 

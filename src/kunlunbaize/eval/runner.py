@@ -17,10 +17,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..data.tokenizer import CHAT_TOKENS
 from ..infer.sampling import SamplingParams
 from .model import EvalModel
 from .scoring import exact_match, extract_answer, has_math_verify, math_equal
 from .tasks import Task, TaskError, mc_context, render_prompt, shots
+
+CHAT_END = CHAT_TOKENS[-1]  # <|end|>: ends a turn of the chat template (kunlunbaize.posttrain.chat)
 
 Log = Callable[[str], None]
 
@@ -233,11 +236,13 @@ class TaskRunner:
         prompts = [self._prompt(i, t) for i, t in enumerate(texts)]
         budget = self._budget(prompts)
         sampling = SamplingParams(temperature=task.temperature, top_p=task.top_p)
+        # through the chat template a reply ends with the end-of-turn token (decoded as text, special tokens kept)
+        stop = (*task.stop, CHAT_END) if self.chat_template else task.stop
         with self._bar() as bar:
             for batch in self._todo_batches(n):
                 rows = [i for i in batch for _ in range(n)]
                 seed = self.seed * 1_000_003 + batch[0] if task.temperature > 0 else None
-                outs = self.model.generate([prompts[i] for i in rows], budget, sampling, seed, task.stop)
+                outs = self.model.generate([prompts[i] for i in rows], budget, sampling, seed, stop)
                 lines = []
                 for j, (i, out) in enumerate(zip(rows, outs, strict=True)):
                     rec = task.records[i]

@@ -31,6 +31,7 @@ from .export import export_hf  # noqa: E402
 from .modeling import (  # noqa: E402
     KunlunBaizeCausalLMOutput,
     KunlunBaizeForCausalLM,
+    KunlunBaizeForSequenceClassification,
     KunlunBaizeModel,
     KunlunBaizePreTrainedModel,
 )
@@ -38,14 +39,17 @@ from .modeling import (  # noqa: E402
 
 def register() -> None:
     """Register the classes with transformers' Auto factories (idempotent)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     AutoConfig.register(KunlunBaizeConfig.model_type, KunlunBaizeConfig, exist_ok=True)
     AutoModel.register(KunlunBaizeConfig, KunlunBaizeModel, exist_ok=True)
     AutoModelForCausalLM.register(KunlunBaizeConfig, KunlunBaizeForCausalLM, exist_ok=True)
+    AutoModelForSequenceClassification.register(KunlunBaizeConfig, KunlunBaizeForSequenceClassification,
+                                                exist_ok=True)
 
 
 register()
 
 __all__ = ["TRANSFORMERS_SUPPORTED", "KunlunBaizeCausalLMOutput", "KunlunBaizeConfig", "KunlunBaizeForCausalLM",
-           "KunlunBaizeModel", "KunlunBaizePreTrainedModel", "check_transformers_version", "export_hf", "register"]
+           "KunlunBaizeForSequenceClassification", "KunlunBaizeModel", "KunlunBaizePreTrainedModel",
+           "check_transformers_version", "export_hf", "register"]

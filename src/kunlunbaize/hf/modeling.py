@@ -1,4 +1,5 @@
-"""KunlunBaize as a transformers model: backbone (``KunlunBaizeModel``) + head (``KunlunBaizeForCausalLM``).
+"""KunlunBaize as a transformers model: backbone (``KunlunBaizeModel``) + heads (``KunlunBaizeForCausalLM``, and
+``KunlunBaizeForSequenceClassification`` for reward models).
 
 The backbone runs the same trunk code as :class:`kunlunbaize.KunlunBaize` (the
 :class:`KunlunBaizeTrunk` mixin), so an exported checkpoint computes identical logits. ``generate()``
@@ -8,13 +9,18 @@ preallocated slots) rather than a ``DynamicCache``, as transformers' Mamba does 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
 
 from ..model.cache import InferenceCache
 from ..model.loss import shifted_cross_entropy
@@ -62,6 +68,25 @@ class KunlunBaizePreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         init_module(module, self.config.init_std, init=hf_init)
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
+        """transformers' resize, plus what it does not know about: the trunk's own copy of the vocabulary size
+        (token ids are checked against it) and the MTP depths' output heads, whose new rows start at the mean of
+        the old ones."""
+        embeddings = super().resize_token_embeddings(*args, **kwargs)
+        n = embeddings.weight.shape[0]
+        backbone = getattr(self, "model", self)
+        backbone.arch = dataclasses.replace(backbone.arch, vocab_size=n)
+        for depth in getattr(getattr(self, "mtp", None), "depths", ()):
+            old = depth.head
+            if old is not None and old.out_features != n:
+                new = nn.Linear(old.in_features, n, bias=False, device=old.weight.device, dtype=old.weight.dtype)
+                with torch.no_grad():
+                    keep = min(n, old.out_features)
+                    new.weight[:keep] = old.weight[:keep]
+                    new.weight[keep:] = old.weight.mean(0, keepdim=True)
+                depth.head = new
+        return embeddings
 
 
 class KunlunBaizeModel(KunlunBaizeTrunk, KunlunBaizePreTrainedModel):
@@ -245,3 +270,61 @@ class KunlunBaizeForCausalLM(KunlunBaizePreTrainedModel, GenerationMixin):
         if "logits_to_keep" in kwargs:
             inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         return inputs
+
+
+class KunlunBaizeForSequenceClassification(KunlunBaizePreTrainedModel):
+    """Backbone + a linear ``score`` head read at each sequence's last real token: ``num_labels`` logits per
+    sequence. With ``num_labels=1`` it is a scalar reward model (TRL's ``RewardTrainer``).
+
+    ``from_pretrained`` on a causal-LM export keeps the backbone (``model.*``) and starts ``score`` fresh; the LM
+    head and MTP depths are left out.
+    """
+
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"^lm_head\.", r"^mtp\."]
+    _keys_to_ignore_on_load_missing: ClassVar[list[str]] = [r"^score\."]
+
+    def __init__(self, config: KunlunBaizeConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = KunlunBaizeModel(config)
+        self.score = nn.Linear(config.to_model_config().d_model, self.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> SequenceClassifierOutputWithPast | tuple:
+        """Logits [B, num_labels] of each sequence's last real token: the last position with ``attention_mask``
+        1 (left or right padding), else the last token that is not ``pad_token_id``, else the last position."""
+        kwargs.pop("position_ids", None)  # positions come from the mask (left padding) or the causal order
+        out = self.model(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, use_cache=False,
+                         output_hidden_states=output_hidden_states)
+        hidden = out.last_hidden_state
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=hidden.device)
+        if attention_mask is not None:
+            last = (positions * attention_mask.to(hidden.device, torch.long)).argmax(-1)
+        elif self.config.pad_token_id is not None:
+            last = (positions * (input_ids != self.config.pad_token_id).to(hidden.device, torch.long)).argmax(-1)
+        else:
+            last = torch.full((B,), T - 1, device=hidden.device)
+        logits = self.score(hidden[torch.arange(B, device=hidden.device), last])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+        result = SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return result if return_dict is not False else result.to_tuple()

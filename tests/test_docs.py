@@ -39,6 +39,11 @@ PARSE_ONLY = {
     r"(^|\s|/)kunlun prepare\s*(#|$)": "the whole standard library (~30 MB, 12–30 s); prepare runs on real "
                                       "files in the examples below and in test_data_prepare.py",
     r"prepare\(sources=\[\]": "the whole standard library (~30 MB, 12–30 s)",
+    r"posttrain demo\b": "four post-training stages on the main job's model (minutes); its code path is "
+                         "test_posttrain.py::test_demo_runs_every_stage_and_reports_each",
+    r"posttrain rs\b": "the docs' tiny model answers no prompt right, so a round has nothing to keep (it stops with "
+                       "that error); rejection sampling runs in test_posttrain.py",
+    r"-m kunlunbaize\.cli posttrain\b": "two processes; torchrun post-training is exercised in test_posttrain.py",
 }
 NEEDS_GPU = re.compile(r"--device cuda|device=\"cuda\"|\.cuda\(\)")
 PLACEHOLDER = re.compile(r"…|\[|\b(OUT|DIR|PATH|N|TASKS|RUN)\b")

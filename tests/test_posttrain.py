@@ -315,6 +315,17 @@ def test_dpo_trains_keeps_the_reference_and_stops_early_restoring_the_best(chat_
     assert all(torch.equal(before[k], load_file(str(chat_model / "model.safetensors"))[k]) for k in before)
 
 
+def test_dpo_with_precomputed_reference_log_probs_needs_no_second_model(chat_model, tmp_path):
+    from kunlunbaize.posttrain.dpo import DPOSettings, run_dpo
+
+    pairs = preference_records([{"prompt": r["prompt"], "chosen": r["answer"], "rejected": "no"}
+                                for r in _short_math(10)])
+    m = run_dpo(chat_model, pairs, tmp_path / "dpo", DPOSettings(reference="precompute", lr=1e-3, batch_size=4,
+                                                                 per_device_batch_size=4, eval_steps=1,
+                                                                 eval_fraction=0.2), **QUIET)
+    assert m["steps"] == 2 and m["pairs"] == 8 and (tmp_path / "dpo/model/model.safetensors").is_file()
+
+
 def test_reward_model_learns_a_toy_preference_in_either_direction(chat_model, tmp_path):
     from kunlunbaize.posttrain.reward_model import ModelReward, RMSettings, run_reward_model
 
@@ -392,3 +403,13 @@ def test_demo_runs_every_stage_and_reports_each(chat_model, tmp_path):
     assert all(f"| {s} |" in table for s in ("base", "sft", "rs", "dpo"))
     summary = json.loads((tmp_path / "demo" / "scores" / "sft" / "eval" / "summary.json").read_text())
     assert summary["rows"][0]["n"] == 8  # scored by kunlun eval's arith task on the held-out split
+
+
+def test_export_adds_the_chat_template_only_when_asked(trained_run, tmp_path):
+    from kunlunbaize.cli import main
+    from kunlunbaize.eval.model import read_chat_template
+
+    main(["export", "--hf", str(tmp_path / "plain"), "--checkpoint", str(trained_run)])
+    main(["export", "--hf", str(tmp_path / "chat"), "--checkpoint", str(trained_run), "--chat-template"])
+    assert read_chat_template(tmp_path / "plain") is None  # kunlun eval must not chat with a base model
+    assert read_chat_template(tmp_path / "chat") == CHAT_TEMPLATE

@@ -383,8 +383,11 @@ def cmd_export(args: argparse.Namespace) -> None:
             raise ExportError(f"--hf {args.hf} holds the checkpoint being exported ({ckpt}) and would be replaced "
                               "— choose another folder")
         export = export_llama if checkpoint_arch(ckpt) == "llama" else export_hf
+        extra = {"chat_template": True} if args.chat_template else {}
+        if args.chat_template and export is export_llama:
+            raise ExportError("--chat-template is for KunlunBaize checkpoints (the Llama baseline has no role tokens)")
         export(ckpt, args.hf, dtype=dtype, overwrite=args.overwrite, verify=not args.no_verify,
-               log=lambda m: print(m, file=sys.stderr))
+               log=lambda m: print(m, file=sys.stderr), **extra)
     except (LoadError, ExportError) as e:
         raise SystemExit(f"kunlun export: {e}") from None
     except OSError as e:  # the temporary folder is removed by the export itself: OUT is complete or untouched
@@ -400,6 +403,8 @@ def _add_export_parser(sub) -> None:
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     e.add_argument("--no-verify", action="store_true", help="skip reloading the export and comparing logits")
+    e.add_argument("--chat-template", action="store_true",
+                   help="add KunlunBaize's chat template (chat_template.jinja) for chat use; off for a base model")
     e.set_defaults(func=cmd_export)
 
 

@@ -18,8 +18,13 @@ class ExportError(RuntimeError):
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float32,
-              overwrite: bool = False, verify: bool = True, log: Callable[[str], None] = print) -> Path:
+              overwrite: bool = False, verify: bool = True, chat_template: bool = False,
+              log: Callable[[str], None] = print) -> Path:
     """Write ``checkpoint`` (a run or checkpoint folder) as a transformers model folder at ``out``.
+
+    ``chat_template`` adds KunlunBaize's chat template (``chat_template.jinja``; the tokenizer must have the role
+    tokens, as every ``kunlun prepare`` tokenizer does). Leave it off for a model that was not trained on chats:
+    ``kunlun eval`` applies a folder's template when there is one.
 
     The folder loads with ``AutoModelForCausalLM.from_pretrained(out)`` and ``AutoTokenizer`` once
     :mod:`kunlunbaize` is imported. With ``verify`` it is loaded back and must give logits identical to the
@@ -32,6 +37,14 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = t
     out = check_out(out, overwrite)
     model, ckpt = load_model(checkpoint)
     tokenizer = _export_tokenizer(ckpt, model.config.vocab_size, model.config.max_seq_len)
+    if chat_template:
+        from ..posttrain.chat import CHAT_TEMPLATE, missing_chat_tokens
+
+        missing = missing_chat_tokens(tokenizer)
+        if missing:
+            raise ExportError(f"the tokenizer of {ckpt} lacks the role tokens {', '.join(missing)}: a chat template "
+                              "needs them — add them with `kunlun posttrain sft` (it resizes the embeddings)")
+        tokenizer.chat_template = CHAT_TEMPLATE
 
     hf = KunlunBaizeForCausalLM.from_kunlunbaize(model, eos_token_id=tokenizer.eos_token_id,
                                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=None).to(dtype)

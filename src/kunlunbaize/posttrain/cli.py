@@ -14,6 +14,15 @@ def _fail(command: str, e: BaseException) -> SystemExit:
     return SystemExit(f"kunlun {command}: {e}")
 
 
+def _need_trl(command: str) -> None:
+    """A one-line error saying what to install when the post-training libraries are missing."""
+    import importlib.util
+
+    missing = [m for m in ("trl", "datasets", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"kunlun {command}: needs {', '.join(missing)} — pip install 'kunlunbaize[posttrain]'")
+
+
 def _errors() -> tuple[type[BaseException], ...]:
     from ..data.format import DataError
     from ..eval.convert import TaskFileError
@@ -95,6 +104,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
     from .sft import run_sft
     from .tasks import reference_reply
 
+    _need_trl("posttrain sft")
     device = _device(args, "posttrain sft")
     out = Path(args.out)
     try:
@@ -117,6 +127,7 @@ def cmd_rs(args: argparse.Namespace) -> None:
     from .data import prompt_records, read
     from .rs import RSSettings, run_rs
 
+    _need_trl("posttrain rs")
     device = _device(args, "posttrain rs")
     try:
         SamplingParams(temperature=args.temperature, top_p=args.top_p)  # validates
@@ -141,6 +152,7 @@ def cmd_dpo(args: argparse.Namespace) -> None:
     from .rs import preference_pairs
     from .sample import rank_and_world
 
+    _need_trl("posttrain dpo")
     device = _device(args, "posttrain dpo")
     out = Path(args.out)
     try:
@@ -170,6 +182,7 @@ def cmd_rm(args: argparse.Namespace) -> None:
     from .models import model_folder
     from .reward_model import RMSettings, run_reward_model
 
+    _need_trl("posttrain rm")
     device = _device(args, "posttrain rm")
     out = Path(args.out)
     try:
@@ -185,6 +198,7 @@ def cmd_rm(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import DemoSettings, markdown, run_demo
 
+    _need_trl("posttrain demo")
     device = _device(args, "posttrain demo")
     settings = DemoSettings(checkpoint=args.checkpoint, out=args.out, tasks=args.tasks,
                             sft_examples=args.sft_examples, rs_prompts=args.rs_prompts, rs_n=args.n,

@@ -413,3 +413,24 @@ def test_export_adds_the_chat_template_only_when_asked(trained_run, tmp_path):
     main(["export", "--hf", str(tmp_path / "chat"), "--checkpoint", str(trained_run), "--chat-template"])
     assert read_chat_template(tmp_path / "plain") is None  # kunlun eval must not chat with a base model
     assert read_chat_template(tmp_path / "chat") == CHAT_TEMPLATE
+
+
+def test_prepare_reserves_the_chat_tokens_in_a_loaded_tokenizer_when_asked(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from kunlunbaize.data.prepare import prepare
+
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate("the cat sat on a mat".split())}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.add_special_tokens(["<|endoftext|>"])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "text.txt").write_text("the cat sat on a mat\n" * 50)
+    for flag, out in ((False, "plain"), (True, "chat")):
+        prepare([str(tmp_path / "text.txt")], tmp_path / out, tokenizer=tmp_path / "tokenizer.json", workers=1,
+                val_fraction=0.0, chat_tokens=flag, progress=False, log=None)
+    plain = json.loads((tmp_path / "plain/meta.json").read_text())
+    chat = json.loads((tmp_path / "chat/meta.json").read_text())
+    assert chat["vocab_size"] == plain["vocab_size"] + 4
+    assert {"<|system|>", "<|user|>", "<|assistant|>", "<|end|>"} <= set(chat["tokenizer"]["special_tokens"])
+    assert not {"<|user|>"} & set(plain["tokenizer"]["special_tokens"])

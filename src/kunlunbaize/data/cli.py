@@ -66,6 +66,9 @@ def add_prepare_parser(subparsers: Any) -> None:
                    help="vocabulary size of the trained tokenizer, special tokens included (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="use this tokenizer.json (or folder containing one) instead of training a tokenizer")
+    p.add_argument("--chat-tokens", action="store_true",
+                   help="add the chat role tokens (<|system|>, <|user|>, <|assistant|>, <|end|>) to a --tokenizer that "
+                        "lacks them; a trained tokenizer always reserves them")
     p.add_argument("--val-fraction", type=float, default=0.005,
                    help="share of tokens held out for validation, as whole documents chosen by content hash; "
                         "at least one document and 1024 tokens when the corpus allows it; 0 = none "
@@ -88,7 +91,8 @@ def run_prepare(args: argparse.Namespace) -> None:
         prepare(args.sources, args.out, text_field=args.text_field, decode_errors=args.decode_errors,
                 min_chars=args.min_chars, max_chars=args.max_chars, vocab_size=args.vocab_size,
                 tokenizer=args.tokenizer, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
-                workers=args.workers, max_docs=args.max_docs, max_bytes=args.max_bytes, overwrite=args.overwrite)
+                workers=args.workers, max_docs=args.max_docs, max_bytes=args.max_bytes, overwrite=args.overwrite,
+                chat_tokens=args.chat_tokens)
     except DataError as e:
         print(f"kunlun prepare: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -25,7 +25,7 @@ from .format import FORMAT, META_FILE, DataError, choose_dtype, is_prepared, loa
 from .pack import default_workers, encode_store, plan_split, write_split
 from .sources import SourceFile, discover, read_documents, stdlib_files, stdlib_root
 from .store import DocumentStore
-from .tokenizer import load_tokenizer, save_tokenizer, special_tokens, train_tokenizer
+from .tokenizer import CHAT_TOKENS, load_tokenizer, save_tokenizer, special_tokens, train_tokenizer
 
 DEFAULT_OUT = Path("data/stdlib")
 WORK_DIR = ".work"
@@ -124,14 +124,16 @@ def prepare(sources: Sequence[str | os.PathLike[str]] = (), out: str | os.PathLi
             max_chars: int | None = None, vocab_size: int = 8192, tokenizer: str | os.PathLike[str] | None = None,
             val_fraction: float = 0.005, shard_tokens: int = 100_000_000, workers: int | None = None,
             max_docs: int | None = None, max_bytes: int | None = None, overwrite: bool = False,
-            progress: bool = True, log: Callable[[str], None] | None = print) -> Path:
+            chat_tokens: bool = False, progress: bool = True, log: Callable[[str], None] | None = print) -> Path:
     """Prepare a token dataset from ``sources`` into the folder ``out`` and return ``out``.
 
     ``sources`` are text files, JSONL(.gz), Parquet files, saved Hugging Face datasets, folders (recursive) and globs;
     none means the ``.py`` files of the Python standard library. Documents are cleaned (decode errors, binary files,
     exact duplicates, length filters), a byte-level BPE of ``vocab_size`` is trained (or ``tokenizer`` is loaded),
     and the tokens are written as train/val shards with meta.json (see :mod:`kunlunbaize.data.format`).
-    ``workers`` (default: all CPUs) only changes speed, never the output. Raises DataError with a message saying
+    ``workers`` (default: all CPUs) only changes speed, never the output. A trained tokenizer always reserves the
+    chat role tokens (:data:`~kunlunbaize.data.tokenizer.CHAT_TOKENS`); ``chat_tokens`` adds the missing ones to a
+    loaded ``tokenizer`` as special tokens, so a model trained on the data can be post-trained as a chat model. Raises DataError with a message saying
     what to do when the input is empty or a setting is invalid, or ``out`` holds a dataset and not ``overwrite``.
     """
     say = log or (lambda _msg: None)
@@ -199,6 +201,11 @@ def prepare(sources: Sequence[str | os.PathLike[str]] = (), out: str | os.PathLi
             tok, eot_token = loaded
             tok_info = {"type": "loaded", "source": str(Path(tokenizer).resolve())}
             say(f"loaded tokenizer {tokenizer}: {tok.get_vocab_size():,} tokens, end-of-text {eot_token!r}")
+            missing = [t for t in CHAT_TOKENS if tok.token_to_id(t) is None] if chat_tokens else []
+            if missing:
+                tok.add_special_tokens(missing)
+                tok_info["added_chat_tokens"] = missing
+                say(f"added the chat role tokens {', '.join(missing)}: {tok.get_vocab_size():,} tokens")
         save_tokenizer(tok, tmp, eot_token)
         tokenizer_json = (tmp / "tokenizer.json").read_text(encoding="utf-8")
         eot_id = int(tok.token_to_id(eot_token))
@@ -234,7 +241,8 @@ def prepare(sources: Sequence[str | os.PathLike[str]] = (), out: str | os.PathLi
             "settings": {"sources": described, "text_field": text_field, "decode_errors": decode_errors,
                          "min_chars": min_chars, "max_chars": max_chars, "vocab_size": vocab_size,
                          "tokenizer": None if tokenizer is None else str(tokenizer), "val_fraction": val_fraction,
-                         "shard_tokens": shard_tokens, "max_docs": max_docs, "max_bytes": max_bytes},
+                         "shard_tokens": shard_tokens, "max_docs": max_docs, "max_bytes": max_bytes,
+                         "chat_tokens": chat_tokens},
         }
         _write_json(tmp / META_FILE, meta)  # last file: its presence marks the folder complete
         _publish(tmp, out, overwrite)

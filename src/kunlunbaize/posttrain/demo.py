@@ -89,9 +89,14 @@ def run_demo(settings: DemoSettings, log: Log = print) -> list[dict[str, Any]]:
     t0 = time.time()
 
     def stage(name: str, folder: Path, detail: dict[str, Any], seconds: float) -> None:
-        log(f"[{name}] scoring {folder}")
-        rows.append({"stage": name, "model": str(folder), "seconds": round(seconds, 1), **detail,
-                     **heldout_scores(folder, settings, out / "scores" / name, log)})
+        saved = out / "scores" / name / "stage.json"
+        if saved.is_file():  # scored in an earlier run of the demo
+            rows.append(json.loads(saved.read_text(encoding="utf-8")))
+        else:
+            log(f"[{name}] scoring {folder}")
+            rows.append({"stage": name, "model": str(folder), "seconds": round(seconds, 1), **detail,
+                         **heldout_scores(folder, settings, out / "scores" / name, log)})
+            saved.write_text(json.dumps(rows[-1], indent=2) + "\n", encoding="utf-8")
         _write(out, rows, settings)
 
     # 0. the pre-trained model with the chat format

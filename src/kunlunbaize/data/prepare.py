@@ -133,8 +133,9 @@ def prepare(sources: Sequence[str | os.PathLike[str]] = (), out: str | os.PathLi
     and the tokens are written as train/val shards with meta.json (see :mod:`kunlunbaize.data.format`).
     ``workers`` (default: all CPUs) only changes speed, never the output. A trained tokenizer always reserves the
     chat role tokens (:data:`~kunlunbaize.data.tokenizer.CHAT_TOKENS`); ``chat_tokens`` adds the missing ones to a
-    loaded ``tokenizer`` as special tokens, so a model trained on the data can be post-trained as a chat model. Raises DataError with a message saying
-    what to do when the input is empty or a setting is invalid, or ``out`` holds a dataset and not ``overwrite``.
+    loaded ``tokenizer`` as special tokens, so a model trained on the data can be post-trained as a chat model.
+    Raises DataError with a message saying what to do when the input is empty or a setting is invalid, or ``out``
+    holds a dataset and not ``overwrite``.
     """
     say = log or (lambda _msg: None)
     if isinstance(sources, (str, os.PathLike)):

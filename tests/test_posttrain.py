@@ -420,7 +420,8 @@ def test_prepare_reserves_the_chat_tokens_in_a_loaded_tokenizer_when_asked(tmp_p
 
     from kunlunbaize.data.prepare import prepare
 
-    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(["the", "cat", "sat", "on", "a", "mat"])}}
+    words = ["the", "cat", "sat", "on", "a", "mat"]
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     raw.add_special_tokens(["<|endoftext|>"])

@@ -354,7 +354,7 @@ def add_posttrain_parser(sub) -> None:
     de.add_argument("--checkpoint", default="runs/small", help="the pre-trained model (default: the main job's)")
     de.add_argument("--out", default="runs/posttrain-demo")
     de.add_argument("--tasks", default="mix", choices=["math", "code", "mix"])
-    de.add_argument("--sft-examples", type=int_at_least(1), default=1200)
+    de.add_argument("--sft-examples", type=int_at_least(1), default=1600)
     de.add_argument("--rs-prompts", type=int_at_least(1), default=96)
     de.add_argument("--n", type=int_at_least(2), default=4, help="samples per prompt in rejection sampling")
     de.add_argument("--eval-math", type=int_at_least(1), default=200)

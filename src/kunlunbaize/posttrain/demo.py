@@ -1,7 +1,8 @@
 """``kunlun posttrain demo``: the whole of §4 on a small pre-trained checkpoint, in minutes on 2 CPU cores.
 
 base (the chat format added) → SFT on generated verifiable tasks → one round of rejection-sampling SFT → DPO on
-best-vs-worst pairs from the sampled replies. After each stage the model is scored on the held-out split: arith
+best-vs-worst pairs from the sampled replies (for a prompt whose replies all scored alike, the task's reference
+reply against the worst sampled one). After each stage the model is scored on the held-out split: arith
 exact match through ``kunlun eval`` (the same problems, prompts and check as ``kunlun eval --task arith`` with the
 chat template), the pass rate of greedy code replies on held-out code tasks in the sandbox, and the MTP depths'
 greedy draft acceptance (how much self-speculative decoding still gets out of them).
@@ -35,8 +36,9 @@ class DemoSettings:
     checkpoint: str = "runs/small"
     out: str = "runs/posttrain-demo"
     tasks: str = "mix"  # the generated tasks to train on: mix (half math, half code), math or code
-    sft_examples: int = 1200  # generated train tasks with reference replies
-    sft_epochs: float = 2.0
+    sft_examples: int = 1600  # generated train tasks with reference replies
+    sft_epochs: float = 3.0
+    sft_lr: float = 1e-3
     rs_prompts: int = 96  # further train tasks (not in the SFT set) to sample for
     rs_n: int = 4
     dpo_epochs: float = 3.0
@@ -65,8 +67,9 @@ def heldout_scores(folder: Path, settings: DemoSettings, out: Path, log: Log) ->
         write_jsonl(out / "code_samples.jsonl", [{"id": c["id"], "completion": r.text, "passed": p}
                                                   for c, r, p in zip(codes, replies, passed, strict=True)])
     forwards = tokens = 0
-    # greedy self-speculative decoding on held-out prompts: tokens per trunk forward
-    for text in [r["prompt"] for r in math_problems("test", 10)]:
+    # greedy self-speculative decoding on held-out prompts (code: replies long enough to draft for)
+    probes = code_problems("test", 10) if settings.eval_code else math_problems("test", 10)
+    for text in [r["prompt"] for r in probes]:
         stats = speculative_generate(sampler.model, sampler.encode_prompt([{"role": "user", "content": text}]), 32,
                                      eos_id=sampler.eos_id, should_stop=sampler.ends_turn).stats
         forwards += stats["trunk_forwards"] + 1  # + the prefill, which yields the first token
@@ -119,9 +122,9 @@ def run_demo(settings: DemoSettings, log: Log = print) -> list[dict[str, Any]]:
     if not is_hf_folder(sft_dir / "model"):
         log(f"[sft] {len(examples)} generated tasks, {settings.sft_epochs:g} epochs")
         write_jsonl(sft_dir / "sft.jsonl", examples)
-        detail.update(_short(run_sft(chat, examples, sft_dir, SFTSettings(epochs=settings.sft_epochs, lr=3e-4,
-                                                                            batch_size=16, seed=settings.seed,
-                                                                            device=settings.device), log)))
+        sft = SFTSettings(epochs=settings.sft_epochs, lr=settings.sft_lr, batch_size=16, seed=settings.seed,
+                          device=settings.device)
+        detail.update(_short(run_sft(chat, examples, sft_dir, sft, log)))
     stage("sft", sft_dir / "model", detail, time.time() - t)
 
     # 2. one round of rejection sampling on further train tasks, rewarded by math-verify and the code sandbox
@@ -150,6 +153,8 @@ def run_demo(settings: DemoSettings, log: Log = print) -> list[dict[str, Any]]:
     t = time.time()
     samples = [json.loads(line) for line in (rs_dir / "round_1" / "samples.jsonl").read_text().splitlines() if line]
     found = preference_pairs(samples)
+    sampled = len(found)
+    found += reference_pairs(samples, rs_tasks, {p["index"] for p in found})
     if len(found) < MIN_PAIRS:
         log(f"[dpo] only {len(found)} prompts had a better and a worse reply (need {MIN_PAIRS}): DPO skipped")
         rows.append({"stage": "dpo", "model": None, "note": f"{len(found)} preference pairs: too few to train on"})
@@ -157,15 +162,29 @@ def run_demo(settings: DemoSettings, log: Log = print) -> list[dict[str, Any]]:
     else:
         pairs = preference_records(found, source="pairs from rejection sampling")
         write_jsonl(dpo_dir / "pairs.jsonl", pairs)
-        detail = {"pairs": len(pairs)}
+        detail = {"pairs": len(pairs), "pairs_from_samples": sampled}
         if not is_hf_folder(dpo_dir / "model"):
-            log(f"[dpo] {len(pairs)} best-vs-worst pairs, lr 1e-5 (the paper's), early stopping on reward accuracy")
+            log(f"[dpo] {len(pairs)} pairs ({sampled} best-vs-worst sampled replies, {len(pairs) - sampled} with the "
+                "task's reference reply as chosen), lr 1e-5 (the paper's), early stopping on reward accuracy")
             dpo = DPOSettings(batch_size=16, per_device_batch_size=8, epochs=settings.dpo_epochs, eval_steps=2,
                               patience=3, eval_fraction=0.2, seed=settings.seed, device=settings.device)
             detail.update(_short(run_dpo(rs_model, pairs, dpo_dir, dpo, log)))
         stage("dpo", dpo_dir / "model", detail, time.time() - t)
     log(f"done in {time.time() - t0:.0f}s: {out / 'demo.md'}")
     return rows
+
+
+def reference_pairs(samples: list[dict[str, Any]], tasks: list[dict[str, Any]], skip: set[int]) -> list[dict]:
+    """For prompts without a better and a worse sampled reply (all replies scored alike): the generated task's
+    reference reply as chosen against the lowest-scoring sampled reply, when that reply is wrong."""
+    worst: dict[int, dict[str, Any]] = {}
+    for r in samples:
+        if r["index"] in skip or r["reward"] is None or not r["completion"].strip():
+            continue
+        if r["index"] not in worst or r["reward"] < worst[r["index"]]["reward"]:
+            worst[r["index"]] = r
+    return [{"index": i, "prompt": r["prompt"], "chosen": reference_reply(tasks[i]), "rejected": r["completion"]}
+            for i, r in sorted(worst.items()) if r["reward"] <= 0 and r["completion"] != reference_reply(tasks[i])]
 
 
 def _short(metrics: dict[str, Any]) -> dict[str, Any]:

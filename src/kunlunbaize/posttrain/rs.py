@@ -95,7 +95,7 @@ def preference_pairs(rows: list[dict[str, Any]], min_gap: float = 0.0) -> list[d
         group = sorted(by_prompt[index], key=lambda r: (-r["reward"], r["sample"]))
         best, worst = group[0], group[-1]
         if best["reward"] - worst["reward"] > min_gap and best["completion"].strip() != worst["completion"].strip():
-            pairs.append({"id": best["id"], "prompt": best["prompt"], "chosen": best["completion"],
+            pairs.append({"index": index, "id": best["id"], "prompt": best["prompt"], "chosen": best["completion"],
                           "rejected": worst["completion"], "reward_chosen": best["reward"],
                           "reward_rejected": worst["reward"]})
     return pairs

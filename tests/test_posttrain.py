@@ -204,6 +204,32 @@ def test_sft_learns_on_assistant_tokens_only_and_keeps_the_mtp_depths_trained(ch
     load_model(metrics["model"])  # every kunlun command reads the result
 
 
+def test_sft_gradient_accumulation_equals_the_larger_batch_for_every_loss_term(chat_model, tmp_path):
+    """One SGD step on 4 conversations: 2 micro-batches of 2 accumulated must move every weight (trunk and MTP
+    depths) as one batch of 4 does; the depths' terms must not count once per micro-batch."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from kunlunbaize.posttrain.models import load_policy, trainer_settings
+    from kunlunbaize.posttrain.sft import _trainer_class
+
+    data = Dataset.from_list(sft_records([{"prompt": "7 + 5?", "completion": "12"}] * 4))
+    deltas = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        model, tok = load_policy(chat_model, **QUIET)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        args = SFTConfig(output_dir=str(tmp_path / f"ga{accumulation}"), max_steps=1, optim="sgd", learning_rate=0.5,
+                         lr_scheduler_type="constant", per_device_train_batch_size=batch,
+                         gradient_accumulation_steps=accumulation, assistant_only_loss=True, max_length=128,
+                         **trainer_settings("cpu", 0))
+        _trainer_class()(model=model, args=args, processing_class=tok, train_dataset=data).train()
+        deltas.append({k: v - before[k] for k, v in model.state_dict().items()})
+    for name in ("mtp.depths.0.cross_attn.wq.weight", "model.embed.weight", "model.blocks.0.attn.wq.weight"):
+        one, accumulated = deltas[0][name], deltas[1][name]
+        assert one.abs().max() > 0, name
+        torch.testing.assert_close(accumulated, one, rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_trl_trainers_take_the_model_as_a_path(chat_model, tmp_path):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer

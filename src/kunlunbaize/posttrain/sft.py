@@ -51,7 +51,12 @@ def _trainer_class():
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 main = main * self.accelerator.num_processes  # as TRL: DDP averages the ranks' gradients
             mtp_terms = [shifted_cross_entropy(lg, labels, j + 1) for j, lg in enumerate(out.mtp_logits, start=1)]
-            loss = main + sum(g * t for g, t in zip(core.model.arch.gammas, mtp_terms, strict=True))
+            # The trainer divides the loss by the accumulation steps only when it was not normalised by
+            # num_items_in_batch; the main term was, the depths' per-micro-batch means were not: divide them here.
+            scaled = (self.loss_is_scaled_for_ga if getattr(self, "loss_is_scaled_for_ga", None) is not None
+                      else self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+            accumulation = self.current_gradient_accumulation_steps if scaled and model.training else 1
+            loss = main + sum(g * t for g, t in zip(core.model.arch.gammas, mtp_terms, strict=True)) / accumulation
             with torch.no_grad():
                 hits = (logits.argmax(-1) == targets) & valid
                 n = self.accelerator.gather_for_metrics(valid.sum()).sum()

@@ -44,6 +44,10 @@ PARSE_ONLY = {
     r"posttrain rs\b": "the docs' tiny model answers no prompt right, so a round has nothing to keep (it stops with "
                        "that error); rejection sampling runs in test_posttrain.py",
     r"-m kunlunbaize\.cli posttrain\b": "two processes; torchrun post-training is exercised in test_posttrain.py",
+    r"(^|\s|/)kunlun serve\b": "starts a server that runs until it is stopped; test_serve.py starts `kunlun serve` "
+                               "and stops it with SIGTERM",
+    r"127\.0\.0\.1:8000": "talks to a running `kunlun serve`; test_serve.py sends these requests (the openai "
+                          "client, raw HTTP, lm-eval's local-completions) to a server on a free port",
 }
 NEEDS_GPU = re.compile(r"--device cuda|device=\"cuda\"|\.cuda\(\)")
 PLACEHOLDER = re.compile(r"…|\[|\b(OUT|DIR|PATH|N|TASKS|RUN)\b")

@@ -1,5 +1,5 @@
 """``kunlun`` command line: ``prepare``, ``train``, ``generate``, ``eval``, ``ablate``, ``export``, ``posttrain``,
-``reward``, ``info`` (size and FLOPs), ``demo``."""
+``reward``, ``serve``, ``info`` (size and FLOPs), ``demo``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from typing import Any, NoReturn
 from . import __version__
 from .config import PRESETS, ModelConfig
 
-COMMANDS = ("info", "demo", "prepare", "train", "generate", "eval", "ablate", "export", "posttrain", "reward")
+COMMANDS = ("info", "demo", "prepare", "train", "generate", "eval", "ablate", "export", "posttrain", "reward",
+            "serve")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -451,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_posttrain_parser(sub)
     add_reward_parser(sub)
+    from .serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
     p.commands = sub.choices  # name -> parser, for errors found after parsing
     return p
 

@@ -89,6 +89,28 @@ def _accept(trunk_logits: torch.Tensor, drafts: list[int], qs: list[torch.Tensor
     return len(drafts), int(sample(trunk_logits[len(drafts)][None], sampling, gen)[0])
 
 
+def speculative_round(model: KunlunBaize, cache: InferenceCache, hidden: torch.Tensor, next_token: int, k: int,
+                      sampling: SamplingParams, gen: torch.Generator | None,
+                      stats: SpecStats | None = None) -> tuple[list[int], torch.Tensor]:
+    """One draft–verify round of a single sequence: the new tokens (the accepted drafts, then the trunk's own
+    token) and the trunk's hidden state [1, 1, d] at the last token now in the cache.
+
+    The cache holds t_0 … t_{n−1}; ``next_token`` = t_n is chosen but not fed; ``hidden`` is the trunk's state at
+    t_{n−1}. Afterwards the cache holds t_n and the accepted drafts, and the last returned token is the next
+    ``next_token``. ``k`` drafts are made (1 … mtp_depth); the verification writes k + 1 slots."""
+    drafts, qs = draft(model, cache, hidden, next_token, k, sampling, gen)
+    n = cache.length
+    verify = model(torch.tensor([[next_token, *drafts]], device=hidden.device), cache=cache, mtp=False)
+    accepted, bonus = _accept(verify.logits[0], drafts, qs, sampling, gen)
+    if stats is not None:
+        stats.trunk_forwards += 1
+        for j in range(k):
+            stats.drafted[j] += 1
+            stats.accepted[j] += int(j < accepted)
+    cache.crop(n + 1 + accepted)  # keep t_n and the accepted drafts; the bonus is fed next round
+    return [*drafts[:accepted], bonus], verify.hidden[:, accepted:accepted + 1]
+
+
 @torch.inference_mode()
 def speculative_generate(
     model: KunlunBaize,
@@ -144,21 +166,13 @@ def speculative_generate(
     finished = emit(nxt)
     while not finished:
         kk = min(k, max_new_tokens - len(result))  # no point drafting past the budget
-        drafts, qs = draft(model, cache, hidden, nxt, kk, sampling, gen)
-        n = cache.length
-        verify = model(torch.tensor([[nxt, *drafts]], device=device), cache=cache, mtp=False)
-        stats.trunk_forwards += 1
-        accepted, bonus = _accept(verify.logits[0], drafts, qs, sampling, gen)
-        for j in range(kk):
-            stats.drafted[j] += 1
-            stats.accepted[j] += int(j < accepted)
-        cache.crop(n + 1 + accepted)  # keep t_n and the accepted drafts; the bonus is fed next round
-        hidden = verify.hidden[:, accepted:accepted + 1]
-        for tok in (*drafts[:accepted], bonus):
+        new, hidden = speculative_round(model, cache, hidden, nxt, kk, sampling, gen, stats)
+        accepted = len(new) - 1
+        for tok in new:
             if emit(tok):
                 finished = True
                 break
-        nxt = bonus
+        nxt = new[-1]
         if adaptive:
             k = min(D, k + 1) if accepted == kk else max(1, k - 1) if accepted == 0 else k
     stats.tokens = len(result)

@@ -115,6 +115,79 @@ class InferenceCache:
         out += [lc.conv_history.x for lc in self.layers if lc.conv_history is not None]
         return out
 
+    def slot_tensors(self) -> list[tuple[torch.Tensor, int]]:
+        """Every tensor indexed by (batch row, slot), with the dimension that holds the slots."""
+        out = [(self.valid, 1)]
+        for kv in [*(lc.self_attn for lc in self.layers), *(c for lc in self.layers for c in lc.cross_attn),
+                   *self.mtp]:
+            out += [(kv.k, 2), (kv.v, 2)]
+        out += [(lc.conv_history.x, 1) for lc in self.layers if lc.conv_history is not None]
+        return out
+
+    def rows(self, n: int) -> InferenceCache:
+        """A cache of the first ``n`` rows that shares this one's storage (same length, slots and padding):
+        what a forward writes through it lands here."""
+
+        def kv(b: KVBuffer) -> KVBuffer:
+            view = KVBuffer.__new__(KVBuffer)
+            view.k, view.v = b.k[:n], b.v[:n]
+            return view
+
+        def history(h: HistoryBuffer | None) -> HistoryBuffer | None:
+            if h is None:
+                return None
+            view = HistoryBuffer.__new__(HistoryBuffer)
+            view.x = h.x[:n]
+            return view
+
+        layers = [LayerCache(kv(lc.self_attn), history(lc.conv_history), [kv(c) for c in lc.cross_attn])
+                  for lc in self.layers]
+        return InferenceCache(layers=layers, mtp=[kv(b) for b in self.mtp], max_len=self.max_len,
+                              valid=self.valid[:n], length=self.length, padded=self.padded)
+
+    def place_row(self, row: int, source: InferenceCache, source_row: int = 0) -> None:
+        """Copy the ``source.length`` slots of ``source``'s row into row ``row`` so that they end at this cache's
+        ``length`` (left padding before them: zeros, not valid). Both caches must hold the same parts."""
+        n, end = source.length, self.length
+        if n > end:
+            raise ValueError(f"a row of {n} tokens does not fit before slot {end}: shift the cache first")
+        pairs = zip(self.slot_tensors(), source.slot_tensors(), strict=True)
+        for (dst, dim), (src, _) in pairs:
+            target = dst[row]
+            target.narrow(dim - 1, 0, end - n).zero_()
+            target.narrow(dim - 1, end - n, n).copy_(src[source_row].narrow(dim - 1, 0, n))
+        self.valid[row, end - n:end] = True
+        self.padded = True
+
+    def copy_row(self, dst: int, src: int) -> None:
+        """Row ``src``'s slots into row ``dst`` (e.g. to fill the place of a finished row)."""
+        for t, _ in self.slot_tensors():
+            t[dst].copy_(t[src])
+
+    def shift(self, offset: int, rows: int | None = None) -> None:
+        """Move the first ``rows`` rows' slots by ``offset`` (> 0: right, the freed slots become left padding;
+        < 0: left, dropping slots that must be padding in every row) and ``length`` with them."""
+        rows = self.batch_size if rows is None else rows
+        if offset == 0 or rows == 0:
+            self.length = max(0, self.length + offset)
+            return
+        n = self.length
+        if offset > 0 and n + offset > self.max_len:
+            raise CacheOverflowError(f"cannot shift {n} slots right by {offset} in a cache of {self.max_len}")
+        if offset < 0 and bool(self.valid[:rows, :-offset].any()):
+            raise ValueError(f"cannot shift left by {-offset}: a row has tokens in its first {-offset} slots")
+        for t, dim in self.slot_tensors():
+            part = t[:rows]
+            if offset > 0:
+                moved = part.narrow(dim, 0, n).clone()
+                part.narrow(dim, offset, n).copy_(moved)
+                part.narrow(dim, 0, offset).zero_()
+            else:
+                moved = part.narrow(dim, -offset, n + offset).clone()
+                part.narrow(dim, 0, n + offset).copy_(moved)
+        self.length = n + offset
+        self.padded = True
+
     def reorder_cache(self, rows: torch.Tensor) -> None:
         """Keep batch rows ``rows`` (in that order), e.g. the surviving beams of beam search."""
         for t in self.buffers():

@@ -362,6 +362,9 @@ def test_echo_and_logprobs_score_the_prompt(server, client):
         assert lp.token_logprobs[i] == pytest.approx(full[i - 1, ids[i]].item(), abs=1e-4)
         assert max(lp.top_logprobs[i].values()) == pytest.approx(full[i - 1].max().item(), abs=1e-4)
     assert r.choices[0].text.startswith(served.decode(ids))
+    one = client.completions.create(model="tiny", prompt=[5], max_tokens=0, echo=True, logprobs=1)
+    assert one.choices[0].logprobs.token_logprobs == [None] and one.choices[0].finish_reason == "length"
+    assert one.usage.completion_tokens == 0
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}], max_tokens=3,
                                           temperature=0, logprobs=True, top_logprobs=2)
     content = chat.choices[0].logprobs.content

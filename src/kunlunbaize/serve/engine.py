@@ -113,7 +113,6 @@ class Sequence:
     stream: TextStream | None = None
     cancelled: bool = False
     done: bool = False
-    first_token_at: float | None = None
 
     @property
     def deadline(self) -> float | None:
@@ -246,7 +245,7 @@ class Engine:
         out = self.model(torch.tensor([seq.prompt], device=device), cache=alone, mtp=False)
         if seq.params.prompt_logprobs is not None:
             seq.prompt_logprobs = [None, *_logprobs(out.logits[0, :-1], seq.prompt[1:], seq.params.prompt_logprobs)]
-            seq.sink(Delta(text="", tokens=[], logprobs=None, prompt_logprobs=seq.prompt_logprobs))
+            _deliver(seq, Delta(text="", tokens=[], logprobs=None, prompt_logprobs=seq.prompt_logprobs))
         if seq.params.max_tokens == 0:
             self._finish(seq, "length")
             return
@@ -310,8 +309,6 @@ class Engine:
 
     def _emit(self, seq: Sequence, tok: int, logits: torch.Tensor | None = None) -> bool:
         """Add a chosen token to ``seq`` and send its text; True when the sequence ended."""
-        if seq.first_token_at is None:
-            seq.first_token_at = time.monotonic()
         if tok in seq.params.stop_ids:
             self._finish(seq, "stop")
             return True
@@ -337,7 +334,7 @@ class Engine:
         logprobs = seq.pending_logprobs if seq.logprobs is not None else None
         delta = Delta(text=text, tokens=seq.pending, logprobs=logprobs)
         seq.pending, seq.pending_logprobs = [], []
-        seq.sink(delta)
+        _deliver(seq, delta)
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         seq.done = True
@@ -347,8 +344,8 @@ class Engine:
             text = seq.stream.finish(0, seq.tokens)
             if text[shown:] or seq.pending:
                 self._send(seq, text[shown:])
-        seq.sink(Finished(reason=reason, text=text, tokens=seq.tokens, prompt_tokens=len(seq.prompt),
-                          logprobs=seq.logprobs, prompt_logprobs=seq.prompt_logprobs, error=error))
+        _deliver(seq, Finished(reason=reason, text=text, tokens=seq.tokens, prompt_tokens=len(seq.prompt),
+                               logprobs=seq.logprobs, prompt_logprobs=seq.prompt_logprobs, error=error))
 
     def _expired(self, seq: Sequence) -> bool:
         """Finish ``seq`` if it was cancelled or its time is up; True if so."""
@@ -387,10 +384,19 @@ class Engine:
             self.batch.length = 0
 
 
+def _deliver(seq: Sequence, event: Delta | Finished) -> None:
+    """Hand ``event`` to the sequence's sink; a sink that fails (its client is gone) cancels the sequence."""
+    try:
+        seq.sink(event)
+    except Exception:
+        log.exception("delivering an event failed; cancelling the request")
+        seq.cancelled = True
+
+
 def _logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
     """For each row of ``logits`` [n, V]: the log-probability of ``tokens[i]`` and the ``top`` most likely tokens."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = lp.gather(-1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+    chosen = lp.gather(-1, torch.tensor(tokens, dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist()
     if top > 0:
         values, ids = lp.topk(min(top, lp.shape[-1]), dim=-1)
         tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]

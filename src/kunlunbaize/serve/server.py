@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -80,12 +80,11 @@ def create_app(served: ServedModel, engine: Engine, request_timeout: float | Non
     async def internal(request: Request, e: Exception) -> JSONResponse:
         return await api_error(request, APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
 
-    @app.middleware("http")
-    async def refuse_when_draining(request: Request, call_next: Any) -> Response:
-        if draining.on and request.url.path.startswith("/v1/"):
-            e = APIError(503, "the server is shutting down", "service_unavailable", code="shutting_down")
-            return JSONResponse(e.body(), status_code=503)
-        return await call_next(request)
+    def open_for_requests() -> None:  # a dependency of every /v1 route (a middleware would wrap every stream)
+        if draining.on:
+            raise APIError(503, "the server is shutting down", "service_unavailable", code="shutting_down")
+
+    v1 = {"dependencies": [Depends(open_for_requests)]}
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -97,16 +96,16 @@ def create_app(served: ServedModel, engine: Engine, request_timeout: float | Non
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **v1)
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(served, created)]}
 
-    @app.get("/v1/models/{name:path}")
+    @app.get("/v1/models/{name:path}", **v1)
     async def model(name: str) -> dict[str, Any]:
         _check_model(served, name)
         return _model_card(served, created)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **v1)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         _check_model(served, body.model)
         prompts = [_prompt_ids(served, p, i, len(body.prompts())) for i, p in enumerate(body.prompts())]
@@ -115,7 +114,7 @@ def create_app(served: ServedModel, engine: Engine, request_timeout: float | Non
                             stop_ids=frozenset(x for x in (served.eos_id,) if x is not None),
                             logprobs=body.logprobs, echo=body.echo, chat=False, timeout=request_timeout)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **v1)
     async def chat(body: ChatRequest, request: Request) -> Response:
         _check_model(served, body.model)
         if served.render_chat is None:

@@ -459,7 +459,10 @@ def test_while_draining_new_requests_get_503_and_health_says_so(server, client):
     assert _http("GET", f"{root}/health")[0] == 200
 
 
-def test_a_client_that_goes_away_cancels_its_request(server):
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_a_client_that_goes_away_cancels_its_request(server, stream):
+    import urllib.request
+
     engine = server.engine
     cancelled = []
     original = engine._finish
@@ -471,15 +474,21 @@ def test_a_client_that_goes_away_cancels_its_request(server):
 
     step = engine._step
 
-    def slow_step():  # a step takes 20 ms: the stream is still running when the client hangs up
-        time.sleep(0.02)
+    def slow_step():  # a step takes 40 ms: the request is still running when the client hangs up
+        time.sleep(0.04)
         step()
 
     engine._finish, engine._step = spy, slow_step
     try:
-        body = {"model": "tiny", "prompt": "x", "max_tokens": 60, "stream": True}
-        with _open_stream(f"{server.url}/completions", body) as r:
-            r.readline()  # the stream is running; now hang up
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 60, "stream": stream}
+        if stream:
+            with _open_stream(f"{server.url}/completions", body) as r:
+                r.readline()  # the stream is running; now hang up
+        else:  # the client gives up waiting for the whole answer
+            request = urllib.request.Request(f"{server.url}/completions", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"}, method="POST")
+            with pytest.raises(OSError):
+                urllib.request.urlopen(request, timeout=0.3)
         deadline = time.monotonic() + 30
         while not cancelled and time.monotonic() < deadline:
             time.sleep(0.02)

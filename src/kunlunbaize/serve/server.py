@@ -237,20 +237,29 @@ async def _serve(request: Request, endpoint: str, engine: Engine, served: Served
 
 
 async def _wait(request: Request, queue: asyncio.Queue, answer: _Answer) -> None:
-    """Wait for every choice to finish; a client that disconnects cancels them (checked twice a second)."""
-    left = len(answer.choices)
-    while left:
-        try:
-            index, event = await asyncio.wait_for(queue.get(), timeout=0.5)
-        except TimeoutError:
-            if await request.is_disconnected():
-                raise APIError(499, "client disconnected", "client_closed_request") from None
-            continue
-        if isinstance(event, Finished):
-            answer.finish(index, event)
-            left -= 1
-        else:
-            answer.first_token()
+    """Wait for every choice to finish; a client that disconnects meanwhile cancels them (the caller does)."""
+
+    async def disconnect() -> None:  # the server's next message after the body is the disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnect())
+    try:
+        left = len(answer.choices)
+        while left:
+            get = asyncio.ensure_future(queue.get())
+            await asyncio.wait({get, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
+                get.cancel()
+                raise APIError(499, "client disconnected", "client_closed_request")
+            index, event = get.result()
+            if isinstance(event, Finished):
+                answer.finish(index, event)
+                left -= 1
+            else:
+                answer.first_token()
+    finally:
+        watcher.cancel()
 
 
 async def _stream(answer: _Answer, queue: asyncio.Queue, engine: Engine, endpoint: str,

@@ -217,7 +217,7 @@ async def _serve(request: Request, endpoint: str, engine: Engine, served: Served
                            code="queue_full") from None
         if isinstance(e, EngineClosed):
             raise APIError(503, "the server is shutting down", "service_unavailable", code="shutting_down") from None
-        raise APIError(400, str(e), param="prompt") from None
+        raise APIError(400, str(e), param="messages" if chat else "prompt") from None
     metrics.prompt_tokens.inc(sum(len(c.prompt) for c in choices))
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     answer = _Answer(ident, int(time.time()), served, body, choices, chat, echo, started, metrics)

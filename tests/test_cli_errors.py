@@ -167,7 +167,10 @@ def test_ctrl_c_during_startup_imports_exits_130(tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC}
     code = ("import sys, kunlunbaize.cli as c; assert 'torch' not in sys.modules; print('ready', flush=True); "
             "c.main(['info', '--preset', 'tiny'])")
-    p = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # a shell running this suite in the background hands it SIGINT ignored, and Python then keeps ignoring it:
+    # the child starts with the default disposition, as from a terminal
+    p = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.stdout.readline().strip() == b"ready"  # the command line is imported; torch is not yet
     time.sleep(0.3)  # inside main(), importing torch (which takes seconds)
     p.send_signal(signal.SIGINT)

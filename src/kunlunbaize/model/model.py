@@ -14,15 +14,16 @@ from ..config import ModelConfig
 from .block import make_block
 from .cache import InferenceCache
 from .dense_residual import DenseResidual, initial_logits
+from .fused_loss import shifted_linear_cross_entropy
 from .layers import ESwish, RotaryEmbedding
-from .loss import IGNORE_INDEX, multi_token_loss
+from .loss import IGNORE_INDEX, LossTerms, multi_token_loss
 from .mtp import MultiTokenPrediction
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
-    """[B, T, V]; position i predicts token i+1."""
+    logits: torch.Tensor | None
+    """[B, T, V]; position i predicts token i+1 (None from ``forward(..., logits=False)``)."""
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
     """D tensors [B, T, V]; depth j at position i predicts token i+j+1 and reads tokens up to i+j."""
     hidden: torch.Tensor | None = None
@@ -216,6 +217,15 @@ class KunlunBaize(KunlunBaizeTrunk, nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.head is None else self.head.weight
 
+    def _chunked_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
+                      ignore_index: int) -> ModelOutput:
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        trunk = self.run_trunk(input_ids, None, attention_mask)
+        terms = _chunked_loss_terms(self, trunk, labels, ignore_index)
+        return ModelOutput(logits=None, hidden=trunk.hidden, loss=terms.total, main_loss=terms.main,
+                           mtp_losses=terms.mtp)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -228,16 +238,23 @@ class KunlunBaize(KunlunBaizeTrunk, nn.Module):
         attention_mask: torch.Tensor | None = None,
         ignore_index: int = IGNORE_INDEX,
         mtp: bool = True,
+        logits: bool = True,
     ) -> ModelOutput:
         """Logits for ``input_ids`` [B, T]; with ``cache`` the tokens continue the cached sequence.
 
         With ``labels`` (aligned to the input, shifted internally) the joint loss of eq. 22 is returned.
         ``attention_mask`` (1 = token, 0 = left padding), [B, T] or [B, start+T], makes each row compute
         what it would alone without its padding. ``mtp=False`` skips the MTP depths' logits (with a cache
-        their keys are still stored, so they can draft later).
+        their keys are still stored, so they can draft later). ``logits=False`` with ``labels`` returns only the
+        loss, computed a chunk of rows at a time (:mod:`.fused_loss`): no [B, T, V] logits are ever stored, for the
+        main head or any depth.
         """
         if labels is not None and not mtp and self.mtp is not None:
             raise ValueError("the joint loss needs the MTP logits: do not pass mtp=False with labels")
+        if not logits:
+            if labels is None or cache is not None:
+                raise ValueError("logits=False is the training loss path: give labels and no cache")
+            return self._chunked_loss(input_ids, labels, attention_mask, ignore_index)
         trunk = self.run_trunk(input_ids, cache, attention_mask)
         logits = F.linear(self.norm(trunk.hidden), self.head_weight)
         mtp_logits = run_mtp(self.mtp, trunk, self.rope, self.head_weight, cache, mtp)
@@ -252,6 +269,23 @@ class KunlunBaize(KunlunBaizeTrunk, nn.Module):
             terms = multi_token_loss(logits, mtp_logits, labels, self.config.gammas, ignore_index)
             out.loss, out.main_loss, out.mtp_losses = terms.total, terms.main, terms.mtp
         return out
+
+
+def _chunked_loss_terms(model: KunlunBaize, trunk: TrunkOutput, labels: torch.Tensor,
+                        ignore_index: int) -> LossTerms:
+    """Eq. 22–23 from the heads' inputs, through :func:`.fused_loss.shifted_linear_cross_entropy`."""
+    main = shifted_linear_cross_entropy(model.norm(trunk.hidden), model.head_weight, labels, 1,
+                                        ignore_index=ignore_index)
+    mtp = []
+    if model.mtp is not None:
+        heads = model.mtp.head_inputs(trunk.hidden, trunk.embeddings, model.rope, model.head_weight, trunk.start, None,
+                                      trunk.positions, trunk.mask)
+        mtp = [shifted_linear_cross_entropy(h, w, labels, j + 1, ignore_index=ignore_index)
+               for j, (h, w) in enumerate(heads, start=1)]
+    total = main
+    for gamma, term in zip(model.config.gammas, mtp, strict=True):
+        total = total + gamma * term
+    return LossTerms(total=total, main=main, mtp=mtp)
 
 
 def run_mtp(module: MultiTokenPrediction | None, trunk: TrunkOutput, rope: RotaryEmbedding,

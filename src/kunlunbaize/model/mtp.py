@@ -82,10 +82,14 @@ class MultiTokenPrediction(nn.Module):
             k, v = depth.cross_attn.project_kv(depth.embed_norm(emb), rope(pos))
             caches[j - 1].write(kv_start, k, v)
 
-    def logits(self, j: int, g: torch.Tensor, main_head_weight: torch.Tensor) -> torch.Tensor:
+    def head_input(self, j: int, g: torch.Tensor, main_head_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Depth j's output head (eq. 21) as (its input, its weight): the logits are ``input @ weight.T``."""
         depth = self.depths[j - 1]
-        h = depth.out_norm(g)
-        return depth.head(h) if depth.head is not None else F.linear(h, main_head_weight)
+        return depth.out_norm(g), (depth.head.weight if depth.head is not None else main_head_weight)
+
+    def logits(self, j: int, g: torch.Tensor, main_head_weight: torch.Tensor) -> torch.Tensor:
+        h, weight = self.head_input(j, g, main_head_weight)
+        return F.linear(h, weight)
 
     def forward(
         self,
@@ -104,6 +108,21 @@ class MultiTokenPrediction(nn.Module):
         same chunk [B, n, d]. Depth j's key slot s holds t_{s+j}, so this chunk fills slots
         max(0, start−j) … start+n−1−j.
         """
+        return [F.linear(h, w) for h, w in self.head_inputs(hidden, token_emb, rope, main_head_weight, start, caches,
+                                                            positions, mask)]
+
+    def head_inputs(
+        self,
+        hidden: torch.Tensor,
+        token_emb: torch.Tensor,
+        rope: RotaryEmbedding,
+        main_head_weight: torch.Tensor,
+        start: int = 0,
+        caches: list[KVBuffer] | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What :meth:`forward` computes, stopped before the output heads: per depth (head input, head weight)."""
         out = []
         g = hidden
         for j in range(1, len(self.depths) + 1):
@@ -111,5 +130,5 @@ class MultiTokenPrediction(nn.Module):
             kv_start = max(0, start - j)
             g = self.depth_step(j, g, token_emb[:, skip:], rope, start, kv_start,
                                 caches[j - 1] if caches is not None else None, positions, mask)
-            out.append(self.logits(j, g, main_head_weight))
+            out.append(self.head_input(j, g, main_head_weight))
         return out

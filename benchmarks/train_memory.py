@@ -1,4 +1,8 @@
-"""Training tokens/s and peak memory with and without activation checkpointing, side by side.
+"""Training tokens/s and peak memory with and without activation checkpointing and the chunked loss, side by side.
+
+The loss is either computed from the full [B, T, V] logits of the main head and every MTP depth (``logits``), or a
+chunk of rows at a time without storing logits (``chunked``: ``forward(..., logits=False)``, what ``kunlun train``
+uses for KunlunBaize).
 
 Each variant runs in a fresh child process (peak memory cannot be reset inside one process on CPU).
 Peak memory is the CUDA allocator's peak on GPU; on CPU it is the child's peak resident set size
@@ -43,9 +47,11 @@ def child(args: argparse.Namespace) -> None:
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
 
+    chunked = {"logits": False} if args.loss == "chunked" else {}
+
     def step() -> None:
         with autocast:
-            out = model(x, labels=x)
+            out = model(x, labels=x, **chunked)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -81,27 +87,31 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ac", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--loss", default="logits", choices=["logits", "chunked"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args)
         return
 
+    variants = [(0, "logits"), (1, "logits")]
+    if args.arch == "kunlunbaize":
+        variants += [(0, "chunked"), (1, "chunked")]
     results = {}
-    for ac in (0, 1):
-        cmd = [sys.executable, __file__, "--child", "--ac", str(ac), "--preset", args.preset, "--arch", args.arch,
-               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-               "--device", args.device]
+    for ac, loss in variants:
+        cmd = [sys.executable, __file__, "--child", "--ac", str(ac), "--loss", loss, "--preset", args.preset,
+               "--arch", args.arch, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+               "--steps", str(args.steps), "--device", args.device]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results[ac] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[ac, loss] = json.loads(out.stdout.strip().splitlines()[-1])
+    base = results[0, "logits"]
     print(f"{args.arch} {args.preset}, batch {args.batch_size} x {args.seq_len}, device {args.device}, "
           f"torch {torch.__version__}, {platform.machine()}\n")
-    print("| activation checkpointing | tokens/s | relative | step peak memory | relative |")
-    print("|---|---:|---:|---:|---:|")
-    for ac, r in results.items():
-        print(f"| {'on' if ac else 'off'} | {r['tokens_per_s']:,.0f} | "
-              f"{r['tokens_per_s'] / results[0]['tokens_per_s']:.2f}x | {r['peak_bytes'] / 2**20:,.0f} MiB | "
-              f"{r['peak_bytes'] / results[0]['peak_bytes']:.2f}x |")
-
+    print("| activation checkpointing | loss | tokens/s | relative | step peak memory | relative |")
+    print("|---|---|---:|---:|---:|---:|")
+    for (ac, loss), r in results.items():
+        print(f"| {'on' if ac else 'off'} | {loss} | {r['tokens_per_s']:,.0f} | "
+              f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r['peak_bytes'] / 2**20:,.0f} MiB | "
+              f"{r['peak_bytes'] / base['peak_bytes']:.2f}x |")
 
 if __name__ == "__main__":
     main()

@@ -29,6 +29,16 @@ def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(chunk):
     torch.testing.assert_close(w.grad, gw)
 
 
+def test_without_gradients_the_loss_is_the_same():
+    torch.manual_seed(0)
+    h, w = torch.randn(30, 8), torch.randn(12, 8)
+    t = torch.randint(0, 12, (30,))
+    t[:3] = -100
+    with torch.no_grad():
+        got = linear_cross_entropy(h, w, t, chunk=7)
+    torch.testing.assert_close(got, F.cross_entropy(h @ w.t(), t, ignore_index=-100))
+
+
 def test_no_valid_target_is_a_zero_loss_with_zero_gradients():
     h = torch.randn(4, 8, requires_grad=True)
     w = torch.randn(10, 8, requires_grad=True)

@@ -65,7 +65,19 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     flat_t = targets.reshape(-1)
     if flat_h.shape[0] != flat_t.shape[0]:
         raise ValueError(f"{flat_h.shape[0]} hidden rows but {flat_t.shape[0]} targets")
+    if not (torch.is_grad_enabled() and (flat_h.requires_grad or weight.requires_grad)):
+        return _loss_only(flat_h, weight, flat_t, chunk, ignore_index)  # evaluation: no gradients to make
     return _LinearCrossEntropy.apply(flat_h, weight, flat_t, chunk, ignore_index)
+
+
+def _loss_only(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+               ignore_index: int) -> torch.Tensor:
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        logits = (hidden[start:start + chunk] @ weight.t()).float()
+        total = total + torch.nn.functional.cross_entropy(logits, targets[start:start + chunk],
+                                                          ignore_index=ignore_index, reduction="sum")
+    return total / (targets != ignore_index).sum().clamp(min=1)
 
 
 def shifted_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, shift: int,

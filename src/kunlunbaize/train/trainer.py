@@ -527,6 +527,8 @@ def _train(cfg: TrainConfig, env: DistEnv, data_path: Path) -> dict[str, Any]:
     n_terms = 2 + mcfg.mtp_depth if cfg.arch == "kunlunbaize" else 2
     window = {"t0": time.perf_counter(), "tokens": 0, "sums": torch.zeros(n_terms), "steps": 0, "gnorm": 0.0}
     bad_in_row, skipped = 0, 0
+    # KunlunBaize's loss without [B, T, V] logits (model/fused_loss.py); the HF Llama baseline computes its own
+    loss_only = {"logits": False} if cfg.arch == "kunlunbaize" else {}
     last_val = float("nan")
     last_saved = step if resume_from else -1
     final_ckpt = resume_from
@@ -536,7 +538,7 @@ def _train(cfg: TrainConfig, env: DistEnv, data_path: Path) -> dict[str, Any]:
         sums = torch.zeros(n_terms - 1, device=env.device)
         with torch.no_grad(), autocast:
             for x in val_sets:
-                out = wrapped(x.to(env.device), labels=x.to(env.device))
+                out = wrapped(x.to(env.device), labels=x.to(env.device), **loss_only)
                 sums += torch.stack([out.main_loss.float(), *[t.float() for t in out.mtp_losses]])
         wrapped.train()
         vals = (sums / len(val_sets)).tolist()
@@ -568,7 +570,7 @@ def _train(cfg: TrainConfig, env: DistEnv, data_path: Path) -> dict[str, Any]:
                     first = consumed + (m * env.world_size + env.rank) * micro
                     x = sampler.batch(first, micro).to(env.device, non_blocking=True)
                     with gradient_sync(wrapped, m == accum - 1), autocast:
-                        out = wrapped(x, labels=x)
+                        out = wrapped(x, labels=x, **loss_only)
                         (out.loss / accum).backward()
                     terms = [out.loss, out.main_loss, *out.mtp_losses]
                     step_sums += torch.stack([t.detach().float() for t in terms]) / accum

@@ -108,12 +108,7 @@ class InferenceCache:
 
     def buffers(self) -> list[torch.Tensor]:
         """Every tensor indexed by batch row."""
-        out = [self.valid]
-        for kv in [*(lc.self_attn for lc in self.layers), *(c for lc in self.layers for c in lc.cross_attn),
-                   *self.mtp]:
-            out += [kv.k, kv.v]
-        out += [lc.conv_history.x for lc in self.layers if lc.conv_history is not None]
-        return out
+        return [t for t, _ in self.slot_tensors()]
 
     def slot_tensors(self) -> list[tuple[torch.Tensor, int]]:
         """Every tensor indexed by (batch row, slot), with the dimension that holds the slots."""
@@ -160,9 +155,9 @@ class InferenceCache:
         self.padded = True
 
     def copy_row(self, dst: int, src: int) -> None:
-        """Row ``src``'s slots into row ``dst`` (e.g. to fill the place of a finished row)."""
-        for t, _ in self.slot_tensors():
-            t[dst].copy_(t[src])
+        """Row ``src``'s slots before ``length`` into row ``dst`` (e.g. to fill the place of a finished row)."""
+        for t, dim in self.slot_tensors():
+            t[dst].narrow(dim - 1, 0, self.length).copy_(t[src].narrow(dim - 1, 0, self.length))
 
     def shift(self, offset: int, rows: int | None = None) -> None:
         """Move the first ``rows`` rows' slots by ``offset`` (> 0: right, the freed slots become left padding;

@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
+from ..data.tokenizer import CHAT_TOKENS
 from ..infer.load import LoadError, load_model, load_tokenizer, resolve_checkpoint
 from ..model import KunlunBaize
 
-END_OF_TURN = "<|end|>"  # the chat format's end of an assistant turn (kunlunbaize.posttrain.chat)
+END_OF_TURN = CHAT_TOKENS[-1]  # <|end|>: the chat format's end of an assistant turn (kunlunbaize.posttrain.chat)
 
 
 @dataclass

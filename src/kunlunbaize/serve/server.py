@@ -220,7 +220,7 @@ async def _serve(request: Request, endpoint: str, engine: Engine, served: Served
         raise APIError(400, str(e), param="messages" if chat else "prompt") from None
     metrics.prompt_tokens.inc(sum(len(c.prompt) for c in choices))
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    answer = _Answer(ident, int(time.time()), served, body, choices, chat, echo, started, metrics)
+    answer = _Answer(ident, int(time.time()), served, body, choices, chat, echo, started, metrics, timeout)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_stream(answer, queue, engine, endpoint, include_usage),
@@ -267,7 +267,7 @@ async def _stream(answer: _Answer, queue: asyncio.Queue, engine: Engine, endpoin
     try:
         if answer.chat:  # the role comes first, before any token
             for index in answer.choices:
-                yield _sse(answer.opening(index, None) or {}, include_usage)
+                yield _sse(answer.chat_role(index), include_usage)
         left = len(answer.choices)
         while left:
             index, event = await queue.get()
@@ -309,8 +309,9 @@ class _Answer:
     """Builds the JSON of one request's answer, whole or as stream chunks."""
 
     def __init__(self, ident: str, created: int, served: ServedModel, body: CompletionRequest | ChatRequest,
-                 choices: list[_Choice], chat: bool, echo: bool, started: float, metrics: Metrics) -> None:
-        self.ident, self.created, self.served, self.body = ident, created, served, body
+                 choices: list[_Choice], chat: bool, echo: bool, started: float, metrics: Metrics,
+                 timeout: float | None) -> None:
+        self.ident, self.created, self.served, self.body, self.timeout = ident, created, served, body, timeout
         self.choices = {c.index: c for c in choices}
         self.chat, self.echo, self.started, self.metrics = chat, echo, started, metrics
         self._first = False
@@ -327,16 +328,11 @@ class _Answer:
 
     def failure(self, event: Finished) -> APIError:
         if event.reason == "timeout":
-            return APIError(504, f"the request took longer than its {self._timeout()} s time limit", "timeout",
+            return APIError(504, f"the request took longer than its {self.timeout:g} s time limit", "timeout",
                             code="timeout")
         if event.reason == "cancelled":
             return APIError(499, "the request was cancelled", "client_closed_request")
         return APIError(500, f"generation failed: {event.error}", "server_error")
-
-    def _timeout(self) -> str:
-        c = next(iter(self.choices.values()))
-        t = c.seq.params.timeout if c.seq is not None else None
-        return f"{t:g}" if t is not None else "?"
 
     def usage(self) -> dict[str, int]:
         prompt = sum(len(c.prompt) for c in self.choices.values())
@@ -383,12 +379,15 @@ class _Answer:
             choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         return {**self.chunk_base(), "choices": [choice]}
 
+    def chat_role(self, index: int) -> dict[str, Any]:
+        """A chat choice's first chunk: the role, before any token."""
+        self.choices[index].opened = True
+        return self._chunk(index, None, None, None, role=True)
+
     def opening(self, index: int, prompt_logprobs: list[TokenLogprob | None] | None) -> dict[str, Any] | None:
-        """The first chunk of a choice: the role (chat), the prompt itself (completions with echo), or None."""
+        """A completion choice's first chunk: the prompt itself with echo, else None."""
         c = self.choices[index]
         c.opened = True
-        if self.chat:
-            return self._chunk(index, None, None, None, role=True)
         if not self.echo:
             return None
         text = self.served.decode(c.prompt)

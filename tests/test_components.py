@@ -73,6 +73,28 @@ def test_causal_conv_reads_only_the_past():
     assert torch.allclose(y[:, 10:], y2[:, 10:])  # … and 10+ no longer do
 
 
+@pytest.mark.parametrize("new_tokens", [1, 3, 8])
+def test_direct_short_convolution_equals_the_library_convolution(new_tokens, monkeypatch):
+    """The decoding path (unfolded windows, a few new tokens after a history) computes eq. 6 as Conv1d does,
+    values and gradients."""
+    import kunlunbaize.model.layers as layers
+
+    torch.manual_seed(0)
+    conv = CausalDSConv(16, kernel_size=5)
+    x = torch.randn(2, new_tokens, 16, requires_grad=True)
+    history = torch.randn(2, 9, 16)
+    direct = conv(x, history)
+    (gd,) = torch.autograd.grad(direct.square().sum(), x)
+    monkeypatch.setattr(layers, "DIRECT_CONV_MAX_TOKENS", 0)
+    library = conv(x, history)
+    (gl,) = torch.autograd.grad(library.square().sum(), x)
+    assert torch.allclose(direct, library, atol=1e-6)
+    assert torch.allclose(gd, gl, atol=1e-5)
+    monkeypatch.setattr(layers, "DIRECT_CONV_MAX_TOKENS", 8)
+    zeros_before = torch.cat((torch.zeros(2, 4, 16), x[:, :1]), 1)  # no history reads as zeros
+    assert torch.allclose(conv(x[:, :1], None), conv(zeros_before)[:, -1:], atol=1e-6)
+
+
 def _names(model):
     return {n: p.numel() for n, p in model.named_parameters()}
 

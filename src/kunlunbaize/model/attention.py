@@ -16,10 +16,14 @@ from .cache import KVBuffer
 from .layers import apply_rotary
 
 
-def causal_mask(q_start: int, n_q: int, n_k: int, device: torch.device) -> torch.Tensor | None:
-    """Boolean mask [n_q, n_k], True where key slot s <= query position q_start + i; None if plain causal."""
+def causal_mask(q_start: int, n_q: int, n_k: int, device: torch.device) -> torch.Tensor | bool:
+    """Boolean mask [n_q, n_k], True where key slot s <= query position q_start + i; or, where no mask tensor is
+    needed, whether the attention is plain (square) causal: True, or False when every query sees every key
+    (one query at the last slot, as in decoding)."""
     if q_start == 0 and n_q == n_k:
-        return None
+        return True
+    if q_start >= n_k - 1:
+        return False
     q_pos = torch.arange(q_start, q_start + n_q, device=device)
     return torch.arange(n_k, device=device)[None, :] <= q_pos[:, None]
 
@@ -75,8 +79,11 @@ class Attention(nn.Module):
             return torch.zeros_like(x)
         n_k = k.shape[2]
         mask = causal_mask(q_start, n, n_k, x.device) if mask is None else mask[..., :n_k]
+        causal = mask is True
+        if isinstance(mask, bool):
+            mask = None
         out = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None,
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(B, n, self.n_heads * self.head_dim))

@@ -22,8 +22,10 @@ import time
 import torch
 
 from kunlunbaize import KunlunBaize, ModelConfig
+from kunlunbaize.data.format import token_counts
 from kunlunbaize.infer import generate, speculative_generate
-from kunlunbaize.infer.load import load_model, load_tokenizer
+from kunlunbaize.infer.load import load_model, load_tokenizer, training_data
+from kunlunbaize.infer.speculative import DraftVocab, frequent_tokens
 
 PROMPTS = ["def parse_args(argv):\n", "class Cache:\n    def __init__(self", "import os\nimport sys\n\n",
            "    for i in range(len(", "# Copyright", "if __name__ == '__main__':\n"]
@@ -37,6 +39,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers generate() comparison")
+    ap.add_argument("--draft-vocab", type=int, nargs="*", default=[], metavar="N",
+                    help="also adaptive speculative decoding drafting from the N most frequent training tokens")
+    ap.add_argument("--data", help="prepared data whose train split gives the token frequencies "
+                                   "(default: the checkpoint's training data)")
     args = ap.parse_args()
     if bool(args.checkpoint) == bool(args.random):
         ap.error("give exactly one of --checkpoint or --random")
@@ -56,6 +62,15 @@ def main() -> None:
 
     variants = {"plain greedy": None, **{f"speculative, draft {k}": k for k in range(1, D + 1)},
                 "speculative, adaptive": "adaptive"}
+    vocabs = {}
+    if args.draft_vocab:
+        data = args.data or (training_data(ckpt) if args.checkpoint else None)
+        if data is None:
+            ap.error("--draft-vocab needs token frequencies: give --data (a prepared data folder)")
+        counts = token_counts(data, model.config.vocab_size)
+        for size in args.draft_vocab:
+            vocabs[f"speculative, adaptive, draft vocab {size:,}"] = frequent_tokens(counts, size)
+            variants[f"speculative, adaptive, draft vocab {size:,}"] = "adaptive"
     hf = None if args.no_hf else hf_twin(model, args.device)
     if hf is not None:
         variants["HF generate (exported model)"] = "hf"
@@ -73,7 +88,7 @@ def main() -> None:
                     tokens = hf.generate(ids, max_new_tokens=n, do_sample=False)[0, len(p):].tolist()
                 else:
                     out = speculative_generate(model, p, n, draft_len=None if k == "adaptive" else k,
-                                               adaptive=k == "adaptive")
+                                               adaptive=k == "adaptive", draft_vocab=vocabs.get(name))
                     stats[name].append(out.stats)
                     tokens = out.tokens[0]
                 if tokens != reference[i]:
@@ -102,11 +117,12 @@ def main() -> None:
         print(f"| {name} | {r:,.1f} | {r / base:.2f}x | " + " | ".join(cols) + " |")
     print("\nevery output was identical to plain greedy")
     if D:
-        cost_table(model, D, args.device)
+        cost_table(model, D, args.device,
+                   {name.rsplit(" ", 1)[-1]: DraftVocab(model, ids) for name, ids in vocabs.items()})
 
 
 @torch.inference_mode()
-def cost_table(model: KunlunBaize, D: int, device: str, reps: int = 60) -> None:
+def cost_table(model: KunlunBaize, D: int, device: str, vocabs: dict[str, DraftVocab], reps: int = 60) -> None:
     """What one speculative round costs relative to one plain step: a trunk forward over n = k+1 tokens
     (verification of k drafts, MTP keys included) and k drafting steps, timed interleaved."""
     from kunlunbaize.infer.sampling import GREEDY
@@ -134,6 +150,9 @@ def cost_table(model: KunlunBaize, D: int, device: str, reps: int = 60) -> None:
         for k in range(1, D + 1):
             cache.crop(P)
             timed(f"d{k}", lambda k=k: draft(model, cache, hidden, 1, k, GREEDY, None))
+            for size, vocab in vocabs.items():
+                cache.crop(P)
+                timed(f"d{k} {size}", lambda k=k, v=vocab: draft(model, cache, hidden, 1, k, GREEDY, None, v))
     med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
     f1 = med["plain"]
     print(f"\ncost of a round (median of {reps}, after a {P}-token prompt), relative to a plain decoding step "
@@ -141,8 +160,10 @@ def cost_table(model: KunlunBaize, D: int, device: str, reps: int = 60) -> None:
     print("| draft length k | verify: trunk forward of k+1 tokens | drafting k tokens | round / F(1) |")
     print("|---:|---:|---:|---:|")
     for k in range(1, D + 1):
-        fk, dk = med[f"F{k + 1}"], med[f"d{k}"]
-        print(f"| {k} | {fk:.2f} ms ({fk / f1:.2f}x) | {dk:.2f} ms ({dk / f1:.2f}x) | {(fk + dk) / f1:.2f} |")
+        for size in ["", *vocabs]:
+            fk, dk = med[f"F{k + 1}"], med[f"d{k} {size}".strip()]
+            label = f"{k}" + (f", draft vocab {size}" if size else "")
+            print(f"| {label} | {fk:.2f} ms ({fk / f1:.2f}x) | {dk:.2f} ms ({dk / f1:.2f}x) | {(fk + dk) / f1:.2f} |")
     print("\nspeedup ≈ (tokens per trunk forward) / (round / F(1))")
 
 

@@ -50,6 +50,9 @@ def test_generate_cli_plain_speculative_and_stop(run, capsys):
     assert out.startswith("def ") and "finished" in err
     spec, err2 = cli(capsys, "def ", "--checkpoint", str(run), "--max-new-tokens", "24", "--speculative")
     assert spec == out and "acceptance_depth_1" in err2
+    small, _ = cli(capsys, "def ", "--checkpoint", str(run), "--max-new-tokens", "24", "--speculative", "--adaptive",
+                   "--draft-vocab", "40")  # the training data's 40 most frequent tokens
+    assert small == out
     body = out[len("def "):].rstrip("\n")
     if len(body) > 3:
         stop = body[1:3]
@@ -69,6 +72,13 @@ def test_generate_cli_errors(run, tmp_path, capsys):
     with pytest.raises(SystemExit, match="fit the context"):
         main(["generate", "word " * 200, "--checkpoint", str(run), "--max-new-tokens", "8"])
     main(["generate", "word " * 200, "--checkpoint", str(run), "--max-new-tokens", "8", "--truncate"])
+    with pytest.raises(SystemExit, match="apply to --speculative"):
+        main(["generate", "x", "--checkpoint", str(run), "--draft-vocab", "40"])
+    with pytest.raises(SystemExit, match="cannot count tokens of .*give --draft-data"):
+        main(["generate", "x", "--checkpoint", str(run), "--speculative", "--draft-vocab", "40",
+              "--draft-data", str(tmp_path / "nodata")])
+    with pytest.raises(SystemExit, match="draft vocabulary|exceeds the vocabulary"):
+        main(["generate", "x", "--checkpoint", str(run), "--speculative", "--draft-vocab", "100000"])
     with pytest.raises(SystemExit, match="empty prompt"):
         main(["generate", "", "--checkpoint", str(run)])
     bad = tmp_path / "bad"

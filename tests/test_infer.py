@@ -6,8 +6,10 @@ import itertools
 import pytest
 import torch
 
-from kunlunbaize.infer import SamplingParams, distribution, generate, speculative_generate
+from kunlunbaize.infer import DraftVocab, SamplingParams, distribution, frequent_tokens, generate, speculative_generate
 from kunlunbaize.infer.generate import fit_prompts
+from kunlunbaize.infer.sampling import GREEDY
+from kunlunbaize.infer.speculative import draft
 
 from .conftest import build, tiny
 
@@ -75,8 +77,10 @@ def test_speculative_accepts_drafts_when_depths_agree_with_the_trunk():
     assert out.stats["tokens_per_trunk_forward"] == 13 / 3
 
 
-def test_speculative_sampling_matches_trunk_distribution():
-    # Exact distribution of the first two generated tokens under the trunk vs. speculative samples (chi-square).
+@pytest.mark.parametrize("draft_vocab", [None, [0, 2, 4]])
+def test_speculative_sampling_matches_trunk_distribution(draft_vocab):
+    # Exact distribution of the first two generated tokens under the trunk vs. speculative samples (chi-square),
+    # also when the depths draft from a smaller vocabulary (q = 0 outside it).
     torch.manual_seed(0)
     model = model64(3, vocab_size=5, mtp_depth=2)
     params = SamplingParams(temperature=1.3, top_k=4)
@@ -93,7 +97,8 @@ def test_speculative_sampling_matches_trunk_distribution():
     counts = torch.zeros(V, V)
     gen_seed = itertools.count()
     for _ in range(n):
-        a, b = speculative_generate(model, prompt, 2, sampling=params, seed=next(gen_seed)).tokens[0]
+        a, b = speculative_generate(model, prompt, 2, sampling=params, seed=next(gen_seed),
+                                    draft_vocab=draft_vocab).tokens[0]
         counts[a, b] += 1
     mask = expected.flatten() * n >= 5  # chi-square needs expected counts >= 5
     exp = expected.flatten()[mask] * n
@@ -105,6 +110,30 @@ def test_speculative_sampling_matches_trunk_distribution():
     crit = dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
     assert chi2 < crit, (chi2, crit, dof)
     assert counts.flatten()[~mask].sum() <= 0.02 * n
+
+
+@pytest.mark.parametrize("kw", [dict(mtp_depth=2), dict(mtp_depth=3, mtp_share_head=True)])
+def test_draft_vocabulary_keeps_greedy_output_and_maps_ids_back(kw):
+    model = model64(1, **kw)
+    V = model.config.vocab_size
+    counts = torch.arange(V).flip(0)  # id 0 most frequent
+    vocab = frequent_tokens(counts, V // 3)
+    assert vocab.tolist() == list(range(V // 3))
+    for seed in range(3):
+        prompt = torch.randint(0, V, (2 + seed,)).tolist()
+        spec = speculative_generate(model, prompt, 20, adaptive=True, draft_vocab=vocab)
+        assert spec.tokens[0] == generate(model, [prompt], 20).tokens[0]
+    # all draft logits equal: the draft is the first id of the draft vocabulary, never an index into it
+    with torch.no_grad():
+        for d in model.mtp.depths:
+            d.out_norm.weight.zero_()
+        cache = model.new_cache(1, 16)
+        hidden = model(torch.tensor([[5, 6, 7]]), cache=cache, mtp=False).hidden[:, -1:]
+        drafts, _ = draft(model, cache, hidden, 1, model.config.mtp_depth, GREEDY, None,
+                          DraftVocab(model, torch.tensor([9, 4, 4])))
+    assert drafts == [4] * model.config.mtp_depth
+    with pytest.raises(ValueError, match="draft vocabulary"):
+        DraftVocab(model, torch.tensor([V]))
 
 
 def test_generation_errors():

@@ -267,6 +267,25 @@ def _load_for_generation(args: argparse.Namespace, device: str):
     return load_for_generation(ckpt, device)
 
 
+def _draft_vocab(args: argparse.Namespace, ckpt, vocab_size: int):
+    """The ``--draft-vocab`` most frequent token ids of ``--draft-data`` (default: the checkpoint's training data)."""
+    from .data.format import token_counts
+    from .infer import frequent_tokens
+    from .infer.load import training_data
+
+    data = args.draft_data or training_data(ckpt)
+    if data is None:
+        raise ValueError(f"--draft-vocab needs token frequencies and {ckpt} does not say what data it was trained "
+                         "on: give --draft-data DIR (a folder from `kunlun prepare`)")
+    if args.draft_vocab > vocab_size:
+        raise ValueError(f"--draft-vocab {args.draft_vocab} exceeds the vocabulary of {vocab_size}")
+    try:
+        counts = token_counts(data, vocab_size)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--draft-vocab: cannot count tokens of {data}: {e} — give --draft-data DIR") from None
+    return frequent_tokens(counts, args.draft_vocab)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .infer import SamplingParams, speculative_generate
     from .infer.generate import fit_prompts
@@ -275,9 +294,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     prompts = _read_prompts(args)
     many = len(prompts) > 1
-    if not args.speculative and (args.draft_len is not None or args.adaptive):
-        raise SystemExit("kunlun generate: --draft-len and --adaptive apply to --speculative decoding — "
-                         "add --speculative or drop them")
+    if not args.speculative and (args.draft_len is not None or args.adaptive or args.draft_vocab):
+        raise SystemExit("kunlun generate: --draft-len, --adaptive and --draft-vocab apply to --speculative "
+                         "decoding — add --speculative or drop them")
     if args.speculative and many:
         raise SystemExit("kunlun generate: --speculative decodes one prompt at a time — give a single prompt")
     device = resolve_device(args.device, "generate")
@@ -294,6 +313,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         tokenizer, eot = load_tokenizer(ckpt, model.config.vocab_size)
         ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
         fitted, max_new = fit_prompts(ids, args.max_new_tokens, context, args.truncate)
+        draft_vocab = _draft_vocab(args, ckpt, model.config.vocab_size) if args.draft_vocab else None
     except (ValueError, LoadError) as e:
         raise SystemExit(f"kunlun generate: {e}") from None
     for row, (full, kept) in enumerate(zip(ids, fitted, strict=True)):
@@ -321,7 +341,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     try:
         if args.speculative:
             result = speculative_generate(model, fitted[0], max_new, sampling, args.draft_len, args.adaptive, eot,
-                                          args.seed, should_stop=should_stop)
+                                          args.seed, should_stop=should_stop, draft_vocab=draft_vocab)
         else:
             result = run(model, fitted, max_new, sampling, eot, args.seed, should_stop=should_stop)
     except ValueError as e:
@@ -362,6 +382,10 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
     g.add_argument("--draft-len", type=int_at_least(1), default=None, help="drafts per round, 1 … mtp_depth")
     g.add_argument("--adaptive", action="store_true", help="adapt the draft length to acceptance")
+    g.add_argument("--draft-vocab", type=int_at_least(1), default=None, metavar="N",
+                   help="draft from the N most frequent training tokens only (cheaper drafts, same output)")
+    g.add_argument("--draft-data", default=None, metavar="DIR",
+                   help="prepared data whose token frequencies choose --draft-vocab (default: the training data)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N, mps")
     g.set_defaults(func=cmd_generate)
 

@@ -116,6 +116,18 @@ def open_split(path: str | os.PathLike[str], split: str) -> list[np.memmap]:
             for s in meta["splits"][split]["shards"] if int(s["tokens"]) > 0]
 
 
+def token_counts(path: str | os.PathLike[str], vocab_size: int, split: str = "train") -> np.ndarray:
+    """How often each token id in [0, ``vocab_size``) occurs in ``split`` of the dataset in ``path`` (int64 [V])."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for shard in open_split(path, split):
+        found = np.bincount(shard, minlength=vocab_size)
+        if len(found) > vocab_size:
+            raise DataError(f"dataset {path} holds token ids up to {len(found) - 1}, beyond the model's vocabulary "
+                            f"of {vocab_size}: it was prepared with another tokenizer")
+        counts += found
+    return counts
+
+
 def is_prepared(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` holds a complete prepared dataset (meta.json of this format, all shards present and sized)."""
     try:

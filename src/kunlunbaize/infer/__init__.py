@@ -2,6 +2,7 @@
 
 from .generate import GenerationResult, generate
 from .sampling import SamplingParams, distribution, sample
-from .speculative import speculative_generate
+from .speculative import DraftVocab, frequent_tokens, speculative_generate
 
-__all__ = ["GenerationResult", "SamplingParams", "distribution", "generate", "sample", "speculative_generate"]
+__all__ = ["DraftVocab", "GenerationResult", "SamplingParams", "distribution", "frequent_tokens", "generate", "sample",
+           "speculative_generate"]

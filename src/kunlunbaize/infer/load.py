@@ -75,6 +75,14 @@ def checkpoint_arch(ckpt: Path, config: dict | None = None) -> str:
     return "llama" if any(k.startswith("hf.model.") for k in weight_names(ckpt)) else "kunlunbaize"
 
 
+def training_data(ckpt: Path) -> str | None:
+    """The prepared data folder a ``kunlun train`` checkpoint was trained on (as given to it), or None if unknown."""
+    try:
+        return str(json.loads((ckpt / "trainer_state.json").read_text())["train_config"]["data"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def weight_names(ckpt: Path) -> list[str]:
     """Tensor names of the checkpoint's safetensors files (headers only); empty when they cannot be read."""
     from safetensors import safe_open

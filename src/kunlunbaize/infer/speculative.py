@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from ..model import InferenceCache, KunlunBaize
 from .generate import GenerationResult, StopCallback, TokenCallback, fit_prompts
@@ -41,11 +42,41 @@ class SpecStats:
         return out
 
 
+class DraftVocab:
+    """A smaller output vocabulary for drafting: the depths' heads (eq. 21) restricted to ``ids``, e.g. the most
+    frequent tokens of the training data (:func:`frequent_tokens`). A draft then costs a fraction of the full
+    V-way head; verification by the trunk's full head keeps the output exact (greedy: identical tokens; sampling:
+    the rejection rule with q = 0 outside ``ids``)."""
+
+    def __init__(self, model: KunlunBaize, ids: torch.Tensor) -> None:
+        assert model.mtp is not None
+        V = model.config.vocab_size
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten().unique()
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= V:
+            raise ValueError(f"draft vocabulary ids must be a non-empty set of token ids in [0, {V})")
+        device = model.head_weight.device
+        self.ids = ids.to(device)
+        self.vocab_size = V
+        self.weights = [model.mtp.head_weight(j, model.head_weight).index_select(0, self.ids)
+                        for j in range(1, model.config.mtp_depth + 1)]
+
+    def full(self, q: torch.Tensor) -> torch.Tensor:
+        """A distribution over the draft ids as one over the whole vocabulary (zeros elsewhere)."""
+        return q.new_zeros(self.vocab_size).index_copy_(0, self.ids, q)
+
+
+def frequent_tokens(token_counts: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` most frequent token ids given per-id counts [V] (e.g. ``torch.bincount`` of training tokens)."""
+    return torch.as_tensor(token_counts).argsort(descending=True, stable=True)[:n]
+
+
 def draft(model: KunlunBaize, cache: InferenceCache, hidden: torch.Tensor, next_token: int, k: int,
-          sampling: SamplingParams, gen: torch.Generator | None) -> tuple[list[int], list[torch.Tensor]]:
+          sampling: SamplingParams, gen: torch.Generator | None,
+          vocab: DraftVocab | None = None) -> tuple[list[int], list[torch.Tensor]]:
     """``k`` draft tokens after ``next_token`` (= t_n) and the distributions they were drawn from (none if greedy).
 
-    ``hidden`` [1, 1, d] is the trunk's final hidden state at position n − 1 = ``cache.length`` − 1.
+    ``hidden`` [1, 1, d] is the trunk's final hidden state at position n − 1 = ``cache.length`` − 1. With
+    ``vocab`` the drafts come from that smaller vocabulary.
     """
     assert model.mtp is not None
     n = cache.length
@@ -58,11 +89,17 @@ def draft(model: KunlunBaize, cache: InferenceCache, hidden: torch.Tensor, next_
         new = tokens[max(0, j - n):j]
         emb = model.embed(torch.tensor([new], device=device))
         g = model.mtp.depth_step(j, g, emb, model.rope, n - 1, max(0, n - j), cache.mtp[j - 1])
-        logits = model.mtp.logits(j, g, model.head_weight)[:, -1]
+        if vocab is None:
+            logits = model.mtp.logits(j, g, model.head_weight)[:, -1]
+        else:
+            logits = F.linear(model.mtp.depths[j - 1].out_norm(g[:, -1]), vocab.weights[j - 1])
         if sampling.greedy:  # greedy verification compares argmaxes: no distribution needed
-            tokens.append(int(logits.argmax(-1)[0]))
+            best = int(logits.argmax(-1)[0])
+            tokens.append(best if vocab is None else int(vocab.ids[best]))
             continue
         q = distribution(logits, sampling)[0]
+        if vocab is not None:
+            q = vocab.full(q)
         qs.append(q)
         tokens.append(int(torch.multinomial(q, 1, generator=gen)))
     return tokens[1:], qs
@@ -90,15 +127,16 @@ def _accept(trunk_logits: torch.Tensor, drafts: list[int], qs: list[torch.Tensor
 
 
 def speculative_round(model: KunlunBaize, cache: InferenceCache, hidden: torch.Tensor, next_token: int, k: int,
-                      sampling: SamplingParams, gen: torch.Generator | None,
-                      stats: SpecStats | None = None) -> tuple[list[int], torch.Tensor]:
+                      sampling: SamplingParams, gen: torch.Generator | None, stats: SpecStats | None = None,
+                      vocab: DraftVocab | None = None) -> tuple[list[int], torch.Tensor]:
     """One draft–verify round of a single sequence: the new tokens (the accepted drafts, then the trunk's own
     token) and the trunk's hidden state [1, 1, d] at the last token now in the cache.
 
     The cache holds t_0 … t_{n−1}; ``next_token`` = t_n is chosen but not fed; ``hidden`` is the trunk's state at
     t_{n−1}. Afterwards the cache holds t_n and the accepted drafts, and the last returned token is the next
-    ``next_token``. ``k`` drafts are made (1 … mtp_depth); the verification writes k + 1 slots."""
-    drafts, qs = draft(model, cache, hidden, next_token, k, sampling, gen)
+    ``next_token``. ``k`` drafts are made (1 … mtp_depth), from ``vocab`` when given; the verification writes
+    k + 1 slots."""
+    drafts, qs = draft(model, cache, hidden, next_token, k, sampling, gen, vocab)
     n = cache.length
     verify = model(torch.tensor([[next_token, *drafts]], device=hidden.device), cache=cache, mtp=False)
     accepted, bonus = _accept(verify.logits[0], drafts, qs, sampling, gen)
@@ -124,11 +162,13 @@ def speculative_generate(
     truncate: bool = False,
     on_token: TokenCallback | None = None,
     should_stop: StopCallback | None = None,
+    draft_vocab: torch.Tensor | None = None,
 ) -> GenerationResult:
     """Generate for one prompt with MTP self-speculative decoding; ``stats`` reports acceptance per depth.
 
     ``draft_len`` (1 … D, default D) drafts per round; ``adaptive`` grows it after a fully accepted round
-    and shrinks it after a round that accepted nothing.
+    and shrinks it after a round that accepted nothing. ``draft_vocab`` (token ids, e.g.
+    :func:`frequent_tokens`) restricts the drafts to those tokens: cheaper drafts, the same output.
     """
     model.eval()
     D = model.config.mtp_depth
@@ -140,6 +180,7 @@ def speculative_generate(
     device = model.embed.weight.device
     (prompt,), max_new_tokens = fit_prompts([prompt], max_new_tokens, model.config.max_seq_len, truncate)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    vocab = DraftVocab(model, draft_vocab) if draft_vocab is not None else None
     cache = model.new_cache(1, len(prompt) + max_new_tokens)  # verification never writes past it
     t0 = time.perf_counter()
     out = model(torch.tensor([prompt], device=device), cache=cache, mtp=False)
@@ -166,7 +207,7 @@ def speculative_generate(
     finished = emit(nxt)
     while not finished:
         kk = min(k, max_new_tokens - len(result))  # no point drafting past the budget
-        new, hidden = speculative_round(model, cache, hidden, nxt, kk, sampling, gen, stats)
+        new, hidden = speculative_round(model, cache, hidden, nxt, kk, sampling, gen, stats, vocab)
         accepted = len(new) - 1
         for tok in new:
             if emit(tok):

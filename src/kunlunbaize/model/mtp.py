@@ -82,10 +82,14 @@ class MultiTokenPrediction(nn.Module):
             k, v = depth.cross_attn.project_kv(depth.embed_norm(emb), rope(pos))
             caches[j - 1].write(kv_start, k, v)
 
+    def head_weight(self, j: int, main_head_weight: torch.Tensor) -> torch.Tensor:
+        """O_j's weight [V, d] (eq. 21): the depth's own, or the trunk head's when shared."""
+        head = self.depths[j - 1].head
+        return head.weight if head is not None else main_head_weight
+
     def head_input(self, j: int, g: torch.Tensor, main_head_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Depth j's output head (eq. 21) as (its input, its weight): the logits are ``input @ weight.T``."""
-        depth = self.depths[j - 1]
-        return depth.out_norm(g), (depth.head.weight if depth.head is not None else main_head_weight)
+        return self.depths[j - 1].out_norm(g), self.head_weight(j, main_head_weight)
 
     def logits(self, j: int, g: torch.Tensor, main_head_weight: torch.Tensor) -> torch.Tensor:
         h, weight = self.head_input(j, g, main_head_weight)

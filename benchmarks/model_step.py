@@ -1,11 +1,17 @@
 """Training-step throughput of KunlunBaize vs. the all-switches-off LLaMA-style baseline, side by side.
 
-Every variant has the same width, depth and vocabulary; rounds interleave the variants so machine
-noise hits them alike, and the median over rounds is reported. Achieved FLOP/s uses the analytic
-training FLOPs per token of ``ModelConfig.flops_per_token``.
+Every variant has the same width, depth and vocabulary and trains through ``kunlun train``'s loss path
+(``--loss chunked``: eq. 22 without [B, T, V] logits; ``--loss logits`` for the logits path). Rounds
+interleave the variants so machine noise hits them alike; the median over rounds is reported. Achieved
+FLOP/s uses the analytic training FLOPs per token of ``ModelConfig.flops_per_token``.
+
+A second table times the dense residual at depth (``--deep``, default 48 layers): the full model with
+and without it, to measure its overhead. ``--profile`` adds a ``torch.profiler`` breakdown of one step
+of the full model and of the baseline, by kind of work.
 
     python benchmarks/model_step.py                       # small preset, CPU
-    python benchmarks/model_step.py --preset tiny --rounds 3
+    python benchmarks/model_step.py --preset tiny --rounds 3 --deep 8
+    python benchmarks/model_step.py --profile --deep 0
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import argparse
 import platform
 import statistics
 import time
+from collections import defaultdict
 
 import torch
 
@@ -26,6 +33,83 @@ VARIANTS = {
     "- MTP": {"mtp_depth": 0},
     "all off (LLaMA)": {"dense_residual": False, "transformerx": False, "mtp_depth": 0},
 }
+BASELINE = "all off (LLaMA)"
+
+# torch.profiler op names → the kind of work, for the breakdown (first match wins; the rest is "other"). An op
+# matches a name ending in "::" or "_" by prefix, any other name exactly (up to a trailing "_": in-place).
+KINDS = [
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("attention (SDPA)", ("aten::_scaled_dot_product_", "aten::scaled_dot_product_attention")),
+    ("convolution", ("aten::convolution", "aten::_convolution", "aten::mkldnn_convolution",
+                     "aten::convolution_backward", "aten::_conv_depthwise2d")),
+    ("loss: softmax, exp, log", ("aten::_softmax", "aten::_log_softmax", "aten::logsumexp", "aten::exp", "aten::amax",
+                                 "aten::nll_loss_", "_LinearCrossEntropy")),
+    ("optimizer", ("Optimizer.", "aten::_foreach_", "aten::lerp", "aten::addcdiv", "aten::addcmul")),
+    ("norms", ("aten::_fused_rms_norm", "aten::rms_norm", "aten::_fused_rms_norm_backward")),
+    ("elementwise", ("aten::mul", "aten::add", "aten::sub", "aten::div", "aten::sigmoid", "aten::silu", "aten::neg",
+                     "aten::pow", "aten::sum", "aten::where", "aten::fill", "aten::zero", "aten::clamp", "aten::sqrt",
+                     "aten::sigmoid_backward", "aten::silu_backward")),
+    ("copies / layout", ("aten::copy", "aten::cat", "aten::stack", "aten::clone", "aten::contiguous",
+                         "aten::index", "aten::embedding", "aten::_to_copy", "aten::unfold")),
+]
+
+
+def kind_of(op: str) -> str:
+    name = op.rstrip("_") if not op.endswith("__") else op
+    for kind, names in KINDS:
+        if any(name.startswith(n) if n.endswith(("::", "_", ".")) else name == n for n in names):
+            return kind
+    return "other"
+
+
+def build(preset: str, seq_len: int, batch_size: int, device: torch.device, compile: bool = False,
+          **overrides) -> dict:
+    cfg = ModelConfig.preset(preset, max_seq_len=max(seq_len, 8), **overrides)
+    torch.manual_seed(0)
+    model = KunlunBaize(cfg).to(device)
+    if compile:  # as `kunlun train --compile`: each block compiled (regional compilation)
+        for block in model.blocks:
+            block.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), device=device)
+    return dict(cfg=cfg, model=model, opt=opt, x=x, rates=[])
+
+
+def step(r: dict, chunked: bool) -> None:
+    out = r["model"](r["x"], labels=r["x"], logits=not chunked)
+    r["opt"].zero_grad(set_to_none=True)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(r["model"].parameters(), 1.0)
+    r["opt"].step()
+
+
+def race(runs: dict[str, dict], rounds: int, steps: int, chunked: bool, device: torch.device) -> None:
+    """Append tokens/s per round to each run's ``rates``, the variants interleaved within every round."""
+    for r in runs.values():  # warm-up
+        step(r, chunked)
+    for _ in range(rounds):
+        for r in runs.values():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(r, chunked)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            r["rates"].append(r["x"].numel() * steps / (time.perf_counter() - t0))
+
+
+def breakdown(r: dict, chunked: bool) -> dict[str, float]:
+    """Self time (ms) of one training step by kind of work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step(r, chunked)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(r, chunked)
+    out: dict[str, float] = defaultdict(float)
+    for ev in prof.key_averages():
+        out[kind_of(ev.key)] += ev.self_cpu_time_total / 1e3
+    return out
 
 
 def main() -> None:
@@ -35,57 +119,67 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
+    ap.add_argument("--loss", choices=("chunked", "logits"), default="chunked")
+    ap.add_argument("--deep", type=int, default=48, help="layers of the dense-residual overhead table (0: skip)")
+    ap.add_argument("--deep-batch-size", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="a torch.profiler breakdown of one step")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each block, as kunlun train --compile")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
+    chunked = args.loss == "chunked"
 
-    runs = {}
-    for name, overrides in VARIANTS.items():
-        cfg = ModelConfig.preset(args.preset, max_seq_len=max(args.seq_len, 8), **overrides)
-        torch.manual_seed(0)
-        model = KunlunBaize(cfg).to(dev)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-        x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), device=dev)
-        runs[name] = dict(cfg=cfg, model=model, opt=opt, x=x, rates=[])
-
-    def step(r: dict) -> None:
-        out = r["model"](r["x"], labels=r["x"])
-        r["opt"].zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(r["model"].parameters(), 1.0)
-        r["opt"].step()
-
-    for r in runs.values():  # warm-up
-        step(r)
-    tokens = args.batch_size * args.seq_len * args.steps
-    for _ in range(args.rounds):
-        for r in runs.values():
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step(r)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            r["rates"].append(tokens / (time.perf_counter() - t0))
-
-    base = runs["all off (LLaMA)"]
-    base_rate = statistics.median(base["rates"])
-    print(f"preset {args.preset}, batch {args.batch_size} x {args.seq_len} tokens, {args.rounds} rounds x "
-          f"{args.steps} steps, device {dev} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+    runs = {name: build(args.preset, args.seq_len, args.batch_size, dev, args.compile, **o)
+            for name, o in VARIANTS.items()}
+    race(runs, args.rounds, args.steps, chunked, dev)
+    base_rate = statistics.median(runs[BASELINE]["rates"])
+    base_flops = base_rate * runs[BASELINE]["cfg"].flops_per_token(args.seq_len, training=True)
+    print(f"preset {args.preset}, batch {args.batch_size} x {args.seq_len} tokens, {args.loss} loss, "
+          f"{'compiled blocks, ' if args.compile else ''}{args.rounds} "
+          f"rounds x {args.steps} steps, device {dev} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}")
     print()
-    print("| variant | params | train GFLOP/token | tokens/s (median) | tokens/s vs LLaMA | achieved GFLOP/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| variant | params | train GFLOP/token | tokens/s (median) | tokens/s vs LLaMA | achieved GFLOP/s "
+          "| FLOP/s vs LLaMA |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in runs.items():
         cfg: ModelConfig = r["cfg"]
         rate = statistics.median(r["rates"])
         fpt = cfg.flops_per_token(args.seq_len, training=True)
         print(f"| {name} | {cfg.num_params() / 1e6:.2f}M | {fpt / 1e9:.3f} | {rate:,.0f} | "
-              f"{rate / base_rate:.2f}x | {rate * fpt / 1e9:.1f} |")
+              f"{rate / base_rate:.2f}x | {rate * fpt / 1e9:.1f} | {rate * fpt / base_flops:.2f}x |")
+
+    if args.profile:
+        parts = {name: breakdown(runs[name], chunked) for name in ("full KunlunBaize", BASELINE)}
+        kinds = [k for k, _ in KINDS] + ["other"]
+        print("\none training step by kind of work (torch.profiler self time, ms; profiler overhead included)\n")
+        print("| kind | " + " | ".join(parts) + " |")
+        print("|---|" + "---:|" * len(parts))
+        for kind in kinds:
+            print(f"| {kind} | " + " | ".join(f"{p[kind]:,.0f} ({p[kind] / sum(p.values()):.0%})"
+                                               for p in parts.values()) + " |")
+        print("| total | " + " | ".join(f"{sum(p.values()):,.0f}" for p in parts.values()) + " |")
+
+    if args.deep:
+        for r in runs.values():
+            del r["model"], r["opt"]
+        deep = {f"{args.deep} layers, {label}": build(args.preset, args.seq_len, args.deep_batch_size, dev,
+                                                      args.compile, n_layers=args.deep, dense_residual=on)
+                for label, on in (("dense residual", True), ("identity skips", False))}
+        race(deep, args.rounds, args.steps, chunked, dev)
+        on, off = (r["rates"] for r in deep.values())
+        paired = statistics.median(b / a for a, b in zip(on, off, strict=True))  # same round: same machine state
+        print(f"\ndense residual at depth: full model, {args.deep} layers, batch {args.deep_batch_size} x "
+              f"{args.seq_len}\n")
+        print("| variant | tokens/s (median) | tokens/s per round |")
+        print("|---|---:|---|")
+        for name, r in deep.items():
+            print(f"| {name} | {statistics.median(r['rates']):,.0f} | {', '.join(f'{x:,.0f}' for x in r['rates'])} |")
+        print(f"\ndense-residual overhead at {args.deep} layers: {paired - 1:+.1%} of step time (median over rounds "
+              "of the step-time ratio within a round)")
 
 
 if __name__ == "__main__":

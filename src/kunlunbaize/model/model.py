@@ -177,7 +177,7 @@ class KunlunBaizeTrunk:
 
         h = self.embed(input_ids)  # H_0
         emb = h
-        states = [h]
+        states = self.dense.states(h) if self.dense is not None else None
         layer_inputs = [] if keep_layer_inputs else None
         recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         run = getattr(self, "_gradient_checkpointing_func", None) or partial(checkpoint, use_reentrant=False)
@@ -189,8 +189,8 @@ class KunlunBaizeTrunk:
                 delta = run(block, h, rope, start, None, mask, valid)
             else:
                 delta = block(h, rope, start, layer_cache, mask, valid)  # F_l(H_l)
-            if self.dense is not None:
-                h = delta + self.dense.mix(layer, states)  # eq. 1–2
+            if states is not None:
+                h = delta + states.mix(layer, h)  # eq. 1–2
                 if layer + 1 < len(self.blocks):
                     states.append(h)
             else:

@@ -74,10 +74,10 @@ def test_generate_cli_errors(run, tmp_path, capsys):
     main(["generate", "word " * 200, "--checkpoint", str(run), "--max-new-tokens", "8", "--truncate"])
     with pytest.raises(SystemExit, match="apply to --speculative"):
         main(["generate", "x", "--checkpoint", str(run), "--draft-vocab", "40"])
-    with pytest.raises(SystemExit, match="cannot count tokens of .*give --draft-data"):
+    with pytest.raises(SystemExit, match=r"cannot count tokens of .*give --draft-data"):
         main(["generate", "x", "--checkpoint", str(run), "--speculative", "--draft-vocab", "40",
               "--draft-data", str(tmp_path / "nodata")])
-    with pytest.raises(SystemExit, match="draft vocabulary|exceeds the vocabulary"):
+    with pytest.raises(SystemExit, match="exceeds the vocabulary of"):
         main(["generate", "x", "--checkpoint", str(run), "--speculative", "--draft-vocab", "100000"])
     with pytest.raises(SystemExit, match="empty prompt"):
         main(["generate", "", "--checkpoint", str(run)])

@@ -94,7 +94,8 @@ def test_generate_checks_come_before_the_echo(trained_run, tmp_path, capsys):
         (["word " * 200, "--max-new-tokens", "8"], "fit the context"),
         (["x", "--prompt-file", str(prompt_file)], "both as an argument and with --prompt-file"),
         (["x", "--device", "tpu"], "unknown --device 'tpu'"),
-        (["x", "--draft-len", "1"], "--draft-len and --adaptive apply to --speculative"),
+        (["x", "--draft-len", "1"], "--adaptive and --draft-vocab apply to --speculative"),
+        (["x", "--speculative", "--draft-vocab", "9999999"], "exceeds the vocabulary"),
         (["x", "y", "--speculative"], "one prompt at a time"),
         (["x", "--speculative", "--draft-len", "9"], "exceeds the model's mtp_depth=2"),
     ]

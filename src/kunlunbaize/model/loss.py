@@ -16,6 +16,14 @@ class LossTerms:
     main: torch.Tensor
     mtp: list[torch.Tensor]  # L^j for j = 1 … D (unweighted)
 
+    @classmethod
+    def joint(cls, main: torch.Tensor, mtp: list[torch.Tensor], gammas: tuple[float, ...]) -> LossTerms:
+        """L = L_main + Σ_j γ_j L^j (eq. 22) from its terms."""
+        total = main
+        for gamma, term in zip(gammas, mtp, strict=True):
+            total = total + gamma * term
+        return cls(total=total, main=main, mtp=mtp)
+
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int,
                           ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -43,7 +51,4 @@ def multi_token_loss(
     """
     main = shifted_cross_entropy(logits, labels, 1, ignore_index)
     mtp = [shifted_cross_entropy(lg, labels, j + 1, ignore_index) for j, lg in enumerate(mtp_logits, start=1)]
-    total = main
-    for gamma, term in zip(gammas, mtp, strict=True):
-        total = total + gamma * term
-    return LossTerms(total=total, main=main, mtp=mtp)
+    return LossTerms.joint(main, mtp, gammas)

@@ -219,8 +219,6 @@ class KunlunBaize(KunlunBaizeTrunk, nn.Module):
 
     def _chunked_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
                       ignore_index: int) -> ModelOutput:
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
         trunk = self.run_trunk(input_ids, None, attention_mask)
         terms = _chunked_loss_terms(self, trunk, labels, ignore_index)
         return ModelOutput(logits=None, hidden=trunk.hidden, loss=terms.total, main_loss=terms.main,
@@ -251,6 +249,8 @@ class KunlunBaize(KunlunBaizeTrunk, nn.Module):
         """
         if labels is not None and not mtp and self.mtp is not None:
             raise ValueError("the joint loss needs the MTP logits: do not pass mtp=False with labels")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
         if not logits:
             if labels is None or cache is not None:
                 raise ValueError("logits=False is the training loss path: give labels and no cache")
@@ -263,9 +263,6 @@ class KunlunBaize(KunlunBaizeTrunk, nn.Module):
 
         out = ModelOutput(logits=logits, mtp_logits=mtp_logits, hidden=trunk.hidden)
         if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
-                                 f"{tuple(input_ids.shape)}")
             terms = multi_token_loss(logits, mtp_logits, labels, self.config.gammas, ignore_index)
             out.loss, out.main_loss, out.mtp_losses = terms.total, terms.main, terms.mtp
         return out
@@ -282,10 +279,7 @@ def _chunked_loss_terms(model: KunlunBaize, trunk: TrunkOutput, labels: torch.Te
                                       trunk.positions, trunk.mask)
         mtp = [shifted_linear_cross_entropy(h, w, labels, j + 1, ignore_index=ignore_index)
                for j, (h, w) in enumerate(heads, start=1)]
-    total = main
-    for gamma, term in zip(model.config.gammas, mtp, strict=True):
-        total = total + gamma * term
-    return LossTerms(total=total, main=main, mtp=mtp)
+    return LossTerms.joint(main, mtp, model.config.gammas)
 
 
 def run_mtp(module: MultiTokenPrediction | None, trunk: TrunkOutput, rope: RotaryEmbedding,

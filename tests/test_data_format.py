@@ -119,3 +119,15 @@ def test_split_total_must_match_shards(tmp_path: Path) -> None:
     (root / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=r"shards hold 10 tokens"):
         load_meta(root)
+
+
+def test_token_counts_count_every_train_token_and_refuse_another_vocabulary(dataset):
+    from kunlunbaize.data.format import token_counts
+
+    V = load_meta(dataset)["vocab_size"]
+    counts = token_counts(dataset, V)
+    tokens = np.concatenate([np.asarray(s) for s in open_split(dataset, "train")])
+    assert counts.shape == (V,) and counts.sum() == len(tokens)
+    assert np.array_equal(counts, np.bincount(tokens, minlength=V))
+    with pytest.raises(DataError, match="beyond the model's vocabulary of 10"):
+        token_counts(dataset, 10)

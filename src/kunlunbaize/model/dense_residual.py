@@ -107,9 +107,9 @@ class DenseStates:
         """M_layer = Σ_{i≤layer} softmax(a_layer)_i · H_i (eq. 1–2); ``latest`` is H_layer (the last appended)."""
         if layer != self.count - 1:
             raise RuntimeError(f"mix {layer} needs H_0 … H_{layer} stored, {self.count} are")
-        w = self.dense.weights(layer)
-        self.weights.append(w.detach().to(self.buffer.dtype))
-        return _DenseMix.apply(w.to(self.buffer.dtype), latest, self, layer)
+        w = self.dense.weights(layer).to(self.buffer.dtype)
+        self.weights.append(w.detach())
+        return _DenseMix.apply(w, latest, self, layer)
 
 
 class _DenseMix(torch.autograd.Function):

@@ -4,11 +4,13 @@ All variants decode the same prompts with the same weights in one process, round
 our plain cached greedy, MTP self-speculative greedy at each draft length (and adaptive), and
 transformers' ``generate`` (greedy, with our cache) on the same model exported by ``kunlun export
 --hf`` and loaded through ``AutoModelForCausalLM``. Every output is checked token-for-token against
-plain greedy. Reported: tokens/s, the ratio to plain greedy, tokens per trunk forward, acceptance
-per depth.
+plain greedy. Reported: tokens/s, the ratio to plain greedy (and to HF ``generate``), tokens per trunk forward,
+acceptance per depth. ``--compile`` adds plain and adaptive speculative decoding through a
+``StaticDecoder`` (the trunk step compiled at fixed shapes), warmed up (compiled) before the timed rounds.
 
     python benchmarks/decode.py --checkpoint runs/small            # a checkpoint from `kunlun train`
     python benchmarks/decode.py --random small                      # random weights of a preset
+    python benchmarks/decode.py --checkpoint runs/small --compile   # + the compiled static step
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from kunlunbaize import KunlunBaize, ModelConfig
 from kunlunbaize.data.format import token_counts
-from kunlunbaize.infer import generate, speculative_generate
+from kunlunbaize.infer import StaticDecoder, generate, speculative_generate
 from kunlunbaize.infer.load import load_model, load_tokenizer, training_data
 from kunlunbaize.infer.speculative import DraftVocab, frequent_tokens
 
@@ -41,6 +43,10 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers generate() comparison")
     ap.add_argument("--draft-vocab", type=int, nargs="*", default=[], metavar="N",
                     help="also adaptive speculative decoding drafting from the N most frequent training tokens")
+    ap.add_argument("--compile", action="store_true", help="also decode through compiled StaticDecoders")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode of the static step (default: inductor's default; reduce-overhead: "
+                         "CUDA graphs)")
     ap.add_argument("--data", help="prepared data whose train split gives the token frequencies "
                                    "(default: the checkpoint's training data)")
     args = ap.parse_args()
@@ -71,29 +77,56 @@ def main() -> None:
         for size in args.draft_vocab:
             vocabs[f"speculative, adaptive, draft vocab {size:,}"] = frequent_tokens(counts, size)
             variants[f"speculative, adaptive, draft vocab {size:,}"] = "adaptive"
+    decoders: dict[str, StaticDecoder] = {}
+    if args.compile:
+        plain_dec = StaticDecoder(model, 1, mode=args.compile_mode)
+        spec_dec = StaticDecoder(model, 1, mtp=True, mode=args.compile_mode) if D else None
+        compiled = {"plain greedy, static compiled": (None, plain_dec)}
+        if D:
+            compiled["speculative, adaptive, static compiled"] = ("adaptive", spec_dec)
+            for name in list(vocabs):
+                compiled[f"{name}, static compiled"] = ("adaptive", spec_dec)
+                vocabs[f"{name}, static compiled"] = vocabs[name]
+        for name, (k, dec) in compiled.items():
+            variants[name] = k
+            decoders[name] = dec
     hf = None if args.no_hf else hf_twin(model, args.device)
     if hf is not None:
         variants["HF generate (exported model)"] = "hf"
     rates = {v: [] for v in variants}
     stats = {v: [] for v in variants}
     reference = {i: generate(model, [p], n).tokens[0] for i, p in enumerate(prompts)}
+
+    def decode_all(name: str, k) -> int:
+        """Every prompt through variant ``name``; the number of tokens generated."""
+        count = 0
+        for i, p in enumerate(prompts):
+            if k is None:
+                tokens = generate(model, [p], n, decoder=decoders.get(name)).tokens[0]
+            elif k == "hf":
+                ids = torch.tensor([p], device=args.device)
+                tokens = hf.generate(ids, max_new_tokens=n, do_sample=False)[0, len(p):].tolist()
+            else:
+                out = speculative_generate(model, p, n, draft_len=None if k == "adaptive" else k,
+                                           adaptive=k == "adaptive", draft_vocab=vocabs.get(name),
+                                           decoder=decoders.get(name))
+                stats[name].append(out.stats)
+                tokens = out.tokens[0]
+            if tokens != reference[i]:
+                raise SystemExit(f"{name}: output differs from plain greedy on prompt {i}")
+            count += len(tokens)
+        return count
+
+    warmup = {}
+    for name in decoders:  # compile every shape the timed rounds will use
+        t0 = time.perf_counter()
+        decode_all(name, variants[name])
+        warmup[name] = time.perf_counter() - t0
+        stats[name].clear()
     for _ in range(args.rounds):
         for name, k in variants.items():
-            t0, count = time.perf_counter(), 0
-            for i, p in enumerate(prompts):
-                if k is None:
-                    tokens = generate(model, [p], n).tokens[0]
-                elif k == "hf":
-                    ids = torch.tensor([p], device=args.device)
-                    tokens = hf.generate(ids, max_new_tokens=n, do_sample=False)[0, len(p):].tolist()
-                else:
-                    out = speculative_generate(model, p, n, draft_len=None if k == "adaptive" else k,
-                                               adaptive=k == "adaptive", draft_vocab=vocabs.get(name))
-                    stats[name].append(out.stats)
-                    tokens = out.tokens[0]
-                if tokens != reference[i]:
-                    raise SystemExit(f"{name}: output differs from plain greedy on prompt {i}")
-                count += len(tokens)
+            t0 = time.perf_counter()
+            count = decode_all(name, k)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             rates[name].append(count / (time.perf_counter() - t0))
@@ -102,9 +135,10 @@ def main() -> None:
     print(f"{what}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, MTP depth {D}; "
           f"{len(prompts)} prompts x {n} new tokens, batch 1, {args.rounds} rounds; device {args.device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}\n")
-    print("| decoding | tokens/s | vs plain | tokens / trunk forward | " +
-          " | ".join(f"acceptance d{j}" for j in range(1, D + 1)) + " |")
-    print("|---|---:|---:|---:|" + "---:|" * D)
+    hf_rate = statistics.median(rates["HF generate (exported model)"]) if hf is not None else None
+    print("| decoding | tokens/s | vs plain | " + ("vs HF generate | " if hf_rate else "") + "tokens / trunk forward | "
+          + " | ".join(f"acceptance d{j}" for j in range(1, D + 1)) + " |")
+    print("|---|---:|---:|" + ("---:|" if hf_rate else "") + "---:|" + "---:|" * D)
     for name in variants:
         r = statistics.median(rates[name])
         if stats[name]:
@@ -114,17 +148,23 @@ def main() -> None:
             cols = [f"{tpf:.2f}", *(f"{a:.2f}" if a == a else "–" for a in acc)]
         else:
             cols = ["1.00", *("–" for _ in range(D))]
-        print(f"| {name} | {r:,.1f} | {r / base:.2f}x | " + " | ".join(cols) + " |")
+        vs_hf = f"{r / hf_rate:.2f}x | " if hf_rate else ""
+        print(f"| {name} | {r:,.1f} | {r / base:.2f}x | {vs_hf}" + " | ".join(cols) + " |")
     print("\nevery output was identical to plain greedy")
+    for name, seconds in warmup.items():
+        print(f"{name}: first pass over the prompts (compiling) {seconds:.0f} s")
     if D:
-        cost_table(model, D, args.device,
-                   {name.rsplit(" ", 1)[-1]: DraftVocab(model, ids) for name, ids in vocabs.items()})
+        cost_table(model, D, args.device, {name.rsplit(" ", 1)[-1]: DraftVocab(model, ids)
+                                           for name, ids in vocabs.items() if name not in decoders},
+                   decoders.get("speculative, adaptive, static compiled"))
 
 
 @torch.inference_mode()
-def cost_table(model: KunlunBaize, D: int, device: str, vocabs: dict[str, DraftVocab], reps: int = 60) -> None:
+def cost_table(model: KunlunBaize, D: int, device: str, vocabs: dict[str, DraftVocab],
+               static: StaticDecoder | None = None, reps: int = 60) -> None:
     """What one speculative round costs relative to one plain step: a trunk forward over n = k+1 tokens
-    (verification of k drafts, MTP keys included) and k drafting steps, timed interleaved."""
+    (verification of k drafts, MTP keys included) and k drafting steps, timed interleaved; with ``static`` (a
+    compiled ``StaticDecoder`` with MTP keys) also its steps, relative to its own 1-token step."""
     from kunlunbaize.infer.sampling import GREEDY
     from kunlunbaize.infer.speculative import draft
 
@@ -134,6 +174,8 @@ def cost_table(model: KunlunBaize, D: int, device: str, vocabs: dict[str, DraftV
     model(prompt, cache=plain, mtp=False)
     cache = model.new_cache(1, P + D + 1)  # what speculative decoding uses
     hidden = model(prompt, cache=cache, mtp=False).hidden[:, -1:]
+    if static is not None:
+        static.prefill(prompt)
     times: dict[str, list[float]] = {}
 
     def timed(key: str, fn) -> None:
@@ -147,6 +189,9 @@ def cost_table(model: KunlunBaize, D: int, device: str, vocabs: dict[str, DraftV
         for n in range(2, D + 2):
             cache.crop(P)
             timed(f"F{n}", lambda n=n: model(prompt[:, :n], cache=cache, mtp=False))
+        for n in range(1, D + 2) if static is not None else ():
+            static.cache.crop(P)
+            timed(f"S{n}", lambda n=n: static.step(prompt[:, :n]))
         for k in range(1, D + 1):
             cache.crop(P)
             timed(f"d{k}", lambda k=k: draft(model, cache, hidden, 1, k, GREEDY, None))
@@ -165,6 +210,14 @@ def cost_table(model: KunlunBaize, D: int, device: str, vocabs: dict[str, DraftV
             label = f"{k}" + (f", draft vocab {size}" if size else "")
             print(f"| {label} | {fk:.2f} ms ({fk / f1:.2f}x) | {dk:.2f} ms ({dk / f1:.2f}x) | {(fk + dk) / f1:.2f} |")
     print("\nspeedup ≈ (tokens per trunk forward) / (round / F(1))")
+    if static is not None:
+        s1 = med["S1"]
+        print(f"\ncompiled static step S(n) over n new tokens (MTP keys included), relative to S(1) = {s1:.2f} ms "
+              f"({s1 / f1:.2f}x F(1)):\n")
+        print("| n | S(n) | S(n) / S(1) |")
+        print("|---:|---:|---:|")
+        for n in range(1, D + 2):
+            print(f"| {n} | {med[f'S{n}']:.2f} ms | {med[f'S{n}'] / s1:.2f}x |")
 
 
 def hf_twin(model: KunlunBaize, device: str):

@@ -15,7 +15,8 @@ writes every figure to a JSON file.
    MFU against the GPU's datasheet bf16 peak (`kunlunbaize.train.distributed.peak_flops`); rounds interleaved,
    medians;
 3. dense-residual overhead at 48 layers (the `125m` width): training step time with and without it (goal <= 5%);
-4. batch-1 decoding: plain cached greedy vs. MTP self-speculative greedy (draft D and adaptive) vs. transformers'
+4. batch-1 decoding: plain cached greedy (eager, and through a `StaticDecoder`: the step compiled at fixed shapes,
+   CUDA graphs by `mode="reduce-overhead"`) vs. MTP self-speculative greedy (draft D and adaptive) vs. transformers'
    `generate` of the same weights exported to HF (`benchmarks/decode.py`'s `hf_twin`); random weights, so the
    speculative figures show its cost with next to no accepted drafts (tokens per trunk forward reported);
 5. `kunlun prepare` of part of the bundled corpus (the Python standard library) into a temporary folder at the
@@ -58,7 +59,7 @@ from typing import Any
 import torch
 
 from kunlunbaize import KunlunBaize, ModelConfig
-from kunlunbaize.infer import generate, speculative_generate
+from kunlunbaize.infer import StaticDecoder, generate, speculative_generate
 from kunlunbaize.train.distributed import peak_flops
 from kunlunbaize.train.optim import build_optimizer
 from kunlunbaize.train.trainer import training_flops
@@ -106,6 +107,8 @@ class Profile:
     decode_prompt_len: int
     decode_new_tokens: int
     decode_rounds: int
+    decode_static: str  # torch.compile backend of the static plain step ("inductor"; "eager" in the CPU smoke run)
+    decode_static_mode: str | None  # its torch.compile mode ("reduce-overhead": CUDA graphs)
     # 5. corpus and kunlun train
     prepare_bytes: int
     prepare_vocab: int
@@ -120,13 +123,14 @@ class Profile:
 
 GPU = Profile(
     mode="gpu", device="cuda", preset="125m", compile=True, amp_bf16=True, total_s=525.0,
-    budgets={"corpus": 35, "correctness": 45, "train_throughput": 125, "dense_residual": 95, "decode": 65,
-             "cli_train": 140},
+    budgets={"corpus": 35, "correctness": 45, "train_throughput": 125, "dense_residual": 95, "decode": 100,
+             "cli_train": 105},
     eq_batch=2, eq_len=96, eq_prompt=32, fp32_tol=1e-4, bf16_tol=5e-2,
     spec_prompts=3, spec_prompt_len=16, spec_new_tokens=64,
     batch=8, seq_len=1024, steps=5, rounds=5, warmup=2,
     dense_layers=48,
     decode_dtype="bf16", decode_prompts=2, decode_prompt_len=16, decode_new_tokens=128, decode_rounds=2,
+    decode_static="inductor", decode_static_mode="reduce-overhead",
     prepare_bytes=8_000_000, prepare_vocab=8192, prepare_workers=8,
     # batch and length as in section 2, so the compiled blocks can come from inductor's cache
     train_preset="125m", train_tokens=1_500_000, train_seq_len=1024, train_batch=8, train_eval_every=40,
@@ -142,6 +146,7 @@ SMOKE = Profile(
     batch=4, seq_len=64, steps=2, rounds=3, warmup=1,
     dense_layers=4,
     decode_dtype="fp32", decode_prompts=2, decode_prompt_len=8, decode_new_tokens=16, decode_rounds=2,
+    decode_static="eager", decode_static_mode=None,
     prepare_bytes=200_000, prepare_vocab=512, prepare_workers=1,
     train_preset="tiny", train_tokens=4096, train_seq_len=64, train_batch=8, train_eval_every=4,
     train_dtype="fp32",
@@ -550,6 +555,9 @@ def section_decode(sec: Section, prof: Profile) -> None:
         return out.tokens[0]
 
     variants: dict[str, Callable[[list[int]], list[int]]] = {"plain cached greedy": plain}
+    static = StaticDecoder(model, 1, mode=prof.decode_static_mode, backend=prof.decode_static)
+    static_name = f"plain greedy, static compiled ({prof.decode_static_mode or prof.decode_static})"
+    variants[static_name] = lambda p: generate(model, [p], n, decoder=static).tokens[0]
     if D:
         variants[f"MTP speculative greedy, draft {D}"] = lambda p: spec(p, False, f"MTP speculative greedy, draft {D}")
         variants["MTP speculative greedy, adaptive"] = lambda p: spec(p, True, "MTP speculative greedy, adaptive")
@@ -564,6 +572,11 @@ def section_decode(sec: Section, prof: Profile) -> None:
         sec.notes.append("transformers missing: no HF generate figure")
 
     reference = {i: plain(p) for i, p in enumerate(prompts)}  # also the warm-up
+    try:  # compile (and, with CUDA graphs, record) the static step first: its failure must not cost the others
+        variants[static_name](prompts[0][:4])
+    except Exception as e:
+        del variants[static_name]
+        sec.notes.append(f"static compiled decoding failed: {_one_line(f'{type(e).__name__}: {e}')}")
     for fn in variants.values():
         fn(prompts[0][:4])
     stats.clear()

@@ -60,6 +60,28 @@ def test_generate_cli_plain_speculative_and_stop(run, capsys):
         assert cut == "def " + body[: body.index(stop)] + "\n" and "stop" in err3
 
 
+def test_generate_cli_compile_gives_the_same_text(run, capsys, monkeypatch):
+    """--compile decodes through a StaticDecoder (compiled here with the eager backend to keep the test fast; the
+    inductor build is exercised by benchmarks/decode.py --compile and the GPU suite)."""
+    import kunlunbaize.infer.static as static
+
+    real, built = torch.compile, []
+
+    def compile_eager(fn, **kw):
+        built.append(kw)
+        return real(fn, **{**kw, "backend": "eager"})
+
+    monkeypatch.setattr(static.torch, "compile", compile_eager)
+    out, _ = cli(capsys, "def ", "--checkpoint", str(run), "--max-new-tokens", "16")
+    compiled, err = cli(capsys, "def ", "--checkpoint", str(run), "--max-new-tokens", "16", "--compile")
+    assert compiled == out and "compiling" in err
+    spec, _ = cli(capsys, "def ", "--checkpoint", str(run), "--max-new-tokens", "16", "--compile", "--speculative")
+    assert spec == out
+    batch, _ = cli(capsys, "import ", "x = [", "--checkpoint", str(run), "--max-new-tokens", "10")
+    assert cli(capsys, "import ", "x = [", "--checkpoint", str(run), "--max-new-tokens", "10", "--compile")[0] == batch
+    assert len(built) == 3 and all(kw["fullgraph"] and kw["dynamic"] is False for kw in built)
+
+
 def test_generate_cli_batch_matches_single(run, capsys):
     batch, _ = cli(capsys, "import ", "x = [", "--checkpoint", str(run), "--max-new-tokens", "10")
     single, _ = cli(capsys, "x = [", "--checkpoint", str(run), "--max-new-tokens", "10")

@@ -314,6 +314,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
         fitted, max_new = fit_prompts(ids, args.max_new_tokens, context, args.truncate)
         draft_vocab = _draft_vocab(args, ckpt, model.config.vocab_size) if args.draft_vocab else None
+        if args.compile and loaded.arch != "kunlunbaize":
+            raise LoadError(f"{ckpt} is a Llama baseline checkpoint: --compile compiles KunlunBaize's static "
+                            "decoding step — drop --compile")
     except (ValueError, LoadError) as e:
         raise SystemExit(f"kunlun generate: {e}") from None
     for row, (full, kept) in enumerate(zip(ids, fitted, strict=True)):
@@ -336,12 +339,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
         return stream.update(row, tokens) or (not many and output_closed())
 
     print(f"[{ckpt}]", file=sys.stderr)
+    decoder = None
+    if args.compile:
+        from .infer import StaticDecoder
+
+        print("[compiling the decoding step: the first use of a shape takes a while (tens of seconds on a small "
+              "CPU); inductor caches it on disk for later runs]", file=sys.stderr)
+        decoder = StaticDecoder(model, len(prompts), mtp=args.speculative)
     if not many:
         sys.stdout.write(prompts[0])
     try:
         if args.speculative:
             result = speculative_generate(model, fitted[0], max_new, sampling, args.draft_len, args.adaptive, eot,
-                                          args.seed, should_stop=should_stop, draft_vocab=draft_vocab)
+                                          args.seed, should_stop=should_stop, draft_vocab=draft_vocab,
+                                          decoder=decoder)
+        elif decoder is not None:
+            result = run(model, fitted, max_new, sampling, eot, args.seed, should_stop=should_stop, decoder=decoder)
         else:
             result = run(model, fitted, max_new, sampling, eot, args.seed, should_stop=should_stop)
     except ValueError as e:
@@ -386,6 +399,9 @@ def _add_generate_parser(sub) -> None:
                    help="draft from the N most frequent training tokens only (cheaper drafts, same output)")
     g.add_argument("--draft-data", default=None, metavar="DIR",
                    help="prepared data whose token frequencies choose --draft-vocab (default: the training data)")
+    g.add_argument("--compile", action="store_true",
+                   help="decode through a StaticDecoder: the step compiled once at fixed shapes (faster per token, "
+                        "after a one-time compile; same output)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N, mps")
     g.set_defaults(func=cmd_generate)
 

@@ -3,6 +3,7 @@
 from .generate import GenerationResult, generate
 from .sampling import SamplingParams, distribution, sample
 from .speculative import DraftVocab, frequent_tokens, speculative_generate
+from .static import StaticDecoder
 
 __all__ = ["DraftVocab", "GenerationResult", "SamplingParams", "distribution", "frequent_tokens", "generate", "sample",
-           "speculative_generate"]
+           "speculative_generate", "StaticDecoder"]

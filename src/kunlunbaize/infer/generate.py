@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..model import KunlunBaize
 from .sampling import GREEDY, SamplingParams, sample
+
+if TYPE_CHECKING:
+    from .static import StaticDecoder
 
 # Called with (row, token id) for every generated token, as soon as it is chosen.
 TokenCallback = Callable[[int, int], None]
@@ -79,22 +83,36 @@ def generate(
     truncate: bool = False,
     on_token: TokenCallback | None = None,
     should_stop: StopCallback | None = None,
+    decoder: StaticDecoder | None = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` per prompt with the inference cache (prefill, then one token a step).
 
     Prompts and budget are fitted to the context by :func:`fit_prompts` (the budget clipped to the room left).
+    ``decoder`` (a :class:`~kunlunbaize.infer.static.StaticDecoder` of this model, its batch size the number of
+    prompts) decodes with its compiled static step and its cache instead of a new eager one: the same tokens.
     """
     model.eval()
     device = model.embed.weight.device
-    prompts, max_new_tokens = fit_prompts(prompts, max_new_tokens, model.config.max_seq_len, truncate)
+    context = model.config.max_seq_len if decoder is None else decoder.max_len
+    prompts, max_new_tokens = fit_prompts(prompts, max_new_tokens, context, truncate)
     pad = eos_id if eos_id is not None else 0
     ids, mask = left_pad(prompts, pad, device)
     B, T = ids.shape
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    if decoder is not None:
+        _check_decoder(decoder, model)
+        logits = decoder.prefill(ids, mask).logits[:, -1]
+        return decode_loop(logits, lambda feed: decoder.step(feed)[0][:, -1], max_new_tokens, sampling, eos_id, pad,
+                           gen, on_token, should_stop)
     cache = model.new_cache(B, T + max_new_tokens, mtp=False)  # plain decoding never drafts
     logits = model(ids, cache=cache, attention_mask=mask, mtp=False).logits[:, -1]
     return decode_loop(logits, lambda feed: model(feed, cache=cache, mtp=False).logits[:, -1], max_new_tokens,
                        sampling, eos_id, pad, gen, on_token, should_stop)
+
+
+def _check_decoder(decoder: StaticDecoder, model: KunlunBaize) -> None:
+    if decoder.model is not model:
+        raise ValueError("the decoder was made for another model: make one with StaticDecoder(model)")
 
 
 def decode_loop(logits: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor], max_new_tokens: int,

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ..model import InferenceCache, KunlunBaize
-from .generate import GenerationResult, StopCallback, TokenCallback, fit_prompts
+from .generate import GenerationResult, StopCallback, TokenCallback, _check_decoder, fit_prompts
 from .sampling import GREEDY, SamplingParams, distribution, sample
+
+if TYPE_CHECKING:
+    from .static import StaticDecoder
 
 
 @dataclass
@@ -128,25 +132,31 @@ def _accept(trunk_logits: torch.Tensor, drafts: list[int], qs: list[torch.Tensor
 
 def speculative_round(model: KunlunBaize, cache: InferenceCache, hidden: torch.Tensor, next_token: int, k: int,
                       sampling: SamplingParams, gen: torch.Generator | None, stats: SpecStats | None = None,
-                      vocab: DraftVocab | None = None) -> tuple[list[int], torch.Tensor]:
+                      vocab: DraftVocab | None = None,
+                      decoder: StaticDecoder | None = None) -> tuple[list[int], torch.Tensor]:
     """One draft–verify round of a single sequence: the new tokens (the accepted drafts, then the trunk's own
     token) and the trunk's hidden state [1, 1, d] at the last token now in the cache.
 
     The cache holds t_0 … t_{n−1}; ``next_token`` = t_n is chosen but not fed; ``hidden`` is the trunk's state at
     t_{n−1}. Afterwards the cache holds t_n and the accepted drafts, and the last returned token is the next
     ``next_token``. ``k`` drafts are made (1 … mtp_depth), from ``vocab`` when given; the verification writes
-    k + 1 slots."""
+    k + 1 slots, through ``decoder``'s compiled step when given (``cache`` is then ``decoder.cache``)."""
     drafts, qs = draft(model, cache, hidden, next_token, k, sampling, gen, vocab)
     n = cache.length
-    verify = model(torch.tensor([[next_token, *drafts]], device=hidden.device), cache=cache, mtp=False)
-    accepted, bonus = _accept(verify.logits[0], drafts, qs, sampling, gen)
+    ids = torch.tensor([[next_token, *drafts]], device=hidden.device)
+    if decoder is None:
+        verify = model(ids, cache=cache, mtp=False)
+        logits, verified = verify.logits, verify.hidden
+    else:
+        logits, verified = decoder.step(ids)
+    accepted, bonus = _accept(logits[0], drafts, qs, sampling, gen)
     if stats is not None:
         stats.trunk_forwards += 1
         for j in range(k):
             stats.drafted[j] += 1
             stats.accepted[j] += int(j < accepted)
     cache.crop(n + 1 + accepted)  # keep t_n and the accepted drafts; the bonus is fed next round
-    return [*drafts[:accepted], bonus], verify.hidden[:, accepted:accepted + 1]
+    return [*drafts[:accepted], bonus], verified[:, accepted:accepted + 1]
 
 
 @torch.inference_mode()
@@ -163,12 +173,15 @@ def speculative_generate(
     on_token: TokenCallback | None = None,
     should_stop: StopCallback | None = None,
     draft_vocab: torch.Tensor | None = None,
+    decoder: StaticDecoder | None = None,
 ) -> GenerationResult:
     """Generate for one prompt with MTP self-speculative decoding; ``stats`` reports acceptance per depth.
 
     ``draft_len`` (1 … D, default D) drafts per round; ``adaptive`` grows it after a fully accepted round
     and shrinks it after a round that accepted nothing. ``draft_vocab`` (token ids, e.g.
     :func:`frequent_tokens`) restricts the drafts to those tokens: cheaper drafts, the same output.
+    ``decoder`` (a :class:`~kunlunbaize.infer.static.StaticDecoder` of this model with ``batch_size=1`` and
+    ``mtp=True``) verifies with its compiled static step: the same tokens.
     """
     model.eval()
     D = model.config.mtp_depth
@@ -178,12 +191,21 @@ def speculative_generate(
     if not 1 <= k <= D:
         raise ValueError(f"draft_len must be between 1 and mtp_depth={D}, got {draft_len}")
     device = model.embed.weight.device
-    (prompt,), max_new_tokens = fit_prompts([prompt], max_new_tokens, model.config.max_seq_len, truncate)
+    if decoder is not None:
+        _check_decoder(decoder, model)
+        if decoder.batch_size != 1 or not decoder.cache.mtp:
+            raise ValueError("speculative decoding needs a StaticDecoder(model, batch_size=1, mtp=True)")
+    context = model.config.max_seq_len if decoder is None else decoder.max_len
+    (prompt,), max_new_tokens = fit_prompts([prompt], max_new_tokens, context, truncate)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     vocab = DraftVocab(model, draft_vocab) if draft_vocab is not None else None
-    cache = model.new_cache(1, len(prompt) + max_new_tokens)  # verification never writes past it
     t0 = time.perf_counter()
-    out = model(torch.tensor([prompt], device=device), cache=cache, mtp=False)
+    ids = torch.tensor([prompt], device=device)
+    if decoder is None:
+        cache = model.new_cache(1, len(prompt) + max_new_tokens)  # verification never writes past it
+        out = model(ids, cache=cache, mtp=False)
+    else:
+        cache, out = decoder.cache, decoder.prefill(ids)
     hidden = out.hidden[:, -1:]
     nxt = int(sample(out.logits[:, -1], sampling, gen)[0])
     stats = SpecStats(drafted=[0] * D, accepted=[0] * D)
@@ -207,7 +229,7 @@ def speculative_generate(
     finished = emit(nxt)
     while not finished:
         kk = min(k, max_new_tokens - len(result))  # no point drafting past the budget
-        new, hidden = speculative_round(model, cache, hidden, nxt, kk, sampling, gen, stats, vocab)
+        new, hidden = speculative_round(model, cache, hidden, nxt, kk, sampling, gen, stats, vocab, decoder)
         accepted = len(new) - 1
         for tok in new:
             if emit(tok):

@@ -37,8 +37,17 @@ class KVBuffer:
     def capacity(self) -> int:
         return self.k.shape[2]
 
-    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k``/``v`` at slots start…start+m−1; return all slots before start+m."""
+    def write(self, start: int | torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``/``v`` at slots start…start+m−1; return all slots before start+m.
+
+        A tensor ``start`` (a compiled static step: shapes must not depend on it) returns every slot; the caller
+        masks those at or past start+m, and checks the capacity beforehand."""
+        if isinstance(start, torch.Tensor):
+            slots = start + torch.arange(k.shape[2], device=start.device)
+            self.k.index_copy_(2, slots, k.to(self.k.dtype))
+            self.v.index_copy_(2, slots, v.to(self.v.dtype))
+            return self.k, self.v
         end = start + k.shape[2]
         if end > self.capacity:
             raise CacheOverflowError(
@@ -56,11 +65,19 @@ class HistoryBuffer:
     def __init__(self, batch: int, capacity: int, dim: int, device: torch.device, dtype: torch.dtype) -> None:
         self.x = torch.zeros(batch, capacity, dim, device=device, dtype=dtype)
 
-    def read(self, start: int, window: int) -> torch.Tensor:
-        """The inputs at positions max(0, start−window) … start−1."""
+    def read(self, start: int | torch.Tensor, window: int) -> torch.Tensor:
+        """The inputs at positions max(0, start−window) … start−1; for a tensor ``start``, always ``window``
+        positions, zeros before position 0 (what the causal convolution pads with)."""
+        if isinstance(start, torch.Tensor):
+            idx = start - window + torch.arange(window, device=start.device)
+            past = self.x.index_select(1, idx.clamp_min(0))
+            return past * (idx >= 0)[None, :, None].to(past.dtype)
         return self.x[:, max(0, start - window):start]
 
-    def write(self, start: int, x: torch.Tensor) -> None:
+    def write(self, start: int | torch.Tensor, x: torch.Tensor) -> None:
+        if isinstance(start, torch.Tensor):
+            self.x.index_copy_(1, start + torch.arange(x.shape[1], device=start.device), x.to(self.x.dtype))
+            return
         end = start + x.shape[1]
         if end > self.x.shape[1]:
             raise CacheOverflowError(

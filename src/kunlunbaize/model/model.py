@@ -175,10 +175,17 @@ class KunlunBaizeTrunk:
         else:
             rope = self.rope(torch.arange(start, start + T, device=input_ids.device))
 
-        h = self.embed(input_ids)  # H_0
-        emb = h
-        states = self.dense.states(h) if self.dense is not None else None
+        emb = self.embed(input_ids)  # H_0
         layer_inputs = [] if keep_layer_inputs else None
+        h = self.run_blocks(emb, rope, start, cache, mask, valid, layer_inputs)
+        return TrunkOutput(h, emb, start, positions, mask, layer_inputs)
+
+    def run_blocks(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], start: int | torch.Tensor,
+                   cache: InferenceCache | None, mask: torch.Tensor | None, valid: torch.Tensor | None,
+                   layer_inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """H_L from H_0 = ``h`` [B, T, d] through every block and the dense residual (eq. 1–2, 14); appends
+        H_0 … H_{L−1} to ``layer_inputs`` when given. ``start`` is a tensor only in a compiled static step."""
+        states = self.dense.states(h) if self.dense is not None else None
         recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         run = getattr(self, "_gradient_checkpointing_func", None) or partial(checkpoint, use_reentrant=False)
         for layer, block in enumerate(self.blocks):
@@ -195,7 +202,7 @@ class KunlunBaizeTrunk:
                     states.append(h)
             else:
                 h = h + delta  # identity skip
-        return TrunkOutput(h, emb, start, positions, mask, layer_inputs)
+        return h
 
 
 class KunlunBaize(KunlunBaizeTrunk, nn.Module):

@@ -1,0 +1,132 @@
+"""Static decoding (``StaticDecoder``): the fixed-shape trunk step equals the eager cached forward, generation
+through it gives the eager tokens (plain, padded batch, sampling, speculative), its one cache is reused across
+calls, and the compiled step is traced once per number of new tokens."""
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+from kunlunbaize.infer import StaticDecoder, frequent_tokens, generate, speculative_generate
+from kunlunbaize.infer.sampling import SamplingParams
+from kunlunbaize.model.cache import CacheOverflowError
+
+from .conftest import build, tiny
+
+
+def model64(seed=0, **kw):
+    return build(tiny(**kw), seed).double().eval()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(transformerx=False), dict(dense_residual=False, mtp_depth=1),
+                                dict(mtp_depth=3, conv_kernel_sizes=(2, 9)), dict(mtp_depth=0)])
+@torch.inference_mode()
+def test_step_equals_eager_cached_forward(kw):
+    """Logits, hidden states and every cache buffer written (self-attention, conv history, cross-attention and
+    MTP keys) equal the eager path's, for 1 and 3 new tokens and a left-padded batch."""
+    model = model64(**kw)
+    V = model.config.vocab_size
+    ids = torch.randint(1, V, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0  # row 1: a 5-token prompt behind 4 pads
+    eager = model.new_cache(2, 40, mtp=model.mtp is not None)
+    out = model(ids, cache=eager, attention_mask=mask, mtp=False)
+    dec = StaticDecoder(model, 2, 40, mtp=model.mtp is not None, compile=False)
+    static = dec.prefill(ids, mask)
+    torch.testing.assert_close(static.logits, out.logits)
+    feed = out.logits[:, -1:].argmax(-1)
+    for n in (1, 3, 1, 2):
+        feed = torch.cat([feed, torch.randint(1, V, (2, n - 1))], 1)
+        ref = model(feed, cache=eager, mtp=False)
+        logits, hidden = dec.step(feed)
+        torch.testing.assert_close(logits, ref.logits)
+        torch.testing.assert_close(hidden, ref.hidden)
+        feed = logits[:, -1:].argmax(-1)
+    assert dec.cache.length == eager.length
+    L = eager.length
+    for (a, dim), (b, _) in zip(dec.cache.slot_tensors(), eager.slot_tensors(), strict=True):
+        torch.testing.assert_close(a.narrow(dim, 0, L), b.narrow(dim, 0, L))
+
+
+@torch.inference_mode()
+def test_generate_through_decoder_equals_eager():
+    model = model64()
+    V = model.config.vocab_size
+    dec = StaticDecoder(model, 3, compile=False)
+    prompts = [torch.randint(1, V, (n,)).tolist() for n in (9, 2, 5)]
+    assert generate(model, prompts, 12, eos_id=0, decoder=dec).tokens == generate(model, prompts, 12, eos_id=0).tokens
+    sampling = SamplingParams(temperature=0.9, top_k=20)
+    assert (generate(model, prompts, 12, sampling, seed=3, decoder=dec).tokens
+            == generate(model, prompts, 12, sampling, seed=3).tokens)
+
+
+@torch.inference_mode()
+def test_decoder_cache_is_reused_and_reset():
+    """One decoder serves prompts of other lengths: its cache (not a new one) holds each generation's tokens,
+    and nothing of the previous one leaks in."""
+    model = model64()
+    V = model.config.vocab_size
+    dec = StaticDecoder(model, 1, compile=False)
+    keys = dec.cache.layers[0].self_attn.k
+    for n in (12, 3, 7):
+        prompt = torch.randint(1, V, (n,)).tolist()
+        got = generate(model, [prompt], 10, decoder=dec).tokens[0]
+        assert got == generate(model, [prompt], 10).tokens[0]
+        assert dec.cache.layers[0].self_attn.k is keys  # the same buffer every time
+        assert dec.cache.length == n + 9  # the last token is chosen, never fed
+        assert keys[0, :, :n + 9].abs().sum(-1).gt(0).all()  # every fed slot was written through this cache
+
+
+@pytest.mark.parametrize(("kw", "adaptive"), [(dict(mtp_depth=1), False), (dict(mtp_depth=3), True),
+                                              (dict(mtp_depth=2, transformerx=False), False)])
+@torch.inference_mode()
+def test_speculative_through_decoder_equals_plain_greedy(kw, adaptive):
+    for seed in range(2):
+        model = model64(seed, **kw)
+        dec = StaticDecoder(model, 1, mtp=True, compile=False)
+        prompt = torch.randint(0, model.config.vocab_size, (1 + 4 * seed,)).tolist()  # as short as 1 token
+        plain = generate(model, [prompt], 25).tokens[0]
+        spec = speculative_generate(model, prompt, 25, adaptive=adaptive, decoder=dec)
+        assert spec.tokens[0] == plain
+        assert spec.stats["tokens_per_trunk_forward"] > 1  # drafts were accepted through the static verification
+        vocab = frequent_tokens(torch.arange(model.config.vocab_size), 30)
+        assert speculative_generate(model, prompt, 25, adaptive=adaptive, draft_vocab=vocab,
+                                    decoder=dec).tokens[0] == plain
+
+
+@torch.inference_mode()
+def test_compiled_once_per_token_count():
+    """Compiled (fullgraph, a counting backend): plain decoding of prompts of three lengths traces one graph;
+    speculative verification adds one per draft length. Outputs equal eager."""
+    model = build(tiny(n_layers=1, mtp_depth=2), 0).eval()
+    V = model.config.vocab_size
+    counter = CompileCounter()
+    dec = StaticDecoder(model, 1, backend=counter)
+    for n in (4, 9, 13):
+        prompt = torch.randint(1, V, (n,)).tolist()
+        assert generate(model, [prompt], 8, decoder=dec).tokens[0] == generate(model, [prompt], 8).tokens[0]
+    assert counter.frame_count == 1
+    spec = StaticDecoder(model, 1, mtp=True, backend=counter)
+    for k in (1, 2):
+        prompt = torch.randint(1, V, (6,)).tolist()
+        got = speculative_generate(model, prompt, 10, draft_len=k, decoder=spec).tokens[0]
+        assert got == generate(model, [prompt], 10).tokens[0]
+    assert counter.frame_count == 1 + 2  # verification of 2 and of 3 tokens
+
+
+@torch.inference_mode()
+def test_decoder_errors():
+    model = model64()
+    dec = StaticDecoder(model, 2, 20, compile=False)
+    with pytest.raises(ValueError, match="batch 2"):
+        generate(model, [[1, 2]], 4, decoder=dec)
+    with pytest.raises(ValueError, match="another model"):
+        generate(model64(1), [[1, 2], [3]], 4, decoder=dec)
+    with pytest.raises(ValueError, match="mtp=True"):
+        speculative_generate(model, [1, 2], 4, decoder=StaticDecoder(model, 1, compile=False))
+    with pytest.raises(ValueError, match="MTP depths"):
+        StaticDecoder(model64(mtp_depth=0), mtp=True, compile=False)
+    dec.prefill(torch.ones(2, 18, dtype=torch.long))
+    with pytest.raises(CacheOverflowError, match="context of 20"):
+        dec.step(torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="at most 19 fit"):  # prompts are fitted to the decoder's context
+        generate(model, [[1] * 20, [2]], 4, decoder=dec)

@@ -35,6 +35,9 @@ PARSE_ONLY = {
     r"(^|\s|/)kunlun train\b": "a full training budget (minutes to days); the loop runs on tiny budgets in "
                               "test_train.py and test_train_safety.py",
     r"-m kunlunbaize\.cli train\b": "multi-process training at a full budget; torchrun is exercised in test_train.py",
+    r"kunlun generate .*--compile|StaticDecoder\(": "compiles the decoding step with inductor (tens of seconds a "
+                                                   "shape); the same code runs with torch.compile's eager backend "
+                                                   "in test_generate_cli.py and test_static_decode.py",
     r"(^|\s|/)kunlun demo\b": "300+ training steps; the demo's code path is test_demo",
     r"(^|\s|/)kunlun prepare\s*(#|$)": "the whole standard library (~30 MB, 12–30 s); prepare runs on real "
                                       "files in the examples below and in test_data_prepare.py",

@@ -73,7 +73,8 @@ def test_cpu_smoke_runs_every_section(tmp_path):
     assert s["train_throughput"]["figures"]["mfu_ratio"] > 0
     assert s["dense_residual"]["figures"]["ratio"] > 0 and s["dense_residual"]["figures"]["n_layers"] == 4
     decode = s["decode"]["figures"]
-    assert {"plain cached greedy", "plain greedy, static compiled (eager)", "HF generate (exported model)"} <= set(decode)
+    assert {"plain cached greedy", "plain greedy, static compiled (eager)",
+            "HF generate (exported model)"} <= set(decode)
     assert all(v["identical_to_plain"] for k, v in decode.items() if k != "setup")
     assert s["corpus"]["figures"]["train_tokens"] > 0
     train = s["cli_train"]["figures"]

@@ -5,5 +5,5 @@ from .sampling import SamplingParams, distribution, sample
 from .speculative import DraftVocab, frequent_tokens, speculative_generate
 from .static import StaticDecoder
 
-__all__ = ["DraftVocab", "GenerationResult", "SamplingParams", "distribution", "frequent_tokens", "generate", "sample",
-           "speculative_generate", "StaticDecoder"]
+__all__ = ["DraftVocab", "GenerationResult", "SamplingParams", "StaticDecoder", "distribution", "frequent_tokens",
+           "generate", "sample", "speculative_generate"]

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,8 @@ from kunlunbaize.ablate.run import StudyError, run_study
 
 from .conftest import TRAIN_MODEL
 from .test_cli_errors import run_main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def study(**kw) -> StudyConfig:
@@ -118,6 +123,18 @@ def test_a_study_runs_resumes_and_reports(dataset, tmp_path, capsys):
 
     again = run_study(cfg, log=said.append)
     assert again["ran"] == [] and len(again["skipped"]) == 6
+
+    # scripts/save_study.sh keeps the records without checkpoints; restored on a "new machine" (the study folder
+    # gone), every run counts as done and the report is the same
+    kept = tmp_path / "kept"
+    subprocess.run(["bash", str(ROOT / "scripts" / "save_study.sh"), cfg.out, str(kept)], check=True,
+                   capture_output=True)
+    assert not list(kept.rglob("*.pt")) and not list(kept.rglob("checkpoints"))
+    shutil.rmtree(cfg.out)
+    shutil.copytree(kept / "runs", tmp_path / "study" / "runs")
+    restored = run_study(cfg, log=said.append)
+    assert restored["ran"] == [] and len(restored["skipped"]) == 6
+    assert json.loads((tmp_path / "study" / "ablation.json").read_text())["rows"] == report["rows"]
     (tmp_path / "study" / "runs" / "no_mtp-s1" / "done.json").unlink()  # killed after training, before the end
     overrides = [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in TRAIN_MODEL.items()]
     code, out, err = run_main(capsys, "ablate", "--dry-run", "--out", cfg.out, "--data", cfg.data, "--preset", "tiny",

@@ -130,3 +130,20 @@ def test_decoder_errors():
         dec.step(torch.ones(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="at most 19 fit"):  # prompts are fitted to the decoder's context
         generate(model, [[1] * 20, [2]], 4, decoder=dec)
+
+
+@torch.inference_mode()
+def test_many_decoders_each_compile_their_own_steps():
+    """Decoders do not share one compile cache: five speculative decoders (3 step shapes each, 15 graphs) stay
+    within Dynamo's per-function recompile limit (8) and each traces only its own shapes."""
+    model = build(tiny(n_layers=1, mtp_depth=2), 0).eval()
+    prompt = torch.randint(1, model.config.vocab_size, (6,)).tolist()
+    want = generate(model, [prompt], 10).tokens[0]
+    counts = []
+    for _ in range(5):
+        counter = CompileCounter()
+        dec = StaticDecoder(model, 1, mtp=True, backend=counter)
+        assert generate(model, [prompt], 10, decoder=dec).tokens[0] == want
+        assert speculative_generate(model, prompt, 10, draft_len=2, decoder=dec).tokens[0] == want
+        counts.append(counter.frame_count)
+    assert counts == [3] * 5  # 1 new token; verification of 3 and, at the end of the budget, of 2

@@ -11,6 +11,8 @@ the compiled steps too. Outputs equal the eager path's (``tests/test_static_deco
 
 from __future__ import annotations
 
+import itertools
+import types
 from collections.abc import Callable
 
 import torch
@@ -43,6 +45,17 @@ def trunk_step(model: KunlunBaize, cache: InferenceCache, ids: torch.Tensor,
     return F.linear(model.norm(hidden), model.head_weight), hidden
 
 
+_decoder_ids = itertools.count()
+
+
+def _own_code(fn: Callable, tag: int) -> Callable:
+    """``fn`` with a code object of its own. Dynamo keeps compiled graphs per code object and allows 8 per object:
+    decoders sharing :func:`trunk_step`'s would pool their graphs (one per decoder and token count, as each guards
+    its own cache) and a third speculative decoder would hit that limit; each also would check the others' guards."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 class StaticDecoder:
     """Cached decoding of ``batch_size`` sequences of up to ``max_len`` tokens (default: the model's context)
     with :func:`trunk_step` compiled once per number of new tokens.
@@ -67,8 +80,8 @@ class StaticDecoder:
         if compile:
             for t in [*self.cache.buffers(), self._start]:  # fixed addresses: CUDA graphs may replay them
                 torch._dynamo.mark_static_address(t)
-            self._step = torch.compile(trunk_step, fullgraph=True, dynamic=False, mode=mode, backend=backend,
-                                       options=options)
+            self._step = torch.compile(_own_code(trunk_step, next(_decoder_ids)), fullgraph=True, dynamic=False,
+                                       mode=mode, backend=backend, options=options)
         else:
             self._step = trunk_step
 

@@ -44,9 +44,9 @@ def main() -> None:
     ap.add_argument("--draft-vocab", type=int, nargs="*", default=[], metavar="N",
                     help="also adaptive speculative decoding drafting from the N most frequent training tokens")
     ap.add_argument("--compile", action="store_true", help="also decode through compiled StaticDecoders")
-    ap.add_argument("--compile-mode", default=None,
-                    help="torch.compile mode of the static step (default: inductor's default; reduce-overhead: "
-                         "CUDA graphs)")
+    ap.add_argument("--compile-mode", nargs="+", default=["default"], metavar="MODE",
+                    help="torch.compile mode(s) of the static step, one set of compiled rows each: default, "
+                         "reduce-overhead (CUDA graphs), max-autotune (on a CPU: C++ GEMM templates, frozen weights)")
     ap.add_argument("--data", help="prepared data whose train split gives the token frequencies "
                                    "(default: the checkpoint's training data)")
     args = ap.parse_args()
@@ -78,15 +78,17 @@ def main() -> None:
             vocabs[f"speculative, adaptive, draft vocab {size:,}"] = frequent_tokens(counts, size)
             variants[f"speculative, adaptive, draft vocab {size:,}"] = "adaptive"
     decoders: dict[str, StaticDecoder] = {}
-    if args.compile:
-        plain_dec = StaticDecoder(model, 1, mode=args.compile_mode)
-        spec_dec = StaticDecoder(model, 1, mtp=True, mode=args.compile_mode) if D else None
-        compiled = {"plain greedy, static compiled": (None, plain_dec)}
+    for mode in args.compile_mode if args.compile else []:
+        tag = "static compiled" + ("" if mode == "default" else f", {mode}")
+        mode = None if mode == "default" else mode
+        plain_dec = StaticDecoder(model, 1, mode=mode)
+        spec_dec = StaticDecoder(model, 1, mtp=True, mode=mode) if D else None
+        compiled = {f"plain greedy, {tag}": (None, plain_dec)}
         if D:
-            compiled["speculative, adaptive, static compiled"] = ("adaptive", spec_dec)
-            for name in list(vocabs):
-                compiled[f"{name}, static compiled"] = ("adaptive", spec_dec)
-                vocabs[f"{name}, static compiled"] = vocabs[name]
+            compiled[f"speculative, adaptive, {tag}"] = ("adaptive", spec_dec)
+            for name in [v for v in vocabs if "static compiled" not in v]:
+                compiled[f"{name}, {tag}"] = ("adaptive", spec_dec)
+                vocabs[f"{name}, {tag}"] = vocabs[name]
         for name, (k, dec) in compiled.items():
             variants[name] = k
             decoders[name] = dec
@@ -156,15 +158,17 @@ def main() -> None:
     if D:
         cost_table(model, D, args.device, {name.rsplit(" ", 1)[-1]: DraftVocab(model, ids)
                                            for name, ids in vocabs.items() if name not in decoders},
-                   decoders.get("speculative, adaptive, static compiled"))
+                   {name.removeprefix("speculative, adaptive, "): dec for name, dec in decoders.items()
+                    if name.startswith("speculative, adaptive, static")})
 
 
 @torch.inference_mode()
 def cost_table(model: KunlunBaize, D: int, device: str, vocabs: dict[str, DraftVocab],
-               static: StaticDecoder | None = None, reps: int = 60) -> None:
+               statics: dict[str, StaticDecoder], reps: int = 60) -> None:
     """What one speculative round costs relative to one plain step: a trunk forward over n = k+1 tokens
-    (verification of k drafts, MTP keys included) and k drafting steps, timed interleaved; with ``static`` (a
-    compiled ``StaticDecoder`` with MTP keys) also its steps, relative to its own 1-token step."""
+    (verification of k drafts, MTP keys included) and k drafting steps, timed interleaved; for each of
+    ``statics`` (compiled ``StaticDecoder``s with MTP keys, by name) also its steps, relative to its own 1-token
+    step."""
     from kunlunbaize.infer.sampling import GREEDY
     from kunlunbaize.infer.speculative import draft
 
@@ -174,7 +178,7 @@ def cost_table(model: KunlunBaize, D: int, device: str, vocabs: dict[str, DraftV
     model(prompt, cache=plain, mtp=False)
     cache = model.new_cache(1, P + D + 1)  # what speculative decoding uses
     hidden = model(prompt, cache=cache, mtp=False).hidden[:, -1:]
-    if static is not None:
+    for static in statics.values():
         static.prefill(prompt)
     times: dict[str, list[float]] = {}
 
@@ -189,9 +193,10 @@ def cost_table(model: KunlunBaize, D: int, device: str, vocabs: dict[str, DraftV
         for n in range(2, D + 2):
             cache.crop(P)
             timed(f"F{n}", lambda n=n: model(prompt[:, :n], cache=cache, mtp=False))
-        for n in range(1, D + 2) if static is not None else ():
-            static.cache.crop(P)
-            timed(f"S{n}", lambda n=n: static.step(prompt[:, :n]))
+        for name, static in statics.items():
+            for n in range(1, D + 2):
+                static.cache.crop(P)
+                timed(f"{name} S{n}", lambda n=n, s=static: s.step(prompt[:, :n]))
         for k in range(1, D + 1):
             cache.crop(P)
             timed(f"d{k}", lambda k=k: draft(model, cache, hidden, 1, k, GREEDY, None))
@@ -210,14 +215,14 @@ def cost_table(model: KunlunBaize, D: int, device: str, vocabs: dict[str, DraftV
             label = f"{k}" + (f", draft vocab {size}" if size else "")
             print(f"| {label} | {fk:.2f} ms ({fk / f1:.2f}x) | {dk:.2f} ms ({dk / f1:.2f}x) | {(fk + dk) / f1:.2f} |")
     print("\nspeedup ≈ (tokens per trunk forward) / (round / F(1))")
-    if static is not None:
-        s1 = med["S1"]
-        print(f"\ncompiled static step S(n) over n new tokens (MTP keys included), relative to S(1) = {s1:.2f} ms "
+    for name in statics:
+        s1 = med[f"{name} S1"]
+        print(f"\n{name} step S(n) over n new tokens (MTP keys included), relative to S(1) = {s1:.2f} ms "
               f"({s1 / f1:.2f}x F(1)):\n")
         print("| n | S(n) | S(n) / S(1) |")
         print("|---:|---:|---:|")
         for n in range(1, D + 2):
-            print(f"| {n} | {med[f'S{n}']:.2f} ms | {med[f'S{n}'] / s1:.2f}x |")
+            print(f"| {n} | {med[f'{name} S{n}']:.2f} ms | {med[f'{name} S{n}'] / s1:.2f}x |")
 
 
 def hf_twin(model: KunlunBaize, device: str):

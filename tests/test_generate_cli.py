@@ -79,7 +79,12 @@ def test_generate_cli_compile_gives_the_same_text(run, capsys, monkeypatch):
     assert spec == out
     batch, _ = cli(capsys, "import ", "x = [", "--checkpoint", str(run), "--max-new-tokens", "10")
     assert cli(capsys, "import ", "x = [", "--checkpoint", str(run), "--max-new-tokens", "10", "--compile")[0] == batch
-    assert len(built) == 3 and all(kw["fullgraph"] and kw["dynamic"] is False for kw in built)
+    tuned, _ = cli(capsys, "def ", "--checkpoint", str(run), "--max-new-tokens", "16", "--compile-mode", "max-autotune")
+    assert tuned == out
+    # each decoder compiles its verification/decoding step and its drafting step; max-autotune on a CPU is inductor
+    # settings (StaticDecoder's CPU_MAX_AUTOTUNE), not torch.compile's mode
+    assert len(built) == 8 and all(kw["fullgraph"] and kw["dynamic"] is False for kw in built)
+    assert [kw["mode"] for kw in built] == [None] * 8
 
 
 def test_generate_cli_batch_matches_single(run, capsys):

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from kunlunbaize.infer import StaticDecoder, frequent_tokens, generate, speculative_generate
+from kunlunbaize.infer import DraftVocab, StaticDecoder, frequent_tokens, generate, speculative_generate
 from kunlunbaize.infer.sampling import SamplingParams
+from kunlunbaize.infer.speculative import draft
 from kunlunbaize.model.cache import CacheOverflowError
 
 from .conftest import build, tiny
@@ -93,6 +94,30 @@ def test_speculative_through_decoder_equals_plain_greedy(kw, adaptive):
                                     decoder=dec).tokens[0] == plain
 
 
+@pytest.mark.parametrize("vocab_size", [None, 30])
+@torch.inference_mode()
+def test_draft_step_equals_eager_drafting(vocab_size):
+    """The static drafting step (``StaticDecoder.draft``) draws the eager drafts from the same distributions, and
+    writes the same keys into the depths' caches."""
+    model = model64(0, mtp_depth=3)
+    V = model.config.vocab_size
+    vocab = DraftVocab(model, frequent_tokens(torch.arange(V), vocab_size)) if vocab_size else None
+    prompt = torch.randint(0, V, (1, 7))
+    cache = model.new_cache(1, 20)
+    hidden = model(prompt, cache=cache, mtp=False).hidden[:, -1:]
+    dec = StaticDecoder(model, 1, 20, mtp=True, compile=False)
+    static_hidden = dec.prefill(prompt).hidden[:, -1:]
+    sampling = SamplingParams(temperature=1.0)
+    want, want_q = draft(model, cache, hidden, 5, 3, sampling, torch.Generator().manual_seed(0), vocab)
+    got, got_q = draft(model, dec.cache, static_hidden, 5, 3, sampling, torch.Generator().manual_seed(0), vocab, dec)
+    assert got == want
+    for q, p in zip(got_q, want_q, strict=True):
+        torch.testing.assert_close(q, p)
+    for mine, theirs in zip(dec.cache.mtp, cache.mtp, strict=True):
+        torch.testing.assert_close(mine.k[:, :, :7], theirs.k[:, :, :7])
+        torch.testing.assert_close(mine.v[:, :, :7], theirs.v[:, :, :7])
+
+
 @torch.inference_mode()
 def test_compiled_once_per_token_count():
     """Compiled (fullgraph, a counting backend): plain decoding of prompts of three lengths traces one graph;
@@ -110,7 +135,7 @@ def test_compiled_once_per_token_count():
         prompt = torch.randint(1, V, (6,)).tolist()
         got = speculative_generate(model, prompt, 10, draft_len=k, decoder=spec).tokens[0]
         assert got == generate(model, [prompt], 10).tokens[0]
-    assert counter.frame_count == 1 + 2  # verification of 2 and of 3 tokens
+    assert counter.frame_count == 1 + 2 + 2  # verification of 2 and of 3 tokens; drafting at depths 1 and 2
 
 
 @torch.inference_mode()
@@ -146,4 +171,24 @@ def test_many_decoders_each_compile_their_own_steps():
         assert generate(model, [prompt], 10, decoder=dec).tokens[0] == want
         assert speculative_generate(model, prompt, 10, draft_len=2, decoder=dec).tokens[0] == want
         counts.append(counter.frame_count)
-    assert counts == [3] * 5  # 1 new token; verification of 3 and, at the end of the budget, of 2
+    assert counts == [5] * 5  # 1 new token; verification of 3 and (the budget's end) 2; drafting at depths 1, 2
+
+
+@torch.inference_mode()
+def test_cpu_max_autotune_uses_cpp_gemm_templates():
+    """``mode="max-autotune"`` on a CPU: the step's matrix products run inductor's C++ GEMM templates (frozen,
+    prepacked weights), and greedy decoding still gives the eager tokens."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    model = build(tiny(n_layers=1, mtp_depth=1), 0).eval()
+    prompt = torch.randint(1, model.config.vocab_size, (5,)).tolist()
+    counters.clear()
+    dec = StaticDecoder(model, 1, mode="max-autotune")
+    with fresh_cache():  # compiled here, not loaded from inductor's on-disk cache (which counts nothing)
+        got = generate(model, [prompt], 6, decoder=dec).tokens[0]
+    assert got == generate(model, [prompt], 6).tokens[0]
+    assert counters["inductor"]["cpp_templated_kernel_counter"] > 0
+    assert not dec._clone  # no CUDA graphs on a CPU: outputs need no copy
+    with pytest.raises(ValueError, match="not both"):
+        StaticDecoder(model, 1, mode="max-autotune", options={"freezing": True})

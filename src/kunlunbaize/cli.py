@@ -314,7 +314,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
         fitted, max_new = fit_prompts(ids, args.max_new_tokens, context, args.truncate)
         draft_vocab = _draft_vocab(args, ckpt, model.config.vocab_size) if args.draft_vocab else None
-        if args.compile and loaded.arch != "kunlunbaize":
+        if (args.compile or args.compile_mode) and loaded.arch != "kunlunbaize":
             raise LoadError(f"{ckpt} is a Llama baseline checkpoint: --compile compiles KunlunBaize's static "
                             "decoding step — drop --compile")
     except (ValueError, LoadError) as e:
@@ -340,12 +340,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     print(f"[{ckpt}]", file=sys.stderr)
     decoder = None
-    if args.compile:
+    if args.compile or args.compile_mode:
         from .infer import StaticDecoder
 
+        mode = None if args.compile_mode in (None, "default") else args.compile_mode
         print("[compiling the decoding step: the first use of a shape takes a while (tens of seconds on a small "
-              "CPU); inductor caches it on disk for later runs]", file=sys.stderr)
-        decoder = StaticDecoder(model, len(prompts), mtp=args.speculative)
+              "CPU, minutes with max-autotune); inductor caches it on disk for later runs]", file=sys.stderr)
+        decoder = StaticDecoder(model, len(prompts), mtp=args.speculative, mode=mode)
     if not many:
         sys.stdout.write(prompts[0])
     try:
@@ -402,6 +403,9 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--compile", action="store_true",
                    help="decode through a StaticDecoder: the step compiled once at fixed shapes (faster per token, "
                         "after a one-time compile; same output)")
+    g.add_argument("--compile-mode", choices=["default", "max-autotune", "reduce-overhead"], default=None,
+                   help="torch.compile mode of --compile (implies it): max-autotune on a CPU picks C++ GEMM kernels "
+                        "per matrix shape (minutes to compile, a faster step); reduce-overhead: CUDA graphs")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N, mps")
     g.set_defaults(func=cmd_generate)
 

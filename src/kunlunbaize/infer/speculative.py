@@ -75,12 +75,13 @@ def frequent_tokens(token_counts: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def draft(model: KunlunBaize, cache: InferenceCache, hidden: torch.Tensor, next_token: int, k: int,
-          sampling: SamplingParams, gen: torch.Generator | None,
-          vocab: DraftVocab | None = None) -> tuple[list[int], list[torch.Tensor]]:
+          sampling: SamplingParams, gen: torch.Generator | None, vocab: DraftVocab | None = None,
+          decoder: StaticDecoder | None = None) -> tuple[list[int], list[torch.Tensor]]:
     """``k`` draft tokens after ``next_token`` (= t_n) and the distributions they were drawn from (none if greedy).
 
     ``hidden`` [1, 1, d] is the trunk's final hidden state at position n − 1 = ``cache.length`` − 1. With
-    ``vocab`` the drafts come from that smaller vocabulary.
+    ``vocab`` the drafts come from that smaller vocabulary; with ``decoder`` (whose cache is ``cache``) each depth's
+    step runs compiled (:meth:`StaticDecoder.draft`).
     """
     assert model.mtp is not None
     n = cache.length
@@ -90,13 +91,14 @@ def draft(model: KunlunBaize, cache: InferenceCache, hidden: torch.Tensor, next_
     g = hidden
     for j in range(1, k + 1):
         # depth j's key slot s holds t_{s+j}: slots n−j … n−1 take t_n, d_1 … d_{j−1}
-        new = tokens[max(0, j - n):j]
-        emb = model.embed(torch.tensor([new], device=device))
-        g = model.mtp.depth_step(j, g, emb, model.rope, n - 1, max(0, n - j), cache.mtp[j - 1])
-        if vocab is None:
-            logits = model.mtp.logits(j, g, model.head_weight)[:, -1]
+        new = torch.tensor([tokens[max(0, j - n):j]], device=device)
+        weight = model.mtp.head_weight(j, model.head_weight) if vocab is None else vocab.weights[j - 1]
+        step = decoder.draft(j, g, new, weight) if decoder is not None else None
+        if step is None:
+            g = model.mtp.depth_step(j, g, model.embed(new), model.rope, n - 1, max(0, n - j), cache.mtp[j - 1])
+            logits = F.linear(model.mtp.depths[j - 1].out_norm(g[:, -1]), weight)
         else:
-            logits = F.linear(model.mtp.depths[j - 1].out_norm(g[:, -1]), vocab.weights[j - 1])
+            g, logits = step
         if sampling.greedy:  # greedy verification compares argmaxes: no distribution needed
             best = int(logits.argmax(-1)[0])
             tokens.append(best if vocab is None else int(vocab.ids[best]))
@@ -141,7 +143,7 @@ def speculative_round(model: KunlunBaize, cache: InferenceCache, hidden: torch.T
     t_{n−1}. Afterwards the cache holds t_n and the accepted drafts, and the last returned token is the next
     ``next_token``. ``k`` drafts are made (1 … mtp_depth), from ``vocab`` when given; the verification writes
     k + 1 slots, through ``decoder``'s compiled step when given (``cache`` is then ``decoder.cache``)."""
-    drafts, qs = draft(model, cache, hidden, next_token, k, sampling, gen, vocab)
+    drafts, qs = draft(model, cache, hidden, next_token, k, sampling, gen, vocab, decoder)
     n = cache.length
     ids = torch.tensor([[next_token, *drafts]], device=hidden.device)
     if decoder is None:

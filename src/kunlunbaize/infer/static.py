@@ -45,7 +45,37 @@ def trunk_step(model: KunlunBaize, cache: InferenceCache, ids: torch.Tensor,
     return F.linear(model.norm(hidden), model.head_weight), hidden
 
 
+def draft_step(model: KunlunBaize, cache: InferenceCache, j: int, g: torch.Tensor, ids: torch.Tensor,
+               start: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MTP depth ``j``'s drafting step at query slot ``start`` (a 0-d long tensor; n − 1 when the trunk has cached
+    n tokens), as :func:`~kunlunbaize.infer.speculative.draft` computes it: from g^{j−1} ``g`` [1, 1, d] there, with
+    ``ids`` [1, j] = t_n, d_1 … d_{j−1} written to depth j's key slots start − j + 1 … start (slot s holds t_{s+j}),
+    it returns g^j [1, 1, d] and the draft logits [1, V'] over the rows of ``weight`` (the depth's head, eq. 21, or a
+    draft vocabulary's part of it). One unpadded sequence, as speculative decoding runs; needs ``start`` ≥ j − 1."""
+    depth = model.mtp.depths[j - 1]
+    kv_start = start - (j - 1)
+    rope_q = model.rope(start[None])
+    rope_k = model.rope(kv_start + torch.arange(j, device=ids.device))
+    mask = (torch.arange(cache.max_len, device=ids.device) <= start)[None, None, None]  # [1, 1, 1, max_len]
+    g = g + depth.cross_attn(depth.hidden_norm(g), depth.embed_norm(model.embed(ids)), rope_q, rope_k, 0, kv_start,
+                             cache.mtp[j - 1], mask)  # eq. 15–20 for one query
+    return g, F.linear(depth.out_norm(g[:, -1]), weight)
+
+
 _decoder_ids = itertools.count()
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+CPU_MAX_AUTOTUNE = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+"""Inductor settings of ``StaticDecoder(mode="max-autotune")`` on a CPU. The C++ GEMM templates need frozen
+weights (``freezing``); they are applied with ``torch._inductor.config.patch`` while a shape is traced, because
+passed as ``torch.compile(options=…)`` they did not take effect (torch 2.13: no template was tried)."""
 
 
 def _own_code(fn: Callable, tag: int) -> Callable:
@@ -66,6 +96,12 @@ class StaticDecoder:
     ``mtp=True`` keeps the MTP depths' keys, which speculative decoding needs. ``compile=False`` runs the same
     static step eagerly (for tests and debugging); ``mode`` and ``backend`` are ``torch.compile``'s
     (``mode="reduce-overhead"``: CUDA graphs on a GPU).
+
+    ``mode="max-autotune"`` on a CPU compiles with inductor's C++ GEMM templates (:data:`CPU_MAX_AUTOTUNE`): the
+    weights are frozen into the compiled step as constants, prepacked, and each matrix product gets the kernel that
+    measured fastest for its shape. On a 2-core CPU that makes the step about 1.8× faster than the default compile
+    (docs/BENCHMARKS.md) at a compile of minutes per decoder. Frozen means the step keeps the weights it was
+    compiled with: after changing the model's weights, make a new decoder.
     """
 
     def __init__(self, model: KunlunBaize, batch_size: int = 1, max_len: int | None = None, mtp: bool = False,
@@ -76,14 +112,25 @@ class StaticDecoder:
         self.model = model
         self.cache = model.new_cache(batch_size, max_len, mtp=mtp)
         self._start = torch.zeros((), dtype=torch.long, device=model.embed.weight.device)
-        self._clone = mode in ("reduce-overhead", "max-autotune")  # modes that replay CUDA graphs
+        on_cpu = self._start.device.type == "cpu"
+        self._clone = mode in ("reduce-overhead", "max-autotune") and not on_cpu  # modes that replay CUDA graphs
+        self._patch: dict | None = None  # inductor settings while a new shape is traced
+        self._traced: set[object] = set()
+        if compile and mode == "max-autotune" and on_cpu and backend == "inductor":
+            if options:
+                raise ValueError("give either mode='max-autotune' or options, not both (as torch.compile)")
+            self._patch, mode = CPU_MAX_AUTOTUNE, None
         if compile:
-            for t in [*self.cache.buffers(), self._start]:  # fixed addresses: CUDA graphs may replay them
+            # Fixed addresses: CUDA graphs may replay them. Not with freezing, which would take these inputs for
+            # constants: the step would keep reading the cache as it was when traced.
+            for t in [*self.cache.buffers(), self._start] if self._patch is None else []:
                 torch._dynamo.mark_static_address(t)
-            self._step = torch.compile(_own_code(trunk_step, next(_decoder_ids)), fullgraph=True, dynamic=False,
-                                       mode=mode, backend=backend, options=options)
+            tag = next(_decoder_ids)
+            self._step, self._draft = (torch.compile(_own_code(fn, tag), fullgraph=True, dynamic=False, mode=mode,
+                                                     backend=backend, options=options)
+                                       for fn in (trunk_step, draft_step))
         else:
-            self._step = trunk_step
+            self._step, self._draft = trunk_step, draft_step
 
     @property
     def batch_size(self) -> int:
@@ -117,8 +164,34 @@ class StaticDecoder:
             out = self.model(ids, cache=cache, mtp=False)
             return out.logits, out.hidden
         self._start.fill_(cache.length)
-        logits, hidden = self._step(self.model, cache, ids, self._start)
+        logits, hidden = self._run(ids.shape[1], self._step, self.model, cache, ids, self._start)
         cache.length = end
-        if self._clone:  # a CUDA graph's outputs are overwritten by its next replay
-            logits, hidden = logits.clone(), hidden.clone()
         return logits, hidden
+
+    def draft(self, j: int, g: torch.Tensor, ids: torch.Tensor,
+              weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """MTP depth ``j``'s drafting step (:func:`draft_step`, compiled once per depth and head size) after the
+        cached tokens; None while depth j's first key slots are still ahead (then draft eagerly)."""
+        if not self.cache.mtp or self.cache.length < j:
+            return None
+        self._start.fill_(self.cache.length - 1)
+        shape = ("draft", j, weight.shape[0], type(weight))
+        return self._run(shape, self._draft, self.model, self.cache, j, g, ids, self._start, weight)
+
+    def _run(self, shape: object, fn: Callable, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fn(*args)``; a shape's first call (which compiles it) runs under the mode's inductor settings.
+
+        Tensor arguments are passed with contiguous strides: Dynamo guards on every stride, even of a size-1
+        dimension, so a slice such as the verification's hidden state ``[1, k + 1, d][:, i:i + 1]`` would recompile
+        the drafting step for each k (and, after the first call, without those settings)."""
+        args = tuple(a.clone(memory_format=torch.contiguous_format)
+                     if isinstance(a, torch.Tensor) and a.stride() != _contiguous_strides(a.shape) else a for a in args)
+        if self._patch is not None and shape not in self._traced:
+            with torch._inductor.config.patch(self._patch):
+                out = fn(*args)
+            self._traced.add(shape)
+        else:
+            out = fn(*args)
+        if self._clone:  # a CUDA graph's outputs are overwritten by its next replay
+            out = tuple(t.clone() for t in out)
+        return out

@@ -211,26 +211,27 @@ def cost_table(model: KunlunBaize, D: int, device: str, vocabs: dict[str, DraftV
     f1 = med["plain"]
     print(f"\ncost of a round (median of {reps}, after a {P}-token prompt), relative to a plain decoding step "
           f"F(1) = {f1:.2f} ms:\n")
-    print("| draft length k | verify: trunk forward of k+1 tokens | drafting k tokens | round / F(1) |")
-    print("|---:|---:|---:|---:|")
-    for k in range(1, D + 1):
-        for size in ["", *vocabs]:
-            fk, dk = med[f"F{k + 1}"], med[f"d{k} {size}".strip()]
-            label = f"{k}" + (f", draft vocab {size}" if size else "")
-            print(f"| {label} | {fk:.2f} ms ({fk / f1:.2f}x) | {dk:.2f} ms ({dk / f1:.2f}x) | {(fk + dk) / f1:.2f} |")
+
+    def rows(prefix: str, step: str, verify: str) -> None:
+        """The round table of one decoder: its verification keys ``{prefix}{step}{n}``, drafting ``{prefix}d{k}``."""
+        base = med[f"{prefix}{step}1"]
+        print(f"| draft length k | verify: {verify} | drafting k tokens | round / {step}(1) |")
+        print("|---:|---:|---:|---:|")
+        for k in range(1, D + 1):
+            for size in ["", *vocabs]:
+                vk, dk = med[f"{prefix}{step}{k + 1}"], med[f"{prefix}d{k} {size}".strip()]
+                label = f"{k}" + (f", draft vocab {size}" if size else "")
+                print(f"| {label} | {vk:.2f} ms ({vk / base:.2f}x) | {dk:.2f} ms ({dk / base:.2f}x) "
+                      f"| {(vk + dk) / base:.2f} |")
+
+    med["F1"] = f1
+    rows("", "F", "trunk forward of k+1 tokens")
     print("\nspeedup ≈ (tokens per trunk forward) / (round / F(1))")
     for name in statics:
         s1 = med[f"{name} S1"]
         print(f"\n{name}: a round relative to its own 1-token step S(1) = {s1:.2f} ms ({s1 / f1:.2f}x F(1)); "
               "verification S(k+1) and drafting both compiled:\n")
-        print("| draft length k | verify: S(k+1) | drafting k tokens | round / S(1) |")
-        print("|---:|---:|---:|---:|")
-        for k in range(1, D + 1):
-            for size in ["", *vocabs]:
-                sk, dk = med[f"{name} S{k + 1}"], med[f"{name} d{k} {size}".strip()]
-                label = f"{k}" + (f", draft vocab {size}" if size else "")
-                print(f"| {label} | {sk:.2f} ms ({sk / s1:.2f}x) | {dk:.2f} ms ({dk / s1:.2f}x) "
-                      f"| {(sk + dk) / s1:.2f} |")
+        rows(f"{name} ", "S", "S(k+1)")
 
 
 def hf_twin(model: KunlunBaize, device: str):

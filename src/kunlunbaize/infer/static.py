@@ -72,6 +72,7 @@ def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
         step *= size
     return tuple(reversed(strides))
 
+
 CPU_MAX_AUTOTUNE = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 """Inductor settings of ``StaticDecoder(mode="max-autotune")`` on a CPU. The C++ GEMM templates need frozen
 weights (``freezing``); they are applied with ``torch._inductor.config.patch`` while a shape is traced, because

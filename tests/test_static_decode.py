@@ -2,6 +2,8 @@
 through it gives the eager tokens (plain, padded batch, sampling, speculative), its one cache is reused across
 calls, and the compiled step is traced once per number of new tokens."""
 
+import shutil
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
@@ -174,6 +176,8 @@ def test_many_decoders_each_compile_their_own_steps():
     assert counts == [5] * 5  # 1 new token; verification of 3 and (the budget's end) 2; drafting at depths 1, 2
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="inductor's CPU code generation needs a C++ compiler")
 @torch.inference_mode()
 def test_cpu_max_autotune_uses_cpp_gemm_templates():
     """``mode="max-autotune"`` on a CPU: the step's matrix products run inductor's C++ GEMM templates (frozen,

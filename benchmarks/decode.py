@@ -80,7 +80,6 @@ def main() -> None:
     decoders: dict[str, StaticDecoder] = {}
     for mode in args.compile_mode if args.compile else []:
         tag = "static compiled" + ("" if mode == "default" else f", {mode}")
-        mode = None if mode == "default" else mode
         plain_dec = StaticDecoder(model, 1, mode=mode)
         spec_dec = StaticDecoder(model, 1, mtp=True, mode=mode) if D else None
         compiled = {f"plain greedy, {tag}": (None, plain_dec)}

@@ -316,7 +316,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         draft_vocab = _draft_vocab(args, ckpt, model.config.vocab_size) if args.draft_vocab else None
         if (args.compile or args.compile_mode) and loaded.arch != "kunlunbaize":
             raise LoadError(f"{ckpt} is a Llama baseline checkpoint: --compile compiles KunlunBaize's static "
-                            "decoding step — drop --compile")
+                            "decoding step — drop --compile/--compile-mode")
     except (ValueError, LoadError) as e:
         raise SystemExit(f"kunlun generate: {e}") from None
     for row, (full, kept) in enumerate(zip(ids, fitted, strict=True)):
@@ -343,10 +343,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.compile or args.compile_mode:
         from .infer import StaticDecoder
 
-        mode = None if args.compile_mode in (None, "default") else args.compile_mode
         print("[compiling the decoding step: the first use of a shape takes a while (tens of seconds on a small "
               "CPU, minutes with max-autotune); inductor caches it on disk for later runs]", file=sys.stderr)
-        decoder = StaticDecoder(model, len(prompts), mtp=args.speculative, mode=mode)
+        decoder = StaticDecoder(model, len(prompts), mtp=args.speculative, mode=args.compile_mode)
     if not many:
         sys.stdout.write(prompts[0])
     try:

@@ -91,10 +91,6 @@ class MultiTokenPrediction(nn.Module):
         """Depth j's output head (eq. 21) as (its input, its weight): the logits are ``input @ weight.T``."""
         return self.depths[j - 1].out_norm(g), self.head_weight(j, main_head_weight)
 
-    def logits(self, j: int, g: torch.Tensor, main_head_weight: torch.Tensor) -> torch.Tensor:
-        h, weight = self.head_input(j, g, main_head_weight)
-        return F.linear(h, weight)
-
     def forward(
         self,
         hidden: torch.Tensor,

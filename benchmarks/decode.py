@@ -5,7 +5,9 @@ our plain cached greedy, MTP self-speculative greedy at each draft length (and a
 transformers' ``generate`` (greedy, with our cache) on the same model exported by ``kunlun export
 --hf`` and loaded through ``AutoModelForCausalLM``. Every output is checked token-for-token against
 plain greedy. Reported: tokens/s, the ratio to plain greedy (and to HF ``generate``), tokens per trunk forward,
-acceptance per depth. ``--compile`` adds plain and adaptive speculative decoding through a
+acceptance per depth. ``--library-gemm`` adds plain and adaptive speculative rows whose small matrix products
+go through ``F.linear`` instead of :func:`kunlunbaize.model.layers.linear` (the before/after of that change, in
+one run). ``--compile`` adds plain and adaptive speculative decoding through a
 ``StaticDecoder`` (the trunk step compiled at fixed shapes), warmed up (compiled) before the timed rounds.
 
     python benchmarks/decode.py --checkpoint runs/small            # a checkpoint from `kunlun train`
@@ -28,7 +30,9 @@ from kunlunbaize.data.format import token_counts
 from kunlunbaize.infer import StaticDecoder, generate, speculative_generate
 from kunlunbaize.infer.load import load_model, load_tokenizer, training_data
 from kunlunbaize.infer.speculative import DraftVocab, frequent_tokens
+from kunlunbaize.model import layers
 
+LIBRARY = "F.linear"
 PROMPTS = ["def parse_args(argv):\n", "class Cache:\n    def __init__(self", "import os\nimport sys\n\n",
            "    for i in range(len(", "# Copyright", "if __name__ == '__main__':\n"]
 
@@ -43,6 +47,8 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers generate() comparison")
     ap.add_argument("--draft-vocab", type=int, nargs="*", default=[], metavar="N",
                     help="also adaptive speculative decoding drafting from the N most frequent training tokens")
+    ap.add_argument("--library-gemm", action="store_true",
+                    help="also eager rows with every small matrix product through F.linear (layers.SMALL_ROWS = 0)")
     ap.add_argument("--compile", action="store_true", help="also decode through compiled StaticDecoders")
     ap.add_argument("--compile-mode", nargs="+", default=["default"], metavar="MODE",
                     help="torch.compile mode(s) of the static step, one set of compiled rows each: default, "
@@ -77,6 +83,10 @@ def main() -> None:
         for size in args.draft_vocab:
             vocabs[f"speculative, adaptive, draft vocab {size:,}"] = frequent_tokens(counts, size)
             variants[f"speculative, adaptive, draft vocab {size:,}"] = "adaptive"
+    if args.library_gemm:
+        variants[f"plain greedy, {LIBRARY}"] = None
+        if D:
+            variants[f"speculative, adaptive, {LIBRARY}"] = "adaptive"
     decoders: dict[str, StaticDecoder] = {}
     for mode in args.compile_mode if args.compile else []:
         tag = "static compiled" + ("" if mode == "default" else f", {mode}")
@@ -118,6 +128,7 @@ def main() -> None:
             count += len(tokens)
         return count
 
+    small_rows = layers.SMALL_ROWS
     warmup = {}
     for name in decoders:  # compile every shape the timed rounds will use
         t0 = time.perf_counter()
@@ -126,11 +137,13 @@ def main() -> None:
         stats[name].clear()
     for _ in range(args.rounds):
         for name, k in variants.items():
+            layers.SMALL_ROWS = 0 if name.endswith(LIBRARY) else small_rows
             t0 = time.perf_counter()
             count = decode_all(name, k)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             rates[name].append(count / (time.perf_counter() - t0))
+    layers.SMALL_ROWS = small_rows
 
     base = statistics.median(rates["plain greedy"])
     print(f"{what}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, MTP depth {D}; "
@@ -158,16 +171,16 @@ def main() -> None:
         cost_table(model, D, args.device, {name.rsplit(" ", 1)[-1]: DraftVocab(model, ids)
                                            for name, ids in vocabs.items() if name not in decoders},
                    {name.removeprefix("speculative, adaptive, "): dec for name, dec in decoders.items()
-                    if name.startswith("speculative, adaptive, static")})
+                    if name.startswith("speculative, adaptive, static")}, args.library_gemm)
 
 
 @torch.inference_mode()
 def cost_table(model: KunlunBaize, D: int, device: str, vocabs: dict[str, DraftVocab],
-               statics: dict[str, StaticDecoder], reps: int = 60) -> None:
+               statics: dict[str, StaticDecoder], library: bool = False, reps: int = 60) -> None:
     """What one speculative round costs relative to one plain step: a trunk forward over n = k+1 tokens
     (verification of k drafts, MTP keys included) and k drafting steps, timed interleaved; for each of
     ``statics`` (compiled ``StaticDecoder``s with MTP keys, by name) also its steps, relative to its own 1-token
-    step."""
+    step; with ``library`` also the eager trunk forwards with every matrix product through ``F.linear``."""
     from kunlunbaize.infer.sampling import GREEDY
     from kunlunbaize.infer.speculative import draft
 
@@ -200,6 +213,12 @@ def cost_table(model: KunlunBaize, D: int, device: str, vocabs: dict[str, DraftV
                     static.cache.crop(P)
                     timed(f"{name} d{k} {size}".strip(), lambda k=k, v=vocab, s=static, h=static_hidden[name]:
                           draft(model, s.cache, h, 1, k, GREEDY, None, v, s))
+        small_rows = layers.SMALL_ROWS
+        for n in range(1, D + 2) if library else ():  # the eager verification with F.linear's small-row GEMM
+            layers.SMALL_ROWS = 0
+            cache.crop(P)
+            timed(f"{LIBRARY} F{n}", lambda n=n: model(prompt[:, :n], cache=cache, mtp=False))
+            layers.SMALL_ROWS = small_rows
         for k in range(1, D + 1):
             cache.crop(P)
             timed(f"d{k}", lambda k=k: draft(model, cache, hidden, 1, k, GREEDY, None))
@@ -225,6 +244,11 @@ def cost_table(model: KunlunBaize, D: int, device: str, vocabs: dict[str, DraftV
 
     med["F1"] = f1
     rows("", "F", "trunk forward of k+1 tokens")
+    if library:
+        lf1 = med[f"{LIBRARY} F1"]
+        print(f"\nthe same trunk forwards with every matrix product through {LIBRARY}: F(1) = {lf1:.2f} ms, "
+              + ", ".join(f"F({n}) = {med[f'{LIBRARY} F{n}']:.2f} ms ({med[f'{LIBRARY} F{n}'] / lf1:.2f}x)"
+                          for n in range(2, D + 2)))
     print("\nspeedup ≈ (tokens per trunk forward) / (round / F(1))")
     for name in statics:
         s1 = med[f"{name} S1"]

@@ -12,6 +12,10 @@ of the full model and of the baseline, by kind of work.
     python benchmarks/model_step.py                       # small preset, CPU
     python benchmarks/model_step.py --preset tiny --rounds 3 --deep 8
     python benchmarks/model_step.py --profile --deep 0
+    python benchmarks/model_step.py --compile --deep 0    # + the full model and the baseline, blocks compiled
+
+With ``--compile`` the compiled rows race in the same rounds as the eager ones; their "vs LLaMA" columns are
+relative to the compiled baseline (like for like).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ VARIANTS = {
 BASELINE = "all off (LLaMA)"
 
 # torch.profiler op names → the kind of work, for the breakdown (first match wins; the rest is "other"). An op
-# matches a name ending in "::" or "_" by prefix, any other name exactly (up to a trailing "_": in-place).
+# matches a name ending in "::", "_", "." or " " by prefix, any other name exactly (up to a trailing "_": in-place).
 KINDS = [
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
     ("attention (SDPA)", ("aten::_scaled_dot_product_", "aten::scaled_dot_product_attention")),
@@ -49,6 +53,7 @@ KINDS = [
     ("elementwise", ("aten::mul", "aten::add", "aten::sub", "aten::div", "aten::sigmoid", "aten::silu", "aten::neg",
                      "aten::pow", "aten::sum", "aten::where", "aten::fill", "aten::zero", "aten::clamp", "aten::sqrt",
                      "aten::sigmoid_backward", "aten::silu_backward")),
+    ("inductor's fused kernels (compiled)", ("## Call CompiledFxGraph ",)),
     ("copies / layout", ("aten::copy", "aten::cat", "aten::stack", "aten::clone", "aten::contiguous",
                          "aten::index", "aten::embedding", "aten::_to_copy", "aten::unfold")),
 ]
@@ -57,7 +62,7 @@ KINDS = [
 def kind_of(op: str) -> str:
     name = op.rstrip("_") if not op.endswith("__") else op
     for kind, names in KINDS:
-        if any(name.startswith(n) if n.endswith(("::", "_", ".")) else name == n for n in names):
+        if any(name.startswith(n) if n.endswith(("::", "_", ".", " ")) else name == n for n in names):
             return kind
     return "other"
 
@@ -123,7 +128,9 @@ def main() -> None:
     ap.add_argument("--deep", type=int, default=48, help="layers of the dense-residual overhead table (0: skip)")
     ap.add_argument("--deep-batch-size", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="a torch.profiler breakdown of one step")
-    ap.add_argument("--compile", action="store_true", help="torch.compile each block, as kunlun train --compile")
+    ap.add_argument("--compile", action="store_true",
+                    help="also the full model and the baseline with each block compiled, as kunlun train --compile "
+                         "(and the --deep table compiled)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -132,13 +139,17 @@ def main() -> None:
     dev = torch.device(args.device)
     chunked = args.loss == "chunked"
 
-    runs = {name: build(args.preset, args.seq_len, args.batch_size, dev, args.compile, **o)
-            for name, o in VARIANTS.items()}
+    runs = {name: build(args.preset, args.seq_len, args.batch_size, dev, False, **o) for name, o in VARIANTS.items()}
+    if args.compile:
+        runs |= {f"{name}, compiled": build(args.preset, args.seq_len, args.batch_size, dev, True, **VARIANTS[name])
+                 for name in ("full KunlunBaize", BASELINE)}
     race(runs, args.rounds, args.steps, chunked, dev)
-    base_rate = statistics.median(runs[BASELINE]["rates"])
-    base_flops = base_rate * runs[BASELINE]["cfg"].flops_per_token(args.seq_len, training=True)
+
+    def baseline(name: str) -> str:
+        return f"{BASELINE}, compiled" if name.endswith(", compiled") else BASELINE
+
     print(f"preset {args.preset}, batch {args.batch_size} x {args.seq_len} tokens, {args.loss} loss, "
-          f"{'compiled blocks, ' if args.compile else ''}{args.rounds} "
+          f"{'eager and compiled blocks, ' if args.compile else ''}{args.rounds} "
           f"rounds x {args.steps} steps, device {dev} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}")
     print()
@@ -149,11 +160,14 @@ def main() -> None:
         cfg: ModelConfig = r["cfg"]
         rate = statistics.median(r["rates"])
         fpt = cfg.flops_per_token(args.seq_len, training=True)
+        base_rate = statistics.median(runs[baseline(name)]["rates"])
+        base_flops = base_rate * runs[baseline(name)]["cfg"].flops_per_token(args.seq_len, training=True)
         print(f"| {name} | {cfg.num_params() / 1e6:.2f}M | {fpt / 1e9:.3f} | {rate:,.0f} | "
               f"{rate / base_rate:.2f}x | {rate * fpt / 1e9:.1f} | {rate * fpt / base_flops:.2f}x |")
 
     if args.profile:
-        parts = {name: breakdown(runs[name], chunked) for name in ("full KunlunBaize", BASELINE)}
+        profiled = [name for name in runs if name.startswith(("full KunlunBaize", BASELINE))]
+        parts = {name: breakdown(runs[name], chunked) for name in profiled}
         kinds = [k for k, _ in KINDS] + ["other"]
         print("\none training step by kind of work (torch.profiler self time, ms; profiler overhead included)\n")
         print("| kind | " + " | ".join(parts) + " |")

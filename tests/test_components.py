@@ -95,6 +95,39 @@ def test_direct_short_convolution_equals_the_library_convolution(new_tokens, mon
     assert torch.allclose(conv(x[:, :1], None), conv(zeros_before)[:, -1:], atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(1, 16), (1, 1, 16), (1, 3, 16), (2, 4, 16), (8, 16), (3, 5, 16)])
+def test_small_row_linear_is_f_linear_and_streams_the_weight(shape):
+    """``linear`` equals ``F.linear`` (values and gradients) at every row count, and up to ``SMALL_ROWS`` rows on a
+    CPU it multiplies ``weight @ x.T``: the weight is the product's first operand."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kunlunbaize.model.layers import SMALL_ROWS, Linear
+
+    class FirstOperands(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+                seen.append(tuple(args[-2].shape))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    layer = Linear(16, 24, bias=False)
+    x = torch.randn(*shape, requires_grad=True)
+    seen: list[tuple[int, ...]] = []
+    with FirstOperands():
+        y = layer(x)
+    ref = F.linear(x, layer.weight)
+    assert y.shape == ref.shape and y.is_contiguous()
+    assert torch.allclose(y, ref, atol=1e-6)
+    g = torch.randn_like(ref)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(torch.autograd.grad(y, (x, layer.weight), g),
+                                                                torch.autograd.grad(ref, (x, layer.weight), g),
+                                                                strict=True))
+    rows = x.numel() // 16
+    assert seen == ([(24, 16)] if rows <= SMALL_ROWS else [(rows, 16)])
+    with pytest.raises(ValueError, match="no bias"):
+        Linear(16, 24)(x)
+
+
 def _names(model):
     return {n: p.numel() for n, p in model.named_parameters()}
 

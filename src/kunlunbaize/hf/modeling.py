@@ -23,6 +23,7 @@ from transformers.modeling_outputs import (
 )
 
 from ..model.cache import InferenceCache
+from ..model.layers import Linear
 from ..model.loss import shifted_cross_entropy
 from ..model.model import KunlunBaizeTrunk, TrunkOutput, init_module, run_mtp
 from ..model.mtp import MultiTokenPrediction
@@ -80,7 +81,7 @@ class KunlunBaizePreTrainedModel(PreTrainedModel):
         for depth in getattr(getattr(self, "mtp", None), "depths", ()):
             old = depth.head
             if old is not None and old.out_features != n:
-                new = nn.Linear(old.in_features, n, bias=False, device=old.weight.device, dtype=old.weight.dtype)
+                new = Linear(old.in_features, n, bias=False, device=old.weight.device, dtype=old.weight.dtype)
                 with torch.no_grad():
                     keep = min(n, old.out_features)
                     new.weight[:keep] = old.weight[:keep]

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from ..model import InferenceCache, KunlunBaize
+from ..model.layers import linear
 from .generate import GenerationResult, StopCallback, TokenCallback, _check_decoder, fit_prompts
 from .sampling import GREEDY, SamplingParams, distribution, sample
 
@@ -96,7 +96,7 @@ def draft(model: KunlunBaize, cache: InferenceCache, hidden: torch.Tensor, next_
         step = decoder.draft(j, g, new, weight) if decoder is not None else None
         if step is None:
             g = model.mtp.depth_step(j, g, model.embed(new), model.rope, n - 1, max(0, n - j), cache.mtp[j - 1])
-            logits = F.linear(model.mtp.depths[j - 1].out_norm(g[:, -1]), weight)
+            logits = linear(model.mtp.depths[j - 1].out_norm(g[:, -1]), weight)
         else:
             g, logits = step
         if sampling.greedy:  # greedy verification compares argmaxes: no distribution needed

@@ -16,10 +16,10 @@ import types
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..model import InferenceCache, KunlunBaize
 from ..model.cache import CacheOverflowError
+from ..model.layers import linear, small_rows
 from ..model.model import ModelOutput
 
 
@@ -42,7 +42,7 @@ def trunk_step(model: KunlunBaize, cache: InferenceCache, ids: torch.Tensor,
         for j, (depth, kv) in enumerate(zip(model.mtp.depths, cache.mtp, strict=True), start=1):
             k, v = depth.cross_attn.project_kv(depth.embed_norm(emb), model.rope(positions - j))
             kv.write(start - j, k, v)
-    return F.linear(model.norm(hidden), model.head_weight), hidden
+    return linear(model.norm(hidden), model.head_weight), hidden
 
 
 def draft_step(model: KunlunBaize, cache: InferenceCache, j: int, g: torch.Tensor, ids: torch.Tensor,
@@ -59,7 +59,7 @@ def draft_step(model: KunlunBaize, cache: InferenceCache, j: int, g: torch.Tenso
     mask = (torch.arange(cache.max_len, device=ids.device) <= start)[None, None, None]  # [1, 1, 1, max_len]
     g = g + depth.cross_attn(depth.hidden_norm(g), depth.embed_norm(model.embed(ids)), rope_q, rope_k, 0, kv_start,
                              cache.mtp[j - 1], mask)  # eq. 15–20 for one query
-    return g, F.linear(depth.out_norm(g[:, -1]), weight)
+    return g, linear(depth.out_norm(g[:, -1]), weight)
 
 
 _decoder_ids = itertools.count()
@@ -101,7 +101,10 @@ class StaticDecoder:
     ``mode="max-autotune"`` on a CPU compiles with inductor's C++ GEMM templates (:data:`CPU_MAX_AUTOTUNE`): the
     weights are frozen into the compiled step as constants, prepacked, and each matrix product gets the kernel that
     measured fastest for its shape. On a 2-core CPU that makes the step about 1.8× faster than the default compile
-    (docs/BENCHMARKS.md) at a compile of minutes per decoder. Frozen means the step keeps the weights it was
+    (docs/BENCHMARKS.md) at a compile of minutes per decoder. Its matrix products keep ``F.linear``'s orientation at
+every row count (``layers.small_rows(0)``): the templates prepack the frozen weight as the product's second
+operand, and with the weight first (:func:`~kunlunbaize.model.layers.linear`'s small-row form) none applies and the
+step is 1.6× slower. Frozen means the step keeps the weights it was
     compiled with: after changing the model's weights, make a new decoder.
     """
 
@@ -187,12 +190,15 @@ class StaticDecoder:
         the drafting step for each k (and, after the first call, without those settings)."""
         args = tuple(a.clone(memory_format=torch.contiguous_format)
                      if isinstance(a, torch.Tensor) and a.stride() != _contiguous_strides(a.shape) else a for a in args)
-        if self._patch is not None and shape not in self._traced:
-            with torch._inductor.config.patch(self._patch):
+        if self._patch is None:
+            out = fn(*args)
+        elif shape not in self._traced:
+            with torch._inductor.config.patch(self._patch), small_rows(0):
                 out = fn(*args)
             self._traced.add(shape)
         else:
-            out = fn(*args)
+            with small_rows(0):  # as traced (Dynamo guards on it)
+                out = fn(*args)
         if self._clone:  # a CUDA graph's outputs are overwritten by its next replay
             out = tuple(t.clone() for t in out)
         return out

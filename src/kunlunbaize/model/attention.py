@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVBuffer
-from .layers import apply_rotary
+from .layers import Linear, apply_rotary
 
 
 def causal_mask(q_start: int, n_q: int, n_k: int, device: torch.device) -> torch.Tensor | bool:
@@ -36,10 +36,10 @@ class Attention(nn.Module):
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
         self.head_dim = d_model // n_heads
-        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.wq = Linear(d_model, n_heads * self.head_dim, bias=False)
+        self.wk = Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wv = Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wo = Linear(n_heads * self.head_dim, d_model, bias=False)
 
     def project_kv(
         self, kv_input: torch.Tensor, rope_k: tuple[torch.Tensor, torch.Tensor]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,15 +65,51 @@ class ESwish(nn.Module):
         return x * torch.sigmoid(self.beta.to(x.dtype) * x)
 
 
+SMALL_ROWS = 8
+"""Up to this many rows (decoding, speculative verification) a CPU matrix product runs as ``weight @ x.T``."""
+
+
+@contextlib.contextmanager
+def small_rows(n: int) -> Iterator[None]:
+    """Within the block, :func:`linear` multiplies up to ``n`` rows as ``weight @ x.T`` (0: always ``F.linear``)."""
+    global SMALL_ROWS
+    before, SMALL_ROWS = SMALL_ROWS, n
+    try:
+        yield
+    finally:
+        SMALL_ROWS = before
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for ``x`` [..., in] and ``weight`` [out, in]: ``F.linear`` without a bias.
+
+    On a CPU, a few rows are multiplied as ``weight @ x.T``. In that orientation the BLAS streams the weight once,
+    so 2–4 rows cost about what one row costs; ``F.linear``'s small-row GEMM costs 2–4× as much for 2–4 rows
+    (docs/BENCHMARKS.md), which made verifying k drafts cost far more than one decoding step."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.device.type == "cpu" and 0 < rows <= SMALL_ROWS:
+        return torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous().view(*x.shape[:-1], -1)
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict, no bias) whose product is :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            raise ValueError("kunlunbaize.model.layers.Linear has no bias: make it with bias=False")
+        return linear(x, self.weight)
+
+
 class SwiGLU(nn.Module):
     """Gated MLP ``down(act(gate(x)) * up(x))``; act is eSwish (TransformerX) or fixed Swish/SiLU (plain)."""
 
     def __init__(self, d_model: int, hidden: int, eswish: bool, per_channel: bool = False,
                  beta_init: float = 1.0) -> None:
         super().__init__()
-        self.gate = nn.Linear(d_model, hidden, bias=False)
-        self.up = nn.Linear(d_model, hidden, bias=False)
-        self.down = nn.Linear(hidden, d_model, bias=False)
+        self.gate = Linear(d_model, hidden, bias=False)
+        self.up = Linear(d_model, hidden, bias=False)
+        self.down = Linear(hidden, d_model, bias=False)
         self.act: nn.Module = ESwish(hidden, per_channel, beta_init) if eswish else nn.SiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +134,7 @@ class CausalDSConv(nn.Module):
         super().__init__()
         self.kernel_size = kernel_size
         self.depthwise = nn.Conv1d(d_model, d_model, kernel_size, groups=d_model, bias=False)  # K_d, eq. 6
-        self.pointwise = nn.Linear(d_model, d_model, bias=False)  # K_p, eq. 7
+        self.pointwise = Linear(d_model, d_model, bias=False)  # K_p, eq. 7
         self.act = ESwish(d_model, per_channel, beta_init)  # eq. 8
         if init == "fan_in":  # variance-preserving starts, read by the model's initialiser
             self.depthwise.init_std = kernel_size ** -0.5

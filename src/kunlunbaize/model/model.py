@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -15,7 +14,7 @@ from .block import make_block
 from .cache import InferenceCache
 from .dense_residual import DenseResidual, initial_logits
 from .fused_loss import shifted_linear_cross_entropy
-from .layers import ESwish, RotaryEmbedding
+from .layers import ESwish, Linear, RotaryEmbedding, linear
 from .loss import IGNORE_INDEX, LossTerms, multi_token_loss
 from .mtp import MultiTokenPrediction
 
@@ -210,7 +209,7 @@ class KunlunBaize(KunlunBaizeTrunk, nn.Module):
         nn.Module.__init__(self)
         self.build_trunk(config)
         self.config = config
-        self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.head = None if config.tie_embeddings else Linear(config.d_model, config.vocab_size, bias=False)
         self.mtp = MultiTokenPrediction(config) if config.mtp_depth > 0 else None
         self.reset_parameters()
 
@@ -263,7 +262,7 @@ class KunlunBaize(KunlunBaizeTrunk, nn.Module):
                 raise ValueError("logits=False is the training loss path: give labels and no cache")
             return self._chunked_loss(input_ids, labels, attention_mask, ignore_index)
         trunk = self.run_trunk(input_ids, cache, attention_mask)
-        logits = F.linear(self.norm(trunk.hidden), self.head_weight)
+        logits = linear(self.norm(trunk.hidden), self.head_weight)
         mtp_logits = run_mtp(self.mtp, trunk, self.rope, self.head_weight, cache, mtp)
         if cache is not None:
             cache.length = trunk.start + input_ids.shape[1]

@@ -14,13 +14,12 @@ addition: without it the depth's output would be a convex mix of token embedding
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from .attention import Attention
 from .cache import KVBuffer
-from .layers import RotaryEmbedding
+from .layers import Linear, RotaryEmbedding, linear
 
 
 class MTPDepth(nn.Module):
@@ -31,7 +30,7 @@ class MTPDepth(nn.Module):
         self.embed_norm = nn.RMSNorm(d, eps=cfg.norm_eps)  # eq. 17
         self.cross_attn = Attention(d, cfg.n_heads, cfg.n_kv_heads)  # C_j, eq. 18–19
         self.out_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
-        self.head = None if cfg.mtp_share_head else nn.Linear(d, cfg.vocab_size, bias=False)  # O_j, eq. 21
+        self.head = None if cfg.mtp_share_head else Linear(d, cfg.vocab_size, bias=False)  # O_j, eq. 21
 
 
 class MultiTokenPrediction(nn.Module):
@@ -108,7 +107,7 @@ class MultiTokenPrediction(nn.Module):
         same chunk [B, n, d]. Depth j's key slot s holds t_{s+j}, so this chunk fills slots
         max(0, start−j) … start+n−1−j.
         """
-        return [F.linear(h, w) for h, w in self.head_inputs(hidden, token_emb, rope, main_head_weight, start, caches,
+        return [linear(h, w) for h, w in self.head_inputs(hidden, token_emb, rope, main_head_weight, start, caches,
                                                             positions, mask)]
 
     def head_inputs(

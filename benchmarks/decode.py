@@ -128,7 +128,6 @@ def main() -> None:
             count += len(tokens)
         return count
 
-    small_rows = layers.SMALL_ROWS
     warmup = {}
     for name in decoders:  # compile every shape the timed rounds will use
         t0 = time.perf_counter()
@@ -137,13 +136,12 @@ def main() -> None:
         stats[name].clear()
     for _ in range(args.rounds):
         for name, k in variants.items():
-            layers.SMALL_ROWS = 0 if name.endswith(LIBRARY) else small_rows
-            t0 = time.perf_counter()
-            count = decode_all(name, k)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            rates[name].append(count / (time.perf_counter() - t0))
-    layers.SMALL_ROWS = small_rows
+            with layers.small_rows(0 if name.endswith(LIBRARY) else layers.SMALL_ROWS):
+                t0 = time.perf_counter()
+                count = decode_all(name, k)
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                rates[name].append(count / (time.perf_counter() - t0))
 
     base = statistics.median(rates["plain greedy"])
     print(f"{what}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, MTP depth {D}; "
@@ -213,12 +211,10 @@ def cost_table(model: KunlunBaize, D: int, device: str, vocabs: dict[str, DraftV
                     static.cache.crop(P)
                     timed(f"{name} d{k} {size}".strip(), lambda k=k, v=vocab, s=static, h=static_hidden[name]:
                           draft(model, s.cache, h, 1, k, GREEDY, None, v, s))
-        small_rows = layers.SMALL_ROWS
         for n in range(1, D + 2) if library else ():  # the eager verification with F.linear's small-row GEMM
-            layers.SMALL_ROWS = 0
             cache.crop(P)
-            timed(f"{LIBRARY} F{n}", lambda n=n: model(prompt[:, :n], cache=cache, mtp=False))
-            layers.SMALL_ROWS = small_rows
+            with layers.small_rows(0):
+                timed(f"{LIBRARY} F{n}", lambda n=n: model(prompt[:, :n], cache=cache, mtp=False))
         for k in range(1, D + 1):
             cache.crop(P)
             timed(f"d{k}", lambda k=k: draft(model, cache, hidden, 1, k, GREEDY, None))

@@ -108,7 +108,7 @@ class MultiTokenPrediction(nn.Module):
         max(0, start−j) … start+n−1−j.
         """
         return [linear(h, w) for h, w in self.head_inputs(hidden, token_emb, rope, main_head_weight, start, caches,
-                                                            positions, mask)]
+                                                          positions, mask)]
 
     def head_inputs(
         self,

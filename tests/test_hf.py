@@ -141,7 +141,8 @@ def test_gradient_checkpointing_stores_less_with_identical_gradients():
     def run(checkpointing: bool):
         hf = to_hf_model(ours).train()
         if checkpointing:
-            hf.gradient_checkpointing_enable()
+            # the transformers 5.x name; the older gradient_checkpointing_enable is a deprecated alias of it
+            (getattr(hf, "activation_checkpointing_enable", None) or hf.gradient_checkpointing_enable)()
         saved = []
 
         def pack(t: torch.Tensor) -> torch.Tensor:

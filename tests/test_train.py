@@ -199,3 +199,33 @@ def test_llama_baseline_trains_through_the_same_loop_with_matched_params(dataset
     summary = train(config(dataset, tmp_path / "llama", arch="llama", tokens=32 * 4 * 6))
     assert summary["finished"] and summary["val_loss"] < summary["first_val_loss"]
     assert summary["params"] == llama.num_params()
+
+
+def test_llama_baseline_activation_checkpointing_stores_less_with_the_same_gradients():
+    """``--activation-checkpointing`` on the Llama baseline goes through transformers' current API (no deprecation
+    warning) and recomputes its layers: fewer saved activations, the same gradients."""
+    import warnings
+
+    from kunlunbaize import ModelConfig
+    from kunlunbaize.train.llama_baseline import LlamaBaseline
+
+    torch.manual_seed(0)
+    llama = LlamaBaseline(ModelConfig.preset("tiny", vocab_size=320, **MODEL)).train()
+    ids = torch.randint(0, 320, (2, 16))
+
+    def run() -> tuple[dict[str, torch.Tensor], int]:
+        saved: list[int] = []
+        llama.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            llama(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in llama.named_parameters()}, sum(saved)
+
+    plain, stored_plain = run()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        llama.set_activation_checkpointing(True)
+    ckpt, stored_ckpt = run()
+    assert stored_ckpt < stored_plain / 2
+    assert all(torch.allclose(plain[n], ckpt[n], atol=1e-6) for n in plain)
+    llama.set_activation_checkpointing(False)
+    assert run()[1] == stored_plain

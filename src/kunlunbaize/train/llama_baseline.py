@@ -64,7 +64,13 @@ class LlamaBaseline(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def set_activation_checkpointing(self, on: bool) -> None:
-        if on:
+        # transformers 5.x renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn)
+        if hasattr(self.hf, "activation_checkpointing_enable"):
+            if on:
+                self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.hf.activation_checkpointing_disable()
+        elif on:
             self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.hf.gradient_checkpointing_disable()

@@ -97,8 +97,8 @@ def test_direct_short_convolution_equals_the_library_convolution(new_tokens, mon
 
 @pytest.mark.parametrize("shape", [(1, 16), (1, 1, 16), (1, 3, 16), (2, 4, 16), (8, 16), (3, 5, 16)])
 def test_small_row_linear_is_f_linear_and_streams_the_weight(shape):
-    """``linear`` equals ``F.linear`` (values and gradients) at every row count, and up to ``SMALL_ROWS`` rows on a
-    CPU it multiplies ``weight @ x.T``: the weight is the product's first operand."""
+    """``linear`` equals ``F.linear`` (values and gradients) at every row count, and from 2 to ``SMALL_ROWS`` rows
+    on a CPU it multiplies ``weight @ x.T``: the weight is the product's first operand (one row: ``F.linear``)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from kunlunbaize.model.layers import SMALL_ROWS, Linear
@@ -123,7 +123,7 @@ def test_small_row_linear_is_f_linear_and_streams_the_weight(shape):
                                                                 torch.autograd.grad(ref, (x, layer.weight), g),
                                                                 strict=True))
     rows = x.numel() // 16
-    assert seen == ([(24, 16)] if rows <= SMALL_ROWS else [(rows, 16)])
+    assert seen == ([(24, 16)] if 1 < rows <= SMALL_ROWS else [(rows, 16)])
     with pytest.raises(ValueError, match="no bias"):
         Linear(16, 24)(x)
 

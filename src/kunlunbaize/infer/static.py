@@ -104,7 +104,7 @@ class StaticDecoder:
     (docs/BENCHMARKS.md) at a compile of minutes per decoder. Its matrix products keep ``F.linear``'s orientation
     at every row count (``layers.small_rows(0)``): the templates prepack the frozen weight as the product's second
     operand, and with the weight first (:func:`~kunlunbaize.model.layers.linear`'s small-row form) none applies and
-    the step is 1.6× slower. Frozen means the step keeps the weights it was compiled with: after changing the
+    MKL's kernels run instead. Frozen means the step keeps the weights it was compiled with: after changing the
     model's weights, make a new decoder.
     """
 

@@ -66,12 +66,12 @@ class ESwish(nn.Module):
 
 
 SMALL_ROWS = 8
-"""Up to this many rows (decoding, speculative verification) a CPU matrix product runs as ``weight @ x.T``."""
+"""From 2 up to this many rows (speculative verification) a CPU matrix product runs as ``weight @ x.T``."""
 
 
 @contextlib.contextmanager
 def small_rows(n: int) -> Iterator[None]:
-    """Within the block, :func:`linear` multiplies up to ``n`` rows as ``weight @ x.T`` (0: always ``F.linear``)."""
+    """Within the block, :func:`linear` multiplies 2 to ``n`` rows as ``weight @ x.T`` (0: always ``F.linear``)."""
     global SMALL_ROWS
     before, SMALL_ROWS = SMALL_ROWS, n
     try:
@@ -83,11 +83,12 @@ def small_rows(n: int) -> Iterator[None]:
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` for ``x`` [..., in] and ``weight`` [out, in]: ``F.linear`` without a bias.
 
-    On a CPU, a few rows are multiplied as ``weight @ x.T``. In that orientation the BLAS streams the weight once,
-    so 2–4 rows cost about what one row costs; ``F.linear``'s small-row GEMM costs 2–4× as much for 2–4 rows
-    (docs/BENCHMARKS.md), which made verifying k drafts cost far more than one decoding step."""
+    On a CPU, 2 to :data:`SMALL_ROWS` rows are multiplied as ``weight @ x.T``. In that orientation the BLAS streams
+    the weight once, so 2–8 rows cost about what one row costs; ``F.linear``'s small-row GEMM costs 1.5–1.9× its
+    one-row cost there (``benchmarks/small_gemm.py``), which made verifying k drafts cost far more than one
+    decoding step. One row stays ``F.linear`` (a matrix–vector product, faster than either)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if x.device.type == "cpu" and 0 < rows <= SMALL_ROWS:
+    if x.device.type == "cpu" and 1 < rows <= SMALL_ROWS:
         return torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous().view(*x.shape[:-1], -1)
     return F.linear(x, weight)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up (with test tools) and run the whole check: ruff, then the test suite.
+# Set up (with test tools) and run the whole check: ruff, then the test suite, one pytest-xdist worker per core
+# (at most 4; each session fixture is built once per worker).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q -n auto --maxprocesses 4 "$@"

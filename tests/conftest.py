@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import sysconfig
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import pytest
 import torch
 
 from kunlunbaize import KunlunBaize, ModelConfig
+
+# Under pytest-xdist (`scripts/test.sh` runs one worker per core) each worker gets its share of the cores, so
+# the workers' intra-op threads do not fight over them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 SWITCHES = list(itertools.product([True, False], [True, False], [0, 1, 3]))  # dense, transformerx, mtp_depth
 KERNELS = [(1,), (2, 5), (3, 4, 9)]

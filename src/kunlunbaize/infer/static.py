@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import types
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
@@ -192,13 +193,11 @@ class StaticDecoder:
                      if isinstance(a, torch.Tensor) and a.stride() != _contiguous_strides(a.shape) else a for a in args)
         if self._patch is None:
             out = fn(*args)
-        elif shape not in self._traced:
-            with torch._inductor.config.patch(self._patch), small_rows(0):
+        else:  # every call under small_rows(0), as traced (Dynamo guards on it); the first one compiles
+            settings = torch._inductor.config.patch(self._patch) if shape not in self._traced else nullcontext()
+            with settings, small_rows(0):
                 out = fn(*args)
             self._traced.add(shape)
-        else:
-            with small_rows(0):  # as traced (Dynamo guards on it)
-                out = fn(*args)
         if self._clone:  # a CUDA graph's outputs are overwritten by its next replay
             out = tuple(t.clone() for t in out)
         return out

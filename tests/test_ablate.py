@@ -97,6 +97,25 @@ def test_aggregation_means_sds_and_paired_deltas():
     assert mean_sd([1.0]) == (1.0, None) and mean_sd([]) == (None, None)
 
 
+def test_plots_draw_only_the_studys_comparisons(tmp_path):
+    pytest.importorskip("matplotlib")
+    from kunlunbaize.ablate.report import plot
+
+    def width(png: Path) -> int:  # from the PNG header (IHDR)
+        return int.from_bytes(png.read_bytes()[16:20], "big")
+
+    curve = [[0, 6.0], [100, 5.0]]
+    runs = [dict(fake_run(v, s, 3.0 + s / 10, m), curve=curve) for v, m in (("full", "tokens"), ("llama", "tokens"),
+                                                                           ("llama", "flops")) for s in (0, 1)]
+    widths = {}
+    for name, part in (("tokens", [r for r in runs if r["spec"]["match"] == "tokens"]), ("both", runs)):
+        (tmp_path / name).mkdir()
+        paths = plot(part, aggregate(part), tmp_path / name)
+        widths[name] = {p.name: width(p) for p in paths}
+    for png in ("ablation_curves.png", "ablation_bars.png"):  # an equal-token study: one panel, not an empty second
+        assert widths["tokens"][png] == pytest.approx(widths["both"][png] / 2, rel=0.02)
+
+
 # --------------------------------------------------------------------------------------------- the study
 def test_a_study_runs_resumes_and_reports(dataset, tmp_path, capsys):
     """Two variants × two seeds + the equal-FLOPs run, two at a time in worker processes; the report aggregates

@@ -122,8 +122,9 @@ def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path) -> l
 
     plt = _pyplot()
     colors = {v: f"C{i}" for i, v in enumerate(VARIANTS)}
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    for ax, match in zip(axes, ("tokens", "flops"), strict=True):
+    matches = [m for m in MATCH_TITLES if any(r["match"] == m for r in rows)] or ["tokens"]  # the study's own
+    fig, axes = plt.subplots(1, len(matches), figsize=(6.5 * len(matches), 4.8), squeeze=False)
+    for ax, match in zip(axes[0], matches, strict=True):
         for variant in VARIANTS:
             group = [r for r in runs if r["spec"]["variant"] == variant and (
                 r["spec"]["match"] == match or (variant == "full" and r["spec"]["match"] == "tokens"))]
@@ -153,8 +154,8 @@ def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path) -> l
     fig.savefig(curves, dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for ax, match in zip(axes, ("tokens", "flops"), strict=True):
+    fig, axes = plt.subplots(1, len(matches), figsize=(6.5 * len(matches), 4.5), squeeze=False)
+    for ax, match in zip(axes[0], matches, strict=True):
         part = [r for r in rows if r["match"] == match]
         means = [r["metrics"]["val_loss"][0] for r in part]
         errs = [r["metrics"]["val_loss"][1] or 0.0 for r in part]

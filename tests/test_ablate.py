@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kunlunbaize.ablate.plan import VARIANTS, StudyConfig, model_config, plan, train_config
-from kunlunbaize.ablate.report import aggregate, mean_sd
+from kunlunbaize.ablate.report import aggregate, markdown, mean_sd
 from kunlunbaize.ablate.run import StudyError, run_study
 
 from .conftest import TRAIN_MODEL
@@ -95,6 +95,14 @@ def test_aggregation_means_sds_and_paired_deltas():
     assert rows[("flops", "llama")]["delta_vs_full"][0] == pytest.approx(-0.5)
     assert rows[("flops", "full")]["n"] == 2
     assert mean_sd([1.0]) == (1.0, None) and mean_sd([]) == (None, None)
+
+
+def test_the_report_names_the_studys_settings():
+    rows = aggregate([fake_run("full", 0, 3.0)])
+    assert "Every variant with" not in markdown(rows, StudyConfig())
+    text = markdown(rows, StudyConfig(model_overrides={"mtp_depth": 0, "dense_residual": False,
+                                                      "conv_kernel_sizes": (3, 15)}, dense_lr_mult=10.0))
+    assert "`mtp_depth=0 dense_residual=false conv_kernel_sizes=3,15 dense_lr_mult=10.0`" in text
 
 
 def test_plots_draw_only_the_studys_comparisons(tmp_path):

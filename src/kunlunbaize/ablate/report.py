@@ -91,6 +91,13 @@ def _pm(value: tuple[float | None, float | None] | None, digits: int = 4, signed
     return text + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
+def _setting(value: Any) -> str:
+    """A model override as `--set` takes it."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def markdown(rows: list[dict[str, Any]], cfg: StudyConfig) -> str:
     """Table 4's shape, one table per comparison."""
     # one column per eval metric, leaving out those that repeat another (perplexity ~ bpb, math_equal ~ exact match)
@@ -99,6 +106,10 @@ def markdown(rows: list[dict[str, Any]], cfg: StudyConfig) -> str:
     lines = [f"Preset `{cfg.preset}`, {cfg.tokens:,} tokens (equal-token budget), batch {cfg.batch_size} × "
              f"{cfg.seq_len}, lr {cfg.lr}, seeds {', '.join(map(str, cfg.seeds))}; mean ± sd over seeds, Δ paired "
              "by seed (negative: better than the reference)."]
+    if cfg.model_overrides or cfg.dense_lr_mult != 1.0:  # a study's settings must be readable from its report
+        settings = [f"{k}={_setting(v)}" for k, v in cfg.model_overrides.items()]
+        settings += [f"dense_lr_mult={cfg.dense_lr_mult}"] if cfg.dense_lr_mult != 1.0 else []
+        lines += ["", f"Every variant with `{' '.join(settings)}` (before its own switch)."]
     for match in ("tokens", "flops"):
         part = [r for r in rows if r["match"] == match]
         if not part:

@@ -106,9 +106,11 @@ def markdown(rows: list[dict[str, Any]], cfg: StudyConfig) -> str:
     lines = [f"Preset `{cfg.preset}`, {cfg.tokens:,} tokens (equal-token budget), batch {cfg.batch_size} × "
              f"{cfg.seq_len}, lr {cfg.lr}, seeds {', '.join(map(str, cfg.seeds))}; mean ± sd over seeds, Δ paired "
              "by seed (negative: better than the reference)."]
-    if cfg.model_overrides or cfg.dense_lr_mult != 1.0:  # a study's settings must be readable from its report
-        settings = [f"{k}={_setting(v)}" for k, v in cfg.model_overrides.items()]
-        settings += [f"dense_lr_mult={cfg.dense_lr_mult}"] if cfg.dense_lr_mult != 1.0 else []
+    # a study's settings must be readable from its report
+    settings = [f"{k}={_setting(v)}" for k, v in cfg.model_overrides.items()]
+    if cfg.dense_lr_mult != 1.0:
+        settings.append(f"dense_lr_mult={cfg.dense_lr_mult}")
+    if settings:
         lines += ["", f"Every variant with `{' '.join(settings)}` (before its own switch)."]
     for match in ("tokens", "flops"):
         part = [r for r in rows if r["match"] == match]

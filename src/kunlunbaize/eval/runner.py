@@ -267,11 +267,11 @@ class TaskRunner:
         line["correct"] = line[check]
 
     def _run_code(self, lines: list[dict[str, Any]]) -> None:
-        from .sandbox import humaneval_program, run_tests
+        from .sandbox import humaneval_check, judge_all
 
         problems = [self.task.records[ln["index"]] for ln in lines]
-        programs = [humaneval_program(p, ln["output"]) for p, ln in zip(problems, lines, strict=True)]
-        results = run_tests(programs, workers=self.workers, timeout=self.timeout)
+        checks = [humaneval_check(p, ln["output"]) for p, ln in zip(problems, lines, strict=True)]
+        results = judge_all(checks, workers=self.workers, timeout=self.timeout)
         for line, res in zip(lines, results, strict=True):
             line.update(status=res.status, correct=float(res.passed), isolation=res.isolation,
                         error=res.stderr.strip().splitlines()[-1][:300] if res.stderr.strip() else "")

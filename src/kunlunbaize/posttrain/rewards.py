@@ -7,8 +7,9 @@ on a code problem), which TRL's GRPO trainer and :class:`Combined` both skip.
 
 * ``math``: 1 when the answer extracted from the completion is mathematically equal to ``answer`` (math-verify,
   :func:`kunlunbaize.eval.scoring.math_equal`), else 0;
-* ``code``: 1 when the completion, with the problem's ``test`` appended, runs to exit status 0 in the sandbox of
-  :mod:`kunlunbaize.eval.sandbox` (no network, rlimits, a throwaway directory, a timeout), else 0;
+* ``code``: 1 when the problem's ``test`` code, run by the harness of :func:`kunlunbaize.eval.sandbox.judge` against
+  the completion's program, returns (no network, rlimits, a private /tmp, a timeout; exiting early or redefining
+  names cannot fake it), else 0;
 * ``answer_tag``: 1 when the completion holds exactly one non-empty ``<answer>…</answer>``;
 * ``no_repetition``: 1 − the fraction of repeated word 4-grams (1 for text without repeats, → 0 for a loop);
 * ``length``: 1 up to ``max_chars`` characters, falling linearly to 0 at twice that.
@@ -23,7 +24,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..eval.sandbox import run_tests
+from ..eval.sandbox import CodeCheck, judge_all
 from ..eval.scoring import extract_answer, math_equal
 
 RewardFn = Callable[..., list[float | None]]
@@ -80,13 +81,18 @@ def code_of(text: str) -> str:
 
 
 def code_reward(prompts: Sequence[Any], completions: Sequence[Any], test: Sequence[Any] | None = None,
-                timeout: float = 10.0, **columns: Any) -> list[float | None]:
-    """1.0 when the completion passes the problem's ``test`` code in the sandbox, 0.0 when it fails, errors or
-    times out, None without a test. The programs run in parallel, one sandboxed process each."""
+                timeout: float = 10.0, entry_point: Sequence[Any] | None = None,
+                **columns: Any) -> list[float | None]:
+    """1.0 when the problem's ``test`` code returns when run against the completion's program in the sandbox
+    (:func:`kunlunbaize.eval.sandbox.judge`: the test calls the program's functions, ``entry_point`` and every
+    other name it uses, with plain data), 0.0 when it fails, errors or times out, None without a test. The
+    checks run in parallel, one sandboxed pair of processes each."""
     tests = _column({"test": test}, "test", len(completions))
+    entries = _column({"entry_point": entry_point}, "entry_point", len(completions))
     todo = [i for i, t in enumerate(tests) if t is not None and str(t).strip()]
-    programs = [code_of(completion_text(completions[i])) + "\n\n" + str(tests[i]) + "\n" for i in todo]
-    results = run_tests(programs, timeout=timeout) if programs else []
+    checks = [CodeCheck(program=code_of(completion_text(completions[i])), test=str(tests[i]),
+                        entry_point=str(entries[i]) if entries[i] else None) for i in todo]
+    results = judge_all(checks, timeout=timeout) if checks else []
     out: list[float | None] = [None] * len(completions)
     for i, result in zip(todo, results, strict=True):
         out[i] = 1.0 if result.passed else 0.0

@@ -123,6 +123,21 @@ def test_code_reward_runs_tests_in_the_sandbox():
     assert out == [1.0, 1.0, 0.0, 0.0, 0.0, None]
 
 
+def test_code_reward_cannot_be_faked_by_exiting_early_or_faking_equality():
+    """Each of these scored 1.0 when the reward was "the program with the test appended exits 0"."""
+    test = "assert f(2) == 3\n"
+    wrong = "def f(x):\n    return 0\n"
+    hacks = [wrong + "import os\nos._exit(0)\n",
+             wrong + "import sys\nsys.exit(0)\n",
+             wrong + "import atexit, os\natexit.register(lambda: os._exit(0))\n",
+             wrong + "import os, threading, time\n"
+             "threading.Thread(target=lambda: (time.sleep(0.5), os._exit(0))).start()\n",
+             "class E:\n    def __eq__(self, other):\n        return True\ndef f(x):\n    return E()\n"]
+    out = code_reward(None, ["def f(x):\n    return x + 1\n", *hacks], test=[test] * (1 + len(hacks)),
+                      entry_point=["f"] * (1 + len(hacks)), timeout=3)
+    assert out == [1.0] + [0.0] * len(hacks)
+
+
 def test_format_rewards_and_combinations():
     spec = Combined.from_spec("math=1,no_repetition=0.5,length=0.25,answer_tag=2", max_chars=20)
     table = spec.score([None] * 3, ["<answer>5</answer>", "a b c d a b c d a b c d", "x" * 30],

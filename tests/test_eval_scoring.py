@@ -255,3 +255,23 @@ def test_scoring_a_perfect_and_a_wrong_model() -> None:
     cut = [g.split(arith.STOP[0])[0] for g in right]
     assert all(exact_match(extract_answer(g), p["answer"]) for g, p in zip(cut, problems, strict=True))
     assert not any(exact_match(extract_answer(f" {int(p['answer']) + 1}"), p["answer"]) for p in problems)
+
+
+# --- the eval extra -----------------------------------------------------------------------------------------------
+def test_the_eval_extra_asks_only_for_extras_its_packages_provide_and_brings_antlr4():
+    """pip warned "math-verify 0.9.0 does not provide the extra 'antlr4_13_2'" for the old ``eval`` extra."""
+    from importlib import metadata
+    from pathlib import Path
+
+    import tomllib
+
+    requirements = pytest.importorskip("packaging.requirements")
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    specs = [requirements.Requirement(s) for s in pyproject["project"]["optional-dependencies"]["eval"]]
+    assert "antlr4-python3-runtime" in {s.name for s in specs}  # math-verify's LaTeX parser needs it
+    for spec in specs:
+        try:
+            provided = metadata.metadata(spec.name).get_all("Provides-Extra") or []
+        except metadata.PackageNotFoundError:
+            continue
+        assert spec.extras <= set(provided), (spec.name, spec.extras, provided)

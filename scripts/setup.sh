@@ -36,6 +36,17 @@ fi
 "${PIP[@]}" numpy
 if [ "${1:-}" = "--dev" ]; then
   "${PIP[@]}" -e ".[dev]"
+  # bubblewrap: the code sandbox's strongest isolation level (bwrap+uid), tested by tests/test_sandbox.py.
+  # Installed only as root on Debian/Ubuntu; anywhere else (or if apt fails) the sandbox uses its next level.
+  if ! command -v bwrap >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap) >/dev/null 2>&1 \
+        && echo "setup: installed bubblewrap (the code sandbox's bwrap+uid level)" \
+        || echo "setup: note: could not install bubblewrap; the code sandbox runs without it (docs/guide-eval.md)"
+    else
+      echo "setup: note: bubblewrap (bwrap) is not installed; the code sandbox uses a weaker level (docs/guide-eval.md)"
+    fi
+  fi
 else
   "${PIP[@]}" -e ".[train]"
 fi

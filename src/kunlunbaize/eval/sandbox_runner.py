@@ -21,7 +21,6 @@ from __future__ import annotations
 import builtins
 import json
 import os
-import subprocess
 import sys
 import traceback
 from typing import Any
@@ -120,6 +119,8 @@ class Program:
     """The untrusted program in its own process, and proxies that call its functions."""
 
     def __init__(self, code: str, runner: str) -> None:
+        import subprocess  # here: the program's process does not need it
+
         req_r, self._req_w = os.pipe()
         self._rep_r, rep_w = os.pipe()
         # /proc/self/exe: this very interpreter, even where its path is not searchable by the sandbox's uid

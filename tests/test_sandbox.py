@@ -60,6 +60,15 @@ def level(request) -> str:
     return request.param
 
 
+@pytest.fixture(params=list(dict.fromkeys([LEVEL, *STRONG])))
+def any_level(request) -> str:
+    """The best level here (whatever it is), and the strong levels where they run."""
+    reason = _why_not(request.param)
+    if reason:
+        pytest.skip(reason)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _best_level(monkeypatch):
     monkeypatch.delenv(ENV_FORCE, raising=False)
@@ -215,6 +224,19 @@ def test_no_network_namespace_is_recorded_as_weaker_isolation(monkeypatch, liste
         isolation_level("vm")
 
 
+def test_without_a_mount_namespace_the_program_works_in_a_throwaway_directory(monkeypatch):
+    """Where no mount namespace can be made (levels ``uid``/``none``), the working directory is a private host
+    directory, removed afterwards, and judging still works."""
+    only = sandbox.available_components() - {"tmpfs", "netns", "pidns", "bwrap"}
+    monkeypatch.setattr(sandbox, "available_components", lambda: only)
+    r = run_program("import os\nprint(os.getcwd())\nopen('x', 'w').write('x')\n", timeout=5)
+    assert r.passed and r.isolation in ("uid", "none"), r
+    workdir = r.stdout.strip()
+    assert os.path.basename(workdir).startswith("kunlun-sandbox-") and not os.path.exists(workdir)
+    assert judge(CodeCheck("def f(x):\n    return x + 1\n", TEST), timeout=5).passed
+    assert not judge(CodeCheck(*HACKS["os._exit(0)"]), timeout=5).passed
+
+
 # ------------------------------------------------------------------------------------------- scores that hold
 WRONG = "def f(x):\n    return 0\n"
 TEST = "assert f(1) == 2\n"
@@ -250,27 +272,27 @@ HACKS = {
 }
 
 
-def test_no_program_can_fake_a_pass(level):
+def test_no_program_can_fake_a_pass(any_level):
     """Every hack fails the test it is aimed at, at every level; the honest program passes next to them."""
     honest = CodeCheck("def f(x):\n    return x + 1.0 if isinstance(x, float) else x + 1\n", TEST)
     checks = [honest, *(CodeCheck(program, test) for program, test in HACKS.values()), honest]
-    results = judge_all(checks, workers=2, timeout=3.0, isolation=level)
+    results = judge_all(checks, workers=2, timeout=3.0, isolation=any_level)
     first, *middle, last = results
     assert first.passed and last.passed, (first, last)
     passed = [name for name, r in zip(HACKS, middle, strict=True) if r.passed]
     assert not passed, passed
     tests = sorted({test for _, test in HACKS.values()})  # the honest program passes every test aimed at
     assert all(r.passed for r in judge_all([CodeCheck(honest.program, t) for t in tests], workers=2, timeout=3.0,
-                                           isolation=level))
+                                           isolation=any_level))
 
 
-def test_the_program_cannot_read_the_harness(level):
+def test_the_program_cannot_read_the_harness(any_level):
     """The nonce lives only in the harness process: the program (same uid) cannot read its memory, descriptors or
     environment."""
     spy = ("import os\nfor what in ('mem', 'environ', 'fd/0', 'fd'):\n    p = f'/proc/{os.getppid()}/{what}'\n"
            "    try:\n        os.listdir(p) if what == 'fd' else open(p, 'rb').read(1)\n        print('read', what)\n"
            "    except OSError as e:\n        print('denied', what, type(e).__name__)\n" + WRONG)
-    r = judge(CodeCheck(spy, TEST), timeout=5, isolation=level)
+    r = judge(CodeCheck(spy, TEST), timeout=5, isolation=any_level)
     assert r.status == "failed" and "read" not in r.stdout.split(), r.stdout
 
 

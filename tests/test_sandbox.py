@@ -308,6 +308,17 @@ def test_humaneval_hacks_fail_and_the_harness_error_is_the_last_line():
     assert wrong.stderr.strip().splitlines()[-1] == "AssertionError"
 
 
+def test_an_mbpp_style_test_reaches_the_function_by_its_global_name():
+    """MBPP's converted tests call the function by name inside ``check`` (not through ``candidate``), and the prompt
+    is only a docstring: the name still reaches the program's function."""
+    problem = {"prompt": '"""\nWrite a function to add two numbers.\n"""\n', "entry_point": "add_two",
+               "test": "import math\ndef check(candidate):\n    assert add_two(2, 3) == 5\n"
+                       "    assert math.isclose(add_two(0.5, 0.25), 0.75)\n"}
+    good = judge(humaneval_check(problem, "def add_two(a, b):\r\n  return a + b"), timeout=5)
+    bad = judge(humaneval_check(problem, "def add_two(a, b):\n    return a - b\n"), timeout=5)
+    assert (good.status, bad.status) == ("passed", "failed"), (good, bad)
+
+
 def test_plain_data_crosses_between_the_test_and_the_program():
     program = ("def f(x):\n    return x\n"
                "def g():\n    return {1: (2, 3.5), 'a': [None, True, b'x', 1j], frozenset({1}): {2}}\n"

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .args import SEED, float_in, int_at_least, new_command, resolve_device
-from .posttrain_shared import build_reward, errors, fail, log, need_trl, report, reward_args
+from .posttrain_shared import build_reward, check_rewards, errors, fail, log, need_trl, report, reward_args
 
 TASK_KINDS = ("math", "code", "mix")
 
@@ -84,6 +84,7 @@ def cmd_rs(args: argparse.Namespace) -> None:
     from ..posttrain.rs import RSSettings, run_rs
 
     need_trl("posttrain rs")
+    check_rewards(args)
     device = resolve_device(args.device)
     try:
         SamplingParams(temperature=args.temperature, top_p=args.top_p)  # validates

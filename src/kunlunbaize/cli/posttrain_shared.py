@@ -46,15 +46,21 @@ def report(value: Any) -> None:
         print(json.dumps(value, indent=2))
 
 
+def check_rewards(args: argparse.Namespace) -> None:
+    """``--reward-model`` needs ``--rewards`` to name it (a UsageError otherwise)."""
+    from ..posttrain.rewards import MODEL_REWARD, parse_spec
+
+    if args.reward_model and MODEL_REWARD not in [n for n, _ in parse_spec(args.rewards)]:
+        raise UsageError(f"--reward-model is given but --rewards does not name it: add {MODEL_REWARD}=WEIGHT")
+
+
 def build_reward(args: argparse.Namespace, device: str):
     """The ``--rewards`` (and ``--reward-model``) as one :class:`kunlunbaize.posttrain.rewards.Combined`."""
-    from ..posttrain.rewards import MODEL_REWARD, Combined, parse_spec
+    from ..posttrain.rewards import Combined
 
+    check_rewards(args)
     model_reward = None
-    names = [n for n, _ in parse_spec(args.rewards)]
     if args.reward_model:
-        if MODEL_REWARD not in names:
-            raise UsageError(f"--reward-model is given but --rewards does not name it: add {MODEL_REWARD}=WEIGHT")
         from ..posttrain.reward_model import ModelReward
 
         model_reward = ModelReward(args.reward_model, device=device)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .args import new_command, resolve_device
-from .posttrain_shared import build_reward, errors, fail, log, reward_args
+from .posttrain_shared import build_reward, check_rewards, errors, fail, log, reward_args
 
 
 def add_parser(sub: Any) -> None:
@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> None:
     from ..posttrain.data import prompt_records, read, write_jsonl
     from ..posttrain.rewards import completion_text
 
+    check_rewards(args)
     device = resolve_device(args.device)
     try:
         records = prompt_records(read(args.input), args.input)

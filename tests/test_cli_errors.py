@@ -104,6 +104,7 @@ def test_sampling_params_refuse_non_finite_values():
     (["reward", "x.jsonl", "--rewards", "math", "--reward-model", "m"], "--rewards does not name it"),
     (["posttrain", "sft", "--tasks", "poems:5"], "argument --tasks: 'poems:5': unknown task kind 'poems'"),
     (["posttrain", "rs", "--tasks", "math:x"], "argument --tasks: expected an integer, got 'x'"),
+    (["posttrain", "rs", "--rewards", "math", "--reward-model", "m"], "--rewards does not name it"),
     (["serve", "--device", "nope"], "unknown --device 'nope'"),
 ])
 def test_invalid_values_found_after_parsing_are_usage_errors(capsys, args, names):

@@ -179,7 +179,7 @@ def test_kunlun_ablate_dry_run_and_errors(capsys):
     assert code == 0, err
     assert [line.split()[0] for line in out.splitlines()] == ["full-s0", "llama-s0", "llama-flops-s0"]
     code, _, err = run_main(capsys, "ablate", "--dry-run", "--variants", "full,nope")
-    assert code == 1 and "nope" in err and "Traceback" not in err
+    assert code == 2 and "argument --variants: unknown variant 'nope'" in err and "Traceback" not in err
 
 
 def test_dense_lr_mult_reaches_the_runs_only_when_set():

@@ -75,13 +75,86 @@ def test_sampling_params_refuse_non_finite_values():
             SamplingParams(**kw)
 
 
-def test_config_errors_name_the_command(capsys):
-    code, _, err = run_main(capsys, "info", "--set", "n_layers=0")
-    assert code == 1 and err.startswith("kunlun info: invalid config")
-    code, _, err = run_main(capsys, "info", "--set", "oops")
-    assert code == 1 and err.startswith("kunlun info: --set 'oops' must look like key=value")
-    code, _, err = run_main(capsys, "demo", "--prompt", "")
-    assert code == 1 and "kunlun demo: --prompt is empty" in err
+@pytest.mark.parametrize("args, names", [
+    (["info", "--set", "n_layers=0"], "--set: invalid config: ModelConfig.n_layers"),
+    (["info", "--set", "oops"], "argument --set: 'oops' must look like key=value"),
+    (["info", "--set", "no_such_field=1"], "--set: invalid config: ModelConfig has no field 'no_such_field'"),
+    (["demo", "--set", "dense_residual=maybe"], "--set: invalid config: ModelConfig.dense_residual"),
+    (["demo", "--prompt", ""], "--prompt is empty"),
+    (["demo", "--seq-len", "100000"], "--seq-len 100000: must be between 2 and the preset's max_seq_len"),
+    (["train", "--tokens", "-5"], "argument --tokens: expected an integer >= 1, got -5"),
+    (["train", "--lr", "0"], "argument --lr: expected a finite number > 0"),
+    (["train", "--seq-len", "1"], "argument --seq-len: expected an integer >= 2"),
+    (["train", "--keep-last", "-1"], "argument --keep-last"),
+    (["train", "--set", "n_heads=0"], "--set: invalid config: ModelConfig.n_heads"),
+    (["train", "--batch-size", "4", "--batch-size-start", "8"], "--batch-size-start = 8 is invalid"),
+    (["eval", "--task", "nope"], "argument --task: unknown task 'nope'"),
+    (["eval", "--task", "mc"], "argument --task: mc needs a file"),
+    (["eval", "--task", "nolayout=x.jsonl"], "argument --task: nolayout=x.jsonl: 'nolayout' is neither"),
+    (["eval", "--task", "arith", "--include-path", "x"], "--include-path applies to --lm-eval tasks"),
+    (["eval", "--device", "tpu"], "unknown --device 'tpu'"),
+    (["ablate", "--dry-run", "--variants", "full,nope"], "argument --variants: unknown variant 'nope'"),
+    (["ablate", "--dry-run", "--seeds", "0,x"], "argument --seeds: '0,x': give integers"),
+    (["ablate", "--dry-run", "--set", "d_model=-1"], "--set: invalid config: ModelConfig.d_model"),
+    (["ablate", "--dry-run", "--lr", "0"], "argument --lr"),
+    (["prepare", "--val-fraction", "0.9"], "argument --val-fraction: expected a finite number in [0, 0.5]"),
+    (["prepare", "--min-chars", "10", "--max-chars", "5"], "--max-chars 5 must be >= --min-chars 10"),
+    (["reward", "x.jsonl", "--rewards", "nope"], "argument --rewards: unknown reward 'nope'"),
+    (["reward", "x.jsonl", "--rewards", "math", "--max-chars", "0"], "argument --max-chars"),
+    (["reward", "x.jsonl", "--rewards", "math", "--reward-model", "m"], "--rewards does not name it"),
+    (["posttrain", "sft", "--tasks", "poems:5"], "argument --tasks: 'poems:5': unknown task kind 'poems'"),
+    (["posttrain", "rs", "--tasks", "math:x"], "argument --tasks: expected an integer, got 'x'"),
+    (["posttrain", "rs", "--rewards", "math", "--reward-model", "m"], "--rewards does not name it"),
+    (["serve", "--device", "nope"], "unknown --device 'nope'"),
+])
+def test_invalid_values_found_after_parsing_are_usage_errors(capsys, args, names):
+    """Every wrong argument value is a usage error (exit 2): one line that names the option and the command."""
+    code, out, err = run_main(capsys, *args)
+    command = " ".join(args[:2]) if args[0] == "posttrain" else args[0]
+    assert code == 2 and out == "", (code, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and names in lines[0], err
+    assert lines[0].startswith(f"kunlun {command}: ") and lines[0].endswith(f"see `kunlun {command} --help`")
+
+
+def test_train_defaults_shown_in_help_are_the_runs(capsys):
+    """`kunlun train --help` shows TrainConfig's defaults (kept in the torch-free kunlunbaize.defaults)."""
+    from kunlunbaize.defaults import DEFAULT_DATA, TRAIN
+    from kunlunbaize.train.trainer import DEFAULT_DATA as TRAINER_DATA
+    from kunlunbaize.train.trainer import TrainConfig
+
+    assert {k: getattr(TrainConfig(), k) for k in TRAIN} == TRAIN and DEFAULT_DATA == TRAINER_DATA
+    code, out, _ = run_main(capsys, "train", "--help")
+    assert code == 0 and f"default {TrainConfig().tokens:,}" in out and f"default {TrainConfig().lr}" in out
+
+
+def test_parser_and_help_import_no_torch():
+    """Building the parser, parsing every command and `kunlun --help` / `--version` / `kunlun CMD --help` load no
+    torch, transformers, tokenizers or numpy (the commands import them when they run)."""
+    heavy = ("torch", "transformers", "tokenizers", "numpy", "datasets", "trl", "safetensors", "uvicorn")
+    check = (f"import sys; heavy = [m for m in sys.modules if m.split('.')[0] in {heavy!r}]; "
+             "assert not heavy, heavy")
+    required = {"reward": ["x", "--rewards", "math"], "posttrain": ["sft"], "export": ["--hf", "x"]}
+    parse = ("from kunlunbaize.cli import build_parser; from kunlunbaize.cli.main import COMMANDS; "
+             f"p = build_parser(); [p.parse_args([c, *{required!r}.get(c, [])]) for c in COMMANDS]; {check}")
+    env = {**os.environ, "PYTHONPATH": SRC}
+    r = subprocess.run([sys.executable, "-c", parse], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for args in (["--help"], ["--version"], ["train", "--help"], ["posttrain", "dpo", "--help"], ["eval", "--help"]):
+        code = f"from kunlunbaize.cli import main\ntry:\n    main({args!r})\nexcept SystemExit:\n    pass\n{check}"
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (args, r.stderr)
+        assert "usage: kunlun" in r.stdout or "kunlun (kunlunbaize)" in r.stdout, (args, r.stdout)
+
+
+def test_library_packages_never_import_the_command_line():
+    """The layers point one way: no module outside kunlunbaize.cli imports it (not even inside a function)."""
+    package = Path(SRC) / "kunlunbaize"
+    for path in package.rglob("*.py"):
+        if path.parent.name == "cli" and path.parent.parent == package:
+            continue
+        text = path.read_text(encoding="utf-8")
+        assert "from ..cli" not in text and "from .cli" not in text and "kunlunbaize.cli" not in text, path
 
 
 # --- generate: checks before anything is printed ---------------------------------------------------------------
@@ -90,21 +163,24 @@ def test_generate_checks_come_before_the_echo(trained_run, tmp_path, capsys):
     run = str(trained_run)
     prompt_file = tmp_path / "p.txt"
     prompt_file.write_text("def ")
-    cases = [
-        (["word " * 200, "--max-new-tokens", "8"], "fit the context"),
+    usage = [  # exit 2, one line naming the option
         (["x", "--prompt-file", str(prompt_file)], "both as an argument and with --prompt-file"),
         (["x", "--device", "tpu"], "unknown --device 'tpu'"),
         (["x", "--draft-len", "1"], "--adaptive and --draft-vocab apply to --speculative"),
-        (["x", "--speculative", "--draft-vocab", "9999999"], "exceeds the vocabulary"),
         (["x", "y", "--speculative"], "one prompt at a time"),
-        (["x", "--speculative", "--draft-len", "9"], "exceeds the model's mtp_depth=2"),
     ]
     if not torch.cuda.is_available():
-        cases.append((["x", "--device", "cuda"], "no CUDA GPU"))
-    for args, message in cases:
-        code, out, err = run_main(capsys, "generate", *args, "--checkpoint", run)
-        assert code == 1 and out == "" and message in err, (args, err)
-        assert "Traceback" not in err
+        usage.append((["x", "--device", "cuda"], "no CUDA GPU"))
+    failures = [  # exit 1: what the checkpoint cannot do
+        (["word " * 200, "--max-new-tokens", "8"], "fit the context"),
+        (["x", "--speculative", "--draft-vocab", "9999999"], "exceeds the vocabulary"),
+        (["x", "--speculative", "--draft-len", "9"], "exceeds the model's mtp_depth=2"),
+    ]
+    for status, cases in ((2, usage), (1, failures)):
+        for args, message in cases:
+            code, out, err = run_main(capsys, "generate", *args, "--checkpoint", run)
+            assert code == status and out == "" and message in err, (args, err)
+            assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_max_new_tokens_is_clipped_to_the_context(trained_run, capsys):

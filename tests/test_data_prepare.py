@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from kunlunbaize.cli import prepare as prepare_command
 from kunlunbaize.data import FORMAT, DataError, is_prepared, load_meta, open_split, pack
-from kunlunbaize.data.cli import add_prepare_parser
 from kunlunbaize.data.pack import plan_split, select_validation
 from kunlunbaize.data.prepare import prepare
 
@@ -263,9 +263,9 @@ def test_default_source_is_the_stdlib(tmp_path: Path) -> None:
 def run_cli(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command")
-    add_prepare_parser(sub)
+    prepare_command.add_parser(sub)
     args = p.parse_args(argv)
-    args.func(args)
+    prepare_command.run(args)
 
 
 def test_cli(corpus: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -293,7 +293,7 @@ def test_cli(corpus: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.Capt
 
 def test_cli_defaults() -> None:
     p = argparse.ArgumentParser()
-    add_prepare_parser(p.add_subparsers(dest="command"))
+    prepare_command.add_parser(p.add_subparsers(dest="command"))
     args = p.parse_args(["prepare"])
     assert args.sources == [] and args.out == os.path.join("data", "stdlib") and args.vocab_size == 8192
     assert args.decode_errors == "replace" and args.val_fraction == 0.005 and args.shard_tokens == 100_000_000

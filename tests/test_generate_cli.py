@@ -99,8 +99,9 @@ def test_generate_cli_errors(run, tmp_path, capsys):
     with pytest.raises(SystemExit, match="fit the context"):
         main(["generate", "word " * 200, "--checkpoint", str(run), "--max-new-tokens", "8"])
     main(["generate", "word " * 200, "--checkpoint", str(run), "--max-new-tokens", "8", "--truncate"])
-    with pytest.raises(SystemExit, match="apply to --speculative"):
+    with pytest.raises(SystemExit) as usage:  # a usage error: exit status 2, the message on stderr
         main(["generate", "x", "--checkpoint", str(run), "--draft-vocab", "40"])
+    assert usage.value.code == 2 and "apply to --speculative" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"cannot count tokens of .*give --draft-data"):
         main(["generate", "x", "--checkpoint", str(run), "--speculative", "--draft-vocab", "40",
               "--draft-data", str(tmp_path / "nodata")])

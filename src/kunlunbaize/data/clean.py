@@ -11,7 +11,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-DECODE_ERRORS = ("replace", "skip")
 BINARY_SNIFF_BYTES = 8192
 BINARY_BAD_RATIO = 0.3
 MAX_LISTED_PATHS = 10

@@ -19,15 +19,16 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ..defaults import DECODE_ERRORS, DEFAULT_DATA
 from . import pack
-from .clean import DECODE_ERRORS, CleanReport, clean_documents
+from .clean import CleanReport, clean_documents
 from .format import FORMAT, META_FILE, DataError, choose_dtype, is_prepared, load_meta
 from .pack import default_workers, encode_store, plan_split, write_split
 from .sources import SourceFile, discover, read_documents, stdlib_files, stdlib_root
 from .store import DocumentStore
 from .tokenizer import CHAT_TOKENS, load_tokenizer, save_tokenizer, special_tokens, train_tokenizer
 
-DEFAULT_OUT = Path("data/stdlib")
+DEFAULT_OUT = Path(DEFAULT_DATA)
 WORK_DIR = ".work"
 
 

@@ -1,26 +1,53 @@
-"""The ``kunlun eval`` command line (parser and command; the work is in :mod:`kunlunbaize.eval.evaluate`)."""
+"""``kunlun eval``: evaluate a checkpoint on built-in, file and lm-evaluation-harness tasks (the work is in
+:mod:`kunlunbaize.eval.evaluate`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
+
+from .args import SEED, UsageError, float_in, int_at_least, new_command, resolve_device
 
 DEFAULT_TASKS = ("bpb", "arith")
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    import torch
+def task_spec(spec: str) -> str:
+    """An argparse ``type`` for ``--task``: NAME of a built-in task, or KIND=PATH / LAYOUT=PATH (the file is read
+    later, when the task is made)."""
+    from ..eval.convert import LAYOUTS
+    from ..eval.tasks import BUILTINS, KINDS, TaskError, parse_spec
 
-    from ..cli import resolve_device
-    from ..data.format import DataError
-    from ..infer.load import LoadError
-    from .evaluate import evaluate, format_table
-    from .tasks import TaskError, make_task
+    try:
+        name, path = parse_spec(spec)
+    except TaskError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--task {spec!r}: ")) from None
+    if path is None and name in KINDS and name != "bpb":
+        raise argparse.ArgumentTypeError(f"{name} needs a file: {name}=PATH (or {name}=arith, {name}=humaneval for "
+                                         "a built-in set)")
+    if path is None and name not in BUILTINS:
+        raise argparse.ArgumentTypeError(f"unknown task {name!r}: built in are {', '.join(BUILTINS)}; evaluate a "
+                                         f"file with KIND=PATH (KIND: {', '.join(KINDS)}) or LAYOUT=PATH (e.g. "
+                                         "gsm8k=test.jsonl)")
+    if path is not None and name not in KINDS and (name not in LAYOUTS or name == "canonical"):
+        raise argparse.ArgumentTypeError(f"{name}={path}: {name!r} is neither a task kind ({', '.join(KINDS)}) nor "
+                                         f"a known layout ({', '.join(LAYOUTS)})")
+    return spec
 
+
+def run(args: argparse.Namespace) -> None:
+    """Evaluate, print the results table, and say where the records are."""
     specs = args.task or ([] if args.lm_eval else list(DEFAULT_TASKS))
     if args.include_path and not args.lm_eval:
-        raise SystemExit("kunlun eval: --include-path applies to --lm-eval tasks — add --lm-eval TASKS or drop it")
-    device = resolve_device(args.device, "eval")
+        raise UsageError("--include-path applies to --lm-eval tasks — add --lm-eval TASKS or drop it")
+    device = resolve_device(args.device)
+    import torch
+
+    from ..data.format import DataError
+    from ..eval.evaluate import evaluate, format_table
+    from ..eval.tasks import TaskError, make_task
+    from ..infer.load import LoadError
+
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     try:
         tasks = [make_task(s, data=args.data, few_shot=args.few_shot, samples=args.samples,
@@ -31,7 +58,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 task.max_tokens = args.bpb_tokens
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
-            raise TaskError(f"the same task is given twice ({', '.join(names)})")
+            raise UsageError(f"--task: the same task is given twice ({', '.join(names)})")
         lm_tasks = [t for t in (args.lm_eval or "").split(",") if t]
         summary = evaluate(args.checkpoint, tasks, out=args.out, lm_eval_tasks=lm_tasks,
                            include_path=args.include_path, lm_eval_few_shot=args.few_shot,
@@ -47,14 +74,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"\nrecords and summary: {summary['out']}", file=sys.stderr)
 
 
-def add_eval_parser(sub) -> None:
-    from ..cli import SEED, float_in, int_at_least
-
-    e = sub.add_parser("eval", help="evaluate a checkpoint: multiple choice, exact match, math averaged over "
-                                    "samples, code pass@k (sandboxed), bits per byte; lm-evaluation-harness tasks")
+def add_parser(sub: Any) -> None:
+    """Add ``eval`` to ``sub`` (from ``ArgumentParser.add_subparsers``)."""
+    e = new_command(sub, "eval", help="evaluate a checkpoint: multiple choice, exact match, math averaged over "
+                                      "samples, code pass@k (sandboxed), bits per byte; lm-evaluation-harness tasks")
     e.add_argument("--checkpoint", default="runs/small", help="run folder (newest checkpoint), checkpoint folder or "
                                                               "`kunlun export --hf` folder")
-    e.add_argument("--task", action="append", metavar="NAME[=PATH]",
+    e.add_argument("--task", action="append", type=task_spec, metavar="NAME[=PATH]",
                    help="built in: bpb, arith, arith-mc, humaneval; a file: KIND=PATH (KIND: mc, gen, math-avg, "
                         "code, bpb) or LAYOUT=PATH (gsm8k, mmlu, …); repeatable (default: "
                         f"{' and '.join(DEFAULT_TASKS)})")
@@ -86,4 +112,3 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
-    e.set_defaults(func=cmd_eval)

@@ -1,4 +1,4 @@
-"""Argument parsing for ``kunlun prepare``; the work is done by :func:`kunlunbaize.data.prepare.prepare`."""
+"""``kunlun prepare``: text into a token dataset; the work is done by :func:`kunlunbaize.data.prepare.prepare`."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from .clean import DECODE_ERRORS
-from .format import DataError
-from .prepare import DEFAULT_OUT, prepare
+from ..defaults import DECODE_ERRORS, DEFAULT_DATA
+from .args import UsageError, float_in, int_at_least, new_command
 
 DESCRIPTION = """\
 Turn text into a token dataset for `kunlun train`: read sources, clean them (decode errors, binary files,
@@ -27,66 +26,53 @@ examples:
 """
 
 
-def _positive_int(raw: str) -> int:
-    try:
-        value = int(raw.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {raw!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+POSITIVE = int_at_least(1)
 
 
-def _nonnegative_int(raw: str) -> int:
-    try:
-        value = int(raw.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {raw!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def add_prepare_parser(subparsers: Any) -> None:
-    """Add the ``prepare`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
-    p = subparsers.add_parser("prepare", help="build a tokenized dataset (tokenizer + token shards) from text",
+def add_parser(sub: Any) -> None:
+    """Add ``prepare`` to ``sub`` (from ``ArgumentParser.add_subparsers``)."""
+    p = new_command(sub, "prepare", help="build a tokenized dataset (tokenizer + token shards) from text",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="*", metavar="SOURCE",
                    help="files, folders, globs or saved HF datasets (default: the Python standard library)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: %(default)s)")
+    p.add_argument("--out", default=DEFAULT_DATA, help="output folder (default: %(default)s)")
     p.add_argument("--text-field", default="text",
                    help="text field of JSONL records / column of Parquet files and datasets (default: %(default)s)")
     p.add_argument("--decode-errors", choices=DECODE_ERRORS, default="replace",
                    help="non-UTF-8 text: replace bad bytes with U+FFFD, or skip the file (default: %(default)s)")
-    p.add_argument("--min-chars", type=_nonnegative_int, default=1,
+    p.add_argument("--min-chars", type=int_at_least(0), default=1,
                    help="drop documents shorter than this, in characters after stripping whitespace (default: 1)")
-    p.add_argument("--max-chars", type=_positive_int, default=None,
+    p.add_argument("--max-chars", type=POSITIVE, default=None,
                    help="drop documents longer than this, in characters after stripping whitespace (default: none)")
-    p.add_argument("--vocab-size", type=_positive_int, default=8192,
+    p.add_argument("--vocab-size", type=POSITIVE, default=8192,
                    help="vocabulary size of the trained tokenizer, special tokens included (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="use this tokenizer.json (or folder containing one) instead of training a tokenizer")
     p.add_argument("--chat-tokens", action="store_true",
                    help="add the chat role tokens (<|system|>, <|user|>, <|assistant|>, <|end|>) to a --tokenizer that "
                         "lacks them; a trained tokenizer always reserves them")
-    p.add_argument("--val-fraction", type=float, default=0.005,
+    p.add_argument("--val-fraction", type=float_in(0, 0.5), default=0.005,
                    help="share of tokens held out for validation, as whole documents chosen by content hash; "
                         "at least one document and 1024 tokens when the corpus allows it; 0 = none "
                         "(default: %(default)s)")
-    p.add_argument("--shard-tokens", type=_positive_int, default=100_000_000,
+    p.add_argument("--shard-tokens", type=POSITIVE, default=100_000_000,
                    help="maximum tokens per shard file (default: 100_000_000)")
-    p.add_argument("--workers", type=_positive_int, default=None,
+    p.add_argument("--workers", type=POSITIVE, default=None,
                    help="tokenizer processes (default: number of CPUs); 1 = this process, using the tokenizers "
                         "library's own threads; never changes the output")
-    p.add_argument("--max-docs", type=_positive_int, default=None, help="stop reading after this many kept documents")
-    p.add_argument("--max-bytes", type=_positive_int, default=None,
+    p.add_argument("--max-docs", type=POSITIVE, default=None, help="stop reading after this many kept documents")
+    p.add_argument("--max-bytes", type=POSITIVE, default=None,
                    help="stop reading once kept documents reach this many UTF-8 bytes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
-    p.set_defaults(func=run_prepare)
 
 
-def run_prepare(args: argparse.Namespace) -> None:
-    """Handler of ``kunlun prepare``: run :func:`prepare`; on a DataError print it and exit with status 1."""
+def run(args: argparse.Namespace) -> None:
+    """Run :func:`kunlunbaize.data.prepare.prepare`; on a DataError print it and exit with status 1."""
+    if args.max_chars is not None and args.max_chars < args.min_chars:
+        raise UsageError(f"--max-chars {args.max_chars} must be >= --min-chars {args.min_chars}")
+    from ..data.format import DataError
+    from ..data.prepare import prepare
+
     try:
         prepare(args.sources, args.out, text_field=args.text_field, decode_errors=args.decode_errors,
                 min_chars=args.min_chars, max_chars=args.max_chars, vocab_size=args.vocab_size,

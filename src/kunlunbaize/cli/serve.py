@@ -12,13 +12,14 @@ import signal
 import sys
 from typing import Any
 
+from .args import float_in, int_at_least, new_command, resolve_device
+
 NEEDS = ("fastapi", "uvicorn", "prometheus_client", "transformers")
 
 
-def add_serve_parser(sub: Any) -> None:
-    from ..cli import float_in, int_at_least
-
-    s = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)")
+def add_parser(sub: Any) -> None:
+    """Add ``serve`` to ``sub`` (from ``ArgumentParser.add_subparsers``)."""
+    s = new_command(sub, "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)")
     s.add_argument("--checkpoint", default="runs/small", help="run, checkpoint or export folder (default: %(default)s)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     s.add_argument("--port", type=int_at_least(0, 65535), default=8000,
@@ -43,23 +44,22 @@ def add_serve_parser(sub: Any) -> None:
                    help="torch CPU threads for the model (default on CPU: torch's less one, at least 1, leaving a "
                         "core to the HTTP side and to clients on the same machine)")
     s.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
-    s.set_defaults(func=cmd_serve)
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
+    """Serve until SIGTERM or Ctrl-C, then drain the requests in flight."""
     missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
     if missing:
         raise SystemExit(f"kunlun serve: needs {', '.join(missing)} — pip install 'kunlunbaize[serve]'")
     import torch
     import uvicorn
 
-    from ..cli import resolve_device
     from ..infer.load import LoadError
-    from .engine import Engine
-    from .model import load_served
-    from .server import Draining, create_app
+    from ..serve.engine import Engine
+    from ..serve.model import load_served
+    from ..serve.server import Draining, create_app
 
-    device = resolve_device(args.device, "serve")
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     elif device == "cpu":  # measured: 2 cores, 2 model threads run at 0.61x one-at-a-time generate, 1 at 0.87x

@@ -1,0 +1,5 @@
+"""``python -m kunlunbaize.cli …`` (e.g. under torchrun): the ``kunlun`` command."""
+
+from kunlunbaize.cli import main
+
+main()

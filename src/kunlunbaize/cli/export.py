@@ -1,0 +1,56 @@
+"""``kunlun export``: a training checkpoint as a Hugging Face transformers folder (a Llama baseline checkpoint: a
+plain LlamaForCausalLM folder)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .args import new_command
+
+
+def add_parser(sub: Any) -> None:
+    """Add ``export`` to ``sub`` (from ``ArgumentParser.add_subparsers``)."""
+    e = new_command(sub, "export", help="convert a training checkpoint to a Hugging Face transformers folder "
+                                        "(a Llama baseline checkpoint: a plain LlamaForCausalLM folder)")
+    e.add_argument("--hf", required=True, metavar="OUT", help="folder to write (config, safetensors, tokenizer)")
+    e.add_argument("--checkpoint", default="runs/small", help="run folder (newest checkpoint) or checkpoint folder")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    e.add_argument("--no-verify", action="store_true", help="skip reloading the export and comparing logits")
+    e.add_argument("--chat-template", action="store_true",
+                   help="add KunlunBaize's chat template (chat_template.jinja) for chat use; off for a base model")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Export ``--checkpoint`` into ``--hf``, reload it and compare logits (unless ``--no-verify``)."""
+    import torch
+
+    from ..infer.load import LoadError, checkpoint_arch, resolve_checkpoint
+
+    try:
+        from ..hf.export import ExportError, export_hf
+        from ..hf.export_llama import export_llama
+    except ImportError as e:
+        raise SystemExit(f"kunlun export: needs transformers ({e}) — pip install 'kunlunbaize[hf]'") from None
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    try:
+        ckpt = resolve_checkpoint(args.checkpoint)
+        out = Path(args.hf).resolve()
+        if out == ckpt.resolve() or out in ckpt.resolve().parents:
+            raise ExportError(f"--hf {args.hf} holds the checkpoint being exported ({ckpt}) and would be replaced "
+                              "— choose another folder")
+        export = export_llama if checkpoint_arch(ckpt) == "llama" else export_hf
+        extra = {"chat_template": True} if args.chat_template else {}
+        if args.chat_template and export is export_llama:
+            raise ExportError("--chat-template is for KunlunBaize checkpoints (the Llama baseline has no role tokens)")
+        export(ckpt, args.hf, dtype=dtype, overwrite=args.overwrite, verify=not args.no_verify,
+               log=lambda m: print(m, file=sys.stderr), **extra)
+    except (LoadError, ExportError) as e:
+        raise SystemExit(f"kunlun export: {e}") from None
+    except OSError as e:  # the temporary folder is removed by the export itself: OUT is complete or untouched
+        raise SystemExit(f"kunlun export: cannot write {args.hf} ({e.strerror or e}: {e.filename or ''}) — "
+                         "choose a folder you can write to") from None
+

@@ -123,8 +123,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .checkpoint import CheckpointError
     from .data.format import DataError
-    from .train.checkpoint import CheckpointError
     from .train.distributed import shutdown
     from .train.trainer import TrainConfig, TrainingError, train
 
@@ -154,12 +154,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"dense-residual weights: {summary['dense_plot']}")
     print(f"metrics:      {summary['run_dir']}/metrics.jsonl (TensorBoard: {summary['run_dir']}/tensorboard)")
     if args.sample_tokens > 0 and summary["checkpoint"] and not summary["interrupted"]:
-        from .infer.load import LoadError
-        from .train.sample import print_sample
+        from .checkpoint import CheckpointError
+        from .infer.sample import print_sample
 
         try:
             print_sample(summary["checkpoint"], args.sample_prompt, cfg.data, args.sample_tokens)
-        except (LoadError, DataError, ValueError) as e:
+        except (CheckpointError, DataError, ValueError) as e:
             raise SystemExit(f"kunlun train: training finished, but the sample could not be generated: {e}") from None
 
 
@@ -256,22 +256,24 @@ def resolve_device(name: str, command: str) -> str:
 
 
 def _load_for_generation(args: argparse.Namespace, device: str):
-    """The :class:`kunlunbaize.infer.load.Generator` of ``--checkpoint`` (a Llama checkpoint with --speculative is
+    """The :class:`kunlunbaize.infer.generator.Generator` of ``--checkpoint`` (a Llama checkpoint with --speculative is
     refused before anything is loaded)."""
-    from .infer.load import LoadError, checkpoint_arch, load_for_generation, resolve_checkpoint
+    from .checkpoint import CheckpointError, checkpoint_arch, resolve_checkpoint
+    from .infer.generator import load_for_generation
 
     ckpt = resolve_checkpoint(args.checkpoint)
-    if args.speculative and checkpoint_arch(ckpt) == "llama":
-        raise LoadError(f"{ckpt} is a Llama baseline checkpoint (`kunlun train --arch llama`): it has no MTP "
-                        "depths to draft with — drop --speculative")
+    spec = checkpoint_arch(ckpt)
+    if args.speculative and not spec.mtp:
+        raise CheckpointError(f"{ckpt} is a {spec.note} checkpoint (`kunlun train --arch {spec.name}`): it has no "
+                              "MTP depths to draft with — drop --speculative")
     return load_for_generation(ckpt, device)
 
 
 def _draft_vocab(args: argparse.Namespace, ckpt, vocab_size: int):
     """The ``--draft-vocab`` most frequent token ids of ``--draft-data`` (default: the checkpoint's training data)."""
+    from .checkpoint import training_data
     from .data.format import token_counts
     from .infer import frequent_tokens
-    from .infer.load import training_data
 
     data = args.draft_data or training_data(ckpt)
     if data is None:
@@ -287,10 +289,11 @@ def _draft_vocab(args: argparse.Namespace, ckpt, vocab_size: int):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from .checkpoint import CheckpointError, load_tokenizer
     from .infer import SamplingParams, speculative_generate
     from .infer.generate import fit_prompts
-    from .infer.load import LoadError, load_tokenizer
     from .infer.text import TextStream
+    from .model import KunlunBaize
 
     prompts = _read_prompts(args)
     many = len(prompts) > 1
@@ -306,18 +309,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
         model, ckpt, run, context, depth = (loaded.model, loaded.checkpoint, loaded.generate, loaded.context,
                                             loaded.mtp_depth)
         if args.speculative and depth == 0:
-            raise LoadError(f"{ckpt} has no MTP depths (mtp_depth=0) to draft with — drop --speculative")
+            raise CheckpointError(f"{ckpt} has no MTP depths (mtp_depth=0) to draft with — drop --speculative")
         if args.speculative and args.draft_len is not None and args.draft_len > depth:
-            raise LoadError(f"--draft-len {args.draft_len} exceeds the model's mtp_depth={depth} — "
+            raise CheckpointError(f"--draft-len {args.draft_len} exceeds the model's mtp_depth={depth} — "
                             f"use 1 … {depth}")
         tokenizer, eot = load_tokenizer(ckpt, model.config.vocab_size)
         ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
         fitted, max_new = fit_prompts(ids, args.max_new_tokens, context, args.truncate)
         draft_vocab = _draft_vocab(args, ckpt, model.config.vocab_size) if args.draft_vocab else None
-        if (args.compile or args.compile_mode) and loaded.arch != "kunlunbaize":
-            raise LoadError(f"{ckpt} is a Llama baseline checkpoint: --compile compiles KunlunBaize's static "
-                            "decoding step — drop --compile/--compile-mode")
-    except (ValueError, LoadError) as e:
+        if (args.compile or args.compile_mode) and not isinstance(model, KunlunBaize):
+            raise CheckpointError(f"{ckpt} is a {loaded.arch.note} checkpoint: --compile compiles KunlunBaize's "
+                                  "static decoding step — drop --compile/--compile-mode")
+    except (ValueError, CheckpointError) as e:
         raise SystemExit(f"kunlun generate: {e}") from None
     for row, (full, kept) in enumerate(zip(ids, fitted, strict=True)):
         if len(kept) < len(full):
@@ -412,11 +415,11 @@ def _add_generate_parser(sub) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     import torch
 
-    from .infer.load import LoadError, checkpoint_arch, resolve_checkpoint
+    from .arch import DEFAULT
+    from .checkpoint import CheckpointError, checkpoint_arch, resolve_checkpoint
 
     try:
-        from .hf.export import ExportError, export_hf
-        from .hf.export_llama import export_llama
+        from .hf.export import ExportError
     except ImportError as e:
         raise SystemExit(f"kunlun export: needs transformers ({e}) — pip install 'kunlunbaize[hf]'") from None
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -426,13 +429,14 @@ def cmd_export(args: argparse.Namespace) -> None:
         if out == ckpt.resolve() or out in ckpt.resolve().parents:
             raise ExportError(f"--hf {args.hf} holds the checkpoint being exported ({ckpt}) and would be replaced "
                               "— choose another folder")
-        export = export_llama if checkpoint_arch(ckpt) == "llama" else export_hf
+        spec = checkpoint_arch(ckpt)
+        export = spec.hook("export")
         extra = {"chat_template": True} if args.chat_template else {}
-        if args.chat_template and export is export_llama:
-            raise ExportError("--chat-template is for KunlunBaize checkpoints (the Llama baseline has no role tokens)")
+        if args.chat_template and spec is not DEFAULT:
+            raise ExportError(f"--chat-template is for KunlunBaize checkpoints (the {spec.note} has no role tokens)")
         export(ckpt, args.hf, dtype=dtype, overwrite=args.overwrite, verify=not args.no_verify,
                log=lambda m: print(m, file=sys.stderr), **extra)
-    except (LoadError, ExportError) as e:
+    except (CheckpointError, ExportError) as e:
         raise SystemExit(f"kunlun export: {e}") from None
     except OSError as e:  # the temporary folder is removed by the export itself: OUT is complete or untouched
         raise SystemExit(f"kunlun export: cannot write {args.hf} ({e.strerror or e}: {e.filename or ''}) — "

@@ -11,9 +11,9 @@ DEFAULT_TASKS = ("bpb", "arith")
 def cmd_eval(args: argparse.Namespace) -> None:
     import torch
 
+    from ..checkpoint import CheckpointError
     from ..cli import resolve_device
     from ..data.format import DataError
-    from ..infer.load import LoadError
     from .evaluate import evaluate, format_table
     from .tasks import TaskError, make_task
 
@@ -38,7 +38,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                            batch_size=args.batch_size, limit=args.limit,
                            seed=args.seed, chat=args.chat_template, fresh=args.fresh, device=device, dtype=dtype,
                            progress=not args.no_progress, workers=args.workers, timeout=args.timeout, data=args.data)
-    except (TaskError, LoadError, DataError, ValueError) as e:
+    except (TaskError, CheckpointError, DataError, ValueError) as e:
         raise SystemExit(f"kunlun eval: {e}") from None
     except KeyboardInterrupt:
         print("kunlun eval: the records scored so far are kept; run the same command to resume", file=sys.stderr)

@@ -24,11 +24,11 @@ def _need_trl(command: str) -> None:
 
 
 def _errors() -> tuple[type[BaseException], ...]:
+    from ..checkpoint import CheckpointError
     from ..data.format import DataError
     from ..eval.convert import TaskFileError
-    from ..infer.load import LoadError
 
-    return (ValueError, LoadError, DataError, TaskFileError, OSError)
+    return (ValueError, CheckpointError, DataError, TaskFileError, OSError)
 
 
 def _log(message: str) -> None:

@@ -26,9 +26,10 @@ import time
 import torch
 
 from kunlunbaize import KunlunBaize, ModelConfig
+from kunlunbaize.checkpoint import load_tokenizer, training_data
 from kunlunbaize.data.format import token_counts
 from kunlunbaize.infer import StaticDecoder, generate, speculative_generate
-from kunlunbaize.infer.load import load_model, load_tokenizer, training_data
+from kunlunbaize.infer.load import load_model
 from kunlunbaize.infer.speculative import DraftVocab, frequent_tokens
 from kunlunbaize.model import layers
 

@@ -16,8 +16,9 @@ import time
 
 import torch
 
+from kunlunbaize.checkpoint import load_tokenizer
 from kunlunbaize.infer import generate, speculative_generate
-from kunlunbaize.infer.load import load_model, load_tokenizer
+from kunlunbaize.infer.load import load_model
 
 PROMPTS = ["def parse_args(argv):\n", "class Cache:\n    def __init__(self", "import os\nimport sys\n\n",
            "    for i in range(len(", "# Copyright", "if __name__ == '__main__':\n"]

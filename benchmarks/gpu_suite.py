@@ -11,7 +11,7 @@ writes every figure to a JSON file.
    (`kunlunbaize.infer.speculative_generate`) is token-identical to plain greedy (`kunlunbaize.infer.generate`);
 2. training throughput at the `125m` preset with bf16 autocast and `torch.compile` (each block, as
    `kunlun train --compile`): KunlunBaize (chunked loss, `model(x, labels=x, logits=False)`) vs. the matched HF
-   transformers Llama of `kunlunbaize.train.llama_baseline`; tokens/s, achieved TFLOP/s from the analytic FLOPs,
+   transformers Llama of `kunlunbaize.arch.llama`; tokens/s, achieved TFLOP/s from the analytic FLOPs,
    MFU against the GPU's datasheet bf16 peak (`kunlunbaize.train.distributed.peak_flops`); rounds interleaved,
    medians;
 3. dense-residual overhead at 48 layers (the `125m` width): training step time with and without it (goal <= 5%);
@@ -59,10 +59,10 @@ from typing import Any
 import torch
 
 from kunlunbaize import KunlunBaize, ModelConfig
+from kunlunbaize.arch import get_arch
 from kunlunbaize.infer import StaticDecoder, generate, speculative_generate
 from kunlunbaize.train.distributed import peak_flops
 from kunlunbaize.train.optim import build_optimizer
-from kunlunbaize.train.trainer import training_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 # The suite's clock starts when gpu_suite.sh started (it exports GPU_SUITE_T0), else when this module was imported.
@@ -434,7 +434,7 @@ def speculative_equivalence(model: KunlunBaize, prof: Profile, dev: torch.device
 # ---------------------------------------------------------------------------------------------------- 2. throughput
 def section_train_throughput(sec: Section, prof: Profile) -> None:
     """KunlunBaize (chunked loss) vs. the matched HF Llama: tokens/s, TFLOP/s, MFU, interleaved rounds."""
-    from kunlunbaize.train.llama_baseline import LlamaBaseline
+    from kunlunbaize.arch.llama import LlamaBaseline
 
     dev = torch.device(prof.device)
     base = ModelConfig.preset(prof.preset)
@@ -450,7 +450,7 @@ def section_train_throughput(sec: Section, prof: Profile) -> None:
         opt = build_optimizer(model, lr=1e-4)
         models[name] = {"arch": arch, "step": _train_step(model, opt, x, prof.amp_bf16, arch == "kunlunbaize"),
                         "params": sum(p.numel() for p in model.parameters()),
-                        "flops_per_token": training_flops(arch, model, cfg, prof.seq_len)}
+                        "flops_per_token": get_arch(arch).training_flops(cfg, prof.seq_len)}
     sec.figures["setup"] = {"preset": prof.preset, "batch": prof.batch, "seq_len": prof.seq_len,
                             "bf16_autocast": prof.amp_bf16, "compile": prof.compile, "peak_flops": peak,
                             "peak_source": peak_how}

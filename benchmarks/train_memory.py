@@ -29,7 +29,7 @@ import torch
 
 def child(args: argparse.Namespace) -> None:
     from kunlunbaize import KunlunBaize, ModelConfig
-    from kunlunbaize.train.llama_baseline import LlamaBaseline
+    from kunlunbaize.arch.llama import LlamaBaseline
     from kunlunbaize.train.optim import build_optimizer
 
     dev = torch.device(args.device)

@@ -222,3 +222,17 @@ def test_probe_measures_each_branch():
     plain = branch_scales(KunlunBaize(tiny(n_layers=2, transformerx=False)).eval(), tokens)
     assert len(plain[0]["mlp"]) == 1 and plain[0]["cross_attn"] == [] and plain[0]["conv"] == []
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed
+
+
+def test_the_kept_records_of_the_study_still_give_its_table():
+    """results/ keeps only the raw records; the figures docs/ABLATION.md quotes come back from them."""
+    from kunlunbaize.ablate.report import collect
+
+    folder = Path(__file__).resolve().parents[1] / "results" / "ablation-500k"
+    cfg = StudyConfig(out=str(folder), eval_tasks=("bpb", "arith", "arith-mc"), eval_limit=200, match="both")
+    runs = collect(cfg)
+    assert len(runs) == 24
+    rows = {(r["match"], r["variant"]): r for r in aggregate(runs)}
+    assert round(rows["tokens", "full"]["metrics"]["val_loss"][0], 4) == 4.8904
+    assert round(rows["tokens", "no_dense"]["delta_vs_full"][0], 4) == 0.1347
+    assert round(rows["flops", "llama"]["delta_vs_full"][0], 4) == -0.3670

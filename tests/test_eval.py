@@ -39,7 +39,7 @@ def noisy(trained_run, tmp_path_factory) -> EvalModel:
 
     from safetensors.torch import load_file, save_file
 
-    from kunlunbaize.infer.load import resolve_checkpoint
+    from kunlunbaize.checkpoint import resolve_checkpoint
 
     ckpt = tmp_path_factory.mktemp("noisy") / "ckpt"
     shutil.copytree(resolve_checkpoint(trained_run), ckpt)
@@ -296,7 +296,7 @@ def test_chat_template_renders_as_transformers_does(model):
 def test_the_checkpoints_chat_template_wraps_prompts(trained_run, tmp_path):
     import shutil
 
-    from kunlunbaize.infer.load import resolve_checkpoint
+    from kunlunbaize.checkpoint import resolve_checkpoint
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(resolve_checkpoint(trained_run), ckpt)
@@ -333,7 +333,7 @@ def test_kunlun_eval_prints_the_table_and_writes_the_results_folder(trained_run,
 
 
 def test_default_results_folder(trained_run):
-    from kunlunbaize.infer.load import resolve_checkpoint
+    from kunlunbaize.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(trained_run)
     assert default_out(ckpt) == trained_run / "eval" / ckpt.name

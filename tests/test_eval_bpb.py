@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kunlunbaize.checkpoint import load_tokenizer
 from kunlunbaize.data.format import DataError, open_split
 from kunlunbaize.eval.bpb import TokenStream, _windows, bits_per_byte, byte_length_table, evaluate_bpb
-from kunlunbaize.infer.load import load_model, load_tokenizer
+from kunlunbaize.infer.load import load_model
 
 TEXTS = ["def f(x):\n    return x + 1\n", "春眠不觉晓，处处闻啼鸟。", "emoji 🙂🚀 and ZWJ 👩‍👩‍👧",
          "café naïve Ærø Łódź",

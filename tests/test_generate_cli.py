@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kunlunbaize.checkpoint import CheckpointError, load_tokenizer
 from kunlunbaize.cli import main
 from kunlunbaize.infer import generate, speculative_generate
-from kunlunbaize.infer.load import LoadError, load_model, load_tokenizer
+from kunlunbaize.infer.load import load_model
 from kunlunbaize.infer.text import TextStream
 
 
@@ -117,7 +118,7 @@ def test_generate_cli_errors(run, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(load_model(run)[1], other)
     cfg = json.loads((other / "config.json").read_text())
-    with pytest.raises(LoadError, match="not trained together"):
+    with pytest.raises(CheckpointError, match="not trained together"):
         load_tokenizer(other, cfg["vocab_size"] + 1)
 
 

@@ -17,9 +17,9 @@ pytest.importorskip("transformers")
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from kunlunbaize.checkpoint.keys import from_hf
 from kunlunbaize.cli import main
 from kunlunbaize.hf import KunlunBaizeConfig, KunlunBaizeForCausalLM, KunlunBaizeModel
-from kunlunbaize.hf.keys import from_hf
 from kunlunbaize.infer import generate
 from kunlunbaize.infer.load import load_model
 

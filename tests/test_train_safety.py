@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kunlunbaize.train.checkpoint import CheckpointError, checkpoint_dirs
+from kunlunbaize.checkpoint import CheckpointError, checkpoint_dirs
 from kunlunbaize.train.logging import read_metrics
 from kunlunbaize.train.trainer import TrainConfig, TrainingError, train
 
@@ -241,7 +241,7 @@ def test_sample_prompt_comes_from_the_corpus(dataset, tmp_path):
     """The sample after training starts from the corpus's own text; `def main():` only for the embedded Python."""
     from tokenizers import Tokenizer
 
-    from kunlunbaize.train.sample import MAX_PROMPT_CHARS, STDLIB_PROMPT, corpus_prompt
+    from kunlunbaize.infer.sample import MAX_PROMPT_CHARS, STDLIB_PROMPT, corpus_prompt
 
     tok = Tokenizer.from_file(str(dataset / "tokenizer.json"))
     prompt = corpus_prompt(dataset, tok)

@@ -16,25 +16,30 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from ..arch import BASELINE, DEFAULT, get_arch
 from ..config import PRESETS, ModelConfig
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    arch: str  # "kunlunbaize" or "llama"
+    arch: str  # the name of its architecture (kunlunbaize.arch)
     switch: dict[str, Any]  # the model-config change that defines it
     label: str
 
 
+FULL = Variant("full", DEFAULT.name, {}, "KunlunBaize (full)")
+BASE = Variant(BASELINE.name, BASELINE.name, {}, BASELINE.title)
+"""The matched baseline every variant is also compared against (named after its architecture)."""
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("full", "kunlunbaize", {}, "KunlunBaize (full)"),
-    Variant("no_dense", "kunlunbaize", {"dense_residual": False}, "− dense residual"),
-    Variant("no_transformerx", "kunlunbaize", {"transformerx": False}, "− TransformerX"),
-    Variant("no_mtp", "kunlunbaize", {"mtp_depth": 0}, "− MTP"),
-    Variant("llama", "llama", {}, "HF Llama, matched params"),
+    FULL,
+    Variant("no_dense", DEFAULT.name, {"dense_residual": False}, "− dense residual"),
+    Variant("no_transformerx", DEFAULT.name, {"transformerx": False}, "− TransformerX"),
+    Variant("no_mtp", DEFAULT.name, {"mtp_depth": 0}, "− MTP"),
+    BASE,
 )}
 MATCHES = ("tokens", "flops", "both")
 
@@ -117,14 +122,7 @@ def model_config(cfg: StudyConfig, variant: Variant) -> ModelConfig:
 
 def training_flops_per_token(cfg: StudyConfig, variant: Variant) -> float:
     """Analytic training FLOPs per token (forward + backward) of the variant at the study's sequence length."""
-    mcfg = model_config(cfg, variant)
-    if variant.arch == "llama":  # matched width and depth, FFN widened to KunlunBaize's parameters
-        from ..train.llama_baseline import matched_llama_config
-
-        ffn = matched_llama_config(mcfg).intermediate_size
-        mcfg = dataclasses.replace(mcfg, transformerx=False, dense_residual=False, mtp_depth=0,
-                                   mtp_loss_weights=None, ffn_hidden=ffn)
-    return mcfg.flops_per_token(cfg.seq_len, training=True)
+    return get_arch(variant.arch).training_flops(model_config(cfg, variant), cfg.seq_len)
 
 
 def plan(cfg: StudyConfig) -> list[RunSpec]:
@@ -157,3 +155,8 @@ def train_config(cfg: StudyConfig, spec: RunSpec, run_dir: str) -> dict[str, Any
     if cfg.dense_lr_mult != 1.0:  # only when set, so studies made before the option keep their specs
         out["dense_lr_mult"] = cfg.dense_lr_mult
     return out
+
+
+def run_dir(cfg: StudyConfig, spec: RunSpec) -> Path:
+    """The folder of one run of the study: ``<out>/runs/<name>``."""
+    return Path(cfg.out) / "runs" / spec.name

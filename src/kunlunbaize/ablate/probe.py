@@ -89,7 +89,8 @@ def format_rows(name: str, rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..infer.load import LoadError, load_model, resolve_checkpoint
+    from ..checkpoint import CheckpointError, resolve_checkpoint
+    from ..infer.load import load_model
 
     p = argparse.ArgumentParser(prog="python -m kunlunbaize.ablate.probe", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run or checkpoint folders of KunlunBaize models")
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         for run in args.runs:
             model, ckpt = load_model(resolve_checkpoint(run))
             print(format_rows(str(ckpt), branch_scales(model, tokens)), end="\n\n")
-    except (LoadError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
         sys.exit(f"probe: {e}")
 
 

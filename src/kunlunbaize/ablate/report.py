@@ -14,8 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .plan import VARIANTS, StudyConfig, plan
-from .run import run_dir
+from .plan import BASE, FULL, VARIANTS, StudyConfig, plan, run_dir
 
 MATCH_TITLES = {"tokens": "equal tokens (the paper's comparison)", "flops": "equal training FLOPs"}
 
@@ -74,7 +73,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row.update(params=first["params"], flops_per_token=first["spec"]["flops_per_token"],
                        tokens=first["tokens"], tokens_per_s=mean_sd([r["tokens_per_s"] for r in seeds.values()])[0])
             row["metrics"] = {k: mean_sd([_metrics(r).get(k) for r in seeds.values()]) for k in names}
-            for ref in ("full", "llama"):
+            for ref in (FULL.name, BASE.name):
                 if ref in by_variant and ref != variant:
                     common = sorted(set(seeds) & set(by_variant[ref]))
                     diffs = [seeds[s]["val_loss"] - by_variant[ref][s]["val_loss"] for s in common]
@@ -124,7 +123,8 @@ def markdown(rows: list[dict[str, Any]], cfg: StudyConfig) -> str:
             tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "—"
             lines.append(f"| {r['label']} | {r['n']} | {r['params'] / 1e6:.2f}M | {r['flops_per_token'] / 1e6:,.1f} | "
                          f"{r['tokens']:,} | {tps} | {_pm(r['metrics']['val_loss'])} | "
-                         f"{_pm(r.get('delta_vs_full'), signed=True)} | {_pm(r.get('delta_vs_llama'), signed=True)} | "
+                         f"{_pm(r.get('delta_vs_full'), signed=True)} | "
+                         f"{_pm(r.get(f'delta_vs_{BASE.name}'), signed=True)} | "
                          + " | ".join(_pm(r["metrics"].get(k)) for k in extra) + " |")
     return "\n".join(lines) + "\n"
 
@@ -194,11 +194,11 @@ def _plot_gap(plt, runs: list[dict[str, Any]], colors: dict[str, str], out: Path
     """Each variant's validation loss minus Llama's (paired by seed, equal tokens) against tokens: where the
     ranking changes with training length."""
     tokens_runs = [r for r in runs if r["spec"]["match"] == "tokens"]
-    llama = {r["spec"]["seed"]: dict(r["curve"]) for r in tokens_runs if r["spec"]["variant"] == "llama"}
+    llama = {r["spec"]["seed"]: dict(r["curve"]) for r in tokens_runs if r["spec"]["variant"] == BASE.name}
     if not llama:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for variant in [v for v in VARIANTS if v != "llama"]:
+    for variant in [v for v in VARIANTS if v != BASE.name]:
         pairs = [(dict(r["curve"]), llama[r["spec"]["seed"]]) for r in tokens_runs
                  if r["spec"]["variant"] == variant and r["spec"]["seed"] in llama]
         if not pairs:
@@ -211,7 +211,7 @@ def _plot_gap(plt, runs: list[dict[str, Any]], colors: dict[str, str], out: Path
         ax.plot(x, mean, "-", color=colors[variant], label=f"{VARIANTS[variant].label} (n={len(pairs)})")
         ax.fill_between(x, [m - e for m, e in zip(mean, sd, strict=True)],
                         [m + e for m, e in zip(mean, sd, strict=True)], color=colors[variant], alpha=0.2)
-    ax.axhline(0.0, color=colors["llama"], lw=1, label="HF Llama, matched params")
+    ax.axhline(0.0, color=colors[BASE.name], lw=1, label=BASE.label)
     ax.set_xlabel("tokens (millions)")
     ax.set_ylabel("validation loss − Llama's (nats/token)")
     ax.set_title("the gap to Llama along training (equal tokens; below 0: better than Llama)")

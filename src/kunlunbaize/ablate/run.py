@@ -18,17 +18,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .plan import RunSpec, StudyConfig, plan, train_config
+from .plan import RunSpec, StudyConfig, plan, run_dir, train_config
+from .report import write_report
 
 Log = Callable[[str], None]
 
 
 class StudyError(RuntimeError):
     """A run failed or the study folder holds another study's run; the message says which and what to do."""
-
-
-def run_dir(cfg: StudyConfig, spec: RunSpec) -> Path:
-    return Path(cfg.out) / "runs" / spec.name
 
 
 def is_done(cfg: StudyConfig, spec: RunSpec) -> bool:
@@ -119,7 +116,5 @@ def run_study(cfg: StudyConfig, log: Log = print, report: bool = True) -> dict[s
         raise StudyError("; ".join(failures))
     result: dict[str, Any] = {"planned": [r.name for r in runs], "ran": [s.name for s in todo], "skipped": skipped}
     if report:
-        from .report import write_report
-
         result["report"] = write_report(cfg)
     return result

@@ -43,10 +43,10 @@ def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     import torch
 
+    from ..checkpoint import CheckpointError
     from ..data.format import DataError
     from ..eval.evaluate import evaluate, format_table
     from ..eval.tasks import TaskError, make_task
-    from ..infer.load import LoadError
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     try:
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> None:
                            batch_size=args.batch_size, limit=args.limit,
                            seed=args.seed, chat=args.chat_template, fresh=args.fresh, device=device, dtype=dtype,
                            progress=not args.no_progress, workers=args.workers, timeout=args.timeout, data=args.data)
-    except (TaskError, LoadError, DataError, ValueError) as e:
+    except (TaskError, CheckpointError, DataError, ValueError) as e:
         raise SystemExit(f"kunlun eval: {e}") from None
     except KeyboardInterrupt:
         print("kunlun eval: the records scored so far are kept; run the same command to resume", file=sys.stderr)

@@ -28,11 +28,11 @@ def run(args: argparse.Namespace) -> None:
     """Export ``--checkpoint`` into ``--hf``, reload it and compare logits (unless ``--no-verify``)."""
     import torch
 
-    from ..infer.load import LoadError, checkpoint_arch, resolve_checkpoint
+    from ..arch import DEFAULT
+    from ..checkpoint import CheckpointError, checkpoint_arch, resolve_checkpoint
 
     try:
-        from ..hf.export import ExportError, export_hf
-        from ..hf.export_llama import export_llama
+        from ..hf.export import ExportError
     except ImportError as e:
         raise SystemExit(f"kunlun export: needs transformers ({e}) — pip install 'kunlunbaize[hf]'") from None
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -42,13 +42,14 @@ def run(args: argparse.Namespace) -> None:
         if out == ckpt.resolve() or out in ckpt.resolve().parents:
             raise ExportError(f"--hf {args.hf} holds the checkpoint being exported ({ckpt}) and would be replaced "
                               "— choose another folder")
-        export = export_llama if checkpoint_arch(ckpt) == "llama" else export_hf
+        spec = checkpoint_arch(ckpt)
+        export = spec.hook("export")
         extra = {"chat_template": True} if args.chat_template else {}
-        if args.chat_template and export is export_llama:
-            raise ExportError("--chat-template is for KunlunBaize checkpoints (the Llama baseline has no role tokens)")
+        if args.chat_template and spec is not DEFAULT:
+            raise ExportError(f"--chat-template is for KunlunBaize checkpoints (the {spec.note} has no role tokens)")
         export(ckpt, args.hf, dtype=dtype, overwrite=args.overwrite, verify=not args.no_verify,
                log=lambda m: print(m, file=sys.stderr), **extra)
-    except (LoadError, ExportError) as e:
+    except (CheckpointError, ExportError) as e:
         raise SystemExit(f"kunlun export: {e}") from None
     except OSError as e:  # the temporary folder is removed by the export itself: OUT is complete or untouched
         raise SystemExit(f"kunlun export: cannot write {args.hf} ({e.strerror or e}: {e.filename or ''}) — "

@@ -31,22 +31,24 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _load_for_generation(args: argparse.Namespace, device: str):
-    """The :class:`kunlunbaize.infer.load.Generator` of ``--checkpoint`` (a Llama checkpoint with --speculative is
-    refused before anything is loaded)."""
-    from ..infer.load import LoadError, checkpoint_arch, load_for_generation, resolve_checkpoint
+    """The :class:`kunlunbaize.infer.generator.Generator` of ``--checkpoint`` (a checkpoint without MTP depths with
+    --speculative is refused before anything is loaded)."""
+    from ..checkpoint import CheckpointError, checkpoint_arch, resolve_checkpoint
+    from ..infer.generator import load_for_generation
 
     ckpt = resolve_checkpoint(args.checkpoint)
-    if args.speculative and checkpoint_arch(ckpt) == "llama":
-        raise LoadError(f"{ckpt} is a Llama baseline checkpoint (`kunlun train --arch llama`): it has no MTP "
-                        "depths to draft with — drop --speculative")
+    spec = checkpoint_arch(ckpt)
+    if args.speculative and not spec.mtp:
+        raise CheckpointError(f"{ckpt} is a {spec.note} checkpoint (`kunlun train --arch {spec.name}`): it has no "
+                              "MTP depths to draft with — drop --speculative")
     return load_for_generation(ckpt, device)
 
 
 def _draft_vocab(args: argparse.Namespace, ckpt, vocab_size: int):
     """The ``--draft-vocab`` most frequent token ids of ``--draft-data`` (default: the checkpoint's training data)."""
+    from ..checkpoint import training_data
     from ..data.format import token_counts
     from ..infer import frequent_tokens
-    from ..infer.load import training_data
 
     data = args.draft_data or training_data(ckpt)
     if data is None:
@@ -74,7 +76,7 @@ def _check_options(args: argparse.Namespace, prompts: list[str]) -> None:
 class _Ready:
     """What generation needs, loaded and checked."""
 
-    loaded: Any  # kunlunbaize.infer.load.Generator
+    loaded: Any  # kunlunbaize.infer.generator.Generator
     sampling: Any  # SamplingParams
     tokenizer: Any
     eot: int | None
@@ -87,27 +89,28 @@ class _Ready:
 def _load(args: argparse.Namespace, prompts: list[str], device: str) -> _Ready:
     """Everything generation needs, checked before anything is written to stdout: the model and its tokenizer,
     the prompts fitted to the context, sampling settings and the draft vocabulary."""
+    from ..checkpoint import CheckpointError, load_tokenizer
     from ..infer import SamplingParams
     from ..infer.generate import fit_prompts
-    from ..infer.load import LoadError, load_tokenizer
+    from ..model import KunlunBaize
 
     try:
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
         loaded = _load_for_generation(args, device)
         model, ckpt, depth = loaded.model, loaded.checkpoint, loaded.mtp_depth
         if args.speculative and depth == 0:
-            raise LoadError(f"{ckpt} has no MTP depths (mtp_depth=0) to draft with — drop --speculative")
+            raise CheckpointError(f"{ckpt} has no MTP depths (mtp_depth=0) to draft with — drop --speculative")
         if args.speculative and args.draft_len is not None and args.draft_len > depth:
-            raise LoadError(f"--draft-len {args.draft_len} exceeds the model's mtp_depth={depth} — "
+            raise CheckpointError(f"--draft-len {args.draft_len} exceeds the model's mtp_depth={depth} — "
                             f"use 1 … {depth}")
         tokenizer, eot = load_tokenizer(ckpt, model.config.vocab_size)
         ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
         fitted, max_new = fit_prompts(ids, args.max_new_tokens, loaded.context, args.truncate)
         draft_vocab = _draft_vocab(args, ckpt, model.config.vocab_size) if args.draft_vocab else None
-        if (args.compile or args.compile_mode) and loaded.arch != "kunlunbaize":
-            raise LoadError(f"{ckpt} is a Llama baseline checkpoint: --compile compiles KunlunBaize's static "
-                            "decoding step — drop --compile/--compile-mode")
-    except (ValueError, LoadError) as e:
+        if (args.compile or args.compile_mode) and not isinstance(model, KunlunBaize):
+            raise CheckpointError(f"{ckpt} is a {loaded.arch.note} checkpoint: --compile compiles KunlunBaize's "
+                                  "static decoding step — drop --compile/--compile-mode")
+    except (ValueError, CheckpointError) as e:
         raise SystemExit(f"kunlun generate: {e}") from None
     return _Ready(loaded, sampling, tokenizer, eot, ids, fitted, max_new, draft_vocab)
 

@@ -26,11 +26,11 @@ def need_trl(command: str) -> None:
 
 def errors() -> tuple[type[BaseException], ...]:
     """The errors a post-training command reports as one line (exit status 1)."""
+    from ..checkpoint import CheckpointError
     from ..data.format import DataError
     from ..eval.convert import TaskFileError
-    from ..infer.load import LoadError
 
-    return (ValueError, LoadError, DataError, TaskFileError, OSError)
+    return (ValueError, CheckpointError, DataError, TaskFileError, OSError)
 
 
 def log(message: str) -> None:

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
     import uvicorn
 
-    from ..infer.load import LoadError
+    from ..checkpoint import CheckpointError
     from ..serve.engine import Engine
     from ..serve.model import load_served
     from ..serve.server import Draining, create_app
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
                              args.chat_template)
         engine = Engine(served.model, served.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                         speculative=args.speculative, draft_len=args.draft_len)
-    except (LoadError, ValueError, OSError) as e:
+    except (CheckpointError, ValueError, OSError) as e:
         raise SystemExit(f"kunlun serve: {e}") from None
     draining = Draining()
     app = create_app(served, engine, request_timeout=args.timeout or None, draining=draining)

@@ -76,8 +76,8 @@ def _train_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> None:
     """Train, then print where everything went and a short greedy sample."""
+    from ..checkpoint import CheckpointError
     from ..data.format import DataError
-    from ..train.checkpoint import CheckpointError
     from ..train.distributed import shutdown
     from ..train.trainer import TrainingError, train
 
@@ -92,12 +92,11 @@ def run(args: argparse.Namespace) -> None:
         return
     _print_summary(summary)
     if args.sample_tokens > 0 and summary["checkpoint"] and not summary["interrupted"]:
-        from ..infer.load import LoadError
-        from ..train.sample import print_sample
+        from ..infer.sample import print_sample
 
         try:
             print_sample(summary["checkpoint"], args.sample_prompt, cfg.data, args.sample_tokens)
-        except (LoadError, DataError, ValueError) as e:
+        except (CheckpointError, DataError, ValueError) as e:
             raise SystemExit(f"kunlun train: training finished, but the sample could not be generated: {e}") from None
 
 

@@ -244,7 +244,7 @@ def _trained_seq_len(ckpt: Path) -> int | None:
 
 def _check_tokenizers(ckpt: Path, data: Path, meta: dict[str, Any], vocab_size: int) -> None:
     """DataError when the dataset's token ids do not mean what the checkpoint's tokenizer says."""
-    from ..train.checkpoint import tokenizer_digest
+    from ..checkpoint import tokenizer_digest
 
     if int(meta.get("vocab_size", vocab_size)) != vocab_size:
         raise DataError(f"dataset {data} has a vocabulary of {meta['vocab_size']:,} tokens but the model in {ckpt} has "
@@ -266,9 +266,10 @@ def evaluate_bpb(checkpoint: str | Path, data_dir: str | Path, split: str = "val
     JSON-able dict: ``checkpoint``, ``data``, ``split``, ``tokens``, ``bytes``, ``nats``, ``bpb``,
     ``nats_per_token``, ``perplexity``, ``bytes_per_token``, ``seq_len``, ``stride``, ``windows`` and
     ``split_tokens`` (the split's size; ``tokens`` is one less, or ``max_tokens``). Raises DataError for an empty
-    split or a dataset tokenized differently from the checkpoint, LoadError for an unusable checkpoint.
+    split or a dataset tokenized differently from the checkpoint, CheckpointError for an unusable checkpoint.
     """
-    from ..infer.load import load_model, load_tokenizer
+    from ..checkpoint import load_tokenizer
+    from ..infer.load import load_model
 
     model, ckpt = load_model(checkpoint, device=device)
     tokenizer, _ = load_tokenizer(ckpt, model.config.vocab_size)

@@ -18,21 +18,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..infer.load import checkpoint_arch, read_config, resolve_checkpoint
+from ..checkpoint import checkpoint_arch, is_export, resolve_checkpoint
 
 
 def _export_folder(ckpt: Path, tmp: str) -> Path:
     """A transformers folder for ``ckpt``: itself when it is an export, else an export written into ``tmp``."""
     from .. import hf  # noqa: F401  (registers KunlunBaize with the Auto classes)
 
-    if read_config(ckpt).get("model_type") in ("kunlunbaize", "llama"):
+    if is_export(ckpt):
         return ckpt
     out = Path(tmp) / "hf"
-    if checkpoint_arch(ckpt) == "llama":
-        from ..hf.export_llama import export_llama as export
-    else:
-        from ..hf.export import export_hf as export
-    export(ckpt, out, log=lambda m: None)
+    checkpoint_arch(ckpt).hook("export")(ckpt, out, log=lambda m: None)
     return out
 
 

@@ -16,10 +16,12 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import load_tokenizer
 from ..infer.generate import GenerationResult
-from ..infer.load import load_for_generation, load_tokenizer
+from ..infer.generator import load_for_generation
 from ..infer.sampling import SamplingParams
 from ..infer.text import TextStream
+from ..model import KunlunBaize
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
@@ -42,7 +44,7 @@ class EvalModel:
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         loaded = load_for_generation(path, device, dtype)
-        self.model, self.checkpoint, self.arch, self._generate = (loaded.model, loaded.checkpoint, loaded.arch,
+        self.model, self.checkpoint, self.arch, self._generate = (loaded.model, loaded.checkpoint, loaded.arch.name,
                                                                   loaded.generate)
         self.context, self.vocab_size = loaded.context, loaded.vocab_size
         self.device = torch.device(device)
@@ -52,9 +54,9 @@ class EvalModel:
 
     # ----------------------------------------------------------------------------------------- forward
     def __call__(self, ids: torch.Tensor, mtp: bool = False):
-        if self.arch == "llama":
-            return SimpleNamespace(logits=self.model(input_ids=ids).logits)
-        return self.model(ids, mtp=False)
+        if isinstance(self.model, KunlunBaize):
+            return self.model(ids, mtp=False)
+        return SimpleNamespace(logits=self.model(input_ids=ids).logits)  # a transformers model (the baseline)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import torch
 
-from ..infer.load import LoadError, load_model
+from ..checkpoint import CheckpointError
+from ..checkpoint.state import honour_umask
+from ..data.chat import CHAT_TEMPLATE, missing_chat_tokens
+from ..infer.load import load_model
 
 PROBE_TOKENS = 16
 
@@ -38,7 +41,6 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = t
     model, ckpt = load_model(checkpoint)
     tokenizer = _export_tokenizer(ckpt, model.config.vocab_size, model.config.max_seq_len)
     if chat_template:
-        from ..posttrain.chat import CHAT_TEMPLATE, missing_chat_tokens
 
         missing = missing_chat_tokens(tokenizer)
         if missing:
@@ -75,7 +77,6 @@ def check_out(out: str | Path, overwrite: bool) -> Path:
 def write_folder(out: Path, write: Callable[[Path], None]) -> None:
     """Run ``write`` on a temporary sibling of ``out``, then put it in place of ``out``: ``out`` ends up either
     complete or as it was. Files get the umask's modes (safetensors writes model.safetensors 0600)."""
-    from ..train.checkpoint import honour_umask
 
     tmp = out.with_name(f"{out.name}.tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -103,9 +104,9 @@ def _export_tokenizer(ckpt: Path, vocab_size: int, context: int):
     try:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(ckpt), padding_side="left", model_max_length=context)
     except (OSError, ValueError) as e:
-        raise LoadError(f"cannot load the tokenizer saved with {ckpt} ({e})") from None
+        raise CheckpointError(f"cannot load the tokenizer saved with {ckpt} ({e})") from None
     if len(tokenizer) != vocab_size:
-        raise LoadError(f"tokenizer of {ckpt} has {len(tokenizer)} tokens but the model has "
+        raise CheckpointError(f"tokenizer of {ckpt} has {len(tokenizer)} tokens but the model has "
                         f"{vocab_size}: they were not trained together")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token

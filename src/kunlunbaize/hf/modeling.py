@@ -22,13 +22,13 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
 )
 
+from ..checkpoint.keys import to_hf
 from ..model.cache import InferenceCache
 from ..model.layers import Linear
 from ..model.loss import shifted_cross_entropy
 from ..model.model import KunlunBaizeTrunk, TrunkOutput, init_module, run_mtp
 from ..model.mtp import MultiTokenPrediction
 from .configuration import KunlunBaizeConfig
-from .keys import to_hf
 
 try:  # transformers >= 5: init functions that leave already-loaded weights alone
     from transformers import initialization as hf_init

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
+from ..arch.llama import LLAMA, LLAMA_CONFIG_KEY, WEIGHT_PREFIX, matched_llama_config, model_config_dict
+from ..checkpoint import CheckpointError, check_keys, checkpoint_arch, read_config, read_weights, resolve_checkpoint
 from ..config import ModelConfig
 from .generate import GenerationResult, StopCallback, TokenCallback, decode_loop, fit_prompts, left_pad
-from .load import LoadError, _read_safetensors, check_keys, checkpoint_arch, read_config, resolve_checkpoint
+from .generator import Generator
 from .sampling import GREEDY, SamplingParams
-
-TRAINING_PREFIX = "hf."  # weight names in a training checkpoint: the LlamaBaseline wrapper's attribute
 
 
 def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -20,25 +20,23 @@ def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     mode, and the checkpoint folder. Needs transformers."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..train.llama_baseline import LLAMA_CONFIG_KEY, matched_llama_config, model_config_dict
-
     ckpt = resolve_checkpoint(path)
     raw = read_config(ckpt)
-    if checkpoint_arch(ckpt, raw) != "llama":
-        raise LoadError(f"{ckpt} is a KunlunBaize checkpoint, not a Llama baseline one — load it with "
-                        "kunlunbaize.infer.load.load_model")
+    if checkpoint_arch(ckpt, raw) is not LLAMA:
+        raise CheckpointError(f"{ckpt} is a KunlunBaize checkpoint, not a Llama baseline one — load it with "
+                              "kunlunbaize.infer.load.load_model")
     try:
-        if raw.get("model_type") == "llama":  # an export: a plain transformers folder
+        if raw.get("model_type") == LLAMA.hf_model_type:  # an export: a plain transformers folder
             config, prefix = LlamaConfig.from_dict(raw), ""
         elif LLAMA_CONFIG_KEY in raw:
-            config, prefix = LlamaConfig.from_dict(raw[LLAMA_CONFIG_KEY]), TRAINING_PREFIX
+            config, prefix = LlamaConfig.from_dict(raw[LLAMA_CONFIG_KEY]), WEIGHT_PREFIX
         else:  # written before checkpoints recorded their LlamaConfig: rebuild it as training did
-            config, prefix = matched_llama_config(ModelConfig.from_dict(model_config_dict(raw))), TRAINING_PREFIX
+            config, prefix = matched_llama_config(ModelConfig.from_dict(model_config_dict(raw))), WEIGHT_PREFIX
     except (ValueError, TypeError, AttributeError, KeyError) as e:
-        raise LoadError(f"{ckpt / 'config.json'} does not describe a Llama model ({e}) — use a checkpoint "
-                        "written by `kunlun train --arch llama`") from None
+        raise CheckpointError(f"{ckpt / 'config.json'} does not describe a Llama model ({e}) — use a checkpoint "
+                              f"written by `kunlun train --arch {LLAMA.name}`") from None
     config._attn_implementation = "sdpa"
-    state = {k.removeprefix(prefix): v for k, v in _read_safetensors(ckpt, "cpu").items()}
+    state = {k.removeprefix(prefix): v for k, v in read_weights(ckpt, "cpu").items()}
     model = LlamaForCausalLM(config)
     tied = ("lm_head.weight",) if config.tie_word_embeddings else ()
     check_keys(ckpt, model.state_dict().keys(), state.keys(), optional=tied)
@@ -46,10 +44,23 @@ def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes differ
         detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
-        raise LoadError(f"the weights in {ckpt} do not match its config.json ({detail})") from None
+        raise CheckpointError(f"the weights in {ckpt} do not match its config.json ({detail})") from None
     if tied:
         model.tie_weights()
     return model.to(device=device, dtype=dtype).eval(), ckpt
+
+
+def llama_generator(ckpt: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Generator:
+    """The :class:`Generator` of a Llama baseline checkpoint or export (the spec's ``generator`` hook); a
+    CheckpointError that says what to install when transformers is missing."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise CheckpointError(f"{ckpt} is a Llama baseline checkpoint, which needs transformers ({e}) — "
+                              "pip install 'kunlunbaize[hf]'") from None
+    model, ckpt = load_llama(ckpt, device, dtype)
+    return Generator(model, ckpt, LLAMA, generate_llama, int(model.config.max_position_embeddings),
+                     int(model.config.vocab_size), 0)
 
 
 @torch.inference_mode()

@@ -1,50 +1,13 @@
-"""The chat format of KunlunBaize checkpoints: role tokens, the Jinja chat template, and adding both to a model.
-
-A conversation renders as::
-
-    <|system|>\\nYou are …<|end|>\\n<|user|>\\nWhat is 2 + 3?<|end|>\\n<|assistant|>\\n5<|end|>\\n
-
-Each turn is a role token, a newline, the content and ``<|end|>``. The assistant's content and its ``<|end|>`` are
-wrapped in ``{% generation %}…{% endgeneration %}``, so ``apply_chat_template(..., return_assistant_tokens_mask=True)``
-marks exactly the tokens the model must learn to write (TRL's ``assistant_only_loss``), ``<|end|>`` included: it
-is the token that ends a reply. With ``add_generation_prompt`` the rendering ends in ``<|assistant|>\\n``, so a
-prompt's rendering is a prefix of the rendering of prompt + reply.
-"""
+"""Giving a model the chat format (:mod:`kunlunbaize.data.chat`): role tokens, template and embeddings."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..data.tokenizer import CHAT_TOKENS
+from ..data.chat import ASSISTANT, CHAT_TEMPLATE, END, ROLES, SYSTEM, USER, missing_chat_tokens
 
-SYSTEM, USER, ASSISTANT, END = CHAT_TOKENS
-ROLES = ("system", "user", "assistant")
-
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
-    "{{ raise_exception('unknown role ' ~ message['role'] ~ ': KunlunBaize chats have system, user and assistant "
-    "turns') }}"
-    "{%- endif -%}"
-    "{%- if message['content'] is not string -%}"
-    "{{ raise_exception('the content of a ' ~ message['role'] ~ ' turn must be text') }}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] ~ '<|end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{%- else -%}"
-    "{{ '<|' ~ message['role'] ~ '|>\n' ~ message['content'] ~ '<|end|>\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
-)
-"""transformers' ``tokenizer.chat_template`` for KunlunBaize (saved with a model as ``chat_template.jinja``)."""
-
-
-def missing_chat_tokens(tokenizer: Any) -> list[str]:
-    """The role tokens (:data:`CHAT_TOKENS`) that ``tokenizer`` (a transformers tokenizer) does not have."""
-    vocab = tokenizer.get_vocab()
-    return [t for t in CHAT_TOKENS if t not in vocab]
-
+__all__ = ["ASSISTANT", "CHAT_TEMPLATE", "END", "ROLES", "SYSTEM", "USER", "add_chat_format", "end_token_id",
+           "missing_chat_tokens"]
 
 def add_chat_format(model: Any, tokenizer: Any) -> list[str]:
     """Give ``tokenizer`` the role tokens and :data:`CHAT_TEMPLATE`, and ``model`` embeddings for any token added.

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from ..infer.load import LoadError, checkpoint_arch, resolve_checkpoint
+from ..arch import DEFAULT
+from ..checkpoint import CheckpointError, checkpoint_arch, resolve_checkpoint
 
 Log = Callable[[str], None]
 
@@ -34,8 +35,9 @@ def model_folder(checkpoint: str | Path, work: Path, log: Log = print) -> Path:
     if is_hf_folder(path):
         return path
     ckpt = resolve_checkpoint(path)
-    if checkpoint_arch(ckpt) != "kunlunbaize":
-        raise LoadError(f"{ckpt} is a Llama baseline checkpoint: post-training here is for KunlunBaize models")
+    spec = checkpoint_arch(ckpt)
+    if spec is not DEFAULT:
+        raise CheckpointError(f"{ckpt} is a {spec.note} checkpoint: post-training here is for KunlunBaize models")
     base = work / "base"
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun rank 0 exports; the others wait for it
         _wait_for(base / "source.txt", log)
@@ -43,8 +45,8 @@ def model_folder(checkpoint: str | Path, work: Path, log: Log = print) -> Path:
         recorded = (base / "source.txt").read_text(encoding="utf-8").strip() if (base / "source.txt").is_file() else ""
         if recorded == str(ckpt.resolve()):
             return base
-        raise LoadError(f"{base} was exported from {recorded or 'another checkpoint'}, not {ckpt}: use another --out "
-                        "or delete it")
+        raise CheckpointError(f"{base} was exported from {recorded or 'another checkpoint'}, not {ckpt}: use "
+                              "another --out or delete it")
     from ..hf.export import export_hf
 
     export_hf(ckpt, base, overwrite=True, log=log)
@@ -56,7 +58,7 @@ def _wait_for(path: Path, log: Log, timeout: float = 1800.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.is_file():
         if time.monotonic() > deadline:
-            raise LoadError(f"waited {timeout:.0f}s for rank 0 to export the model ({path} never appeared)")
+            raise CheckpointError(f"waited {timeout:.0f}s for rank 0 to export the model ({path} never appeared)")
         time.sleep(0.5)
 
 

@@ -10,11 +10,12 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import CheckpointError, load_tokenizer, resolve_checkpoint
 from ..data.tokenizer import CHAT_TOKENS
-from ..infer.load import LoadError, load_model, load_tokenizer, resolve_checkpoint
+from ..infer.load import load_model
 from ..model import KunlunBaize
 
-END_OF_TURN = CHAT_TOKENS[-1]  # <|end|>: the chat format's end of an assistant turn (kunlunbaize.posttrain.chat)
+END_OF_TURN = CHAT_TOKENS[-1]  # <|end|>: the chat format's end of an assistant turn (kunlunbaize.data.chat)
 
 
 @dataclass
@@ -77,7 +78,7 @@ def _chat_template(ckpt: Path, override: str | Path | None) -> str | None:
         try:
             return Path(override).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise LoadError(f"cannot read the chat template {override} ({e})") from None
+            raise CheckpointError(f"cannot read the chat template {override} ({e})") from None
     file = ckpt / "chat_template.jinja"
     if file.is_file():
         return file.read_text(encoding="utf-8")

@@ -30,23 +30,23 @@ try:
 except ImportError:  # not on POSIX: run folders are not locked
     fcntl = None
 
+from ..arch import ARCHS, DEFAULT, get_arch
+from ..checkpoint import (
+    CheckpointDamaged,
+    CheckpointError,
+    checkpoint_arch,
+    checkpoint_dirs,
+    latest_checkpoint,
+    read_trainer_state,
+    resolve_checkpoint,
+    tokenizer_digest,
+)
+from ..checkpoint.state import load_checkpoint, save_checkpoint
 from ..config import PRESETS, ModelConfig
 from ..data.format import DataError, is_prepared, load_meta
 from ..model import KunlunBaize
-from .checkpoint import (
-    CheckpointDamaged,
-    CheckpointError,
-    checkpoint_dirs,
-    latest_checkpoint,
-    load_checkpoint,
-    read_trainer_state,
-    resolve_checkpoint,
-    save_checkpoint,
-    tokenizer_digest,
-)
 from .data import TokenWindows, TrainSampler, validation_batches
 from .distributed import DistEnv, all_reduce_mean, gradient_sync, init_distributed, peak_flops, wrap_model
-from .llama_baseline import checkpoint_config, model_config_dict
 from .logging import METRICS, RunLogger, move_into_new_folder, read_metrics, set_aside_logs, truncate_metrics
 from .optim import build_optimizer
 from .plots import plot_dense_weights, plot_losses
@@ -76,7 +76,7 @@ class TrainConfig:
     out: str = "runs/small"
     preset: str = "small"
     model_overrides: dict[str, Any] = field(default_factory=dict)
-    arch: str = "kunlunbaize"  # or "llama": transformers' LlamaForCausalLM with matched width/depth/params
+    arch: str = DEFAULT.name  # a name in kunlunbaize.arch.ARCHS, e.g. the matched HF Llama baseline
     seq_len: int = 256
     tokens: int = 500_000  # the token budget; the schedules are fractions of it
     batch_size: int = 16  # global sequences per step at the end of the ramp
@@ -122,7 +122,7 @@ class TrainConfig:
 
         checks = [
             ("preset", self.preset in PRESETS, f"one of {', '.join(PRESETS)}"),
-            ("arch", self.arch in ("kunlunbaize", "llama"), "kunlunbaize or llama"),
+            ("arch", self.arch in ARCHS, f"one of {', '.join(ARCHS)}"),
             ("seq_len", self.seq_len >= 2, ">= 2"), ("tokens", self.tokens >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("batch_size_start", opt(self.batch_size_start, lambda v: 1 <= v <= self.batch_size),
@@ -190,20 +190,7 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[nn.Module, ModelConf
     base = ModelConfig.preset(cfg.preset)
     overrides["max_seq_len"] = max(overrides.get("max_seq_len", base.max_seq_len), cfg.seq_len)
     mcfg = ModelConfig.preset(cfg.preset, **overrides)
-    if cfg.arch == "llama":
-        from .llama_baseline import LlamaBaseline
-
-        return LlamaBaseline(mcfg), mcfg
-    return KunlunBaize(mcfg), mcfg
-
-
-def training_flops(arch: str, model: nn.Module, mcfg: ModelConfig, seq_len: int) -> float:
-    if arch == "llama":
-        hf = model.hf_config
-        plain = dataclasses.replace(mcfg, transformerx=False, dense_residual=False, mtp_depth=0,
-                                    mtp_loss_weights=None, ffn_hidden=hf.intermediate_size)
-        return plain.flops_per_token(seq_len, training=True)
-    return mcfg.flops_per_token(seq_len, training=True)
+    return get_arch(cfg.arch).build(mcfg), mcfg
 
 
 class _StopFlag:
@@ -312,7 +299,8 @@ def _agreed(env: DistEnv, failed: bool) -> bool:
     return bool(flag.item())
 
 
-def _check_resumable(path: Path, data_path: Path, meta: dict[str, Any], mcfg: ModelConfig) -> str | None:
+def _check_resumable(path: Path, data_path: Path, meta: dict[str, Any], mcfg: ModelConfig,
+                     arch: str) -> str | None:
     """Refuse a checkpoint trained on another tokenizer or model config; a note when only the data differs."""
     state = read_trainer_state(path)
     trained = state.get("data", {}).get("tokenizer_sha256") or tokenizer_digest(path)
@@ -330,7 +318,12 @@ def _check_resumable(path: Path, data_path: Path, meta: dict[str, Any], mcfg: Mo
         except (OSError, ValueError) as e:
             raise CheckpointDamaged(f"could not load checkpoint {path}: {config_file} is damaged ({e}); resume "
                                     "from an earlier checkpoint, or --resume none in another --out folder") from None
-        have, want = model_config_dict(saved), mcfg.to_dict()
+        trained_as = checkpoint_arch(path, saved) if isinstance(saved, dict) else None
+        if trained_as is not None and trained_as.name != arch:
+            raise CheckpointError(f"checkpoint {path} holds a {trained_as.title} model (--arch {trained_as.name}), "
+                                  f"not --arch {arch}; resume with --arch {trained_as.name}, or train into another "
+                                  "--out folder")
+        have, want = get_arch(arch).model_config(saved), mcfg.to_dict()
         if isinstance(have, dict):  # a field added after the checkpoint was written has its default there
             have = {**{k: v for k, v in ModelConfig().to_dict().items() if k not in have}, **have}
         if have != want:
@@ -358,12 +351,13 @@ def _resume(cfg: TrainConfig, env: DistEnv, ckpt_root: Path, data_path: Path, me
                                   "train into another --out folder")
         return None, None
     auto = cfg.resume == "auto"
-    candidates = list(reversed(checkpoint_dirs(ckpt_root))) if auto else [resolve_checkpoint(Path(cfg.resume))]
+    candidates = (list(reversed(checkpoint_dirs(ckpt_root))) if auto
+                  else [resolve_checkpoint(Path(cfg.resume), resumable=True)])
     for i, path in enumerate(candidates):
         error: CheckpointDamaged | None = None
         _check_dense_lr_mult(path, cfg)
         try:
-            note = _check_resumable(path, data_path, meta, mcfg)
+            note = _check_resumable(path, data_path, meta, mcfg, cfg.arch)
             state = load_checkpoint(path, model, optimizer)
         except CheckpointDamaged as e:
             error = e
@@ -441,11 +435,9 @@ def _train(cfg: TrainConfig, env: DistEnv, data_path: Path) -> dict[str, Any]:
     model, mcfg = build_model(cfg, meta["vocab_size"])
     n_params = sum(p.numel() for p in model.parameters())
     model.to(env.device)
+    spec = get_arch(cfg.arch)
     if cfg.activation_checkpointing:
-        if cfg.arch == "llama":
-            model.set_activation_checkpointing(True)
-        else:
-            model.gradient_checkpointing = True
+        spec.set_activation_checkpointing(model, True)
     blocks = list(model.blocks)
     if cfg.compile:
         for block in blocks:
@@ -501,7 +493,7 @@ def _train(cfg: TrainConfig, env: DistEnv, data_path: Path) -> dict[str, Any]:
 
     peak, peak_how = (cfg.peak_tflops * 1e12, "given") if cfg.peak_tflops else peak_flops(
         env.device, torch.bfloat16 if dtype == "bf16" else torch.float32)
-    flops_per_token = training_flops(cfg.arch, model, mcfg, cfg.seq_len)
+    flops_per_token = spec.training_flops(mcfg, cfg.seq_len)
     logger = RunLogger(run_dir, total_steps, step, enabled=env.is_main, progress=cfg.progress)
     if env.is_main:
         (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -524,11 +516,11 @@ def _train(cfg: TrainConfig, env: DistEnv, data_path: Path) -> dict[str, Any]:
     stop = _StopFlag(verbose=env.is_main)
     stop.install()
     val_sets = validation_batches(val_windows, EVAL_BATCH, cfg.eval_batches) if val_windows is not None else []
-    n_terms = 2 + mcfg.mtp_depth if cfg.arch == "kunlunbaize" else 2
+    n_terms = spec.loss_terms(mcfg)
     window = {"t0": time.perf_counter(), "tokens": 0, "sums": torch.zeros(n_terms), "steps": 0, "gnorm": 0.0}
     bad_in_row, skipped = 0, 0
     # KunlunBaize's loss without [B, T, V] logits (model/fused_loss.py); the HF Llama baseline computes its own
-    loss_only = {"logits": False} if cfg.arch == "kunlunbaize" else {}
+    loss_only = spec.train_kwargs()
     last_val = float("nan")
     last_saved = step if resume_from else -1
     final_ckpt = resume_from
@@ -548,7 +540,7 @@ def _train(cfg: TrainConfig, env: DistEnv, data_path: Path) -> dict[str, Any]:
         state = {"step": step, "consumed_samples": consumed, "tokens": tokens, "world_size": env.world_size,
                  "train_config": dataclasses.asdict(cfg), "data_meta_vocab": meta["vocab_size"], "data": data_identity}
         with stop.saving_checkpoint():
-            return save_checkpoint(ckpt_root, step, model, optimizer, state, checkpoint_config(cfg.arch, mcfg),
+            return save_checkpoint(ckpt_root, step, model, optimizer, state, spec.checkpoint_config(mcfg),
                                    cfg.keep_last, tokenizer_files)
 
     wrapped.train()

@@ -1,4 +1,4 @@
-"""Atomic, resumable checkpoints: Distributed Checkpoint for model + optimiser, safetensors for export.
+"""Atomic, resumable training checkpoints: Distributed Checkpoint for model + optimiser, safetensors for export.
 
 One folder per checkpoint, ``<run>/checkpoints/step_00000100/``:
 
@@ -17,12 +17,10 @@ usual permissions (``0666`` less the umask), ``model.safetensors`` included.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import random
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -40,17 +38,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-STATE_FILE = "trainer_state.json"
-TOKENIZER_FILE = "tokenizer.json"
-_STEP_DIR = re.compile(r"step_\d+$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or unreadable."""
-
-
-class CheckpointDamaged(CheckpointError):
-    """A complete-looking checkpoint has a file that cannot be read (an earlier checkpoint may still be good)."""
+from .errors import CheckpointDamaged
+from .folder import STATE_FILE, checkpoint_dirs, damaged, read_trainer_state, resolve_checkpoint
 
 
 def _rank() -> int:
@@ -94,19 +83,6 @@ def honour_umask(path: Path) -> None:
         os.chmod(f, 0o666 & ~mask)
 
 
-def checkpoint_dirs(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first."""
-    if not root.is_dir():
-        return []
-    done = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(done, key=lambda p: p.name)
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    dirs = checkpoint_dirs(root)
-    return dirs[-1] if dirs else None
-
-
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded model weights on CPU (a collective under FSDP2: call on every rank)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -128,26 +104,6 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[
     save_file(out, str(tmp), metadata=metadata)
     honour_umask(tmp)
     os.replace(tmp, path)
-
-
-def tokenizer_digest(folder: Path) -> str | None:
-    """SHA-256 of what fixes the token ids in ``folder/tokenizer.json`` (a dataset's or a checkpoint's): the model
-    (vocabulary, merges), the added tokens, the normalizer and the pre-tokenizer; None when there is no file.
-
-    Formatting and settings that do not change ids (padding, truncation, decoder) do not count.
-    """
-    file = folder / TOKENIZER_FILE
-    if not file.is_file():
-        return None
-    data = file.read_bytes()
-    try:
-        tok = json.loads(data)
-        added = [(t.get("id"), t.get("content"), t.get("special")) for t in tok.get("added_tokens") or []]
-        data = json.dumps({"model": tok.get("model"), "added_tokens": added, "normalizer": tok.get("normalizer"),
-                           "pre_tokenizer": tok.get("pre_tokenizer")}, sort_keys=True).encode()
-    except (ValueError, AttributeError, TypeError):  # not the usual structure: compare the bytes
-        pass
-    return hashlib.sha256(data).hexdigest()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -204,52 +160,13 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
     return final
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """The checkpoint ``--resume PATH`` names: a ``step_N`` folder, or the newest complete one of a run folder."""
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoint folder (<run>/checkpoints/step_N) "
-                              "or a run folder, --resume auto (the newest in --out), or --resume none (a fresh run)")
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is a file, not a checkpoint folder; give <run>/checkpoints/step_N or a run "
-                              "folder")
-    if not (path / STATE_FILE).is_file():
-        for root in (path / "checkpoints", path):  # a run folder, or its checkpoints folder
-            newest = latest_checkpoint(root)
-            if newest is not None:
-                return newest
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE_FILE}): a save interrupted "
-                              "part-way, or not a checkpoint folder; resume from an earlier checkpoint, or "
-                              "--resume none")
-    return path
-
-
-def read_trainer_state(path: Path) -> dict[str, Any]:
-    """The ``trainer_state.json`` of checkpoint ``path``; CheckpointError when it is missing or damaged."""
-    state_file = path / STATE_FILE
-    try:
-        state = json.loads(state_file.read_text())
-        if not isinstance(state, dict) or not {"step", "consumed_samples", "tokens"} <= state.keys():
-            raise ValueError("not a trainer state")
-    except (OSError, ValueError) as e:
-        raise CheckpointDamaged(_damaged(path, state_file, e)) from None
-    return state
-
-
-def _damaged(path: Path, file: Path | str, e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    reason = f"{type(e).__name__}: {lines[-1]}" if lines else type(e).__name__
-    return (f"could not load checkpoint {path}: {file} is damaged or unreadable ({reason}). Resume from an "
-            f"earlier checkpoint with --resume {path.parent}/step_N, or start afresh with --resume none in another "
-            "--out folder")
-
-
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model, optimiser and this rank's RNG from ``path``; return the trainer state.
 
     Raises CheckpointError naming the damaged file; the model and optimiser may then be partly overwritten
     (load another checkpoint into them, or rebuild them).
     """
-    path = resolve_checkpoint(path)
+    path = resolve_checkpoint(path, resumable=True)
     trainer_state = read_trainer_state(path)
     try:
         model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -257,11 +174,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         _quiet(dcp.load, state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     except (Exception, CheckpointException) as e:  # damaged or mismatched files (DCP's is a BaseException)
-        raise CheckpointDamaged(_damaged(path, "its model/optimiser state (.metadata, *.distcp)", e)) from e
+        raise CheckpointDamaged(damaged(path, "its model/optimiser state (.metadata, *.distcp)", e)) from e
     rng = path / f"rng_{_rank()}.pt"
     if rng.is_file():  # absent when resuming on more ranks than saved: those ranks keep their seeded RNG
         try:
             _set_rng_state(torch.load(rng, weights_only=False))
         except Exception as e:  # UnpicklingError, PytorchStreamReader's RuntimeError, a wrong structure …
-            raise CheckpointDamaged(_damaged(path, rng, e)) from e
+            raise CheckpointDamaged(damaged(path, rng, e)) from e
     return trainer_state

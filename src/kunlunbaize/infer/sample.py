@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoint import load_tokenizer
 from ..data.format import load_meta, open_split
+from .generator import load_for_generation
+from .speculative import speculative_generate
 
 STDLIB_PROMPT = "def main():"  # the embedded default corpus is Python code
 MAX_PROMPT_CHARS = 40
@@ -34,9 +37,6 @@ def corpus_prompt(data: str | Path, tokenizer) -> str:
 def print_sample(checkpoint: str | Path, prompt: str | None, data: str | Path, max_new_tokens: int) -> None:
     """Print a greedy continuation of ``prompt`` (None: :func:`corpus_prompt`) from ``checkpoint``: decoded
     MTP self-speculatively when the model has depths; a Llama baseline checkpoint decodes plainly."""
-    from ..infer import speculative_generate
-    from ..infer.load import load_for_generation, load_tokenizer
-
     loaded = load_for_generation(checkpoint)
     model, context, mtp_depth = loaded.model, loaded.context, loaded.mtp_depth
     tok, eot = load_tokenizer(loaded.checkpoint, loaded.vocab_size)
@@ -50,5 +50,5 @@ def print_sample(checkpoint: str | Path, prompt: str | None, data: str | Path, m
                f"forward, depth-1 acceptance {out.stats['acceptance_depth_1']:.2f}")
     else:
         out = loaded.generate(model, [ids], n, eos_id=eot, truncate=True)
-        how = "greedy, Llama baseline" if loaded.arch == "llama" else "greedy"
+        how = f"greedy, {loaded.arch.note}" if loaded.arch.note else "greedy"
     print(f"\nsample ({how}; `kunlun generate` for more):\n{prompt}{tok.decode(out.tokens[0])}")

@@ -1,0 +1,35 @@
+"""The paper's architecture: :class:`~kunlunbaize.model.KunlunBaize`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..config import ModelConfig
+from ..model import KunlunBaize
+from .spec import ArchSpec
+
+
+def _set_activation_checkpointing(model: nn.Module, on: bool) -> None:
+    model.gradient_checkpointing = on
+
+
+def _model_config(saved: dict[str, Any]) -> dict[str, Any]:
+    return dict(saved) if isinstance(saved, dict) else saved  # not a dict: left for the caller to refuse
+
+
+KUNLUNBAIZE = ArchSpec(
+    name="kunlunbaize",
+    title="KunlunBaize",
+    build=KunlunBaize,
+    checkpoint_config=ModelConfig.to_dict,
+    model_config=_model_config,
+    training_flops=lambda cfg, seq_len: cfg.flops_per_token(seq_len, training=True),
+    set_activation_checkpointing=_set_activation_checkpointing,
+    mtp=True,
+    fused_loss=True,
+    hf_model_type="kunlunbaize",
+    hooks={"generator": "kunlunbaize.infer.generator:kunlunbaize_generator",
+           "export": "kunlunbaize.hf.export:export_hf"},
+)

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,12 +107,16 @@ class Trainer:
     progress: RunProgress
     n_params: int
     resumed: Path | None
-    first_step: int = 0
     skipped: int = 0
+    """Non-finite steps skipped so far in this invocation."""
     bad_in_row: int = 0
     last_val: float = math.nan
-    last_saved: int = -1
-    final_ckpt: Path | None = None
+    """The latest validation loss (NaN: none yet)."""
+    first_step: int = field(init=False)
+    """The step this invocation started at."""
+    last_saved: int = field(init=False)
+    """The step of the newest checkpoint (-1: none)."""
+    final_ckpt: Path | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.first_step = self.progress.step
@@ -127,6 +131,7 @@ class Trainer:
     def fit(self) -> bool:
         """Train until the token budget is spent or a stop is asked for; return whether the budget is spent."""
         cfg, progress = self.cfg, self.progress
+        self.wrapped.train()
         if progress.step == 0 and self.val_sets:
             self._validate(step=0, tokens=0)
         while progress.tokens < cfg.tokens:

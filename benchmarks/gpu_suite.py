@@ -10,7 +10,8 @@ writes every figure to a JSON file.
    (looser tolerance; both relative to the largest logit), and MTP self-speculative greedy decoding
    (`kunlunbaize.infer.speculative_generate`) is token-identical to plain greedy (`kunlunbaize.infer.generate`);
 2. training throughput at the `125m` preset with bf16 autocast and `torch.compile` (each block, as
-   `kunlun train --compile`): KunlunBaize (chunked loss, `model(x, labels=x, logits=False)`) vs. the matched HF
+   `kunlun train --compile`), each step `kunlun train`'s own `kunlunbaize.train.step.train_step` with its model
+   and optimiser builders: KunlunBaize (chunked loss, `model(x, labels=x, logits=False)`) vs. the matched HF
    transformers Llama of `kunlunbaize.arch.llama`; tokens/s, achieved TFLOP/s from the analytic FLOPs,
    MFU against the GPU's datasheet bf16 peak (`kunlunbaize.train.distributed.peak_flops`); rounds interleaved,
    medians;
@@ -59,10 +60,13 @@ from typing import Any
 import torch
 
 from kunlunbaize import KunlunBaize, ModelConfig
-from kunlunbaize.arch import get_arch
+from kunlunbaize.arch import BASELINE, DEFAULT, ArchSpec
 from kunlunbaize.infer import StaticDecoder, generate, speculative_generate
+from kunlunbaize.train.config import TrainConfig
 from kunlunbaize.train.distributed import peak_flops
+from kunlunbaize.train.models import build_model
 from kunlunbaize.train.optim import build_optimizer
+from kunlunbaize.train.step import precision, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 # The suite's clock starts when gpu_suite.sh started (it exports GPU_SUITE_T0), else when this module was imported.
@@ -338,18 +342,13 @@ def interleaved(runs: dict[str, Callable[[], None]], steps: int, rounds: int, wa
 
 
 def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, amp: bool,
-                kunlun: bool) -> Callable[[], None]:
-    """One optimizer step on ``x`` (forward with the loss, backward, clip, AdamW), as ``kunlun train`` does it."""
-    params = [p for p in model.parameters() if p.requires_grad]
+                spec: ArchSpec) -> Callable[[], None]:
+    """One optimizer step on ``x``: ``kunlun train``'s own ``train_step`` (forward with the training loss of
+    ``spec``'s architecture, backward, clip, AdamW), in bf16 autocast when ``amp``."""
+    autocast = precision(x.device, "bf16" if amp else "fp32")
 
     def step() -> None:
-        ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-        with ctx:
-            out = model(x, labels=x, logits=False) if kunlun else model(x, labels=x)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, [x], grad_clip=1.0, autocast=autocast, loss_kwargs=spec.train_kwargs())
 
     return step
 
@@ -434,23 +433,22 @@ def speculative_equivalence(model: KunlunBaize, prof: Profile, dev: torch.device
 # ---------------------------------------------------------------------------------------------------- 2. throughput
 def section_train_throughput(sec: Section, prof: Profile) -> None:
     """KunlunBaize (chunked loss) vs. the matched HF Llama: tokens/s, TFLOP/s, MFU, interleaved rounds."""
-    from kunlunbaize.arch.llama import LlamaBaseline
-
     dev = torch.device(prof.device)
     base = ModelConfig.preset(prof.preset)
-    cfg = ModelConfig.preset(prof.preset, max_seq_len=max(base.max_seq_len, prof.seq_len))
     peak, peak_how = peak_flops(dev, torch.bfloat16 if prof.amp_bf16 else torch.float32)
-    x = torch.randint(0, cfg.vocab_size, (prof.batch, prof.seq_len), device=dev)
+    x = torch.randint(0, base.vocab_size, (prof.batch, prof.seq_len), device=dev)
     models: dict[str, dict[str, Any]] = {}
-    for name, arch in (("KunlunBaize", "kunlunbaize"), ("HF Llama (matched)", "llama")):
-        torch.manual_seed(0)
-        model = (KunlunBaize(cfg) if arch == "kunlunbaize" else LlamaBaseline(cfg)).to(dev).train()
+    for name, arch in (("KunlunBaize", DEFAULT.name), ("HF Llama (matched)", BASELINE.name)):
+        torch.manual_seed(0)  # the model as `kunlun train` builds it
+        model, cfg, spec = build_model(TrainConfig(preset=prof.preset, arch=arch, seq_len=prof.seq_len),
+                                       base.vocab_size)
+        model = model.to(dev).train()
         if prof.compile:
             _compile_blocks(model)
         opt = build_optimizer(model, lr=1e-4)
-        models[name] = {"arch": arch, "step": _train_step(model, opt, x, prof.amp_bf16, arch == "kunlunbaize"),
+        models[name] = {"arch": arch, "step": _train_step(model, opt, x, prof.amp_bf16, spec),
                         "params": sum(p.numel() for p in model.parameters()),
-                        "flops_per_token": get_arch(arch).training_flops(cfg, prof.seq_len)}
+                        "flops_per_token": spec.training_flops(cfg, prof.seq_len)}
     sec.figures["setup"] = {"preset": prof.preset, "batch": prof.batch, "seq_len": prof.seq_len,
                             "bf16_autocast": prof.amp_bf16, "compile": prof.compile, "peak_flops": peak,
                             "peak_source": peak_how}
@@ -508,7 +506,7 @@ def _dense_measure(sec: Section, prof: Profile, dev: torch.device, batch: int) -
         if prof.compile:
             _compile_blocks(model)
         opt = build_optimizer(model, lr=1e-4)
-        runs[name] = _train_step(model, opt, x, prof.amp_bf16, kunlun=True)
+        runs[name] = _train_step(model, opt, x, prof.amp_bf16, DEFAULT)
         params[name] = model.num_params()
     times = interleaved(runs, prof.steps, prof.rounds, prof.warmup, dev, sec)
     on, off = statistics.median(times["dense residual on"]), statistics.median(times["dense residual off"])

@@ -1,7 +1,9 @@
 """Training-step throughput of KunlunBaize vs. the all-switches-off LLaMA-style baseline, side by side.
 
-Every variant has the same width, depth and vocabulary and trains through ``kunlun train``'s loss path
-(``--loss chunked``: eq. 22 without [B, T, V] logits; ``--loss logits`` for the logits path). Rounds
+Every variant has the same width, depth and vocabulary and trains through ``kunlun train``'s own step
+(``kunlunbaize.train.step.train_step``, its optimiser builder and its precision: bf16 autocast on a GPU, fp32 on
+the CPU, or ``--dtype``) and loss path (``--loss chunked``: eq. 22 without [B, T, V] logits; ``--loss logits``
+for the logits path). Rounds
 interleave the variants so machine noise hits them alike; the median over rounds is reported. Achieved
 FLOP/s uses the analytic training FLOPs per token of ``ModelConfig.flops_per_token``.
 
@@ -29,6 +31,8 @@ from collections import defaultdict
 import torch
 
 from kunlunbaize import KunlunBaize, ModelConfig
+from kunlunbaize.train.optim import build_optimizer
+from kunlunbaize.train.step import precision, resolve_dtype, train_step
 
 VARIANTS = {
     "full KunlunBaize": {},
@@ -68,24 +72,24 @@ def kind_of(op: str) -> str:
 
 
 def build(preset: str, seq_len: int, batch_size: int, device: torch.device, compile: bool = False,
-          **overrides) -> dict:
+          dtype: str = "auto", **overrides) -> dict:
+    """A model of ``preset`` with ``overrides``, its optimiser, precision and a batch of random tokens."""
     cfg = ModelConfig.preset(preset, max_seq_len=max(seq_len, 8), **overrides)
     torch.manual_seed(0)
     model = KunlunBaize(cfg).to(device)
     if compile:  # as `kunlun train --compile`: each block compiled (regional compilation)
         for block in model.blocks:
             block.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = build_optimizer(model, lr=1e-4)
     x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), device=device)
-    return dict(cfg=cfg, model=model, opt=opt, x=x, rates=[])
+    return dict(cfg=cfg, model=model, opt=opt, x=x, rates=[],
+                autocast=precision(device, resolve_dtype(dtype, device)))
 
 
 def step(r: dict, chunked: bool) -> None:
-    out = r["model"](r["x"], labels=r["x"], logits=not chunked)
-    r["opt"].zero_grad(set_to_none=True)
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(r["model"].parameters(), 1.0)
-    r["opt"].step()
+    """One optimiser step of ``kunlun train`` on the run's batch."""
+    train_step(r["model"], r["opt"], [r["x"]], grad_clip=1.0, autocast=r["autocast"],
+               loss_kwargs={"logits": not chunked})
 
 
 def race(runs: dict[str, dict], rounds: int, steps: int, chunked: bool, device: torch.device) -> None:
@@ -132,6 +136,8 @@ def main() -> None:
                     help="also the full model and the baseline with each block compiled, as kunlun train --compile "
                          "(and the --deep table compiled)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="as kunlun train --dtype (auto: bf16 autocast on a GPU, fp32 on the CPU)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -139,9 +145,11 @@ def main() -> None:
     dev = torch.device(args.device)
     chunked = args.loss == "chunked"
 
-    runs = {name: build(args.preset, args.seq_len, args.batch_size, dev, False, **o) for name, o in VARIANTS.items()}
+    runs = {name: build(args.preset, args.seq_len, args.batch_size, dev, False, args.dtype, **o)
+            for name, o in VARIANTS.items()}
     if args.compile:
-        runs |= {f"{name}, compiled": build(args.preset, args.seq_len, args.batch_size, dev, True, **VARIANTS[name])
+        runs |= {f"{name}, compiled": build(args.preset, args.seq_len, args.batch_size, dev, True, args.dtype,
+                                            **VARIANTS[name])
                  for name in ("full KunlunBaize", BASELINE)}
     race(runs, args.rounds, args.steps, chunked, dev)
 
@@ -149,6 +157,7 @@ def main() -> None:
         return f"{BASELINE}, compiled" if name.endswith(", compiled") else BASELINE
 
     print(f"preset {args.preset}, batch {args.batch_size} x {args.seq_len} tokens, {args.loss} loss, "
+          f"{resolve_dtype(args.dtype, dev)}, "
           f"{'eager and compiled blocks, ' if args.compile else ''}{args.rounds} "
           f"rounds x {args.steps} steps, device {dev} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}")
@@ -181,7 +190,8 @@ def main() -> None:
         for r in runs.values():
             del r["model"], r["opt"]
         deep = {f"{args.deep} layers, {label}": build(args.preset, args.seq_len, args.deep_batch_size, dev,
-                                                      args.compile, n_layers=args.deep, dense_residual=on)
+                                                      args.compile, args.dtype, n_layers=args.deep,
+                                                      dense_residual=on)
                 for label, on in (("dense residual", True), ("identity skips", False))}
         race(deep, args.rounds, args.steps, chunked, dev)
         on, off = (r["rates"] for r in deep.values())

@@ -1,5 +1,7 @@
 """Training tokens/s and peak memory with and without activation checkpointing and the chunked loss, side by side.
 
+Every variant runs ``kunlun train``'s step (``kunlunbaize.train.step.train_step``: forward, backward, gradient
+clipping, AdamW from the trainer's optimiser builder; bf16 autocast on a GPU, fp32 on the CPU, as the trainer).
 The loss is either computed from the full [B, T, V] logits of the main head and every MTP depth (``logits``), or a
 chunk of rows at a time without storing logits (``chunked``: ``forward(..., logits=False)``, what ``kunlun train``
 uses for KunlunBaize).
@@ -23,39 +25,43 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
 
-def child(args: argparse.Namespace) -> None:
-    from kunlunbaize import KunlunBaize, ModelConfig
-    from kunlunbaize.arch.llama import LlamaBaseline
+def make_step(args: argparse.Namespace) -> tuple[Callable[[], None], torch.Tensor]:
+    """The training step of ``kunlun train`` (its model builder, optimiser, precision and ``train_step``) on a
+    batch of random tokens, and that batch."""
+    from kunlunbaize import ModelConfig
+    from kunlunbaize.train.config import TrainConfig
+    from kunlunbaize.train.models import build_model
     from kunlunbaize.train.optim import build_optimizer
+    from kunlunbaize.train.step import precision, resolve_dtype, train_step
 
     dev = torch.device(args.device)
-    cfg = ModelConfig.preset(args.preset, max_seq_len=max(args.seq_len, 8))
     torch.manual_seed(0)
-    model = (LlamaBaseline(cfg) if args.arch == "llama" else KunlunBaize(cfg)).to(dev)
+    model, cfg, spec = build_model(TrainConfig(preset=args.preset, arch=args.arch, seq_len=args.seq_len),
+                                   ModelConfig.preset(args.preset).vocab_size)
+    model.to(dev)
     if args.ac:
-        if args.arch == "llama":
-            model.set_activation_checkpointing(True)
-        else:
-            model.gradient_checkpointing = True
+        spec.set_activation_checkpointing(model, True)
     model.train()
     opt = build_optimizer(model, 1e-4)
     x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), device=dev)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
-
+    autocast = precision(dev, resolve_dtype("auto", dev))
     chunked = {"logits": False} if args.loss == "chunked" else {}
 
     def step() -> None:
-        with autocast:
-            out = model(x, labels=x, **chunked)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, [x], grad_clip=1.0, autocast=autocast, loss_kwargs=chunked)
 
+    return step, x
+
+
+def child(args: argparse.Namespace) -> None:
+    """Time ``args.steps`` training steps after one warm-up step; print tokens/s and the step's peak memory."""
+    dev = torch.device(args.device)
+    step, x = make_step(args)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

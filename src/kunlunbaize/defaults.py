@@ -1,8 +1,7 @@
 """Defaults shown by the command line's help, kept free of heavy imports: ``kunlun --help`` imports no torch or numpy.
 
-The library takes :data:`DEFAULT_DATA` and :data:`DECODE_ERRORS` from here. :data:`TRAIN` repeats the defaults of
-:class:`kunlunbaize.train.trainer.TrainConfig` that ``kunlun train --help`` shows (a test keeps them equal); the
-parser leaves those options unset, so the run itself takes TrainConfig's.
+The library takes :data:`DEFAULT_DATA` and :data:`DECODE_ERRORS` from here. :data:`TRAIN` holds the defaults of
+:class:`kunlunbaize.train.config.TrainConfig` that ``kunlun train --help`` shows (TrainConfig takes them from here).
 """
 
 from __future__ import annotations
@@ -14,4 +13,4 @@ DECODE_ERRORS = ("replace", "skip")
 """What ``kunlun prepare`` does with non-UTF-8 text: replace bad bytes with U+FFFD, or skip the file."""
 
 TRAIN = {"tokens": 500_000, "seq_len": 256, "batch_size": 16, "lr": 2e-3}
-"""The TrainConfig defaults named in ``kunlun train --help``."""
+"""TrainConfig's defaults that ``kunlun train --help`` names."""

@@ -13,10 +13,13 @@ from pathlib import Path
 
 import torch
 
+from .arch import DEFAULT
 from .config import ModelConfig
 from .infer import generate
 from .model import KunlunBaize
 from .train.optim import build_optimizer
+from .train.plan import set_lr
+from .train.step import precision, resolve_dtype, train_step
 
 
 def stdlib_bytes(limit: int = 4_000_000) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +62,13 @@ def evaluate(model: KunlunBaize, data: torch.Tensor, seq_len: int, batches: int 
     return {"main": main, **{f"mtp{j + 1}": v for j, v in enumerate(mtp)}}
 
 
+def demo_lr_factor(step: int, steps: int) -> float:
+    """The demo's LR multiplier at step ``step`` (0-based) of ``steps``: linear warm-up over a tenth of the run,
+    then a cosine down to 10%."""
+    warmup = max(1, steps // 10)
+    return min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
+
+
 def check_demo_args(cfg: ModelConfig, steps: int, batch_size: int, seq_len: int, lr: float, prompt: str,
                     max_new_tokens: int) -> None:
     """Refuse arguments the demo cannot run with (SystemExit with a one-line ``kunlun demo:`` message)."""
@@ -94,9 +104,8 @@ def run_demo(cfg: ModelConfig, steps: int, batch_size: int, seq_len: int, lr: fl
           f"transformerx={cfg.transformerx} mtp_depth={cfg.mtp_depth}")
 
     opt = build_optimizer(model, lr)  # AdamW (0.9, 0.95), weight decay 0.1 on matrices only
-    warmup = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    device = next(model.parameters()).device
+    autocast = precision(device, resolve_dtype("auto", device))  # as kunlun train: fp32 on the CPU
 
     before = evaluate(model, val, seq_len)
     print("validation before: " + "  ".join(f"{k}={v:.3f}" for k, v in before.items()))
@@ -104,18 +113,15 @@ def run_demo(cfg: ModelConfig, steps: int, batch_size: int, seq_len: int, lr: fl
     t0, tokens = time.time(), 0
     for step in range(1, steps + 1):
         x = _batch(train, batch_size, seq_len, gen)
-        out = model(x, labels=x)
-        if not torch.isfinite(out.loss):
-            raise SystemExit(f"kunlun demo: non-finite loss at step {step}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        set_lr(opt, lr * demo_lr_factor(step - 1, steps))
+        result = train_step(model, opt, [x], grad_clip=1.0, autocast=autocast, loss_kwargs=DEFAULT.train_kwargs())
+        if not result.finite:
+            what = "loss" if not math.isfinite(result.loss) else "gradient"
+            raise SystemExit(f"kunlun demo: non-finite {what} at step {step}; lower --lr")
         tokens += x.numel()
         if step % max(1, steps // 10) == 0 or step == steps:
-            print(f"step {step:>5}/{steps}  loss {out.loss.item():.3f}  main {out.main_loss.item():.3f}  "
-                  f"grad-norm {gnorm.item():.2f}  {tokens / (time.time() - t0):,.0f} tok/s", flush=True)
+            print(f"step {step:>5}/{steps}  loss {result.loss:.3f}  main {result.main_loss:.3f}  "
+                  f"grad-norm {result.grad_norm.item():.2f}  {tokens / (time.time() - t0):,.0f} tok/s", flush=True)
     after = evaluate(model, val, seq_len)
     print("validation after:  " + "  ".join(f"{k}={v:.3f}" for k, v in after.items()))
 

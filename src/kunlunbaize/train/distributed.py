@@ -100,6 +100,15 @@ def all_reduce_mean(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return values
 
 
+def any_rank(env: DistEnv, flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (every rank gets the same answer)."""
+    if not env.distributed:
+        return flag
+    value = torch.tensor([float(flag)], device=env.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     """Peak FLOP/s of one device for MFU, with how it was obtained (override with --peak-tflops)."""
     if device.type == "cuda":

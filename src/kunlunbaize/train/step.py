@@ -1,0 +1,102 @@
+"""One optimiser step and one validation pass: what ``kunlun train``, ``kunlun demo`` and the training benchmarks
+all run.
+
+:func:`train_step` takes a step's micro-batches on this rank: each goes forward with the joint loss (eq. 22) under
+the precision context, and backward scaled by the number of micro-batches (the gradient all-reduce of DDP/FSDP2
+only on the last one); then the gradients are clipped and, unless the loss or the gradient norm is not finite,
+the optimiser steps. The gradients are cleared either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distributed import DistEnv, all_reduce_mean, gradient_sync
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one :func:`train_step` measured."""
+
+    losses: torch.Tensor
+    """[joint loss, main loss, MTP loss of depth 1, …], float32, averaged over micro-batches (and ranks)."""
+    grad_norm: torch.Tensor
+    """Total gradient norm before clipping."""
+    finite: bool
+    """False when the loss or the gradient norm was not finite: the optimiser did not step."""
+
+    @property
+    def loss(self) -> float:
+        """The joint loss (eq. 22)."""
+        return self.losses[0].item()
+
+    @property
+    def main_loss(self) -> float:
+        """The main head's next-token loss."""
+        return self.losses[1].item()
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """``fp32`` or ``bf16``; ``auto`` is bf16 on a GPU and fp32 otherwise."""
+    return dtype if dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+
+
+def precision(device: torch.device, dtype: str) -> AbstractContextManager:
+    """The context forward passes run in: bf16 autocast for ``bf16``, nothing for ``fp32``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[torch.Tensor], *,
+               grad_clip: float, autocast: AbstractContextManager | None = None,
+               loss_kwargs: dict[str, Any] | None = None, env: DistEnv | None = None) -> StepResult:
+    """Accumulate the gradient of the mean loss over ``micro_batches`` (token ids, also the labels), clip it to
+    ``grad_clip`` and step ``optimizer``, unless the loss or the gradient is not finite; then zero the gradients.
+
+    ``model`` may be wrapped for data parallelism (DDP, FSDP2); the losses are averaged over ranks when ``env``
+    is distributed. ``loss_kwargs`` go to the forward (e.g. ``logits=False`` for KunlunBaize's chunked loss).
+    """
+    autocast = autocast if autocast is not None else nullcontext()
+    loss_kwargs = loss_kwargs or {}
+    accum = len(micro_batches)
+    sums: torch.Tensor | None = None
+    for m, x in enumerate(micro_batches):
+        with gradient_sync(model, m == accum - 1), autocast:
+            out = model(x, labels=x, **loss_kwargs)
+            (out.loss / accum).backward()
+        terms = torch.stack([t.detach().float() for t in (out.loss, out.main_loss, *out.mtp_losses)]) / accum
+        sums = terms if sums is None else sums + terms
+    assert sums is not None, "train_step needs at least one micro-batch"
+    if env is not None:
+        sums = all_reduce_mean(sums, env)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
+        gnorm = gnorm.full_tensor()
+    finite = bool(torch.isfinite(sums).all()) and bool(torch.isfinite(gnorm))
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(losses=sums, grad_norm=gnorm, finite=finite)
+
+
+def evaluate(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device, *,
+             autocast: AbstractContextManager | None = None,
+             loss_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
+    """Mean main and per-depth MTP losses over ``batches`` (``val_loss``, ``val_mtp_loss_1`` …), in eval mode;
+    the model is left in train mode."""
+    model.eval()
+    sums: torch.Tensor | None = None
+    with torch.no_grad(), (autocast if autocast is not None else nullcontext()):
+        for x in batches:
+            out = model(x.to(device), labels=x.to(device), **(loss_kwargs or {}))
+            terms = torch.stack([out.main_loss.float(), *[t.float() for t in out.mtp_losses]])
+            sums = terms if sums is None else sums + terms
+    model.train()
+    assert sums is not None, "evaluate needs at least one batch"
+    vals = (sums / len(batches)).tolist()
+    return {"val_loss": vals[0], **{f"val_mtp_loss_{j}": v for j, v in enumerate(vals[1:], start=1)}}

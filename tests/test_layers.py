@@ -89,6 +89,7 @@ def test_no_import_runs_up_the_layers():
 def test_the_checker_sees_a_function_local_upward_import(tmp_path, monkeypatch):
     fake = tmp_path / "kunlunbaize"
     (fake / "model").mkdir(parents=True)
+    (fake / "train").mkdir()
     (fake / "model" / "x.py").write_text("def f():\n    from ..train import trainer\n")
     monkeypatch.setattr(sys.modules[__name__], "SRC", fake)
     assert _layer_violations() == ["model/x.py:2 (model) imports kunlunbaize.train (train), not below it"]

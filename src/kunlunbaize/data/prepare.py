@@ -147,93 +147,31 @@ def prepare(sources: Sequence[str | os.PathLike[str]] = (), out: str | os.PathLi
     _check_destination(out, overwrite)
     workers = workers or default_workers()
     started = time.perf_counter()
-
-    if sources:
-        skipped: list[Path] = []
-        files = discover(sources, skipped)
-        described = [str(s) for s in sources]
-        if skipped:
-            listed = ", ".join(map(str, skipped[:5])) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-            say(f"note: skipped {len(skipped)} folder(s) written by kunlun (datasets, training runs, checkpoints, "
-                f"exports): {listed}")
-        resolved = [str(Path(s).resolve()) if Path(s).exists() else str(s) for s in sources]
-    else:
-        files = stdlib_files()
-        described = resolved = [f"python-stdlib:{stdlib_root()}"]
-        say(f"no sources given: using the {len(files):,} .py files of the Python standard library in {stdlib_root()}")
+    files, described, resolved = _find_sources(sources, say)
     report = CleanReport()
     if not files:
         raise _empty_error(files, described, report)
     loaded = load_tokenizer(tokenizer) if tokenizer is not None else None  # fail fast on a bad --tokenizer
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    leftovers = sorted(p.name for p in out.parent.glob(f"{glob.escape(out.name)}.tmp-*") if p != tmp)
-    if leftovers:
-        say(f"note: leftover temporary folder(s) from interrupted runs in {out.parent}: {', '.join(leftovers)} "
-            f"(not datasets; safe to delete)")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = _fresh_temporary(out, say)
     store: DocumentStore | None = None
     try:
         work = tmp / WORK_DIR
         work.mkdir()
         store = DocumentStore(work / "documents.txt")
-        bar = tqdm(files, unit="file", desc="reading", disable=None if progress else True, dynamic_ncols=True)
-        docs = read_documents(bar, text_field=text_field, decode_errors=decode_errors, report=report)
-        for doc in clean_documents(docs, report, min_chars=min_chars, max_chars=max_chars, max_docs=max_docs,
-                                   max_bytes=max_bytes):
-            store.add(doc)
-        bar.close()
-        store.close()
+        _read_corpus(files, store, report, text_field=text_field, decode_errors=decode_errors, min_chars=min_chars,
+                     max_chars=max_chars, max_docs=max_docs, max_bytes=max_bytes, progress=progress)
         if not len(store):
             raise _empty_error(files, described, report)
         say(f"read {report.files_read:,} files: {report.kept:,} documents kept, {report.bytes_kept:,} bytes "
             f"({time.perf_counter() - started:.1f}s)")
-
-        t0 = time.perf_counter()
-        if loaded is None:
-            # tokenizers' own bars write blank lines to stdout when not on a terminal: only show them on one
-            interactive = progress and sys.stderr.isatty()
-            tok = train_tokenizer(store.iter_texts(), vocab_size, length=len(store), show_progress=interactive)
-            eot_token, tok_info = "<|endoftext|>", {"type": "trained-bpe", "source": "trained on this corpus"}
-            say(f"trained a byte-level BPE tokenizer: {tok.get_vocab_size():,} tokens "
-                f"({time.perf_counter() - t0:.1f}s)")
-        else:
-            tok, eot_token = loaded
-            tok_info = {"type": "loaded", "source": str(Path(tokenizer).resolve())}
-            say(f"loaded tokenizer {tokenizer}: {tok.get_vocab_size():,} tokens, end-of-text {eot_token!r}")
-            missing = [t for t in CHAT_TOKENS if tok.token_to_id(t) is None] if chat_tokens else []
-            if missing:
-                tok.add_special_tokens(missing)
-                tok_info["added_chat_tokens"] = missing
-                say(f"added the chat role tokens {', '.join(missing)}: {tok.get_vocab_size():,} tokens")
+        tok, eot_token, tok_info = _tokenizer_for(store, loaded, tokenizer, vocab_size, chat_tokens, progress, say)
         save_tokenizer(tok, tmp, eot_token)
-        tokenizer_json = (tmp / "tokenizer.json").read_text(encoding="utf-8")
-        eot_id = int(tok.token_to_id(eot_token))
-        n_vocab = tok.get_vocab_size()
-        dtype = choose_dtype(max(n_vocab, max(tok.get_vocab().values()) + 1))
-
-        t0 = time.perf_counter()
-        tokens_path = work / "tokens.bin"
-        lengths = encode_store(store, tokenizer_json, eot_id, dtype, tokens_path, workers=workers, progress=progress)
-        total = int(lengths.sum())
-        used = min(workers, len(store.chunks(pack.CHUNK_BYTES)))
-        say(f"tokenized {total:,} tokens with {used} worker(s) ({time.perf_counter() - t0:.1f}s, "
-            f"{total / max(time.perf_counter() - t0, 1e-9):,.0f} tokens/s)")
-
-        train_ranges, val_ranges, train_docs, val_docs = plan_split(store.digests, lengths, val_fraction)
-        tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(total,))
-        splits = {}
-        for split, ranges, n_docs in (("train", train_ranges, train_docs), ("val", val_ranges, val_docs)):
-            shards = write_split(tokens, ranges, tmp, split, dtype, shard_tokens)
-            splits[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards), "documents": n_docs}
-        del tokens
-        shutil.rmtree(work)
-
+        splits, dtype, n_vocab, eot_id = _tokenize_and_split(store, tok, eot_token, tmp, work, workers=workers,
+                                                             val_fraction=val_fraction, shard_tokens=shard_tokens,
+                                                             progress=progress, say=say)
         meta = {
             "format": FORMAT,
-            "dtype": dtype.name,
+            "dtype": dtype,
             "vocab_size": n_vocab,
             "eot_id": eot_id,
             "splits": splits,
@@ -256,6 +194,99 @@ def prepare(sources: Sequence[str | os.PathLike[str]] = (), out: str | os.PathLi
 
     say(summary(out, meta, time.perf_counter() - started))
     return out
+
+
+def _find_sources(sources: Sequence[str | os.PathLike[str]], say: Callable[[str], None]
+                  ) -> tuple[list[Path], list[str], list[str]]:
+    """The files to read, the sources as given and as resolved (the standard library when none are given)."""
+    if not sources:
+        files = stdlib_files()
+        say(f"no sources given: using the {len(files):,} .py files of the Python standard library in {stdlib_root()}")
+        return files, [f"python-stdlib:{stdlib_root()}"], [f"python-stdlib:{stdlib_root()}"]
+    skipped: list[Path] = []
+    files = discover(sources, skipped)
+    if skipped:
+        listed = ", ".join(map(str, skipped[:5])) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        say(f"note: skipped {len(skipped)} folder(s) written by kunlun (datasets, training runs, checkpoints, "
+            f"exports): {listed}")
+    resolved = [str(Path(s).resolve()) if Path(s).exists() else str(s) for s in sources]
+    return files, [str(s) for s in sources], resolved
+
+
+def _fresh_temporary(out: Path, say: Callable[[str], None]) -> Path:
+    """An empty ``out.tmp-<pid>`` folder beside ``out`` (noting other runs' leftovers)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    leftovers = sorted(p.name for p in out.parent.glob(f"{glob.escape(out.name)}.tmp-*") if p != tmp)
+    if leftovers:
+        say(f"note: leftover temporary folder(s) from interrupted runs in {out.parent}: {', '.join(leftovers)} "
+            f"(not datasets; safe to delete)")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _read_corpus(files: list[Path], store: DocumentStore, report: CleanReport, *, text_field: str,
+                 decode_errors: str, min_chars: int, max_chars: int | None, max_docs: int | None,
+                 max_bytes: int | None, progress: bool) -> None:
+    """Read, clean and deduplicate the documents of ``files`` into ``store`` (closed afterwards)."""
+    bar = tqdm(files, unit="file", desc="reading", disable=None if progress else True, dynamic_ncols=True)
+    docs = read_documents(bar, text_field=text_field, decode_errors=decode_errors, report=report)
+    for doc in clean_documents(docs, report, min_chars=min_chars, max_chars=max_chars, max_docs=max_docs,
+                               max_bytes=max_bytes):
+        store.add(doc)
+    bar.close()
+    store.close()
+
+
+def _tokenizer_for(store: DocumentStore, loaded: tuple[Any, str] | None, tokenizer: str | os.PathLike[str] | None,
+                   vocab_size: int, chat_tokens: bool, progress: bool, say: Callable[[str], None]
+                   ) -> tuple[Any, str, dict[str, Any]]:
+    """The dataset's tokenizer, its end-of-text token and how it was made: trained on ``store``, or the loaded one
+    (with the chat role tokens added when ``chat_tokens``)."""
+    t0 = time.perf_counter()
+    if loaded is None:
+        # tokenizers' own bars write blank lines to stdout when not on a terminal: only show them on one
+        interactive = progress and sys.stderr.isatty()
+        tok = train_tokenizer(store.iter_texts(), vocab_size, length=len(store), show_progress=interactive)
+        say(f"trained a byte-level BPE tokenizer: {tok.get_vocab_size():,} tokens ({time.perf_counter() - t0:.1f}s)")
+        return tok, "<|endoftext|>", {"type": "trained-bpe", "source": "trained on this corpus"}
+    tok, eot_token = loaded
+    tok_info: dict[str, Any] = {"type": "loaded", "source": str(Path(tokenizer).resolve())}
+    say(f"loaded tokenizer {tokenizer}: {tok.get_vocab_size():,} tokens, end-of-text {eot_token!r}")
+    missing = [t for t in CHAT_TOKENS if tok.token_to_id(t) is None] if chat_tokens else []
+    if missing:
+        tok.add_special_tokens(missing)
+        tok_info["added_chat_tokens"] = missing
+        say(f"added the chat role tokens {', '.join(missing)}: {tok.get_vocab_size():,} tokens")
+    return tok, eot_token, tok_info
+
+
+def _tokenize_and_split(store: DocumentStore, tok: Any, eot_token: str, tmp: Path, work: Path, *, workers: int,
+                        val_fraction: float, shard_tokens: int, progress: bool, say: Callable[[str], None]
+                        ) -> tuple[dict[str, Any], str, int, int]:
+    """Encode every document, split train/val by document and write the shards into ``tmp``; return the splits,
+    the token dtype's name, the vocabulary size and the end-of-text id."""
+    tokenizer_json = (tmp / "tokenizer.json").read_text(encoding="utf-8")
+    eot_id = int(tok.token_to_id(eot_token))
+    n_vocab = tok.get_vocab_size()
+    dtype = choose_dtype(max(n_vocab, max(tok.get_vocab().values()) + 1))
+    t0 = time.perf_counter()
+    tokens_path = work / "tokens.bin"
+    lengths = encode_store(store, tokenizer_json, eot_id, dtype, tokens_path, workers=workers, progress=progress)
+    total = int(lengths.sum())
+    used = min(workers, len(store.chunks(pack.CHUNK_BYTES)))
+    say(f"tokenized {total:,} tokens with {used} worker(s) ({time.perf_counter() - t0:.1f}s, "
+        f"{total / max(time.perf_counter() - t0, 1e-9):,.0f} tokens/s)")
+    train_ranges, val_ranges, train_docs, val_docs = plan_split(store.digests, lengths, val_fraction)
+    tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(total,))
+    splits: dict[str, Any] = {}
+    for split, ranges, n_docs in (("train", train_ranges, train_docs), ("val", val_ranges, val_docs)):
+        shards = write_split(tokens, ranges, tmp, split, dtype, shard_tokens)
+        splits[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards), "documents": n_docs}
+    del tokens
+    shutil.rmtree(work)
+    return splits, dtype.name, n_vocab, eot_id
 
 
 def summary(out: Path, meta: dict[str, Any], seconds: float | None = None) -> str:

@@ -24,6 +24,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
+DCP_METADATA = ".metadata"  # the model and optimiser state of a training checkpoint (see .state)
 _STEP_DIR = re.compile(r"step_\d+$")
 
 
@@ -46,9 +47,11 @@ def is_training_checkpoint(path: Path) -> bool:
 
 
 def is_export(path: Path) -> bool:
-    """Whether ``path`` is a transformers folder: a config.json and its weights, not a training checkpoint."""
+    """Whether ``path`` is a transformers folder: a config.json and its weights, and no training state (complete
+    or, in a save interrupted part-way, without its ``trainer_state.json``)."""
     has_weights = (path / WEIGHTS_FILE).is_file() or (path / WEIGHTS_INDEX).is_file()
-    return has_weights and (path / CONFIG_FILE).is_file() and not is_training_checkpoint(path)
+    training = is_training_checkpoint(path) or (path / DCP_METADATA).is_file()
+    return has_weights and (path / CONFIG_FILE).is_file() and not training
 
 
 def resolve_checkpoint(path: str | Path, *, resumable: bool = False) -> Path:

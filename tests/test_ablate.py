@@ -16,7 +16,7 @@ from kunlunbaize.ablate.plan import VARIANTS, StudyConfig, model_config, plan, t
 from kunlunbaize.ablate.report import aggregate, markdown, mean_sd
 from kunlunbaize.ablate.run import StudyError, run_study
 
-from .conftest import TRAIN_MODEL
+from .helpers import TRAIN_MODEL
 from .test_cli_errors import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,7 +205,7 @@ def test_probe_measures_each_branch():
     from kunlunbaize import KunlunBaize
     from kunlunbaize.ablate.probe import branch_scales, format_rows
 
-    from .conftest import tiny
+    from .helpers import tiny
 
     torch.manual_seed(0)
     model = KunlunBaize(tiny(n_layers=2, conv_kernel_sizes=(3, 5))).eval()

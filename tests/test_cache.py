@@ -5,7 +5,7 @@ import torch
 
 from kunlunbaize.model import CacheOverflowError
 
-from .conftest import build, config_id, switch_configs
+from .helpers import build, config_id, switch_configs
 
 CONFIGS = switch_configs()
 TOL = 1e-5

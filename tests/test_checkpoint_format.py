@@ -19,7 +19,7 @@ from kunlunbaize.checkpoint import (
     resolve_checkpoint,
 )
 
-from .conftest import tiny
+from .helpers import tiny
 
 
 def test_a_run_folder_resolves_to_its_newest_complete_checkpoint(trained_run):
@@ -127,7 +127,7 @@ def test_the_baselines_flops_are_a_plain_decoder_with_its_matched_ffn():
 def test_resuming_under_another_architecture_is_refused(llama_run, dataset, tmp_path):
     from kunlunbaize.train.trainer import TrainConfig, train
 
-    from .conftest import TRAIN_MODEL
+    from .helpers import TRAIN_MODEL
 
     with pytest.raises(CheckpointError, match=r"holds a HF Llama.*resume with --arch llama"):
         train(TrainConfig(data=str(dataset), out=str(tmp_path / "run"), resume=str(llama_run), preset="tiny",

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from kunlunbaize import KunlunBaize
 from kunlunbaize.model.layers import CausalDSConv, ESwish
 
-from .conftest import tiny
+from .helpers import tiny
 
 
 def test_dense_residual_weights_uniform_at_init_and_learn():

@@ -6,7 +6,7 @@ import torch
 
 from kunlunbaize.model.dense_residual import DenseResidual, DenseStates, _DenseMix
 
-from .conftest import build, tiny
+from .helpers import build, tiny
 
 
 class ReferenceStates:

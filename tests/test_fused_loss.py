@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from kunlunbaize.model.fused_loss import linear_cross_entropy
 
-from .conftest import build, config_id, switch_configs
+from .helpers import build, config_id, switch_configs
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 4096])

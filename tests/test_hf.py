@@ -23,7 +23,7 @@ from kunlunbaize.hf import KunlunBaizeConfig, KunlunBaizeForCausalLM, KunlunBaiz
 from kunlunbaize.infer import generate
 from kunlunbaize.infer.load import load_model
 
-from .conftest import build, config_id, switch_configs, tiny
+from .helpers import build, config_id, switch_configs, tiny
 
 CONFIGS = switch_configs()
 

@@ -11,7 +11,7 @@ from kunlunbaize.infer.generate import fit_prompts
 from kunlunbaize.infer.sampling import GREEDY
 from kunlunbaize.infer.speculative import draft
 
-from .conftest import build, tiny
+from .helpers import build, tiny
 
 
 def model64(seed=0, **kw):

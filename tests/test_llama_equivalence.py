@@ -5,7 +5,7 @@ import torch
 
 from kunlunbaize import KunlunBaize
 
-from .conftest import tiny
+from .helpers import tiny
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,7 +8,7 @@ import torch
 from kunlunbaize import KunlunBaize
 from kunlunbaize.model.loss import multi_token_loss
 
-from .conftest import tiny
+from .helpers import tiny
 
 
 def hand_ce(logits, tokens, shift):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from .conftest import build, config_id, switch_configs
+from .helpers import build, config_id, switch_configs
 
 CONFIGS = switch_configs()[::2]
 TOL = 1e-5

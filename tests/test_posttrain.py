@@ -19,7 +19,7 @@ from kunlunbaize.posttrain.data import preference_records, prompt_records, sft_r
 from kunlunbaize.posttrain.rewards import Combined, code_reward, math_reward, parse_spec
 from kunlunbaize.posttrain.tasks import code_problems, generate_tasks, math_problems, reference_reply
 
-from .conftest import TRAIN_MODEL
+from .helpers import TRAIN_MODEL
 
 QUIET = {"log": lambda _: None}
 

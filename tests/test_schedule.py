@@ -9,7 +9,7 @@ from kunlunbaize import KunlunBaize
 from kunlunbaize.train.optim import decays, param_groups
 from kunlunbaize.train.schedule import PAPER_TOKENS, BatchRamp, LRSchedule
 
-from .conftest import tiny
+from .helpers import tiny
 
 T = PAPER_TOKENS
 

@@ -23,7 +23,7 @@ from kunlunbaize.infer.generate import generate
 from kunlunbaize.model.cache import InferenceCache
 from kunlunbaize.serve.engine import Engine, EngineClosed, Finished, Params, QueueFull
 
-from .conftest import build, config_id, switch_configs, tiny
+from .helpers import build, config_id, switch_configs, tiny
 
 
 class CharTokenizer:

@@ -13,7 +13,7 @@ from kunlunbaize.infer.sampling import SamplingParams
 from kunlunbaize.infer.speculative import draft
 from kunlunbaize.model.cache import CacheOverflowError
 
-from .conftest import build, tiny
+from .helpers import build, tiny
 
 
 def model64(seed=0, **kw):

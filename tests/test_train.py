@@ -17,7 +17,7 @@ from kunlunbaize.checkpoint import CheckpointError, checkpoint_dirs
 from kunlunbaize.model import KunlunBaize, ModelOutput
 from kunlunbaize.train.trainer import TrainConfig, TrainingError, train
 
-from .conftest import TRAIN_MODEL as MODEL
+from .helpers import TRAIN_MODEL as MODEL
 
 pytest.importorskip("tokenizers")
 

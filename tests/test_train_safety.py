@@ -116,7 +116,7 @@ def test_damaged_checkpoint_is_named_and_auto_falls_back(dataset, tmp_path, capf
 
 
 def test_spent_budget_into_a_new_folder_reports_the_checkpoint(trained_run, dataset, tmp_path, capfd):
-    from .conftest import TRAIN_MODEL
+    from .helpers import TRAIN_MODEL
 
     ckpt = checkpoint_dirs(trained_run / "checkpoints")[-1]
     cfg = TrainConfig(data=str(dataset), out=str(tmp_path / "new"), preset="tiny", model_overrides=dict(TRAIN_MODEL),
@@ -261,7 +261,7 @@ def test_cli_rerun_of_a_finished_run_says_so(trained_run, dataset, tmp_path, cap
     """`kunlun train` again on a finished run reports it, not 'trained N steps' as if it had trained them now."""
     from kunlunbaize.cli import main
 
-    from .conftest import TRAIN_MODEL
+    from .helpers import TRAIN_MODEL
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)

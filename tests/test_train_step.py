@@ -19,7 +19,7 @@ from kunlunbaize import KunlunBaize
 from kunlunbaize.train.optim import build_optimizer
 from kunlunbaize.train.step import train_step
 
-from .conftest import TRAIN_MODEL, tiny
+from .helpers import TRAIN_MODEL, tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 

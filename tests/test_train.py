@@ -190,7 +190,7 @@ def test_fsdp_two_ranks_trains_and_resumes_on_one(dataset, tmp_path):
 
 def test_llama_baseline_trains_through_the_same_loop_with_matched_params(dataset, tmp_path):
     from kunlunbaize import ModelConfig
-    from kunlunbaize.arch.llama import LlamaBaseline
+    from kunlunbaize.arch.llama_baseline import LlamaBaseline
 
     cfg = ModelConfig.preset("tiny", vocab_size=320, **MODEL)
     llama = LlamaBaseline(cfg)
@@ -207,7 +207,7 @@ def test_llama_baseline_activation_checkpointing_stores_less_with_the_same_gradi
     import warnings
 
     from kunlunbaize import ModelConfig
-    from kunlunbaize.arch.llama import LlamaBaseline
+    from kunlunbaize.arch.llama_baseline import LlamaBaseline
 
     torch.manual_seed(0)
     llama = LlamaBaseline(ModelConfig.preset("tiny", vocab_size=320, **MODEL)).train()

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from ..config import ModelConfig
-from ..model import KunlunBaize
 from .spec import ArchSpec
 
 
-def _set_activation_checkpointing(model: nn.Module, on: bool) -> None:
+def _set_activation_checkpointing(model: Any, on: bool) -> None:
     model.gradient_checkpointing = on
 
 
@@ -22,7 +19,7 @@ def _model_config(saved: dict[str, Any]) -> dict[str, Any]:
 KUNLUNBAIZE = ArchSpec(
     name="kunlunbaize",
     title="KunlunBaize",
-    build=KunlunBaize,
+    module="kunlunbaize.model:KunlunBaize",
     checkpoint_config=ModelConfig.to_dict,
     model_config=_model_config,
     training_flops=lambda cfg, seq_len: cfg.flops_per_token(seq_len, training=True),

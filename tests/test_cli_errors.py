@@ -278,7 +278,7 @@ def test_generate_from_a_llama_checkpoint(llama_run, tmp_path, capsys):
     shutil.copytree(resolve_checkpoint(llama_run), old)
     cfg = json.loads((old / "config.json").read_text())
     (old / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k not in ("arch", "llama_config")}))
-    (old / "trainer_state.json").unlink()
+    (old / "trainer_state.json").write_text(json.dumps({"step": 4, "consumed_samples": 32, "tokens": 1024}))
     assert checkpoint_arch(old).name == "llama"
     code, again, err = run_main(capsys, "generate", "def ", "--checkpoint", str(old), "--max-new-tokens", "6")
     assert code == 0 and again == first, err

@@ -50,4 +50,16 @@ if [ "${1:-}" = "--dev" ]; then
 else
   "${PIP[@]}" -e ".[train]"
 fi
+if [ "${1:-}" = "--dev" ]; then
+  # transformers' own common model tests (tests/test_hf_common.py) come from the source distribution of the installed
+  # version; the tests read them from this folder and never download. Offline: the tests skip and say so.
+  TF=$(.venv/bin/python -c "import transformers; print(transformers.__version__)" 2>/dev/null || true)
+  if [ -n "$TF" ] && [ ! -f ".cache/transformers-tests/transformers-$TF.tar.gz" ]; then
+    mkdir -p .cache/transformers-tests
+    .venv/bin/python -m pip download --disable-pip-version-check -q --no-deps --no-binary :all: \
+        -d .cache/transformers-tests "transformers==$TF" >/dev/null 2>&1 \
+      || echo "setup: note: could not download the transformers $TF source distribution (offline?);" \
+              "tests/test_hf_common.py will skip"
+  fi
+fi
 .venv/bin/python -c "import torch, kunlunbaize; print(f'setup: kunlunbaize {kunlunbaize.__version__}, torch {torch.__version__}')"

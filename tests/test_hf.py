@@ -251,8 +251,74 @@ def test_a_foreign_non_empty_cache_is_refused():
     cache.update(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), 0)
     with pytest.raises(ValueError, match="InferenceCache"):
         hf(torch.tensor([[1, 2]]), past_key_values=cache)
-    with pytest.raises(ValueError, match="inputs_embeds"):
-        hf(inputs_embeds=torch.zeros(1, 2, 32))
+
+
+# ------------------------------------------------------------------------------------ transformers' conventions
+def test_missing_dense_residual_logits_are_initialised():
+    """transformers initialises missing weights module by module, by each module's own parameters: the dense-residual
+    logits (identity init: not zeros) must be reached, not left as uninitialised memory."""
+    cfg = KunlunBaizeConfig.from_model_config(tiny(dense_init="identity"))
+    fresh = KunlunBaizeModel.from_pretrained(None, config=cfg, state_dict={})
+    want = KunlunBaizeModel(cfg).dense.logits
+    for got, ref in zip(fresh.dense.logits, want, strict=True):
+        assert torch.equal(got, ref)
+    assert fresh.dense.logits[2][-1] > 2  # identity: the latest output weighted 0.95
+
+
+def test_output_flags_fall_back_to_the_config():
+    hf = to_hf_model(build(tiny()))
+    ids = torch.tensor([[1, 2, 3]])
+    hf.config.output_hidden_states, hf.config.return_dict = True, False
+    out = hf(ids)
+    assert isinstance(out, tuple) and len(out[1]) == hf.config.n_layers + 1  # (logits, hidden_states)
+    assert hf(ids, output_hidden_states=False, return_dict=True).hidden_states is None
+    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+        hf(ids, output_attentions=True)
+
+
+@pytest.mark.parametrize("cfg", [tiny(), tiny(dense_residual=False, transformerx=False, mtp_depth=0)], ids=config_id)
+def test_inputs_embeds_compute_what_input_ids_do(cfg):
+    """inputs_embeds stand for the token embeddings in the trunk and the MTP depths, in forward and generate."""
+    hf = to_hf_model(build(cfg).double(), pad_token_id=0, eos_token_id=None)
+    ids = torch.tensor([[5, 9, 3, 7, 11], [0, 0, 4, 6, 1]])
+    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    embeds = hf.get_input_embeddings()(ids)
+    a, b = hf(ids, attention_mask=mask, mtp=True), hf(inputs_embeds=embeds, attention_mask=mask, mtp=True)
+    assert torch.equal(a.logits, b.logits) and all(map(torch.equal, a.mtp_logits or (), b.mtp_logits or ()))
+    want = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    got = hf.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want[:, 5:])  # generate returns only the new tokens when given embeddings
+    with pytest.raises(ValueError, match="inputs_embeds must be a float tensor"):
+        hf(inputs_embeds=torch.zeros(1, 2, 7))
+
+
+def test_generate_returns_the_hidden_states_of_every_step():
+    hf = to_hf_model(build(tiny()).double(), pad_token_id=0, eos_token_id=None)
+    out = hf.generate(torch.tensor([[5, 9, 3, 7]]), max_new_tokens=3, do_sample=False, output_hidden_states=True,
+                      return_dict_in_generate=True)
+    assert len(out.hidden_states) == 3
+    assert [tuple(h.shape) for h in out.hidden_states[0]] == [(1, 4, 32)] * (hf.config.n_layers + 1)
+    assert [tuple(h.shape) for h in out.hidden_states[1]] == [(1, 1, 32)] * (hf.config.n_layers + 1)
+
+
+def test_assisted_decoding_is_refused_with_a_reason():
+    from transformers import GenerationConfig
+
+    hf = to_hf_model(build(tiny()), pad_token_id=0, eos_token_id=None)
+    ids = torch.tensor([[5, 9, 3, 7]])
+    for kw in (dict(prompt_lookup_num_tokens=3), dict(assistant_model=hf),
+               dict(generation_config=GenerationConfig(prompt_lookup_num_tokens=2, max_new_tokens=2))):
+        with pytest.raises(ValueError, match=r"assisted decoding .* kunlun generate --speculative"):
+            hf.generate(ids, max_new_tokens=2, **kw)
+
+
+def test_classifier_from_a_causal_lm_checkpoint_reports_its_new_head(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    to_hf_model(build(tiny())).save_pretrained(tmp_path)
+    _, info = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=1, output_loading_info=True)
+    assert set(info["missing_keys"]) == {"score.weight"}
+    assert not info["unexpected_keys"]  # the LM head and MTP depths are left out on purpose
 
 
 # ---------------------------------------------------------------------------------------------- export

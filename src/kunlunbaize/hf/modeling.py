@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
@@ -23,6 +24,8 @@ from transformers.modeling_outputs import (
 )
 
 from ..checkpoint.keys import to_hf
+from ..config import ModelConfig
+from ..model.block import PlainBlock, TransformerXBlock
 from ..model.cache import InferenceCache
 from ..model.layers import Linear
 from ..model.loss import shifted_cross_entropy
@@ -49,6 +52,32 @@ def _given_cache(past_key_values: Any, cache: Any, kwargs: dict[str, Any]) -> An
     return given[0] if given else None
 
 
+ATTENTIONS_UNSUPPORTED = (
+    "output_attentions=True is not supported: KunlunBaize computes every attention (self-, convolution-scale cross- "
+    "and MTP attention) with torch's fused scaled_dot_product_attention, which never forms the weights; leave "
+    "output_attentions unset (and config.output_attentions False)")
+
+
+ASSISTED_UNSUPPORTED = (
+    "assisted decoding (assistant_model=, prompt_lookup_num_tokens=, assistant_early_exit=) is not supported: it "
+    "needs a transformers Cache made before the first forward and rolled back token by token, and KunlunBaize's "
+    "cache also holds convolution history and per-scale and MTP keys; for speculative decoding use the model's own "
+    "MTP depths: kunlun generate --speculative")
+_ASSISTED_SETTINGS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
+class KunlunBaizePlainBlock(GradientCheckpointingLayer, PlainBlock):
+    """:class:`PlainBlock` that checkpoints itself under ``gradient_checkpointing_enable()`` (transformers' layer)."""
+
+
+class KunlunBaizeTransformerXBlock(GradientCheckpointingLayer, TransformerXBlock):
+    """:class:`TransformerXBlock` that checkpoints itself under ``gradient_checkpointing_enable()``."""
+
+
+def _make_block(config: ModelConfig) -> nn.Module:
+    return KunlunBaizeTransformerXBlock(config) if config.transformerx else KunlunBaizePlainBlock(config)
+
+
 @dataclass
 class KunlunBaizeCausalLMOutput(CausalLMOutputWithPast):
     """``CausalLMOutputWithPast`` plus the MTP depths' logits and losses when ``mtp=True``."""
@@ -64,11 +93,20 @@ class KunlunBaizePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    _no_split_modules: ClassVar[list[str]] = ["TransformerXBlock", "PlainBlock"]
+    _no_split_modules: ClassVar[list[str]] = ["KunlunBaizeTransformerXBlock", "KunlunBaizePlainBlock"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         init_module(module, self.config.init_std, init=hf_init)
+
+    def _output_flags(self, output_hidden_states: bool | None, return_dict: bool | None,
+                      output_attentions: bool | None) -> tuple[bool, bool]:
+        """``(output_hidden_states, return_dict)`` of a call: the arguments, else the configuration's (as every
+        transformers model); refuses attention weights (:data:`ATTENTIONS_UNSUPPORTED`)."""
+        if output_attentions if output_attentions is not None else self.config.output_attentions:
+            raise ValueError(ATTENTIONS_UNSUPPORTED)
+        hidden = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        return bool(hidden), bool(return_dict if return_dict is not None else self.config.return_dict)
 
     def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
         """transformers' resize, plus what it does not know about: the trunk's own copy of the vocabulary size
@@ -95,7 +133,7 @@ class KunlunBaizeModel(KunlunBaizeTrunk, KunlunBaizePreTrainedModel):
 
     def __init__(self, config: KunlunBaizeConfig) -> None:
         super().__init__(config)
-        self.build_trunk(config.to_model_config())
+        self.build_trunk(config.to_model_config(), _make_block)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -108,12 +146,10 @@ class KunlunBaizeModel(KunlunBaizeTrunk, KunlunBaizePreTrainedModel):
               past_key_values: Any, use_cache: bool | None, output_hidden_states: bool | None,
               inputs_embeds: torch.Tensor | None, mtp: bool = False) -> tuple[TrunkOutput, InferenceCache | None]:
         """Run the trunk with transformers' argument conventions; returns the trunk output and the cache
-        (a new one holds MTP state only if ``mtp``: ``generate`` never drafts, so it skips that work)."""
-        if inputs_embeds is not None:
-            raise ValueError("KunlunBaize needs input_ids: its convolutions and MTP depths read the token "
-                             "embeddings, so inputs_embeds is not supported")
-        if input_ids is None:
-            raise ValueError("pass input_ids")
+        (a new one holds MTP state only if ``mtp``: ``generate`` never drafts, so it skips that work).
+        ``inputs_embeds`` stand for the token embeddings everywhere: the trunk's H_0 and what the MTP depths read."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass either input_ids or inputs_embeds")
         cache = past_key_values
         if cache is not None and not isinstance(cache, InferenceCache):
             if hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0:
@@ -124,13 +160,13 @@ class KunlunBaizeModel(KunlunBaizeTrunk, KunlunBaizePreTrainedModel):
         if use_cache is None:  # the cache is preallocated (max_position_embeddings slots): build it only
             use_cache = cache is not None  # when asked (generate asks) or to continue one
         if use_cache and cache is None:
-            cache = self.new_cache(input_ids.shape[0], mtp=mtp)
+            cache = self.new_cache((input_ids if input_ids is not None else inputs_embeds).shape[0], mtp=mtp)
         elif not use_cache:
             cache = None
         if attention_mask is not None and attention_mask.dim() == 2 and not (cache is not None and cache.padded) \
                 and bool(attention_mask.all()):
             attention_mask = None  # no padding anywhere: the plain causal path is faster and identical
-        out = self.run_trunk(input_ids, cache, attention_mask, keep_layer_inputs=bool(output_hidden_states))
+        out = self.run_trunk(input_ids, cache, attention_mask, bool(output_hidden_states), inputs_embeds)
         return out, cache
 
     def forward(
@@ -143,17 +179,19 @@ class KunlunBaizeModel(KunlunBaizeTrunk, KunlunBaizePreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cache: InferenceCache | None = None,
+        output_attentions: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast | tuple:
         """The trunk's final normalised state; the cache may also be passed as ``cache`` (its newer name)."""
+        output_hidden_states, return_dict = self._output_flags(output_hidden_states, return_dict, output_attentions)
         out, cache = self.trunk(input_ids, attention_mask, _given_cache(past_key_values, cache, kwargs), use_cache,
                                 output_hidden_states, inputs_embeds)
         if cache is not None:
-            cache.length = out.start + input_ids.shape[1]
+            cache.length = out.start + out.hidden.shape[1]
         last = self.norm(out.hidden)
         result = BaseModelOutputWithPast(last_hidden_state=last, hidden_states=_hidden_states(out, last),
                                          **{_CACHE_FIELD: cache})
-        return result if return_dict is not False else result.to_tuple()
+        return result if return_dict else result.to_tuple()
 
 
 def _hidden_states(out: TrunkOutput, last: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
@@ -187,6 +225,13 @@ class KunlunBaizeForCausalLM(KunlunBaizePreTrainedModel, GenerationMixin):
         twin.load_state_dict(state, strict=True)
         return twin.to(model.embed.weight.dtype).eval()
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``generate``; assisted decoding is refused with a message (:data:`ASSISTED_UNSUPPORTED`)."""
+        configs = (kwargs, vars(kwargs.get("generation_config") or self.generation_config))
+        if any(c.get(name) is not None for c in configs for name in _ASSISTED_SETTINGS):
+            raise ValueError(ASSISTED_UNSUPPORTED)
+        return super().generate(*args, **kwargs)
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # generate() must not make a DynamicCache: forward() creates an InferenceCache
@@ -219,6 +264,7 @@ class KunlunBaizeForCausalLM(KunlunBaizePreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         mtp: bool = False,
         cache: InferenceCache | None = None,
+        output_attentions: bool | None = None,
         **kwargs: Any,
     ) -> KunlunBaizeCausalLMOutput | tuple:
         """Next-token logits (and the loss against ``labels``, shifted inside, -100 ignored).
@@ -228,6 +274,7 @@ class KunlunBaizeForCausalLM(KunlunBaizePreTrainedModel, GenerationMixin):
         computes logits for the last k positions only (what ``generate`` asks for). The cache may also be
         passed as ``cache`` (its name in newer transformers).
         """
+        output_hidden_states, return_dict = self._output_flags(output_hidden_states, return_dict, output_attentions)
         out, cache = self.model.trunk(input_ids, attention_mask, _given_cache(past_key_values, cache, kwargs),
                                       use_cache, output_hidden_states, inputs_embeds, mtp)
         last = self.model.norm(out.hidden)
@@ -235,7 +282,7 @@ class KunlunBaizeForCausalLM(KunlunBaizePreTrainedModel, GenerationMixin):
         logits = self.lm_head(last[:, keep])
         mtp_logits = run_mtp(self.mtp, out, self.model.rope, self.lm_head.weight, cache, mtp)
         if cache is not None:
-            cache.length = out.start + input_ids.shape[1]
+            cache.length = out.start + out.hidden.shape[1]
 
         loss = mtp_losses = None
         if labels is not None:
@@ -249,7 +296,7 @@ class KunlunBaizeForCausalLM(KunlunBaizePreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, hidden_states=_hidden_states(out, last),
             mtp_logits=tuple(mtp_logits) or None, mtp_losses=mtp_losses, **{_CACHE_FIELD: cache},
         )
-        return result if return_dict is not False else result.to_tuple()
+        return result if return_dict else result.to_tuple()
 
     def prepare_inputs_for_generation(
         self,
@@ -258,18 +305,29 @@ class KunlunBaizeForCausalLM(KunlunBaizePreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cache: InferenceCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        next_sequence_length: int | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Feed only the tokens the cache has not seen; the mask stays full length (it marks the padding).
 
-        ``generate`` hands the cache over as ``past_key_values`` or, in newer transformers, as ``cache``."""
+        ``generate`` hands the cache over as ``past_key_values`` or, in newer transformers, as ``cache``. A prompt
+        given as ``inputs_embeds`` is fed once; ``input_ids`` then hold only the generated tokens. Every other model
+        kwarg ``generate`` passes (``output_hidden_states``, ``logits_to_keep`` …) goes on to ``forward``."""
         cache = _given_cache(past_key_values, cache, kwargs)
-        if isinstance(cache, InferenceCache) and cache.length > 0:
-            input_ids = input_ids[:, cache.length:]
-        inputs = {"input_ids": input_ids.contiguous(), "past_key_values": cache,
-                  "attention_mask": attention_mask, "use_cache": use_cache}
-        if "logits_to_keep" in kwargs:
-            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        start = cache.length if isinstance(cache, InferenceCache) else 0
+        inputs: dict[str, Any] = {"past_key_values": cache, "attention_mask": attention_mask, "use_cache": use_cache}
+        if inputs_embeds is not None and start < inputs_embeds.shape[1]:
+            inputs.update(input_ids=None, inputs_embeds=inputs_embeds[:, start:])
+        else:
+            if start and input_ids.shape[1] > start:  # the whole sequence so far
+                input_ids = input_ids[:, start:]
+            elif start:  # only the tokens generated after an inputs_embeds prompt
+                input_ids = input_ids[:, -(next_sequence_length or 1):]
+            inputs["input_ids"] = input_ids.contiguous()
+        for key, value in kwargs.items():
+            if key not in ("labels", "return_dict", "cache_position", "position_ids", "is_first_iteration"):
+                inputs.setdefault(key, value)
         return inputs
 
 
@@ -277,12 +335,11 @@ class KunlunBaizeForSequenceClassification(KunlunBaizePreTrainedModel):
     """Backbone + a linear ``score`` head read at each sequence's last real token: ``num_labels`` logits per
     sequence. With ``num_labels=1`` it is a scalar reward model (TRL's ``RewardTrainer``).
 
-    ``from_pretrained`` on a causal-LM export keeps the backbone (``model.*``) and starts ``score`` fresh; the LM
-    head and MTP depths are left out.
+    ``from_pretrained`` on a causal-LM export keeps the backbone (``model.*``) and starts ``score`` fresh (reported
+    as newly initialised, as by every transformers model); the LM head and MTP depths are left out silently.
     """
 
     _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"^lm_head\.", r"^mtp\."]
-    _keys_to_ignore_on_load_missing: ClassVar[list[str]] = [r"^score\."]
 
     def __init__(self, config: KunlunBaizeConfig) -> None:
         super().__init__(config)
@@ -307,19 +364,21 @@ class KunlunBaizeForSequenceClassification(KunlunBaizePreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs: Any,
     ) -> SequenceClassifierOutputWithPast | tuple:
         """Logits [B, num_labels] of each sequence's last real token: the last position with ``attention_mask``
         1 (left or right padding), else the last token that is not ``pad_token_id``, else the last position."""
+        output_hidden_states, return_dict = self._output_flags(output_hidden_states, return_dict, output_attentions)
         kwargs.pop("position_ids", None)  # positions come from the mask (left padding) or the causal order
         out = self.model(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, use_cache=False,
-                         output_hidden_states=output_hidden_states)
+                         output_hidden_states=output_hidden_states, return_dict=True)
         hidden = out.last_hidden_state
-        B, T = input_ids.shape
+        B, T = hidden.shape[:2]
         positions = torch.arange(T, device=hidden.device)
         if attention_mask is not None:
             last = (positions * attention_mask.to(hidden.device, torch.long)).argmax(-1)
-        elif self.config.pad_token_id is not None:
+        elif self.config.pad_token_id is not None and input_ids is not None:
             last = (positions * (input_ids != self.config.pad_token_id).to(hidden.device, torch.long)).argmax(-1)
         else:
             last = torch.full((B,), T - 1, device=hidden.device)
@@ -328,4 +387,4 @@ class KunlunBaizeForSequenceClassification(KunlunBaizePreTrainedModel):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
         result = SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states)
-        return result if return_dict is not False else result.to_tuple()
+        return result if return_dict else result.to_tuple()

@@ -28,16 +28,30 @@ def initial_logits(layer: int, init: str = "uniform") -> torch.Tensor:
     return logits
 
 
+class DenseLogits(nn.ParameterList):
+    """The logit vectors a_0 … a_{L−1}, one parameter per layer (names ``0`` … ``L−1``, as a ``ParameterList``).
+
+    A module of its own, which holds the parameters directly: an initialiser that visits modules and initialises
+    each one's own parameters (transformers' does, skipping modules without any) reaches them here."""
+
+    def __init__(self, n_layers: int, init: str = "uniform") -> None:
+        super().__init__(nn.Parameter(initial_logits(layer, init)) for layer in range(n_layers))
+        self.init = init
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for layer, p in enumerate(self):
+            p.copy_(initial_logits(layer, self.init))
+
+
 class DenseResidual(nn.Module):
     def __init__(self, n_layers: int, init: str = "uniform") -> None:
         super().__init__()
         self.init = init
-        self.logits = nn.ParameterList(nn.Parameter(initial_logits(layer, init)) for layer in range(n_layers))
+        self.logits = DenseLogits(n_layers, init)
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        for layer, p in enumerate(self.logits):
-            p.copy_(initial_logits(layer, self.init))
+        self.logits.reset_parameters()
 
     def weights(self, layer: int) -> torch.Tensor:
         """softmax(a_layer) over H_0 … H_layer (eq. 2), in float32."""

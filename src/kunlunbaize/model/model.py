@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -12,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 from .block import make_block
 from .cache import InferenceCache
-from .dense_residual import DenseResidual, initial_logits
+from .dense_residual import DenseLogits, DenseResidual, initial_logits
 from .fused_loss import shifted_linear_cross_entropy
 from .layers import ESwish, Linear, RotaryEmbedding, linear
 from .loss import IGNORE_INDEX, LossTerms, multi_token_loss
@@ -64,8 +65,8 @@ def init_module(module: nn.Module, std: float, init=nn.init) -> None:
         init.ones_(module.weight)
     elif isinstance(module, ESwish):
         init.constant_(module.beta, module.beta_init)
-    elif isinstance(module, DenseResidual):
-        for layer, p in enumerate(module.logits):
+    elif isinstance(module, DenseLogits):
+        for layer, p in enumerate(module):
             init.zeros_(p)
             if module.init != "uniform" and not getattr(p, "_is_hf_initialized", False):
                 with torch.no_grad():
@@ -85,13 +86,16 @@ class KunlunBaizeTrunk:
     arch: ModelConfig
     gradient_checkpointing: bool
 
-    def build_trunk(self, config: ModelConfig) -> None:
+    def build_trunk(self, config: ModelConfig,
+                    block_factory: Callable[[ModelConfig], nn.Module] = make_block) -> None:
+        """Build the trunk's modules; ``block_factory`` makes each block (a subclass of the block
+        :func:`make_block` makes, e.g. one that checkpoints itself, keeps the parameter names)."""
         config.validate()
         self.arch = config
         d = config.d_model
         self.embed = nn.Embedding(config.vocab_size, d)  # E(·), shared with the MTP depths (eq. 13, 15)
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
-        self.blocks = nn.ModuleList(make_block(config) for _ in range(config.n_layers))  # eq. 14
+        self.blocks = nn.ModuleList(block_factory(config) for _ in range(config.n_layers))  # eq. 14
         self.dense = DenseResidual(config.n_layers, config.dense_init) if config.dense_residual else None
         self.norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.gradient_checkpointing = False
@@ -112,25 +116,36 @@ class KunlunBaizeTrunk:
         return InferenceCache.allocate(self.arch, batch_size, max_len or self.arch.max_seq_len,
                                        device or w.device, dtype or w.dtype, mtp=mtp)
 
+    def _check_embeds(self, inputs_embeds: torch.Tensor, start: int, cache: InferenceCache | None) -> None:
+        d = self.arch.d_model
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != d or not inputs_embeds.is_floating_point():
+            raise ValueError(f"inputs_embeds must be a float tensor [batch, seq, {d}], got "
+                             f"{tuple(inputs_embeds.shape)} {inputs_embeds.dtype}")
+        self._check_span(inputs_embeds.shape[0], inputs_embeds.shape[1], start, cache, "inputs_embeds")
+
     def _check_input(self, input_ids: torch.Tensor, start: int, cache: InferenceCache | None) -> None:
         cfg = self.arch
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {tuple(input_ids.shape)} "
                              f"{input_ids.dtype}")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids is empty: give at least one token")
-        end = start + input_ids.shape[1]
+        self._check_span(input_ids.shape[0], input_ids.shape[1], start, cache, "input_ids")
+        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got range [{lo}, {hi}]")
+
+    def _check_span(self, batch: int, T: int, start: int, cache: InferenceCache | None, name: str) -> None:
+        cfg = self.arch
+        if T == 0:
+            raise ValueError(f"{name} is empty: give at least one token")
+        end = start + T
         limit = cache.max_len if cache is not None else cfg.max_seq_len
         if end > limit:
             raise ValueError(f"{end} tokens exceed the context of {limit} "
                              f"({'cache max_len' if cache is not None else 'max_seq_len'}); "
                              "shorten or truncate the input")
-        if cache is not None and cache.batch_size != input_ids.shape[0]:
-            raise ValueError(f"cache was made for batch {cache.batch_size}, input has batch {input_ids.shape[0]}")
-        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= cfg.vocab_size:
-                raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got range [{lo}, {hi}]")
+        if cache is not None and cache.batch_size != batch:
+            raise ValueError(f"cache was made for batch {cache.batch_size}, input has batch {batch}")
 
     def _padding(self, attention_mask: torch.Tensor | None, T: int, start: int, cache: InferenceCache | None,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,20 +176,28 @@ class KunlunBaizeTrunk:
         mask[..., 0] |= ~mask.any(-1)
         return positions, mask[:, None], valid_new
 
-    def run_trunk(self, input_ids: torch.Tensor, cache: InferenceCache | None = None,
-                  attention_mask: torch.Tensor | None = None, keep_layer_inputs: bool = False) -> TrunkOutput:
-        """H_L for ``input_ids`` [B, T] (continuing ``cache`` when given); see :meth:`KunlunBaize.forward`."""
+    def run_trunk(self, input_ids: torch.Tensor | None, cache: InferenceCache | None = None,
+                  attention_mask: torch.Tensor | None = None, keep_layer_inputs: bool = False,
+                  inputs_embeds: torch.Tensor | None = None) -> TrunkOutput:
+        """H_L for ``input_ids`` [B, T] (continuing ``cache`` when given); see :meth:`KunlunBaize.forward`.
+        ``inputs_embeds`` [B, T, d] replaces the embedding lookup: H_0, and what the MTP depths read as E(t)."""
         start = cache.length if cache is not None else 0
-        self._check_input(input_ids, start, cache)
-        T = input_ids.shape[1]
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give either input_ids or inputs_embeds, not both")
+        if inputs_embeds is None:
+            self._check_input(input_ids, start, cache)
+            emb = self.embed(input_ids)  # H_0
+        else:
+            self._check_embeds(inputs_embeds, start, cache)
+            emb = inputs_embeds
+        T = emb.shape[1]
         positions = mask = valid = None
         if attention_mask is not None or (cache is not None and cache.padded):
-            positions, mask, valid = self._padding(attention_mask, T, start, cache, input_ids.device)
+            positions, mask, valid = self._padding(attention_mask, T, start, cache, emb.device)
             rope = self.rope(positions[:, start:])
         else:
-            rope = self.rope(torch.arange(start, start + T, device=input_ids.device))
+            rope = self.rope(torch.arange(start, start + T, device=emb.device))
 
-        emb = self.embed(input_ids)  # H_0
         layer_inputs = [] if keep_layer_inputs else None
         h = self.run_blocks(emb, rope, start, cache, mask, valid, layer_inputs)
         return TrunkOutput(h, emb, start, positions, mask, layer_inputs)
@@ -191,7 +214,7 @@ class KunlunBaizeTrunk:
             if layer_inputs is not None:
                 layer_inputs.append(h)
             layer_cache = cache.layers[layer] if cache is not None else None
-            if recompute:
+            if recompute and not getattr(block, "gradient_checkpointing", False):  # (else it checkpoints itself)
                 delta = run(block, h, rope, start, None, mask, valid)
             else:
                 delta = block(h, rope, start, layer_cache, mask, valid)  # F_l(H_l)

@@ -3,7 +3,7 @@
 For each model folder (e.g. the base model, SFT with the joint loss, SFT with ``--no-mtp``), the replies to the same
 held-out generated code tasks are decoded greedily with MTP self-speculative decoding. Reported per model: tokens per
 trunk forward (the prefill counted, so 1.0 means no draft was ever accepted), and the acceptance of each depth's
-drafts. docs/POSTTRAINING.md has the figures.
+drafts. docs/reports/POSTTRAINING.md has the figures.
 
     python benchmarks/posttrain_mtp.py runs/posttrain-demo/base-chat runs/posttrain-demo/sft/model runs/sft-nomtp/model
 """

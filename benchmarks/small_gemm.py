@@ -4,7 +4,7 @@ For each row count (1 token decoding; k + 1 tokens verifying k drafts) times, si
 one pass over the weights of one decoding step of a preset: every projection of every block, of the MTP depths
 and the output head, each multiplied by ``rows`` fresh activations. Reports microseconds per pass (median) and
 the cost relative to one row, for both orientations of the same product, and which one
-:func:`kunlunbaize.model.layers.linear` picks (docs/BENCHMARKS.md, "Small-row matrix products").
+:func:`kunlunbaize.model.layers.linear` picks (docs/reports/BENCHMARKS.md, "Small-row matrix products").
 
     python benchmarks/small_gemm.py                       # small preset, rows 1-8
     python benchmarks/small_gemm.py --preset tiny --rounds 3

@@ -225,7 +225,7 @@ def test_probe_measures_each_branch():
 
 
 def test_the_kept_records_of_the_study_still_give_its_table():
-    """results/ keeps only the raw records; the figures docs/ABLATION.md quotes come back from them."""
+    """results/ keeps only the raw records; the figures docs/reports/ABLATION.md quotes come back from them."""
     from kunlunbaize.ablate.report import collect
 
     folder = Path(__file__).resolve().parents[1] / "results" / "ablation-500k"

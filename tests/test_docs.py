@@ -350,7 +350,8 @@ def _slug(heading: str) -> str:
     return text.replace(" ", "-")
 
 
-@pytest.mark.parametrize("doc", [*DOCS, *sorted((ROOT / "docs").glob("[A-Z]*.md"))], ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", [*DOCS, *sorted((ROOT / "docs").glob("[A-Z]*.md")),
+                                 *sorted((ROOT / "docs" / "reports").glob("*.md"))], ids=lambda p: p.name)
 def test_every_link_and_path_exists(doc):
     """Relative links (with their #anchors) and repository paths named in the docs point at something."""
     text = doc.read_text(encoding="utf-8")

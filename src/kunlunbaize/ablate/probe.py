@@ -4,7 +4,7 @@ For every trunk block, the root-mean-square of each residual branch's output on 
 and per conv scale the cross-attention over the conv features h_j and the eSwish MLP), the scale of h_j itself,
 and the learned eSwish β of each scale's conv and MLP (eq. 5; 1 at initialisation). Branch outputs are added to a
 stream whose RMS is also given, so a branch far below the others is one the model has learned to keep quiet. The
-ablation study uses it to read *why* a component helps or hurts (docs/ABLATION.md).
+ablation study uses it to read *why* a component helps or hurts (docs/reports/ABLATION.md).
 """
 
 from __future__ import annotations

@@ -249,13 +249,13 @@ def test_trl_trainers_take_the_model_as_a_path(chat_model, tmp_path):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from kunlunbaize.posttrain.models import load_tokenizer, trainer_settings
+    from kunlunbaize.posttrain.models import load_chat_tokenizer, trainer_settings
 
     data = Dataset.from_list(sft_records([{"prompt": "2 + 2?", "completion": "4"}] * 4))
     args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, max_length=64,
                      assistant_only_loss=True, **trainer_settings("cpu", 0))
     trainer = SFTTrainer(model=str(chat_model), args=args, train_dataset=data,
-                         processing_class=load_tokenizer(chat_model))
+                         processing_class=load_chat_tokenizer(chat_model))
     assert type(trainer.model).__name__ == "KunlunBaizeForCausalLM" and trainer.train().global_step == 1
 
 

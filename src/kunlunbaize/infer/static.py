@@ -102,11 +102,11 @@ class StaticDecoder:
     ``mode="max-autotune"`` on a CPU compiles with inductor's C++ GEMM templates (:data:`CPU_MAX_AUTOTUNE`): the
     weights are frozen into the compiled step as constants, prepacked, and each matrix product gets the kernel that
     measured fastest for its shape. On a 2-core CPU that makes the step about 1.8× faster than the default compile
-    (docs/reports/BENCHMARKS.md) at a compile of minutes per decoder. Its matrix products keep ``F.linear``'s orientation
-    at every row count (``layers.small_rows(0)``): the templates prepack the frozen weight as the product's second
-    operand, and with the weight first (:func:`~kunlunbaize.model.layers.linear`'s small-row form) none applies and
-    MKL's kernels run instead. Frozen means the step keeps the weights it was compiled with: after changing the
-    model's weights, make a new decoder.
+    (docs/reports/BENCHMARKS.md) at a compile of minutes per decoder. Its matrix products keep ``F.linear``'s
+    orientation at every row count (``layers.small_rows(0)``): the templates prepack the frozen weight as the
+    product's second operand, and with the weight first (:func:`~kunlunbaize.model.layers.linear`'s small-row form)
+    none applies and MKL's kernels run instead. Frozen means the step keeps the weights it was compiled with: after
+    changing the model's weights, make a new decoder.
     """
 
     def __init__(self, model: KunlunBaize, batch_size: int = 1, max_len: int | None = None, mtp: bool = False,

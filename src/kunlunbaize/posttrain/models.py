@@ -62,7 +62,7 @@ def _wait_for(path: Path, log: Log, timeout: float = 1800.0) -> None:
         time.sleep(0.5)
 
 
-def load_tokenizer(folder: Path) -> Any:
+def load_chat_tokenizer(folder: Path) -> Any:
     """The folder's tokenizer with the chat template (when it has the role tokens) and a pad token."""
     from transformers import AutoTokenizer
 
@@ -84,7 +84,7 @@ def load_policy(folder: Path, device: str = "cpu", log: Log = print) -> tuple[An
 
     from .chat import add_chat_format
 
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_chat_tokenizer(folder)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device)
     added = add_chat_format(model, tokenizer)
     if added:

@@ -17,7 +17,7 @@ import torch
 
 from .data import split_heldout
 from .dpo import check_pair_lengths
-from .models import Log, load_tokenizer, save_model, trainer_settings
+from .models import Log, load_chat_tokenizer, save_model, trainer_settings
 from .rewards import completion_text
 
 
@@ -42,7 +42,7 @@ def load_reward_model(folder: str | Path, device: str = "cpu") -> tuple[Any, Any
 
     from .chat import add_chat_format
 
-    tokenizer = load_tokenizer(Path(folder))
+    tokenizer = load_chat_tokenizer(Path(folder))
     model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     add_chat_format(model, tokenizer)

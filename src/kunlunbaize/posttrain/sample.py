@@ -19,7 +19,7 @@ from ..infer.generate import generate
 from ..infer.load import load_model
 from ..infer.sampling import SamplingParams
 from .chat import END, end_token_id
-from .models import load_tokenizer
+from .models import load_chat_tokenizer
 
 
 @dataclass
@@ -62,7 +62,7 @@ class Sampler:
 
     def __init__(self, folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         self.model, self.checkpoint = load_model(folder, device=device, dtype=dtype)
-        self.tokenizer = load_tokenizer(self.checkpoint)
+        self.tokenizer = load_chat_tokenizer(self.checkpoint)
         if not self.tokenizer.chat_template:
             raise ValueError(f"{self.checkpoint} has no chat template and no role tokens: post-train it first "
                              "(kunlun posttrain sft) or export it with its chat format")

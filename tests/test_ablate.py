@@ -105,6 +105,7 @@ def test_the_report_names_the_studys_settings():
     assert "`mtp_depth=0 dense_residual=false conv_kernel_sizes=3,15 dense_lr_mult=10.0`" in text
 
 
+@pytest.mark.slow
 def test_plots_draw_only_the_studys_comparisons(tmp_path):
     pytest.importorskip("matplotlib")
     from kunlunbaize.ablate.report import plot
@@ -125,6 +126,8 @@ def test_plots_draw_only_the_studys_comparisons(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- the study
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_study_runs_resumes_and_reports(dataset, tmp_path, capsys):
     """Two variants × two seeds + the equal-FLOPs run, two at a time in worker processes; the report aggregates
     the runs' own numbers; a second invocation reruns nothing, a run that lost its done.json is redone, and a

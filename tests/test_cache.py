@@ -31,6 +31,7 @@ def check_mtp(model, x, chunks):
             assert (a - b[:, start:end]).abs().max() <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[config_id(c) for c in CONFIGS])
 @pytest.mark.parametrize("sizes", [[1] * 24, [5, 1, 7, 3, 8], [24]], ids=["token", "chunks", "whole"])
 def test_incremental_equals_full(cfg, sizes):

@@ -22,6 +22,7 @@ from kunlunbaize.checkpoint import (
 from .helpers import tiny
 
 
+@pytest.mark.slow
 def test_a_run_folder_resolves_to_its_newest_complete_checkpoint(trained_run):
     newest = checkpoint_dirs(trained_run / "checkpoints")[-1]
     assert resolve_checkpoint(trained_run) == newest

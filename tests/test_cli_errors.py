@@ -108,6 +108,7 @@ def test_sampling_params_refuse_non_finite_values():
     (["posttrain", "rs", "--rewards", "math", "--reward-model", "m"], "--rewards does not name it"),
     (["serve", "--device", "nope"], "unknown --device 'nope'"),
 ])
+@pytest.mark.slow
 def test_invalid_values_found_after_parsing_are_usage_errors(capsys, args, names):
     """Every wrong argument value is a usage error (exit 2): one line that names the option and the command."""
     code, out, err = run_main(capsys, *args)
@@ -129,6 +130,8 @@ def test_train_defaults_shown_in_help_are_the_runs(capsys):
     assert code == 0 and f"default {TrainConfig().tokens:,}" in out and f"default {TrainConfig().lr}" in out
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_parser_and_help_import_no_torch():
     """Building the parser, parsing every command and `kunlun --help` / `--version` / `kunlun CMD --help` load no
     torch, transformers, tokenizers or numpy (the commands import them when they run)."""
@@ -225,6 +228,8 @@ def test_ctrl_c_in_generate_keeps_the_streamed_text(trained_run, capsys, monkeyp
 
 # --- process boundary: closed pipes and Ctrl-C ----------------------------------------------------------------------
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_closed_stdout_stops_nothing(trained_run, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -241,6 +246,7 @@ def test_closed_stdout_stops_nothing(trained_run, tmp_path):
     assert (out / "meta.json").is_file()  # the dataset was built all the same
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_during_startup_imports_exits_130(tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC}
     code = ("import sys, kunlunbaize.cli as c; assert 'torch' not in sys.modules; print('ready', flush=True); "

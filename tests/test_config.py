@@ -46,6 +46,7 @@ def test_default_mtp_weights():
     assert ModelConfig.preset("tiny", mtp_depth=3).gammas == pytest.approx((0.1, 0.1, 0.1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_preset_builds_on_meta_with_exact_count(name):
     cfg = ModelConfig.preset(name)

@@ -237,6 +237,7 @@ def test_loaded_tokenizer_gives_the_same_tokens(corpus: tuple[Path, list[str]], 
         assert np.array_equal(read_split(first, split), read_split(again, split))
 
 
+@pytest.mark.slow
 def test_large_loaded_vocabulary_uses_uint32(tmp_path: Path) -> None:
     vocab = {"[UNK]": 0, "<|endoftext|>": 1, **{f"w{i}": i + 2 for i in range(70_000)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -253,6 +254,7 @@ def test_large_loaded_vocabulary_uses_uint32(tmp_path: Path) -> None:
     assert (out / "train_00000.bin").stat().st_size == 4 * meta["splits"]["train"]["tokens"]
 
 
+@pytest.mark.slow
 def test_default_source_is_the_stdlib(tmp_path: Path) -> None:
     out = prepare([], tmp_path / "stdlib", max_docs=25, **QUIET)
     meta = load_meta(out)

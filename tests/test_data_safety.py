@@ -34,6 +34,7 @@ def test_jsonl_records_without_the_field_are_skipped_and_counted(tmp_path: Path)
         cleaned([tmp_path], text_field="body")  # a misnamed field still stops the run
 
 
+@pytest.mark.slow
 def test_run_checkpoint_and_export_folders_are_not_read(tmp_path: Path, trained_run: Path) -> None:
     import shutil
 

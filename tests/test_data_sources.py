@@ -118,6 +118,7 @@ def test_limits_stop_reading_early(tmp_path: Path) -> None:
     assert len(texts) == 3 and report.bytes_kept >= 450 and report.stopped_by == "--max-bytes"
 
 
+@pytest.mark.slow
 def test_single_huge_line(tmp_path: Path) -> None:
     words = ["alpha", "beta", "gamma", "δέλτα", "昆仑", "x=1;", "🙂", "0123456789"]
     rng = random.Random(0)
@@ -169,6 +170,7 @@ def test_parquet_with_custom_field(tmp_path: Path) -> None:
         cleaned([tmp_path / "data.parquet"])
 
 
+@pytest.mark.slow
 def test_hf_dataset_on_disk_with_custom_field(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"story": ["once upon a time", "the end"], "k": [1, 2]}).save_to_disk(

@@ -41,6 +41,7 @@ def loss_and_grads(model, x, reference: bool, monkeypatch, **kw):
     (dict(n_layers=4, dense_init="identity"), dict(logits=False)),
     (dict(n_layers=3, mtp_depth=1), dict(attention_mask="left-padded")),
 ])
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_dense_states_equal_the_reference_mix(overrides, kw, checkpointing, monkeypatch):
     model = build(tiny(**overrides), seed=3).double()

@@ -315,6 +315,8 @@ def test_every_command_parses(doc):
                 pytest.fail(f"{s}\nthe parser refuses {argv} (exit {e.code})")
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_every_snippet_runs_as_written(doc, user_files, trained_run, dataset, tmp_path, request):
     cwd = _sandbox(tmp_path, user_files, trained_run, dataset)

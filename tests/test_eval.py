@@ -112,6 +112,7 @@ def test_a_context_longer_than_the_window_is_cut_on_the_left(model):
 
 
 # ------------------------------------------------------------------------------------------------ gen
+@pytest.mark.slow
 def test_gen_batched_generation_equals_one_prompt_at_a_time(noisy, tmp_path):
     """Left-padded batches (prompts of different lengths) give each problem exactly the greedy output it gets
     alone."""
@@ -222,6 +223,7 @@ def test_code_runs_the_tests_in_the_sandbox_and_reports_pass_at_k(model, tmp_pat
 
 
 # ------------------------------------------------------------------------------------------------- bpb
+@pytest.mark.slow
 def test_bpb_task_equals_evaluate_bpb(trained_run, dataset, model, tmp_path):
     from kunlunbaize.eval.bpb import evaluate_bpb
 
@@ -313,6 +315,7 @@ def test_the_checkpoints_chat_template_wraps_prompts(trained_run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_kunlun_eval_prints_the_table_and_writes_the_results_folder(trained_run, dataset, tmp_path, capsys):
     file = write_jsonl(tmp_path / "mc.jsonl", MC)
     out = tmp_path / "res"
@@ -358,6 +361,7 @@ def test_bad_arguments_get_one_line_errors(trained_run, tmp_path, capsys, monkey
 
 
 # ------------------------------------------------------------------------------------------------ Llama
+@pytest.mark.slow
 def test_the_llama_baseline_is_evaluated_through_the_same_interface(llama_run, dataset, tmp_path):
     """The matched Llama of the ablation study: generation (batched = alone), log-likelihoods and bpb."""
     from kunlunbaize.eval.bpb import TokenStream, bits_per_byte, byte_length_table, open_split

@@ -567,6 +567,7 @@ def _run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, encoding="utf-8", timeout=60)
 
 
+@pytest.mark.subprocess
 def test_command_line_subprocess(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "gsm8k.jsonl", [GSM8K, GSM8K])
     r = _run_module("gsm8k.jsonl", "gen.jsonl", "--kind", "gen", cwd=tmp_path)
@@ -580,6 +581,7 @@ def test_command_line_subprocess(tmp_path: Path) -> None:
     assert not (tmp_path / "mc.jsonl").exists()
 
 
+@pytest.mark.subprocess
 def test_module_imports_no_torch() -> None:
     code = "import sys, kunlunbaize.eval.convert; print('torch' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": SRC}

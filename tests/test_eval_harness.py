@@ -38,6 +38,7 @@ def test_arith_mc_problems_are_pinned_and_well_formed():
     assert arith_mc_problems("train", n=5) != arith_mc_problems("train", n=5, seed=1)
 
 
+@pytest.mark.subprocess
 def test_the_example_task_files_equal_a_fresh_generation(tmp_path):
     import shutil
 
@@ -66,6 +67,7 @@ def at_root(monkeypatch):
         monkeypatch.setenv(k, v)
 
 
+@pytest.mark.slow
 def test_run_lm_eval_on_a_training_run_and_on_its_export(trained_run, exported, at_root):
     from kunlunbaize.eval.harness import run_lm_eval
 
@@ -79,6 +81,7 @@ def test_run_lm_eval_on_a_training_run_and_on_its_export(trained_run, exported, 
     assert [r["value"] for r in again] == [r["value"] for r in rows]
 
 
+@pytest.mark.slow
 def test_generation_task_and_unknown_names(trained_run, at_root):
     from kunlunbaize.eval.harness import run_lm_eval
 
@@ -88,6 +91,7 @@ def test_generation_task_and_unknown_names(trained_run, at_root):
         run_lm_eval(trained_run, ["kunlun_arith_mcc"], include_path=TASKS)
 
 
+@pytest.mark.slow
 def test_the_llama_baseline_runs_through_lm_eval(llama_run, at_root):
     from kunlunbaize.eval.harness import run_lm_eval
 
@@ -95,6 +99,8 @@ def test_the_llama_baseline_runs_through_lm_eval(llama_run, at_root):
     assert {r["metric"] for r in rows} == {"acc", "acc_norm"}
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_lm_eval_command_line_and_kunlun_eval_agree(trained_run, exported, tmp_path, capsys, at_root):
     """The real `lm_eval` CLI on an export over the example multiple-choice file reports exactly the accuracy
     `kunlun eval --task mc=FILE` computes on the same file (same contexts, continuations and length rule)."""
@@ -117,6 +123,7 @@ def test_the_lm_eval_command_line_and_kunlun_eval_agree(trained_run, exported, t
     assert 0 < ours["acc"] < 1 or 0 < ours["acc_norm"] < 1  # a real score, not a degenerate one
 
 
+@pytest.mark.slow
 def test_kunlun_eval_folds_lm_eval_rows_into_its_table(trained_run, tmp_path, capsys, at_root):
     code, out, err = run_main(capsys, "eval", "--checkpoint", str(trained_run), "--task", "arith", "--lm-eval",
                               "kunlun_arith_mc", "--include-path", "examples/tasks", "--limit", "4", "--out",

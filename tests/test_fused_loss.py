@@ -47,6 +47,7 @@ def test_no_valid_target_is_a_zero_loss_with_zero_gradients():
     assert loss.item() == 0.0 and h.grad.abs().max() == 0 and w.grad.abs().max() == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", switch_configs(), ids=config_id)
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "left-padded"])
 def test_the_model_loss_without_logits_equals_the_logits_path_for_every_switch(cfg, padded):

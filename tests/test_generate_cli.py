@@ -36,6 +36,7 @@ def test_checkpoint_loads_with_identical_logits(run):
     assert torch.equal(model(x).logits, again(x).logits)
 
 
+@pytest.mark.slow
 def test_speculative_greedy_equals_plain_on_a_trained_checkpoint(run):
     model, ckpt = load_model(run, dtype=torch.float64)
     tok, _ = load_tokenizer(ckpt, model.config.vocab_size)
@@ -61,6 +62,7 @@ def test_generate_cli_plain_speculative_and_stop(run, capsys):
         assert cut == "def " + body[: body.index(stop)] + "\n" and "stop" in err3
 
 
+@pytest.mark.slow
 def test_generate_cli_compile_gives_the_same_text(run, capsys, monkeypatch):
     """--compile decodes through a StaticDecoder (compiled here with the eager backend to keep the test fast; the
     inductor build is exercised by benchmarks/decode.py --compile and the GPU suite)."""

@@ -50,6 +50,8 @@ def numbers(obj) -> list[float]:
     return []
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cpu_smoke_runs_every_section(tmp_path):
     out = tmp_path / "suite.json"
     t0 = time.monotonic()
@@ -86,6 +88,8 @@ def test_cpu_smoke_runs_every_section(tmp_path):
     assert "| section | measurement | value | status |" in proc.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_failing_section_is_reported_and_the_others_run(tmp_path):
     """An injected failure in the correctness section: reported as FAILED, decoding still runs, exit status 1."""
     out = tmp_path / "suite.json"
@@ -100,6 +104,7 @@ def test_failing_section_is_reported_and_the_others_run(tmp_path):
     assert "FAILED: RuntimeError: failure injected" in proc.stdout
 
 
+@pytest.mark.slow
 def test_section_runner_time_box_and_errors():
     suite = load_suite()
 

@@ -73,6 +73,8 @@ def run_python(code: str, *flags: str) -> subprocess.CompletedProcess:
     "import kunlunbaize, trl",
     "from kunlunbaize.hf import KunlunBaizeConfig",
 ], ids=["kb-then-tf", "tf-then-kb", "probes-then-tf", "probe-then-submodule", "kb-then-trl", "kb-hf-first"])
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_import_registers_auto_classes_in_any_order(first):
     """`import kunlunbaize` does not import transformers, yet the Auto classes know the model, whatever imports
     transformers and however often it is probed for first (TRL calls importlib.util.find_spec before importing)."""
@@ -82,6 +84,8 @@ def test_import_registers_auto_classes_in_any_order(first):
     assert out.stdout.split() == ["KunlunBaizeConfig", "KunlunBaizeForCausalLM"]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_unsupported_transformers_is_reported_not_silent():
     from kunlunbaize.hf import check_transformers_version
 
@@ -97,6 +101,7 @@ def test_unsupported_transformers_is_reported_not_silent():
 
 
 # ---------------------------------------------------------------------------------------------- model
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
 def test_hf_model_computes_exactly_what_ours_does(cfg):
     ours = build(cfg)
@@ -191,6 +196,7 @@ def generate_counting(hf: KunlunBaizeForCausalLM, *args, **kwargs) -> tuple[torc
         handle.remove()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", CONFIGS[::3], ids=config_id)
 def test_hf_generate_greedy_equals_ours_and_reuses_the_cache(cfg):
     ours = build(cfg).double()
@@ -329,6 +335,7 @@ def exported(trained_run, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_export_loads_back_with_identical_logits(trained_run, exported):
     files = {p.name for p in exported.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= files
@@ -407,6 +414,7 @@ def write_mc_task(folder: Path, docs: list[dict]) -> None:
         """))
 
 
+@pytest.mark.slow
 def test_lm_eval_hflm_scores_a_local_multiple_choice_task(trained_run, exported, tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.models.huggingface import HFLM
@@ -432,6 +440,8 @@ def test_lm_eval_hflm_scores_a_local_multiple_choice_task(trained_run, exported,
             assert loglik == pytest.approx(want, abs=1e-3)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_lm_eval_command_line_scores_an_export(exported, tmp_path):
     """The real lm-eval CLI (through ``python -m kunlunbaize.lm_eval``) loads the export and reports the accuracy
     our model scores in-process: answers are set so that the model is right on exactly half the questions."""

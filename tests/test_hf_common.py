@@ -36,6 +36,8 @@ ModelTesterMixin = modeling_common.ModelTesterMixin
 ids_tensor, random_attention_mask = modeling_common.ids_tensor, modeling_common.random_attention_mask
 ConfigTester = configuration_common.ConfigTester
 
+pytestmark = pytest.mark.slow  # transformers' whole common suite, three configurations: minutes
+
 
 class KunlunBaizeModelTester:
     """Tiny configurations and inputs for the common tests (the role of e.g. ``LlamaModelTester``)."""

@@ -29,6 +29,7 @@ def reference_greedy(model, prompt, n):
 
 @pytest.mark.parametrize("kw", [dict(), dict(transformerx=False), dict(dense_residual=False, mtp_depth=1),
                                 dict(mtp_depth=3, conv_kernel_sizes=(2, 9))])
+@pytest.mark.slow
 def test_cached_greedy_equals_uncached(kw):
     model = model64(**kw)
     prompt = torch.randint(0, model.config.vocab_size, (7,)).tolist()
@@ -52,6 +53,7 @@ def test_padded_batch_equals_one_by_one():
     (dict(mtp_depth=2, transformerx=False, dense_residual=False), None, False),
     (dict(mtp_depth=2, mtp_share_head=True, conv_kernel_sizes=(4,)), None, False),
 ])
+@pytest.mark.slow
 def test_speculative_greedy_equals_plain_greedy(kw, draft_len, adaptive):
     for seed in range(3):
         model = model64(seed, **kw)
@@ -77,6 +79,7 @@ def test_speculative_accepts_drafts_when_depths_agree_with_the_trunk():
     assert out.stats["tokens_per_trunk_forward"] == 13 / 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("draft_vocab", [None, [0, 2, 4]])
 def test_speculative_sampling_matches_trunk_distribution(draft_vocab):
     # Exact distribution of the first two generated tokens under the trunk vs. speculative samples (chi-square),
@@ -112,6 +115,7 @@ def test_speculative_sampling_matches_trunk_distribution(draft_vocab):
     assert counts.flatten()[~mask].sum() <= 0.02 * n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(mtp_depth=2), dict(mtp_depth=3, mtp_share_head=True)])
 def test_draft_vocabulary_keeps_greedy_output_and_maps_ids_back(kw):
     model = model64(1, **kw)

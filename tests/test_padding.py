@@ -35,6 +35,7 @@ def test_left_padded_forward_equals_each_row_alone(cfg):
                 assert (a[b, pad:] - ref[0]).abs().max() <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[config_id(c) for c in CONFIGS])
 def test_left_padded_cached_decoding_equals_each_row_alone(cfg):
     model = build(cfg)

@@ -45,6 +45,7 @@ def _short_math(n: int, split: str = "train") -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------- chat format
+@pytest.mark.slow
 def test_chat_template_prefix_and_assistant_mask(chat_model):
     from transformers import AutoTokenizer
 
@@ -86,6 +87,7 @@ def test_chat_tokens_are_added_to_a_foreign_tokenizer_and_the_embeddings_grow():
 
 
 # ----------------------------------------------------------------------------------------------------- tasks
+@pytest.mark.slow
 def test_generated_tasks_are_deterministic_disjoint_and_solvable():
     from kunlunbaize.eval.arith import arith_problems
     from kunlunbaize.eval.sandbox import run_tests
@@ -181,6 +183,7 @@ def test_right_padding_changes_nothing_for_real_tokens_and_the_score_reads_the_l
 
 
 # ------------------------------------------------------------------------------------------------------- SFT
+@pytest.mark.slow
 def test_sft_learns_on_assistant_tokens_only_and_keeps_the_mtp_depths_trained(chat_model, tmp_path):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -219,6 +222,7 @@ def test_sft_learns_on_assistant_tokens_only_and_keeps_the_mtp_depths_trained(ch
     load_model(metrics["model"])  # every kunlun command reads the result
 
 
+@pytest.mark.slow
 def test_sft_gradient_accumulation_equals_the_larger_batch_for_every_loss_term(chat_model, tmp_path):
     """One SGD step on 4 conversations: 2 micro-batches of 2 accumulated must move every weight (trunk and MTP
     depths) as one batch of 4 does; the depths' terms must not count once per micro-batch."""
@@ -245,6 +249,7 @@ def test_sft_gradient_accumulation_equals_the_larger_batch_for_every_loss_term(c
         torch.testing.assert_close(accumulated, one, rtol=1e-4, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 def test_trl_trainers_take_the_model_as_a_path(chat_model, tmp_path):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -277,6 +282,7 @@ def test_selection_keeps_the_best_above_the_floor_and_deduplicates():
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("b", "a")]  # prompt 1: all equal; 2: unscored
 
 
+@pytest.mark.slow
 def test_rejection_sampling_round_writes_data_and_model_and_resumes(chat_model, tmp_path):
     from kunlunbaize.posttrain.rs import NothingKept, RSSettings, run_rs
     from kunlunbaize.posttrain.sft import SFTSettings
@@ -302,6 +308,9 @@ def test_rejection_sampling_round_writes_data_and_model_and_resumes(chat_model, 
                RSSettings(n=1, max_new_tokens=2, sft=SFTSettings(epochs=1)), **QUIET, progress=False)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.distributed
 def test_sampling_shards_across_torchrun_ranks_and_merges_on_rank_0(chat_model, tmp_path):
     script = tmp_path / "rs.py"
     script.write_text(f"""
@@ -332,6 +341,7 @@ run_rs({str(chat_model)!r}, prompts, Combined.from_spec("length", max_chars=4), 
 
 
 # ------------------------------------------------------------------------------------------------------- DPO
+@pytest.mark.slow
 def test_dpo_trains_keeps_the_reference_and_stops_early_restoring_the_best(chat_model, tmp_path):
     from safetensors.torch import load_file
 
@@ -356,6 +366,7 @@ def test_dpo_trains_keeps_the_reference_and_stops_early_restoring_the_best(chat_
     assert all(torch.equal(before[k], load_file(str(chat_model / "model.safetensors"))[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_dpo_with_precomputed_reference_log_probs_needs_no_second_model(chat_model, tmp_path):
     from kunlunbaize.posttrain.dpo import DPOSettings, run_dpo
 
@@ -367,6 +378,7 @@ def test_dpo_with_precomputed_reference_log_probs_needs_no_second_model(chat_mod
     assert m["steps"] == 2 and m["pairs"] == 8 and (tmp_path / "dpo/model/model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_reward_model_learns_a_toy_preference_in_either_direction(chat_model, tmp_path):
     from kunlunbaize.posttrain.reward_model import ModelReward, RMSettings, run_reward_model
 
@@ -431,6 +443,7 @@ def test_reward_command_scores_a_file(tmp_path, capsys):
     assert "math" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_and_reports_each(chat_model, tmp_path):
     from kunlunbaize.posttrain.demo import DemoSettings, run_demo
 

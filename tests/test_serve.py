@@ -87,6 +87,7 @@ def shifts(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------- engine
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", switch_configs(), ids=config_id)
 def test_every_request_in_a_changing_batch_gets_its_greedy_answer_alone(cfg, shifts):
     model = build(cfg)
@@ -123,6 +124,7 @@ def test_speculative_decoding_of_a_lone_request_is_greedy_exact_with_fewer_trunk
         engine.shutdown(10)
 
 
+@pytest.mark.slow
 def test_sampled_requests_with_a_seed_get_what_they_get_alone():
     from kunlunbaize.infer.sampling import SamplingParams
 
@@ -284,6 +286,7 @@ def _greedy(served, prompt_ids: list[int], max_tokens: int, stop_ids=()) -> str:
     return served.decode(out[:cut])
 
 
+@pytest.mark.slow
 def test_completions_chat_usage_and_choices(server, client):
     served = server.served
     ids = served.encode("def ")
@@ -497,6 +500,7 @@ def test_a_client_that_goes_away_cancels_its_request(server, stream):
         del engine._finish, engine._step
 
 
+@pytest.mark.slow
 def test_32_concurrent_streaming_clients_each_get_their_sequential_greedy_answer(server, client):
     served = server.served
     prompts = [served.decode(list(range(20 + i, 20 + i + 1 + i % 7))) for i in range(32)]
@@ -520,6 +524,7 @@ def test_32_concurrent_streaming_clients_each_get_their_sequential_greedy_answer
     print(f"\n32 streaming clients: wall {wall:.2f}s, latency p50 {p50:.2f}s p95 {p95:.2f}s")
 
 
+@pytest.mark.slow
 def test_lm_eval_local_completions_scores_like_in_process_evaluation(server, trained_run, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     import lm_eval
@@ -555,6 +560,8 @@ def test_lm_eval_local_completions_scores_like_in_process_evaluation(server, tra
 
 
 # ------------------------------------------------------------------------------------------- the real command
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_kunlun_serve_finishes_requests_in_flight_on_sigterm_and_refuses_new_ones(trained_run, tmp_path):
     pytest.importorskip("fastapi")
 

@@ -81,6 +81,7 @@ def test_decoder_cache_is_reused_and_reset():
 
 @pytest.mark.parametrize(("kw", "adaptive"), [(dict(mtp_depth=1), False), (dict(mtp_depth=3), True),
                                               (dict(mtp_depth=2, transformerx=False), False)])
+@pytest.mark.slow
 @torch.inference_mode()
 def test_speculative_through_decoder_equals_plain_greedy(kw, adaptive):
     for seed in range(2):
@@ -120,6 +121,7 @@ def test_draft_step_equals_eager_drafting(vocab_size):
         torch.testing.assert_close(mine.v[:, :, :7], theirs.v[:, :, :7])
 
 
+@pytest.mark.slow
 @torch.inference_mode()
 def test_compiled_once_per_token_count():
     """Compiled (fullgraph, a counting backend): plain decoding of prompts of three lengths traces one graph;
@@ -159,6 +161,7 @@ def test_decoder_errors():
         generate(model, [[1] * 20, [2]], 4, decoder=dec)
 
 
+@pytest.mark.slow
 @torch.inference_mode()
 def test_many_decoders_each_compile_their_own_steps():
     """Decoders do not share one compile cache: five speculative decoders (3 step shapes each, 15 graphs) stay
@@ -178,6 +181,7 @@ def test_many_decoders_each_compile_their_own_steps():
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
                     reason="inductor's CPU code generation needs a C++ compiler")
+@pytest.mark.slow
 @torch.inference_mode()
 def test_cpu_max_autotune_uses_cpp_gemm_templates():
     """``mode="max-autotune"`` on a CPU: the step's matrix products run inductor's C++ GEMM templates (frozen,

@@ -35,6 +35,8 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_resume_reproduces_uninterrupted_run(dataset, tmp_path):
     straight = train(config(dataset, tmp_path / "a"))
     assert straight["finished"] and straight["val_loss"] < straight["first_val_loss"]
@@ -67,6 +69,7 @@ def test_fresh_run_refuses_folder_with_checkpoints_and_bad_checkpoint_is_reporte
         train(config(dataset, tmp_path / "r", model_overrides={**MODEL, "n_layers": 3}))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_older_than_a_config_field_resumes(dataset, tmp_path):
     """A checkpoint written before a ModelConfig field existed (its config.json lacks it) resumes when the run
     uses that field's default, and is refused, naming the field, when it does not."""
@@ -143,6 +146,8 @@ def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
     out = tmp_path / "s"
     proc = subprocess.Popen(_cli(*_common(dataset, out, 32 * 4 * 10_000)), env=_env(),
@@ -162,6 +167,9 @@ def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
     assert state["step"] >= 3
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.distributed
 def test_ddp_two_ranks_equals_one_process(dataset, tmp_path):
     tokens = 32 * 4 * 6
     one = _run(_cli(*_common(dataset, tmp_path / "one", tokens)))
@@ -175,6 +183,9 @@ def test_ddp_two_ranks_equals_one_process(dataset, tmp_path):
     assert max(abs(a[s] - b[s]) for s in a) < 1e-4
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.distributed
 def test_fsdp_two_ranks_trains_and_resumes_on_one(dataset, tmp_path):
     out = tmp_path / "f"
     two = _run(_torchrun(2, *_common(dataset, out, 32 * 4 * 8, "--parallel", "fsdp", "--stop-at-step", "4")))

@@ -37,6 +37,7 @@ def _copy_dataset(dataset: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_dataset_made_with_another_tokenizer(dataset, tmp_path):
     train(config(dataset, tmp_path / "r", tokens=SHORT, stop_at_step=2))
     other = _copy_dataset(dataset, tmp_path / "other")
@@ -55,6 +56,7 @@ def test_resume_refuses_a_dataset_made_with_another_tokenizer(dataset, tmp_path)
     assert train(config(same, tmp_path / "r", tokens=SHORT))["finished"]
 
 
+@pytest.mark.slow
 def test_metrics_and_tensorboard_are_cut_back_on_resume(dataset, tmp_path):
     run = tmp_path / "r"
     train(config(dataset, run, tokens=SHORT, eval_every=1, ckpt_every=2, keep_last=0, stop_at_step=4))
@@ -74,6 +76,7 @@ def test_metrics_and_tensorboard_are_cut_back_on_resume(dataset, tmp_path):
     assert tb_steps == list(range(1, summary["step"] + 1))
 
 
+@pytest.mark.slow
 def test_fresh_run_sets_the_logs_of_an_earlier_run_aside(dataset, tmp_path):
     run = tmp_path / "r"
     train(config(dataset, run, tokens=SHORT, stop_at_step=3))
@@ -93,6 +96,7 @@ def test_truncate_metrics_drops_later_and_half_written_records(tmp_path):
     assert read_metrics(path) == [{"step": 1, "loss": 2}]
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_is_named_and_auto_falls_back(dataset, tmp_path, capfd):
     run = tmp_path / "r"
     train(config(dataset, run, tokens=SHORT, ckpt_every=2, keep_last=0, stop_at_step=4))
@@ -127,6 +131,7 @@ def test_spent_budget_into_a_new_folder_reports_the_checkpoint(trained_run, data
     json.loads((tmp_path / "new" / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
 
 
+@pytest.mark.slow
 def test_training_without_validation(dataset, tmp_path, capfd):
     no_val = _copy_dataset(dataset, tmp_path / "noval")
     meta = json.loads((no_val / "meta.json").read_text())
@@ -203,6 +208,8 @@ def _wait_for_steps(out: Path, n: int, proc: subprocess.Popen, timeout: float = 
         time.sleep(0.1)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_second_run_in_the_same_folder_is_refused_until_the_first_dies(dataset, tmp_path):
     out = tmp_path / "r"
     proc, reader = _start(dataset, out)
@@ -218,6 +225,8 @@ def test_a_second_run_in_the_same_folder_is_refused_until_the_first_dies(dataset
     assert summary["finished"]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_second_ctrl_c_keeps_saving_without_a_traceback(dataset, tmp_path):
     out = tmp_path / "r"
     proc, reader = _start(dataset, out)

@@ -126,6 +126,7 @@ def _load(path: Path, name: str) -> ModuleType:
     return module
 
 
+@pytest.mark.slow
 def test_kunlun_train_runs_train_step_once_per_step(dataset, tmp_path, monkeypatch):
     import kunlunbaize.train.trainer as trainer
 

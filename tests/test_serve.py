@@ -440,6 +440,7 @@ def test_a_full_queue_is_a_429_and_metrics_count_requests(server, client):
     finally:
         engine.max_queue = saved
         gate.set()
+    client.completions.create(model="tiny", prompt="x", max_tokens=1)  # one answered: counted apart (not on others)
     text = _http("GET", f"{server.url.removesuffix('/v1')}/metrics")[1]
     assert 'kunlun_requests_total{endpoint="/v1/completions",status="429"}' in text
     assert 'kunlun_requests_total{endpoint="/v1/completions",status="200"}' in text

@@ -27,8 +27,8 @@ def removals(work: Path, count_tokens: Callable[[list[str]], list[int]]) -> dict
         reasons = Counter(r.get("metadata", {}).get("filter_reason") or name for r in records)
         examples = [{"reason": r.get("metadata", {}).get("filter_reason") or name,
                      "source": r.get("metadata", {}).get("source", ""),
-                     "text": r["text"][:EXAMPLE_CHARS]} for r in records[:EXAMPLES]]
-        out[name] = {"documents": len(records), "tokens": sum(count_tokens([r["text"] for r in records])),
+                     "text": r.get("text", "")[:EXAMPLE_CHARS]} for r in records[:EXAMPLES]]
+        out[name] = {"documents": len(records), "tokens": sum(count_tokens([r.get("text", "") for r in records])),
                      "reasons": dict(reasons.most_common()), "examples": examples}
     return out
 

@@ -141,10 +141,10 @@ def curate(sources: Sequence[str], out: str | os.PathLike[str], *, work: str | o
     plan = (plan_mixture(domains, tokens, [r["id"] for r in kept], mix, total_tokens=mix_tokens, seed=seed)
             if mix else {i: 1 for i in range(len(kept))})
     _write_mixed(kept, plan, work / "mixed" / "mixed.jsonl")
+    removed = removals(work, count)  # before the dataset is published: a failure here leaves no report-less out
     prepare([work / "mixed"], out, tokenizer=work / "tokenizer", val_fraction=val_fraction,
             shard_tokens=shard_tokens, workers=executor.workers, overwrite=overwrite, dedup=False,
             progress=progress, log=log)
-    removed = removals(work, count)
     report = {"settings": {**settings, "mix": mix, "mix_tokens": mix_tokens, "executor": executor.kind,
                            "workers": executor.workers, "minhash": str(minhash_config(similarity))},
               "seconds_curation": round(curated, 2), "stages": stage_table(removed, len(kept), sum(tokens)),

@@ -17,8 +17,9 @@ from pathlib import Path
 from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kunlunbaize.data.curate.pipeline import minhash_config  # noqa: E402
-from tests.test_curate import _essay, _mutate  # noqa: E402
+from tests.test_curate import _essay, _mutate
+
+from kunlunbaize.data.curate.pipeline import minhash_config
 
 BANDS = ((0.9, 1.01), (0.8, 0.9), (0.7, 0.8), (0.6, 0.7), (0.5, 0.6), (0.0, 0.5))
 

@@ -135,10 +135,12 @@ def test_train_defaults_shown_in_help_are_the_runs(capsys):
 def test_parser_and_help_import_no_torch():
     """Building the parser, parsing every command and `kunlun --help` / `--version` / `kunlun CMD --help` load no
     torch, transformers, tokenizers or numpy (the commands import them when they run)."""
-    heavy = ("torch", "transformers", "tokenizers", "numpy", "datasets", "trl", "safetensors", "uvicorn")
+    heavy = ("torch", "transformers", "tokenizers", "numpy", "datasets", "trl", "safetensors", "uvicorn", "datatrove",
+             "spacy", "lingua")
     check = (f"import sys; heavy = [m for m in sys.modules if m.split('.')[0] in {heavy!r}]; "
              "assert not heavy, heavy")
-    required = {"reward": ["x", "--rewards", "math"], "posttrain": ["sft"], "export": ["--hf", "x"]}
+    required = {"reward": ["x", "--rewards", "math"], "posttrain": ["sft"], "export": ["--hf", "x"],
+                "curate": ["x", "--out", "y"]}
     parse = ("from kunlunbaize.cli import build_parser; from kunlunbaize.cli.main import COMMANDS; "
              f"p = build_parser(); [p.parse_args([c, *{required!r}.get(c, [])]) for c in COMMANDS]; {check}")
     env = {**os.environ, "PYTHONPATH": SRC}

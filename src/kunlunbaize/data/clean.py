@@ -126,8 +126,10 @@ class CleanDocument:
 
 
 def clean_documents(docs: Iterable[str], report: CleanReport, *, min_chars: int = 1, max_chars: int | None = None,
-                    max_docs: int | None = None, max_bytes: int | None = None) -> Iterator[CleanDocument]:
-    """Documents of ``docs`` that pass the length filters and are not exact duplicates of an earlier one.
+                    max_docs: int | None = None, max_bytes: int | None = None,
+                    dedup: bool = True) -> Iterator[CleanDocument]:
+    """Documents of ``docs`` that pass the length filters and (with ``dedup``) are not exact duplicates of an
+    earlier one.
 
     Lengths are counted in characters after stripping leading/trailing whitespace; kept text is unchanged except
     that lone surrogate code points (not encodable as UTF-8) become U+FFFD and count as replaced.
@@ -150,7 +152,7 @@ def clean_documents(docs: Iterable[str], report: CleanReport, *, min_chars: int 
             encoded = text.encode("utf-8")
             report.replaced += 1
         digest = hashlib.sha256(encoded).digest()
-        if digest in seen:
+        if dedup and digest in seen:
             report.duplicates += 1
             continue
         seen.add(digest)

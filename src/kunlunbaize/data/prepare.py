@@ -125,7 +125,8 @@ def prepare(sources: Sequence[str | os.PathLike[str]] = (), out: str | os.PathLi
             max_chars: int | None = None, vocab_size: int = 8192, tokenizer: str | os.PathLike[str] | None = None,
             val_fraction: float = 0.005, shard_tokens: int = 100_000_000, workers: int | None = None,
             max_docs: int | None = None, max_bytes: int | None = None, overwrite: bool = False,
-            chat_tokens: bool = False, progress: bool = True, log: Callable[[str], None] | None = print) -> Path:
+            chat_tokens: bool = False, dedup: bool = True, progress: bool = True,
+            log: Callable[[str], None] | None = print) -> Path:
     """Prepare a token dataset from ``sources`` into the folder ``out`` and return ``out``.
 
     ``sources`` are text files, JSONL(.gz), Parquet files, saved Hugging Face datasets, folders (recursive) and globs;
@@ -159,7 +160,7 @@ def prepare(sources: Sequence[str | os.PathLike[str]] = (), out: str | os.PathLi
         work.mkdir()
         store = DocumentStore(work / "documents.txt")
         _read_corpus(files, store, report, text_field=text_field, decode_errors=decode_errors, min_chars=min_chars,
-                     max_chars=max_chars, max_docs=max_docs, max_bytes=max_bytes, progress=progress)
+                     max_chars=max_chars, max_docs=max_docs, max_bytes=max_bytes, dedup=dedup, progress=progress)
         if not len(store):
             raise _empty_error(files, described, report)
         say(f"read {report.files_read:,} files: {report.kept:,} documents kept, {report.bytes_kept:,} bytes "
@@ -182,7 +183,7 @@ def prepare(sources: Sequence[str | os.PathLike[str]] = (), out: str | os.PathLi
                          "min_chars": min_chars, "max_chars": max_chars, "vocab_size": vocab_size,
                          "tokenizer": None if tokenizer is None else str(tokenizer), "val_fraction": val_fraction,
                          "shard_tokens": shard_tokens, "max_docs": max_docs, "max_bytes": max_bytes,
-                         "chat_tokens": chat_tokens},
+                         "chat_tokens": chat_tokens, "dedup": dedup},
         }
         _write_json(tmp / META_FILE, meta)  # last file: its presence marks the folder complete
         _publish(tmp, out, overwrite)
@@ -228,12 +229,12 @@ def _fresh_temporary(out: Path, say: Callable[[str], None]) -> Path:
 
 def _read_corpus(files: list[Path], store: DocumentStore, report: CleanReport, *, text_field: str,
                  decode_errors: str, min_chars: int, max_chars: int | None, max_docs: int | None,
-                 max_bytes: int | None, progress: bool) -> None:
-    """Read, clean and deduplicate the documents of ``files`` into ``store`` (closed afterwards)."""
+                 max_bytes: int | None, dedup: bool, progress: bool) -> None:
+    """Read, clean and (with ``dedup``) deduplicate the documents of ``files`` into ``store`` (closed afterwards)."""
     bar = tqdm(files, unit="file", desc="reading", disable=None if progress else True, dynamic_ncols=True)
     docs = read_documents(bar, text_field=text_field, decode_errors=decode_errors, report=report)
     for doc in clean_documents(docs, report, min_chars=min_chars, max_chars=max_chars, max_docs=max_docs,
-                               max_bytes=max_bytes):
+                               max_bytes=max_bytes, dedup=dedup):
         store.add(doc)
     bar.close()
     store.close()

@@ -110,3 +110,31 @@ def test_kunlun_train_into_a_pipe_prints_progress_lines(dataset, tmp_path):
     assert re.fullmatch(r"train: step (\d+)/\1 \(100%\) \| tokens 1,\d{3} \| loss \d\.\d{3} \| val \d\.\d{3} \| "
                         r"lr \S+ \| tok/s [\d,]+ \| \d+s elapsed", lines[-1]), lines[-1]
     assert "\r" not in r.stderr + r.stdout
+
+
+def test_post_training_off_a_terminal_prints_plain_lines_not_tqdm_bars(tmp_path, capfd, monkeypatch):
+    """transformers' Trainer (under TRL's SFT, DPO and reward trainers) draws tqdm bars; in a log they give way to
+    plain lines."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from kunlunbaize.posttrain.models import plain_progress
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, labels):
+            return {"loss": ((self.w * x - labels) ** 2).mean()}
+
+    monkeypatch.setenv(INTERVAL_ENV, "0.001")
+    rows = [{"x": torch.tensor([float(i)]), "labels": torch.tensor([2.0 * i])} for i in range(8)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, logging_steps=1,
+                             report_to=[], use_cpu=True, save_strategy="no")
+    trainer = plain_progress(Trainer(model=Tiny(), args=args, train_dataset=rows), "sft", tty=False)
+    trainer.train()
+    err = capfd.readouterr().err
+    assert "\r" not in err
+    assert re.search(r"^sft: step 3/3 \(100%\) \| loss [\d.]+ \| \d+s elapsed$", err, re.M), err

@@ -41,7 +41,7 @@ def interval_from_env() -> float:
 
 def duration(seconds: float) -> str:
     """``1h02m``, ``3m07s`` or ``12s``."""
-    s = int(round(max(0.0, seconds)))
+    s = round(max(0.0, seconds))
     if s >= 3600:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     if s >= 60:

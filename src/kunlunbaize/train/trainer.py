@@ -187,7 +187,8 @@ class Trainer:
         record = self.window.record(step=step, tokens=self.progress.tokens, lr=lr, batch_size=global_batch,
                                     skipped=self.skipped)
         self.logger.log(record)
-        postfix = {"tokens": f"{self.progress.tokens:,}", "loss": f"{record['main_loss']:.3f}", **({"val": f"{self.last_val:.3f}"} if self.val_sets else {}),
+        postfix = {"tokens": f"{self.progress.tokens:,}", "loss": f"{record['main_loss']:.3f}",
+                   **({"val": f"{self.last_val:.3f}"} if self.val_sets else {}),
                    "lr": f"{lr:.2e}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
         self.logger.progress(step, postfix)
         self.window.reset()

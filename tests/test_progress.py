@@ -138,3 +138,35 @@ def test_post_training_off_a_terminal_prints_plain_lines_not_tqdm_bars(tmp_path,
     err = capfd.readouterr().err
     assert "\r" not in err
     assert re.search(r"^sft: step 3/3 \(100%\) \| loss [\d.]+ \| \d+s elapsed$", err, re.M), err
+
+
+@pytest.mark.parametrize("run", ["trained_run", "llama_run"])
+def test_export_prints_no_progress_bars(run, tmp_path, request):
+    """`kunlun export --hf` says what it wrote, without transformers' loading bars (carriage returns) around it."""
+    pytest.importorskip("transformers")
+    folder = request.getfixturevalue(run)
+    r = subprocess.run([sys.executable, "-m", "kunlunbaize.cli", "export", "--checkpoint", str(folder), "--hf",
+                        str(tmp_path / "hf")], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stdout + r.stderr and "Loading weights" not in r.stderr, r.stderr
+    assert r.stderr.strip().startswith("exported ") and "reloaded logits identical" in r.stderr, r.stderr
+
+
+def test_progress_bars_are_silenced_only_while_writing(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers.utils import logging as hf_logging
+
+    from kunlunbaize.hf.export import no_progress_bars, write_folder
+
+    seen = []
+    assert hf_logging.is_progress_bar_enabled()
+    write_folder(tmp_path / "out", lambda tmp: (tmp.mkdir(), seen.append(hf_logging.is_progress_bar_enabled())))
+    assert seen == [False] and hf_logging.is_progress_bar_enabled() and (tmp_path / "out").is_dir()
+    hf_logging.disable_progress_bar()
+    try:
+        with no_progress_bars():
+            pass
+        assert not hf_logging.is_progress_bar_enabled()  # left as it was: off
+    finally:
+        hf_logging.enable_progress_bar()

@@ -269,8 +269,9 @@ def _setup(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Trainer:
     if env.is_main:
         (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         (run_dir / "model_config.json").write_text(mcfg.to_json())
+        spent = resumed is not None and progress.tokens >= cfg.tokens  # nothing to train: said once, below
         logger.message(_headline(cfg, env, data, plan, n_params, f"{mode} {dtype}", peak, peak_how)
-                       + (f" | resumed from {resumed} at step {progress.step}" if resumed else ""))
+                       + (f" | resumed from {resumed} at step {progress.step}" if resumed and not spent else ""))
         _say_notes(logger, cfg, data, notes, resumed, progress)
     stop = StopFlag(verbose=env.is_main)
     stop.install()
@@ -309,5 +310,5 @@ def _say_notes(logger: RunLogger, cfg: TrainConfig, data: RunData, notes: list[s
     if data.val is None:
         logger.message(f"no validation: {data.no_val_reason}; no validation loss will be reported")
     if resumed is not None and progress.tokens >= cfg.tokens:
-        logger.message(f"nothing to train: checkpoint {resumed} has already seen {progress.tokens:,} tokens, the "
-                       f"whole budget of {cfg.tokens:,}; pass a larger --tokens to train further")
+        logger.message(f"nothing to train: {resumed} (step {progress.step}) has already seen {progress.tokens:,} "
+                       f"tokens, the whole budget of {cfg.tokens:,}; pass a larger --tokens to train further")

@@ -170,3 +170,26 @@ def test_progress_bars_are_silenced_only_while_writing(tmp_path):
         assert not hf_logging.is_progress_bar_enabled()  # left as it was: off
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_the_loss_plot_pairs_each_training_loss_with_its_validation_loss(tmp_path):
+    """The main job's records (a committed run of the same settings): every panel shows one loss, training against
+    validation (the joint loss, which adds the MTP terms, is not drawn beside the next-token validation loss)."""
+    pytest.importorskip("matplotlib")
+    from pathlib import Path
+
+    from kunlunbaize.train.logging import read_metrics
+    from kunlunbaize.train.plots import TRAIN_LABEL, VAL_LABEL, loss_series, plot_losses
+
+    records = read_metrics(Path(__file__).resolve().parents[1] / "results/ablation-500k/runs/full-s0/metrics.jsonl")
+    panels = loss_series(records)
+    assert list(panels) == ["next token (main head)", "MTP depth 1 (predicts token t+2)",
+                            "MTP depth 2 (predicts token t+3)"]
+    for lines in panels.values():
+        assert [label for label, _, _ in lines] == [TRAIN_LABEL, VAL_LABEL]
+    (_, x, train), (_, vx, val) = panels["next token (main head)"]
+    end = {r["step"]: r for r in records if r["step"] == 130 and "main_loss" in r}[130]
+    assert train[-1] == end["main_loss"] and x[-1] == vx[-1] == end["tokens"] / 1e6
+    assert val[0] == records[0]["val_loss"]  # validation before the first step
+    assert all(y < 8 for y in train[1:])  # no joint-loss values (7–11 here) in the next-token panel
+    assert plot_losses(records, tmp_path / "loss.png", "t").stat().st_size > 10_000

@@ -141,3 +141,23 @@ def test_text_stream_never_shows_a_stop_string():
             break
     assert stream.finish(0, tokens) == "abc ENx"
     assert "".join(shown) == "abc ENx"
+
+
+def test_the_sample_after_training_is_sampled_reproducible_and_what_generate_gives(run, dataset, capsys):
+    """`kunlun train`'s sample draws with a repetition penalty and a fixed seed; the header names the options
+    with which `kunlun generate --speculative` prints the same text."""
+    from kunlunbaize.infer.sample import SAMPLING, SEED, print_sample
+
+    print_sample(run, "def ", dataset, 24)
+    first = capsys.readouterr().out
+    print_sample(run, "def ", dataset, 24)
+    assert capsys.readouterr().out == first
+    header, *text, note = first.strip("\n").splitlines()
+    assert header.startswith("sample (temperature 0.8, top-p 0.95, repetition penalty 1.3, seed 0; MTP self-spec")
+    assert note.startswith("(a short run writes text shaped like its corpus") and "--repetition-penalty 1.3" in note
+    out, _ = cli(capsys, "def ", "--checkpoint", str(run), "--max-new-tokens", "24", "--speculative", "--temperature",
+                 str(SAMPLING.temperature), "--top-p", str(SAMPLING.top_p), "--repetition-penalty",
+                 str(SAMPLING.repetition_penalty), "--seed", str(SEED))
+    assert out.rstrip("\n") == "\n".join(text)
+    greedy, _ = cli(capsys, "def ", "--checkpoint", str(run), "--max-new-tokens", "24")
+    assert greedy.rstrip("\n") != "\n".join(text)

@@ -8,7 +8,7 @@ import torch
 
 from kunlunbaize.infer import DraftVocab, SamplingParams, distribution, frequent_tokens, generate, speculative_generate
 from kunlunbaize.infer.generate import fit_prompts
-from kunlunbaize.infer.sampling import GREEDY
+from kunlunbaize.infer.sampling import GREEDY, context_mask, penalize
 from kunlunbaize.infer.speculative import draft
 
 from .helpers import build, tiny
@@ -65,6 +65,48 @@ def test_speculative_greedy_equals_plain_greedy(kw, draft_len, adaptive):
         assert 0 <= spec.stats["acceptance_depth_1"] <= 1
 
 
+def reference_penalized_greedy(model, prompt, n, penalty):
+    """Greedy decoding with a repetition penalty by full forwards, no cache."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            ids.append(int(penalize(logits, context_mask([ids], logits.shape[-1])[0], penalty).argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("draft_vocab", [None, list(range(0, 61, 2))])
+def test_repetition_penalty_in_plain_and_speculative_decoding(draft_vocab):
+    """Greedy decoding with a repetition penalty: cached plain decoding, speculative decoding (with or without a
+    draft vocabulary) and full forwards all pick the same tokens, which differ from unpenalised greedy."""
+    params = SamplingParams(repetition_penalty=1.6)
+    differs = False
+    for seed in range(3):
+        model = model64(seed, mtp_depth=3)
+        prompt = torch.randint(0, model.config.vocab_size, (2 + 3 * seed,)).tolist()
+        want = reference_penalized_greedy(model, prompt, 24, 1.6)
+        assert generate(model, [prompt], 24, sampling=params).tokens[0] == want
+        assert speculative_generate(model, prompt, 24, sampling=params, draft_vocab=draft_vocab).tokens[0] == want
+        differs |= want != generate(model, [prompt], 24).tokens[0]
+    assert differs
+
+
+def test_repetition_penalty_is_transformers_rule():
+    pytest.importorskip("transformers")
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.randn(3, 11)
+    ids = torch.tensor([[1, 4, 4], [0, 10, 2], [5, 5, 5]])
+    want = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    got = penalize(logits, context_mask(ids.tolist(), 11), 1.3)
+    assert torch.equal(got, want)
+    assert penalize(logits, None, 1.0) is logits
+    with pytest.raises(ValueError, match="needs the context"):
+        penalize(logits, None, 1.3)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=0)
+
+
 def test_speculative_accepts_drafts_when_depths_agree_with_the_trunk():
     # Zero output norms make every logit 0, so trunk and depths all pick token 0: every draft is accepted.
     model = model64(mtp_depth=3)
@@ -80,21 +122,24 @@ def test_speculative_accepts_drafts_when_depths_agree_with_the_trunk():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("draft_vocab", [None, [0, 2, 4]])
-def test_speculative_sampling_matches_trunk_distribution(draft_vocab):
+# (the draft vocabulary's path with a penalty is its path without one, plus the penalty: two runs cover all three)
+@pytest.mark.parametrize(("draft_vocab", "penalty"), [(None, 1.0), ([0, 2, 4], 1.8)])
+def test_speculative_sampling_matches_trunk_distribution(draft_vocab, penalty):
     # Exact distribution of the first two generated tokens under the trunk vs. speculative samples (chi-square),
-    # also when the depths draft from a smaller vocabulary (q = 0 outside it).
+    # also when the depths draft from a smaller vocabulary (q = 0 outside it), and with a repetition penalty (the
+    # trunk's distribution after a draft counts that draft as context).
     torch.manual_seed(0)
     model = model64(3, vocab_size=5, mtp_depth=2)
-    params = SamplingParams(temperature=1.3, top_k=4)
+    params = SamplingParams(temperature=1.3, top_k=4, repetition_penalty=penalty)
     prompt = [1, 3]
     V = model.config.vocab_size
     with torch.no_grad():
-        p1 = distribution(model(torch.tensor([prompt])).logits[0, -1], params)
+        p1 = distribution(model(torch.tensor([prompt])).logits[0, -1], params, context_mask([prompt], V)[0])
         expected = torch.zeros(V, V, dtype=torch.float64)
         for a in range(V):
             if p1[a] > 0:
-                p2 = distribution(model(torch.tensor([[*prompt, a]])).logits[0, -1], params)
+                p2 = distribution(model(torch.tensor([[*prompt, a]])).logits[0, -1], params,
+                                  context_mask([[*prompt, a]], V)[0])
                 expected[a] = p1[a] * p2
     n = 1500
     counts = torch.zeros(V, V)

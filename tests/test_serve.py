@@ -108,6 +108,31 @@ def test_every_request_in_a_changing_batch_gets_its_greedy_answer_alone(cfg, shi
     assert shifts["right"] > 0 and shifts["left"] > 0  # rows joined longer than the batch; the slots were recycled
 
 
+@pytest.mark.parametrize("exported", [False, True], ids=["checkpoint", "export"])
+def test_a_llama_baseline_is_served_with_the_greedy_tokens_kunlun_generate_gives(llama_run, tmp_path, exported):
+    """The baseline serves as the KunlunBaize it equals (all three switches off, the matched FFN): every request
+    gets the tokens `kunlun generate` (transformers' LlamaForCausalLM) gives."""
+    pytest.importorskip("transformers")
+    from kunlunbaize.hf.export_llama import export_llama
+    from kunlunbaize.infer.generator import load_for_generation
+    from kunlunbaize.serve.model import load_served
+
+    folder = export_llama(llama_run, tmp_path / "hf", log=lambda m: None) if exported else llama_run
+    served = load_served(folder)
+    cfg = served.model.config
+    assert (cfg.dense_residual, cfg.transformerx, cfg.mtp_depth) == (False, False, 0)
+    reference = load_for_generation(folder)
+    assert type(reference.model).__name__ == "LlamaForCausalLM"
+    prompts = [served.encode(t) for t in ("def ", "import os\n", "class A:\n    def __init__(self")]
+    want = reference.generate(reference.model, prompts, 16).tokens
+    engine = Engine(served.model, served.tokenizer, max_batch=2)
+    try:
+        got = _run(engine, [(p, Params(max_tokens=16)) for p in prompts])
+    finally:
+        engine.shutdown(10)
+    assert [r.tokens for r in got] == want
+
+
 def test_speculative_decoding_of_a_lone_request_is_greedy_exact_with_fewer_trunk_forwards():
     cfg = tiny(mtp_depth=3)
     model = build(cfg)

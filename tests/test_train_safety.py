@@ -267,7 +267,8 @@ def test_sample_prompt_comes_from_the_corpus(dataset, tmp_path):
 
 
 def test_cli_rerun_of_a_finished_run_says_so(trained_run, dataset, tmp_path, capsys):
-    """`kunlun train` again on a finished run reports it, not 'trained N steps' as if it had trained them now."""
+    """`kunlun train` again on a finished run says once that there is nothing to train (not "resumed from …" and
+    then "nothing to train", nor 'trained N steps' as if it had trained them now)."""
     from kunlunbaize.cli import main
 
     from .helpers import TRAIN_MODEL
@@ -278,8 +279,11 @@ def test_cli_rerun_of_a_finished_run_says_so(trained_run, dataset, tmp_path, cap
     main(["train", "--data", str(dataset), "--out", str(run), "--preset", "tiny", "--seq-len", "32", "--tokens",
           str(32 * 8 * 20), "--batch-size", "8", "--lr", "3e-3", "--eval-every", "1000", "--no-progress",
           "--sample-tokens", "0", "--set", *sets])
-    out = capsys.readouterr().out
-    assert "already trained:" in out and "\ntrained " not in out, out
+    out, err = capsys.readouterr()
+    assert "\ntrained " not in out and "resumed from" not in err, err
+    said = [ln for ln in (out + err).splitlines() if "already" in ln or "nothing to train" in ln]
+    assert len(said) == 1 and said[0].startswith("nothing to train: ") and "step 22" in said[0], out + err
+    assert "the run as it stands: 22 steps" in out
 
 
 def test_resume_with_another_dense_lr_mult_is_refused_clearly(trained_run, tmp_path):

@@ -72,7 +72,7 @@ def _launch(cfg: StudyConfig, spec: RunSpec, threads: int, log: Log) -> None:
     folder = run_dir(cfg, spec)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "KUNLUN_THREADS": str(threads)}
     t0 = time.time()
-    log(f"[{spec.name}] training {spec.tokens:,} tokens ({spec.match} match) …")
+    log(f"[{spec.name}] training {spec.tokens:,} tokens ({spec.match} match; progress in {folder / 'worker.log'}) …")
     with (folder / "worker.log").open("a") as out:
         proc = subprocess.run([sys.executable, "-m", "kunlunbaize.ablate.worker", str(folder / "spec.json")],
                               stdout=out, stderr=subprocess.STDOUT, env=env)

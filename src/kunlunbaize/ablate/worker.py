@@ -27,7 +27,8 @@ def main(spec_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
     folder = Path(spec["train"]["out"])
     t0 = time.time()
-    summary = train(TrainConfig(**spec["train"]))
+    # progress lines go to worker.log (a file: plain lines at a steady interval); the spec keeps progress=False
+    summary = train(TrainConfig(**{**spec["train"], "progress": True}))
     if not summary["finished"]:
         raise SystemExit(f"training stopped early ({summary.get('interrupted')}); run the study again to resume")
     train_s = time.time() - t0

@@ -4,12 +4,17 @@ module: :mod:`.llama_baseline`)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import re
+from typing import TYPE_CHECKING, Any
 
 from ..config import ModelConfig
 from .spec import ArchSpec
 
+if TYPE_CHECKING:
+    import torch
+
 NAME = "llama"
+LLAMA_HF_TYPE = "llama"  # ``model_type`` of its transformers folder
 ARCH_KEY = "arch"  # in a Llama baseline checkpoint's config.json: the spec's name
 LLAMA_CONFIG_KEY = "llama_config"  # …and the LlamaConfig of its weights
 WEIGHT_PREFIX = "hf."  # weight names in a training checkpoint: the LlamaBaseline wrapper's attribute
@@ -58,6 +63,64 @@ def training_flops(cfg: ModelConfig, seq_len: int) -> float:
     return plain.flops_per_token(seq_len, training=True)
 
 
+# LlamaForCausalLM's weight names → KunlunBaize's with all three switches off (tests/test_llama_equivalence.py)
+_RENAMES = [(re.compile(p), r) for p, r in (
+    (r"model\.embed_tokens\.weight", "embed.weight"), (r"model\.norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "head.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"blocks.\1.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"blocks.\1.mlp_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.weight", r"blocks.\1.attn.w\2.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"blocks.\1.mlp.\2.weight"),
+)]
+
+
+def as_kunlunbaize(saved: dict[str, Any],
+                   state: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A Llama baseline checkpoint (or its ``kunlun export --hf`` folder) as the KunlunBaize that computes the same
+    logits: all three switches off, which is a LLaMA decoder, with the FFN width of its weights; and its weights
+    with KunlunBaize's names. ``saved`` is the folder's ``config.json``, ``state`` its weights. ValueError when the
+    Llama is not one KunlunBaize can express (biases, another activation, RoPE scaling, an unknown weight)."""
+    if saved.get("model_type") == LLAMA_HF_TYPE:  # an export: a plain transformers folder
+        cfg, prefix = _config_of_llama(saved), ""
+    elif isinstance(saved.get(LLAMA_CONFIG_KEY), dict):
+        cfg, prefix = _config_of_llama(saved[LLAMA_CONFIG_KEY]), WEIGHT_PREFIX
+    else:  # written before checkpoints recorded their LlamaConfig: the FFN training matched
+        base = ModelConfig.from_dict(model_config_dict(saved))
+        cfg, prefix = dataclasses.replace(base, dense_residual=False, transformerx=False, mtp_depth=0,
+                                          mtp_loss_weights=None, ffn_hidden=matched_ffn(base)), WEIGHT_PREFIX
+    renamed = {}
+    for key, value in state.items():
+        name = key.removeprefix(prefix)
+        new = next((p.sub(r, name) for p, r in _RENAMES if p.fullmatch(name)), None)
+        if new is None:
+            raise ValueError(f"weight {key!r} has no place in a KunlunBaize decoder")
+        renamed[new] = value
+    if cfg.tie_embeddings:
+        renamed.pop("head.weight", None)
+    return cfg, renamed
+
+
+def _config_of_llama(llama: dict[str, Any]) -> ModelConfig:
+    """The all-switches-off ModelConfig of a ``LlamaConfig`` dict; ValueError for what KunlunBaize lacks."""
+    d, heads = int(llama["hidden_size"]), int(llama["num_attention_heads"])
+    rope = llama.get("rope_parameters") or llama.get("rope_scaling") or {}
+    unsupported = [what for what, bad in (
+        ("attention or MLP biases", llama.get("attention_bias") or llama.get("mlp_bias")),
+        (f"activation {llama.get('hidden_act')}", llama.get("hidden_act", "silu") != "silu"),
+        (f"head_dim {llama.get('head_dim')}", llama.get("head_dim") not in (None, d // heads)),
+        (f"RoPE type {rope.get('rope_type')}", rope.get("rope_type", "default") != "default"),
+    ) if bad]
+    if unsupported:
+        raise ValueError(f"this Llama has {', '.join(unsupported)}, which a KunlunBaize decoder does not")
+    return ModelConfig(
+        vocab_size=int(llama["vocab_size"]), d_model=d, n_layers=int(llama["num_hidden_layers"]), n_heads=heads,
+        n_kv_heads=int(llama.get("num_key_value_heads") or heads), ffn_hidden=int(llama["intermediate_size"]),
+        max_seq_len=int(llama["max_position_embeddings"]), norm_eps=float(llama["rms_norm_eps"]),
+        rope_theta=float(rope.get("rope_theta", llama.get("rope_theta", 10000.0))),
+        tie_embeddings=bool(llama.get("tie_word_embeddings", False)),
+        init_std=float(llama.get("initializer_range", 0.02)), dense_residual=False, transformerx=False, mtp_depth=0)
+
+
 LLAMA = ArchSpec(
     name=NAME,
     title="HF Llama, matched params",
@@ -68,9 +131,10 @@ LLAMA = ArchSpec(
     set_activation_checkpointing=lambda model, on: model.set_activation_checkpointing(on),
     mtp=False,
     fused_loss=False,
-    hf_model_type="llama",
+    hf_model_type=LLAMA_HF_TYPE,
     weight_prefix=WEIGHT_PREFIX,
     note="Llama baseline",
+    as_kunlunbaize=as_kunlunbaize,
     hooks={"generator": "kunlunbaize.infer.llama:llama_generator",
            "export": "kunlunbaize.hf.export_llama:export_llama"},
 )

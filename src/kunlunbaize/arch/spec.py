@@ -40,6 +40,9 @@ class ArchSpec:
     hf_model_type: str  # ``model_type`` of its ``kunlun export --hf`` folder
     weight_prefix: str = ""  # prefix of the weight names in a training checkpoint (its module's attribute)
     note: str = ""  # what a sample's header adds to say which model wrote it ("" for the paper's model)
+    as_kunlunbaize: Callable[[dict[str, Any], dict[str, Any]], tuple[ModelConfig, dict[str, Any]]] | None = None
+    """(config.json, weights) of its checkpoint or export → the KunlunBaize that computes the same logits and its
+    weights (ValueError if it cannot), for what runs only KunlunBaize (``kunlun serve``); None: no such view."""
     hooks: dict[str, str] = field(default_factory=dict)
 
     def build(self, cfg: ModelConfig) -> nn.Module:

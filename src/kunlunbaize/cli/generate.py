@@ -95,7 +95,8 @@ def _load(args: argparse.Namespace, prompts: list[str], device: str) -> _Ready:
     from ..model import KunlunBaize
 
     try:
-        sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  repetition_penalty=args.repetition_penalty)
         loaded = _load_for_generation(args, device)
         model, ckpt, depth = loaded.model, loaded.checkpoint, loaded.mtp_depth
         if args.speculative and depth == 0:
@@ -206,6 +207,8 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--temperature", type=float_in(0), default=0.0, help="0: greedy")
     g.add_argument("--top-k", type=int_at_least(0), default=0, help="0: no top-k filter")
     g.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=1.0, help="in (0, 1]; 1: no nucleus filter")
+    g.add_argument("--repetition-penalty", dest="repetition_penalty", type=float_in(0, low_open=True), default=1.0,
+                   help="> 1 discourages tokens already in the prompt or the reply (transformers' rule); 1: none")
     g.add_argument("--seed", type=SEED, default=None, help="for sampling (default: random)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--truncate", action="store_true",

@@ -101,8 +101,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    if summary["steps_now"] == 0 and summary["finished"]:
-        print(f"\nalready trained: {summary['step']} steps, {summary['tokens']:,} tokens (the whole budget)")
+    if summary["steps_now"] == 0 and summary["finished"]:  # the trainer said "nothing to train"
+        print(f"\nthe run as it stands: {summary['step']} steps, {summary['tokens']:,} tokens")
     else:
         print(f"\ntrained {summary['step']} steps, {summary['tokens']:,} tokens"
               + ("" if summary["finished"] else " (stopped early; run the same command to resume)"))

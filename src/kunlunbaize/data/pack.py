@@ -19,8 +19,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
+from ..progress import Progress
 from .format import shard_name
 from .store import DocumentStore, read_texts
 
@@ -119,8 +119,7 @@ def encode_store(store: DocumentStore, tokenizer_json: str, eot_id: int, dtype: 
     tasks = [offsets[lo:hi + 1] for lo, hi in store.chunks(chunk_bytes or CHUNK_BYTES)]
     initargs = (tokenizer_json, str(store.path), eot_id, np.dtype(dtype).str)
     lengths: list[np.ndarray] = []
-    bar = tqdm(total=store.nbytes, unit="B", unit_scale=True, desc="tokenizing", disable=None if progress else True,
-               dynamic_ncols=True)
+    bar = Progress(store.nbytes, desc="tokenizing", unit="B", unit_scale=True, enabled=progress)
     workers = max(1, min(workers, len(tasks)))
     with open(tokens_path, "wb") as out:
         if workers == 1:
@@ -143,7 +142,7 @@ def encode_store(store: DocumentStore, tokenizer_json: str, eot_id: int, dtype: 
 
 
 def _consume(results: Iterator[tuple[np.ndarray, np.ndarray]], tasks: list[np.ndarray], out: BinaryIO,
-             lengths: list[np.ndarray], bar: tqdm) -> None:
+             lengths: list[np.ndarray], bar: Progress) -> None:
     for task, (tokens, counts) in zip(tasks, results, strict=True):
         out.write(tokens.tobytes())
         lengths.append(counts)

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from ..defaults import DECODE_ERRORS, DEFAULT_DATA
+from ..progress import Progress
 from . import pack
 from .clean import CleanReport, clean_documents
 from .format import FORMAT, META_FILE, DataError, choose_dtype, is_prepared, load_meta
@@ -231,8 +231,8 @@ def _read_corpus(files: list[Path], store: DocumentStore, report: CleanReport, *
                  decode_errors: str, min_chars: int, max_chars: int | None, max_docs: int | None,
                  max_bytes: int | None, dedup: bool, progress: bool) -> None:
     """Read, clean and (with ``dedup``) deduplicate the documents of ``files`` into ``store`` (closed afterwards)."""
-    bar = tqdm(files, unit="file", desc="reading", disable=None if progress else True, dynamic_ncols=True)
-    docs = read_documents(bar, text_field=text_field, decode_errors=decode_errors, report=report)
+    bar = Progress(len(files), desc="reading", unit="file", enabled=progress)
+    docs = read_documents(bar.wrap(files), text_field=text_field, decode_errors=decode_errors, report=report)
     for doc in clean_documents(docs, report, min_chars=min_chars, max_chars=max_chars, max_docs=max_docs,
                                max_bytes=max_bytes, dedup=dedup):
         store.add(doc)

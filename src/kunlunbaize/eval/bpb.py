@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.format import DataError, load_meta, open_split
+from ..progress import Progress
 
 __all__ = ["BpbResult", "TokenStream", "bits_per_byte", "bpb_of_split", "byte_length_table", "evaluate_bpb"]
 
@@ -157,22 +157,6 @@ def _batches(windows: list[tuple[int, int, int]], batch_size: int) -> Iterator[l
         yield batch
 
 
-def _progress_bar(total: int, enabled: bool):
-    """A tqdm bar on stderr when ``enabled`` and stderr is a terminal (else a no-op object)."""
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-
-            return tqdm(total=total, unit="window", desc="bpb", dynamic_ncols=True, file=sys.stderr, disable=None)
-        except ImportError:
-            pass
-
-    class _NoBar:
-        def update(self, n: int = 1) -> None: ...
-
-        def close(self) -> None: ...
-
-    return _NoBar()
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -214,7 +198,7 @@ def bits_per_byte(model: torch.nn.Module, tokens: np.ndarray | Sequence[np.ndarr
     windows = list(_windows(n, seq_len, stride))
     device = _model_device(model)
     nats, n_bytes, n_tokens = 0.0, 0, 0
-    bar = _progress_bar(len(windows), progress)
+    bar = Progress(len(windows), desc="bpb", unit="window", enabled=progress)
     with torch.inference_mode():
         for batch in _batches(windows, batch_size):
             rows = [stream.slice(s, e) for s, e, _ in batch]

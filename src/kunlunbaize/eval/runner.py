@@ -19,6 +19,7 @@ from typing import Any
 
 from ..data.tokenizer import CHAT_TOKENS
 from ..infer.sampling import SamplingParams
+from ..progress import Progress
 from .model import EvalModel
 from .scoring import exact_match, extract_answer, has_math_verify, math_equal
 from .tasks import Task, TaskError, mc_context, render_prompt, shots
@@ -169,17 +170,9 @@ class TaskRunner:
             if todo:
                 yield todo
 
-    def _bar(self):
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # tqdm comes with the train extra; without it, no bar
-            from contextlib import nullcontext
-            from types import SimpleNamespace
-
-            return nullcontext(SimpleNamespace(update=lambda n=1: None))
-        return tqdm(total=self.count, initial=sum(1 for i in range(self.count) if i in self.records.done),
-                    desc=self.task.name, unit="problem", dynamic_ncols=True, file=sys.stderr,
-                    disable=None if self.progress else True)
+    def _bar(self) -> Progress:
+        return Progress(self.count, initial=sum(1 for i in range(self.count) if i in self.records.done),
+                        desc=self.task.name, unit="problem", enabled=self.progress)
 
     def _prompt(self, index: int, text: str) -> str:
         return render_prompt(text, shots(self.task, index, self.seed), self.chat_template)

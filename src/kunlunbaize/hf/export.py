@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -74,14 +75,31 @@ def check_out(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
+@contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' own progress bars ("Writing model shards", "Loading weights") off for the duration, as they
+    were afterwards: a command says what it wrote in one line, not in carriage-returned bars."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def write_folder(out: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write`` on a temporary sibling of ``out``, then put it in place of ``out``: ``out`` ends up either
-    complete or as it was. Files get the umask's modes (safetensors writes model.safetensors 0600)."""
+    """Run ``write`` on a temporary sibling of ``out`` (without transformers' progress bars), then put it in place
+    of ``out``: ``out`` ends up either complete or as it was. Files get the umask's modes (safetensors writes
+    model.safetensors 0600)."""
 
     tmp = out.with_name(f"{out.name}.tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write(tmp)
+        with no_progress_bars():
+            write(tmp)
         honour_umask(tmp)
         if out.exists():
             old = out.with_name(f"{out.name}.old-export")

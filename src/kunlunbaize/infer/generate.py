@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..model import KunlunBaize
-from .sampling import GREEDY, SamplingParams, sample
+from .sampling import GREEDY, SamplingParams, context_mask, sample
 
 if TYPE_CHECKING:
     from .static import StaticDecoder
@@ -103,11 +103,11 @@ def generate(
         _check_decoder(decoder, model)
         logits = decoder.prefill(ids, mask).logits[:, -1]
         return decode_loop(logits, lambda feed: decoder.step(feed)[0][:, -1], max_new_tokens, sampling, eos_id, pad,
-                           gen, on_token, should_stop)
+                           gen, on_token, should_stop, prompts)
     cache = model.new_cache(B, T + max_new_tokens, mtp=False)  # plain decoding never drafts
     logits = model(ids, cache=cache, attention_mask=mask, mtp=False).logits[:, -1]
     return decode_loop(logits, lambda feed: model(feed, cache=cache, mtp=False).logits[:, -1], max_new_tokens,
-                       sampling, eos_id, pad, gen, on_token, should_stop)
+                       sampling, eos_id, pad, gen, on_token, should_stop, prompts)
 
 
 def _check_decoder(decoder: StaticDecoder, model: KunlunBaize) -> None:
@@ -117,15 +117,22 @@ def _check_decoder(decoder: StaticDecoder, model: KunlunBaize) -> None:
 
 def decode_loop(logits: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor], max_new_tokens: int,
                 sampling: SamplingParams, eos_id: int | None, pad: int, gen: torch.Generator | None,
-                on_token: TokenCallback | None, should_stop: StopCallback | None) -> GenerationResult:
+                on_token: TokenCallback | None, should_stop: StopCallback | None,
+                prompts: list[list[int]] | None = None) -> GenerationResult:
     """Sample a token per row from ``logits`` [B, V], feed them back through ``step`` ([B, 1] ids → [B, V]
-    logits of a cached model), until every row ends (end-of-text, stop) or ``max_new_tokens``."""
+    logits of a cached model), until every row ends (end-of-text, stop) or ``max_new_tokens``. ``prompts`` (the
+    rows' prompts) are the context a repetition penalty counts, with every token generated since."""
     B = logits.shape[0]
+    penalized = sampling.repetition_penalty != 1.0
+    seen = context_mask(prompts, logits.shape[-1], logits.device) if penalized and prompts is not None else None
     out: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
     done = [False] * B
     for i in range(max_new_tokens):
-        tokens = sample(logits, sampling, gen).tolist()
+        chosen = sample(logits, sampling, gen, seen)
+        if seen is not None:
+            seen[torch.arange(B, device=seen.device), chosen] = True
+        tokens = chosen.tolist()
         for b, tok in enumerate(tokens):
             if done[b]:
                 continue

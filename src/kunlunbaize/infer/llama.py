@@ -96,4 +96,5 @@ def generate_llama(
         state["cache"] = o.cache
         return o.logits[:, -1]
 
-    return decode_loop(out.logits[:, -1], step, max_new_tokens, sampling, eos_id, pad, gen, on_token, should_stop)
+    return decode_loop(out.logits[:, -1], step, max_new_tokens, sampling, eos_id, pad, gen, on_token, should_stop,
+                       prompts)

@@ -36,9 +36,33 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     except (ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{ckpt / 'config.json'} does not describe a KunlunBaize model ({e}) — "
                               "use a checkpoint written by `kunlun train` or `kunlun export --hf`") from None
+    return _build(ckpt, cfg, _model_state(ckpt, read_weights(ckpt, device), hf, cfg), device, dtype), ckpt
+
+
+def load_as_kunlunbaize(path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> tuple[KunlunBaize, Path]:
+    """Like :func:`load_model`, and a checkpoint or export of another architecture as the KunlunBaize that computes
+    its logits, where its spec has that view (``ArchSpec.as_kunlunbaize``: the Llama baseline is KunlunBaize with
+    all three switches off); a CheckpointError for an architecture without one."""
+    ckpt = resolve_checkpoint(path)
+    raw = read_config(ckpt)
+    spec = checkpoint_arch(ckpt, raw)
+    if spec is DEFAULT:
+        return load_model(ckpt, device, dtype)
+    if spec.as_kunlunbaize is None:
+        raise CheckpointError(f"{ckpt} is a {spec.note} checkpoint, which has no KunlunBaize form")
+    try:
+        cfg, state = spec.as_kunlunbaize(raw, read_weights(ckpt, device))
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{ckpt} ({spec.note}) cannot be loaded as a KunlunBaize decoder: {e}") from None
+    return _build(ckpt, cfg, state, device, dtype), ckpt
+
+
+def _build(ckpt: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device,
+           dtype: torch.dtype) -> KunlunBaize:
+    """The KunlunBaize of ``cfg`` holding ``state`` (the weights of ``ckpt``, named as KunlunBaize names them)."""
     with torch.device("meta"):
         model = KunlunBaize(cfg)
-    state = _model_state(ckpt, read_weights(ckpt, device), hf, cfg)
     check_keys(ckpt, model.state_dict().keys(), state.keys())
     try:
         model.load_state_dict(state, strict=True, assign=True)
@@ -48,7 +72,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
                               "files of different models; use a checkpoint written as a whole by `kunlun train`"
                               ) from None
     model.rope.inv_freq = model.rope._inv_freq(torch.device(device))  # not saved: rebuilt off the meta device
-    return model.to(device=device, dtype=dtype).eval(), ckpt
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def _model_state(ckpt: Path, state: dict[str, torch.Tensor], hf: bool, cfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -1,4 +1,10 @@
-"""The short greedy sample ``kunlun train`` prints from the checkpoint it just wrote, with a prompt from its corpus."""
+"""The short sample ``kunlun train`` prints from the checkpoint it just wrote, with a prompt from its corpus.
+
+Sampled, not greedy: a model after a short run has a flat distribution whose argmax loops (greedy decoding of the
+main job's 130 steps repeats ``n'n'xxxx…``), so the sample draws at temperature 0.8 from the top-p 0.95 nucleus
+with transformers' repetition penalty 1.3 and a fixed seed: the same command prints the same sample, and
+``kunlun generate`` with the options the header names reproduces it.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,13 @@ from pathlib import Path
 from ..checkpoint import load_tokenizer
 from ..data.format import load_meta, open_split
 from .generator import load_for_generation
+from .sampling import SamplingParams
 from .speculative import speculative_generate
 
 STDLIB_PROMPT = "def main():"  # the embedded default corpus is Python code
 MAX_PROMPT_CHARS = 40
+SAMPLING = SamplingParams(temperature=0.8, top_p=0.95, repetition_penalty=1.3)
+SEED = 0
 
 
 def corpus_prompt(data: str | Path, tokenizer) -> str:
@@ -35,8 +44,9 @@ def corpus_prompt(data: str | Path, tokenizer) -> str:
 
 
 def print_sample(checkpoint: str | Path, prompt: str | None, data: str | Path, max_new_tokens: int) -> None:
-    """Print a greedy continuation of ``prompt`` (None: :func:`corpus_prompt`) from ``checkpoint``: decoded
-    MTP self-speculatively when the model has depths; a Llama baseline checkpoint decodes plainly."""
+    """Print a sampled continuation of ``prompt`` (None: :func:`corpus_prompt`) from ``checkpoint`` (:data:`SAMPLING`,
+    seed :data:`SEED`): decoded MTP self-speculatively when the model has depths (the same distribution as plain
+    decoding), plainly otherwise. The header says how, and the command that generates more the same way."""
     loaded = load_for_generation(checkpoint)
     model, context, mtp_depth = loaded.model, loaded.context, loaded.mtp_depth
     tok, eot = load_tokenizer(loaded.checkpoint, loaded.vocab_size)
@@ -45,10 +55,14 @@ def print_sample(checkpoint: str | Path, prompt: str | None, data: str | Path, m
     ids = tok.encode(prompt).ids or ([eot] if eot is not None else [0])
     n = max(1, min(max_new_tokens, context - len(ids) - 1))
     if mtp_depth:
-        out = speculative_generate(model, ids, n, eos_id=eot, truncate=True)
-        how = (f"greedy, MTP self-speculative: {out.stats['tokens_per_trunk_forward']:.2f} tokens per trunk "
-               f"forward, depth-1 acceptance {out.stats['acceptance_depth_1']:.2f}")
+        out = speculative_generate(model, ids, n, sampling=SAMPLING, eos_id=eot, seed=SEED, truncate=True)
+        how = (f"MTP self-speculative: {out.stats['tokens_per_trunk_forward']:.2f} tokens per trunk forward, depth-1 "
+               f"acceptance {out.stats['acceptance_depth_1']:.2f}")
     else:
-        out = loaded.generate(model, [ids], n, eos_id=eot, truncate=True)
-        how = f"greedy, {loaded.arch.note}" if loaded.arch.note else "greedy"
-    print(f"\nsample ({how}; `kunlun generate` for more):\n{prompt}{tok.decode(out.tokens[0])}")
+        out = loaded.generate(model, [ids], n, sampling=SAMPLING, eos_id=eot, seed=SEED, truncate=True)
+        how = f"plain decoding, {loaded.arch.note}" if loaded.arch.note else "plain decoding"
+    s = SAMPLING
+    print(f"\nsample (temperature {s.temperature}, top-p {s.top_p}, repetition penalty {s.repetition_penalty}, seed "
+          f"{SEED}; {how}):\n{prompt}{tok.decode(out.tokens[0])}\n(a short run writes text shaped like its corpus, "
+          f"not yet sensible; `kunlun generate --temperature {s.temperature} --top-p {s.top_p} --repetition-penalty "
+          f"{s.repetition_penalty}` for more)")

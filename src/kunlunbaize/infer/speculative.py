@@ -25,7 +25,7 @@ import torch
 from ..model import InferenceCache, KunlunBaize
 from ..model.layers import linear
 from .generate import GenerationResult, StopCallback, TokenCallback, _check_decoder, fit_prompts
-from .sampling import GREEDY, SamplingParams, distribution, sample
+from .sampling import GREEDY, SamplingParams, context_mask, distribution, penalize, sample
 
 if TYPE_CHECKING:
     from .static import StaticDecoder
@@ -76,8 +76,11 @@ def frequent_tokens(token_counts: torch.Tensor, n: int) -> torch.Tensor:
 
 def draft(model: KunlunBaize, cache: InferenceCache, hidden: torch.Tensor, next_token: int, k: int,
           sampling: SamplingParams, gen: torch.Generator | None, vocab: DraftVocab | None = None,
-          decoder: StaticDecoder | None = None) -> tuple[list[int], list[torch.Tensor]]:
+          decoder: StaticDecoder | None = None,
+          seen: torch.Tensor | None = None) -> tuple[list[int], list[torch.Tensor]]:
     """``k`` draft tokens after ``next_token`` (= t_n) and the distributions they were drawn from (none if greedy).
+    ``seen`` [1, V] marks the context's tokens (``next_token`` included) for a repetition penalty, which each
+    depth applies with the drafts before it added.
 
     ``hidden`` [1, 1, d] is the trunk's final hidden state at position n − 1 = ``cache.length`` − 1. With
     ``vocab`` the drafts come from that smaller vocabulary; with ``decoder`` (whose cache is ``cache``) each depth's
@@ -89,6 +92,7 @@ def draft(model: KunlunBaize, cache: InferenceCache, hidden: torch.Tensor, next_
     tokens = [next_token]
     qs: list[torch.Tensor] = []
     g = hidden
+    ctx = seen.clone() if seen is not None else None
     for j in range(1, k + 1):
         # depth j's key slot s holds t_{s+j}: slots n−j … n−1 take t_n, d_1 … d_{j−1}
         new = torch.tensor([tokens[max(0, j - n):j]], device=device)
@@ -99,51 +103,59 @@ def draft(model: KunlunBaize, cache: InferenceCache, hidden: torch.Tensor, next_
             logits = linear(model.mtp.depths[j - 1].out_norm(g[:, -1]), weight)
         else:
             g, logits = step
+        mask = None if ctx is None else ctx if vocab is None else ctx[:, vocab.ids]
         if sampling.greedy:  # greedy verification compares argmaxes: no distribution needed
-            best = int(logits.argmax(-1)[0])
+            best = int(penalize(logits, mask, sampling.repetition_penalty).argmax(-1)[0])
             tokens.append(best if vocab is None else int(vocab.ids[best]))
-            continue
-        q = distribution(logits, sampling)[0]
-        if vocab is not None:
-            q = vocab.full(q)
-        qs.append(q)
-        tokens.append(int(torch.multinomial(q, 1, generator=gen)))
+        else:
+            q = distribution(logits, sampling, mask)[0]
+            if vocab is not None:
+                q = vocab.full(q)
+            qs.append(q)
+            tokens.append(int(torch.multinomial(q, 1, generator=gen)))
+        if ctx is not None:
+            ctx[0, tokens[-1]] = True
     return tokens[1:], qs
 
 
 def _accept(trunk_logits: torch.Tensor, drafts: list[int], qs: list[torch.Tensor], sampling: SamplingParams,
-            gen: torch.Generator | None) -> tuple[int, int]:
-    """Number of drafts accepted and the trunk's token after them."""
+            gen: torch.Generator | None, seen: torch.Tensor | None = None) -> tuple[int, int]:
+    """Number of drafts accepted and the trunk's token after them. ``seen`` [1, V]: the context's tokens for a
+    repetition penalty; the trunk's prediction after draft i counts the drafts before it too."""
+    ctx = seen.clone() if seen is not None else None
     for i, d in enumerate(drafts):
+        mask = None if ctx is None else ctx[0]
         if sampling.greedy:
-            best = int(trunk_logits[i].argmax())
+            best = int(penalize(trunk_logits[i], mask, sampling.repetition_penalty).argmax())
             if best != d:
                 return i, best
-            continue
-        p = distribution(trunk_logits[i], sampling)
-        q = qs[i]
-        u = torch.rand((), generator=gen, device=p.device)
-        if u * q[d] <= p[d]:  # accept with probability min(1, p/q)
-            continue
-        residual = (p - q).clamp_min(0)
-        if residual.sum() <= 0:  # p == q up to rounding: any draw from p is exact
-            residual = p
-        return i, int(torch.multinomial(residual / residual.sum(), 1, generator=gen))
-    return len(drafts), int(sample(trunk_logits[len(drafts)][None], sampling, gen)[0])
+        else:
+            p = distribution(trunk_logits[i], sampling, mask)
+            q = qs[i]
+            u = torch.rand((), generator=gen, device=p.device)
+            if u * q[d] > p[d]:  # rejected (accepted with probability min(1, p/q))
+                residual = (p - q).clamp_min(0)
+                if residual.sum() <= 0:  # p == q up to rounding: any draw from p is exact
+                    residual = p
+                return i, int(torch.multinomial(residual / residual.sum(), 1, generator=gen))
+        if ctx is not None:
+            ctx[0, d] = True
+    return len(drafts), int(sample(trunk_logits[len(drafts)][None], sampling, gen, ctx)[0])
 
 
 def speculative_round(model: KunlunBaize, cache: InferenceCache, hidden: torch.Tensor, next_token: int, k: int,
                       sampling: SamplingParams, gen: torch.Generator | None, stats: SpecStats | None = None,
-                      vocab: DraftVocab | None = None,
-                      decoder: StaticDecoder | None = None) -> tuple[list[int], torch.Tensor]:
+                      vocab: DraftVocab | None = None, decoder: StaticDecoder | None = None,
+                      seen: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor]:
     """One draft–verify round of a single sequence: the new tokens (the accepted drafts, then the trunk's own
     token) and the trunk's hidden state [1, 1, d] at the last token now in the cache.
 
     The cache holds t_0 … t_{n−1}; ``next_token`` = t_n is chosen but not fed; ``hidden`` is the trunk's state at
     t_{n−1}. Afterwards the cache holds t_n and the accepted drafts, and the last returned token is the next
     ``next_token``. ``k`` drafts are made (1 … mtp_depth), from ``vocab`` when given; the verification writes
-    k + 1 slots, through ``decoder``'s compiled step when given (``cache`` is then ``decoder.cache``)."""
-    drafts, qs = draft(model, cache, hidden, next_token, k, sampling, gen, vocab, decoder)
+    k + 1 slots, through ``decoder``'s compiled step when given (``cache`` is then ``decoder.cache``). ``seen``
+    [1, V] marks the tokens of the context (``next_token`` included) for a repetition penalty."""
+    drafts, qs = draft(model, cache, hidden, next_token, k, sampling, gen, vocab, decoder, seen)
     n = cache.length
     ids = torch.tensor([[next_token, *drafts]], device=hidden.device)
     if decoder is None:
@@ -151,7 +163,7 @@ def speculative_round(model: KunlunBaize, cache: InferenceCache, hidden: torch.T
         logits, verified = verify.logits, verify.hidden
     else:
         logits, verified = decoder.step(ids)
-    accepted, bonus = _accept(logits[0], drafts, qs, sampling, gen)
+    accepted, bonus = _accept(logits[0], drafts, qs, sampling, gen, seen)
     if stats is not None:
         stats.trunk_forwards += 1
         for j in range(k):
@@ -209,7 +221,9 @@ def speculative_generate(
     else:
         cache, out = decoder.cache, decoder.prefill(ids)
     hidden = out.hidden[:, -1:]
-    nxt = int(sample(out.logits[:, -1], sampling, gen)[0])
+    seen = (context_mask([prompt], model.config.vocab_size, device) if sampling.repetition_penalty != 1.0
+            else None)
+    nxt = int(sample(out.logits[:, -1], sampling, gen, seen)[0])
     stats = SpecStats(drafted=[0] * D, accepted=[0] * D)
     result: list[int] = []
     reason = "length"
@@ -217,6 +231,8 @@ def speculative_generate(
     def emit(tok: int) -> bool:
         """Append a token; True when generation must end."""
         nonlocal reason
+        if seen is not None:
+            seen[0, tok] = True
         if eos_id is not None and tok == eos_id:
             reason = "eos"
             return True
@@ -231,7 +247,7 @@ def speculative_generate(
     finished = emit(nxt)
     while not finished:
         kk = min(k, max_new_tokens - len(result))  # no point drafting past the budget
-        new, hidden = speculative_round(model, cache, hidden, nxt, kk, sampling, gen, stats, vocab, decoder)
+        new, hidden = speculative_round(model, cache, hidden, nxt, kk, sampling, gen, stats, vocab, decoder, seen)
         accepted = len(new) - 1
         for tok in new:
             if emit(tok):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import split_heldout
-from .models import Log, load_policy, save_model, trainer_settings
+from .models import Log, load_policy, plain_progress, save_model, trainer_settings
 from .sample import rank_and_world
 
 METRICS = ("rewards/accuracies", "rewards/margins", "loss")
@@ -110,6 +110,7 @@ def run_dpo(folder: Path, pairs: list[dict[str, Any]], out: Path, settings: DPOS
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, processing_class=tokenizer,
                          train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(held),
                          callbacks=[stopper])
+    plain_progress(trainer, "dpo")
     result = trainer.train()
     final = trainer.evaluate()  # the restored best model
     state = trainer.state

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 
 from ..arch import DEFAULT
 from ..checkpoint import CheckpointError, checkpoint_arch, resolve_checkpoint
+from ..progress import Progress
 
 Log = Callable[[str], None]
 
@@ -100,6 +102,41 @@ def trainer_settings(device: str, seed: int) -> dict[str, Any]:
     return {"use_cpu": not cuda, "bf16": bool(cuda and torch.cuda.is_bf16_supported()), "fp16": False,
             "activation_checkpointing": False, "report_to": [], "seed": seed, "data_seed": seed,
             "dataloader_num_workers": 0, "save_only_model": True}
+
+
+def plain_progress(trainer: Any, desc: str, tty: bool | None = None) -> Any:
+    """Off a terminal, replace a transformers ``trainer``'s tqdm bars (carriage returns in a log file) with plain
+    progress lines on stderr at a steady interval (:class:`kunlunbaize.progress.Progress`); return ``trainer``."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ProgressCallback
+
+    if tty if tty is not None else sys.stderr.isatty():
+        return trainer
+
+    class ProgressLines(TrainerCallback):
+        """Step count, the latest logged loss, elapsed time and ETA, on the main process."""
+
+        bar: Progress | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.bar = Progress(state.max_steps, desc=desc, unit="step", enabled=state.is_world_process_zero,
+                                tty=False)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.bar is not None:
+                self.bar.set(state.global_step)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            if self.bar is not None and logs and "loss" in logs:
+                self.bar.postfix = {"loss": f"{logs['loss']:.4g}"}
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.bar is not None:
+                self.bar.close()
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressLines())
+    return trainer
 
 
 def save_model(model: Any, tokenizer: Any, out: Path, log: Log = print) -> Path:

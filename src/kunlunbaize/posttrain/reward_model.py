@@ -17,7 +17,7 @@ import torch
 
 from .data import split_heldout
 from .dpo import check_pair_lengths
-from .models import Log, load_chat_tokenizer, save_model, trainer_settings
+from .models import Log, load_chat_tokenizer, plain_progress, save_model, trainer_settings
 from .rewards import completion_text
 
 
@@ -81,6 +81,7 @@ def run_reward_model(folder: Path, pairs: list[dict[str, Any]], out: Path, setti
                                                                                           settings.seed))
     trainer = RewardTrainer(model=model.train(), args=args, processing_class=tokenizer,
                             train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(held))
+    plain_progress(trainer, "reward model")
     result = trainer.train()
     final = trainer.evaluate()
     trained = trainer.accelerator.unwrap_model(trainer.model).eval()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..infer.sampling import SamplingParams
+from ..progress import Progress
 from .data import write_jsonl
 from .models import Log, model_folder
 from .rewards import Combined
@@ -208,10 +209,8 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _bar(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not enabled, unit="reply")
+def _bar(total: int, desc: str, enabled: bool) -> Progress:
+    return Progress(total, desc=desc, unit="reply", enabled=enabled)
 
 
 __all__ = ["RSSettings", "preference_pairs", "run_rs", "sample_and_score", "score", "select", "summarize"]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..model.loss import IGNORE_INDEX, shifted_cross_entropy
-from .models import Log, save_model, trainer_settings
+from .models import Log, plain_progress, save_model, trainer_settings
 
 
 def _trainer_class():
@@ -121,6 +121,7 @@ def run_sft(folder: Path, examples: list[dict[str, Any]], out: Path, settings: S
                                train_dataset=Dataset.from_list(train),
                                eval_dataset=Dataset.from_list(held) if held else None, mtp=settings.mtp,
                                callbacks=callbacks)
+    plain_progress(trainer, "sft")
     result = trainer.train()
     metrics = {"train_loss": result.training_loss, "steps": result.global_step, "examples": len(train),
                "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}

@@ -1,4 +1,7 @@
-"""What the server serves: a KunlunBaize checkpoint, its tokenizer, its chat template and its special tokens."""
+"""What the server serves: a KunlunBaize checkpoint, its tokenizer, its chat template and its special tokens.
+
+A checkpoint or export of the Llama baseline is served as the KunlunBaize it equals (all three switches off: a
+LLaMA decoder, the same logits), so the one engine serves both."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import torch
 
 from ..checkpoint import CheckpointError, load_tokenizer, resolve_checkpoint
 from ..data.tokenizer import CHAT_TOKENS
-from ..infer.load import load_model
+from ..infer.load import load_as_kunlunbaize
 from ..model import KunlunBaize
 
 END_OF_TURN = CHAT_TOKENS[-1]  # <|end|>: the chat format's end of an assistant turn (kunlunbaize.data.chat)
@@ -55,7 +58,7 @@ def load_served(path: str | Path, name: str | None = None, device: str = "cpu", 
     (the run's, for a run folder)."""
     given = Path(path)
     ckpt = resolve_checkpoint(given)
-    model, ckpt = load_model(ckpt, device=device, dtype=dtype)
+    model, ckpt = load_as_kunlunbaize(ckpt, device=device, dtype=dtype)
     tokenizer, eos = load_tokenizer(ckpt, model.config.vocab_size)
     template = _chat_template(ckpt, chat_template)
     render = None

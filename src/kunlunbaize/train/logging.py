@@ -1,4 +1,5 @@
-"""Run logging: JSONL (always), TensorBoard (when installed) and a console progress bar, on rank 0.
+"""Run logging: JSONL (always), TensorBoard (when installed) and the console progress (a bar on a terminal, plain
+lines at a steady interval off one: :class:`kunlunbaize.progress.Progress`), on rank 0.
 
 The logs of a run folder describe one run: resuming from step S first cuts ``metrics.jsonl`` and the
 TensorBoard events back to step S (what comes after was not kept in any checkpoint and is trained again);
@@ -13,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from ..progress import Progress
 
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
@@ -90,10 +93,7 @@ class RunLogger:
         except ImportError:
             print("logging: tensorboard not installed; writing metrics.jsonl only", file=sys.stderr)
         if progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
-                            file=sys.stderr, disable=None)
+            self.bar = Progress(total_steps, desc="train", unit="step", initial=initial_step)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -119,14 +119,13 @@ class RunLogger:
 
     def progress(self, step: int, postfix: dict[str, str]) -> None:
         if self.bar is not None:
-            self.bar.n = step
-            self.bar.set_postfix(postfix, refresh=True)
+            self.bar.set(step, postfix)
 
     def message(self, text: str) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
+            self.bar.write(text)
         else:
             print(text, file=sys.stderr, flush=True)
 

@@ -1,4 +1,5 @@
-"""End-of-run figures: loss curves and the dense-residual weight heatmap (matplotlib, headless)."""
+"""End-of-run figures: loss curves (training against validation, one loss per panel) and the dense-residual weight
+heatmap (matplotlib, headless)."""
 
 from __future__ import annotations
 
@@ -17,30 +18,53 @@ def _pyplot():
     return plt
 
 
-def plot_losses(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Training total/main/MTP losses and validation loss against tokens seen."""
-    plt = _pyplot()
-    train = [r for r in records if "loss" in r]
+TRAIN_LABEL = "train: mean over the steps since the previous point"
+VAL_LABEL = "validation: the model then, on fixed held-out windows"
+NOTE = ("Like with like: the next-token loss on the left, each MTP depth's own loss on the right (the joint loss of "
+        "eq. 22, their weighted sum, is in metrics.jsonl).\nThe lines read different text: a training point averages "
+        "the batches of the last log window, each taken before its update (it lags while the loss falls fast); "
+        "\nvalidation scores the model at that step on the same held-out windows every time, which may be easier or "
+        "harder than the average training batch.")
+
+
+def loss_series(records: list[dict[str, Any]]) -> dict[str, list[tuple[str, list[float], list[float]]]]:
+    """What :func:`plot_losses` draws: per panel (``next token``, then ``MTP depth j`` per depth), the training and
+    validation series of that one loss as (label, tokens in millions, loss)."""
+    train = [r for r in records if "main_loss" in r]
     val = [r for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    if train:
-        tokens = [r["tokens"] / 1e6 for r in train]
-        ax.plot(tokens, [r["loss"] for r in train], label="train total", lw=1, alpha=0.6)
-        ax.plot(tokens, [r["main_loss"] for r in train], label="train main (next token)", lw=1.5)
-        depths = sorted({k for r in train for k in r if k.startswith("mtp_loss_")})
-        for k in depths:
-            ax.plot(tokens, [r.get(k, float("nan")) for r in train], label=f"train {k.replace('_loss_', ' depth ')}",
-                    lw=1, ls="--")
-    if val:
-        ax.plot([r["tokens"] / 1e6 for r in val], [r["val_loss"] for r in val], "o-", label="validation main",
-                lw=2, color="black")
-    ax.set_xlabel("tokens (millions)")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title or "loss")
-    ax.grid(alpha=0.3)
-    if train or val:
-        ax.legend()
-    fig.tight_layout()
+
+    def series(rows: list[dict[str, Any]], key: str, label: str) -> list[tuple[str, list[float], list[float]]]:
+        rows = [r for r in rows if key in r]
+        return [(label, [r["tokens"] / 1e6 for r in rows], [r[key] for r in rows])] if rows else []
+
+    panels = {"next token (main head)": series(train, "main_loss", TRAIN_LABEL) + series(val, "val_loss", VAL_LABEL)}
+    depths = sorted({int(k.rsplit("_", 1)[1]) for r in train for k in r if k.startswith("mtp_loss_")})
+    for j in depths:
+        panels[f"MTP depth {j} (predicts token t+{j + 1})"] = (series(train, f"mtp_loss_{j}", TRAIN_LABEL)
+                                                             + series(val, f"val_mtp_loss_{j}", VAL_LABEL))
+    return {name: lines for name, lines in panels.items() if lines}
+
+
+def plot_losses(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Training against validation loss, the same loss in each panel (:func:`loss_series`), against tokens seen."""
+    plt = _pyplot()
+    panels = loss_series(records) or {"loss": []}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 + 4.5 * (len(panels) - 1), 5.6), squeeze=False,
+                             sharey=True)
+    for ax, (name, lines) in zip(axes[0], panels.items(), strict=True):
+        for label, x, y in lines:
+            is_val = label == VAL_LABEL
+            ax.plot(x, y, "o-" if is_val else "-", label=label, lw=2 if is_val else 1.5,
+                    color="black" if is_val else "tab:blue")
+        ax.set_title(name)
+        ax.set_xlabel("tokens (millions)")
+        ax.grid(alpha=0.3)
+        if lines:
+            ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("cross-entropy (nats/token)")
+    fig.suptitle(title or "loss")
+    fig.text(0.01, 0.01, NOTE, fontsize=7, va="bottom", ha="left", wrap=True)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

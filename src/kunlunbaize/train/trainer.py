@@ -187,7 +187,8 @@ class Trainer:
         record = self.window.record(step=step, tokens=self.progress.tokens, lr=lr, batch_size=global_batch,
                                     skipped=self.skipped)
         self.logger.log(record)
-        postfix = {"loss": f"{record['main_loss']:.3f}", **({"val": f"{self.last_val:.3f}"} if self.val_sets else {}),
+        postfix = {"tokens": f"{self.progress.tokens:,}", "loss": f"{record['main_loss']:.3f}",
+                   **({"val": f"{self.last_val:.3f}"} if self.val_sets else {}),
                    "lr": f"{lr:.2e}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
         self.logger.progress(step, postfix)
         self.window.reset()
@@ -268,8 +269,9 @@ def _setup(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Trainer:
     if env.is_main:
         (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         (run_dir / "model_config.json").write_text(mcfg.to_json())
+        spent = resumed is not None and progress.tokens >= cfg.tokens  # nothing to train: said once, below
         logger.message(_headline(cfg, env, data, plan, n_params, f"{mode} {dtype}", peak, peak_how)
-                       + (f" | resumed from {resumed} at step {progress.step}" if resumed else ""))
+                       + (f" | resumed from {resumed} at step {progress.step}" if resumed and not spent else ""))
         _say_notes(logger, cfg, data, notes, resumed, progress)
     stop = StopFlag(verbose=env.is_main)
     stop.install()
@@ -308,5 +310,5 @@ def _say_notes(logger: RunLogger, cfg: TrainConfig, data: RunData, notes: list[s
     if data.val is None:
         logger.message(f"no validation: {data.no_val_reason}; no validation loss will be reported")
     if resumed is not None and progress.tokens >= cfg.tokens:
-        logger.message(f"nothing to train: checkpoint {resumed} has already seen {progress.tokens:,} tokens, the "
-                       f"whole budget of {cfg.tokens:,}; pass a larger --tokens to train further")
+        logger.message(f"nothing to train: {resumed} (step {progress.step}) has already seen {progress.tokens:,} "
+                       f"tokens, the whole budget of {cfg.tokens:,}; pass a larger --tokens to train further")

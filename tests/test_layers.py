@@ -91,7 +91,6 @@ def test_the_checker_sees_a_function_local_upward_import(tmp_path, monkeypatch):
     (fake / "model").mkdir(parents=True)
     (fake / "train").mkdir()
     (fake / "model" / "x.py").write_text("def f():\n    from ..train import trainer\n")
-    (fake / "train").mkdir()
     monkeypatch.setattr(sys.modules[__name__], "SRC", fake)
     assert _layer_violations() == ["model/x.py:2 (model) imports kunlunbaize.train (train), not below it"]
 

@@ -148,8 +148,9 @@ def checkpoint_arch(ckpt: Path, config: dict[str, Any] | None = None) -> ArchSpe
     by_type = {spec.hf_model_type: spec for spec in ARCHS.values()}
     if raw.get("model_type") in by_type:
         return by_type[raw["model_type"]]
-    if _train_config(ckpt).get("arch") in ARCHS:
-        return ARCHS[_train_config(ckpt)["arch"]]
+    trained_as = _train_config(ckpt).get("arch")
+    if trained_as in ARCHS:
+        return ARCHS[trained_as]
     names = weight_names(ckpt)
     prefixed = [s for s in ARCHS.values() if s.weight_prefix and any(k.startswith(s.weight_prefix) for k in names)]
     return prefixed[0] if prefixed else DEFAULT

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..arch import ArchSpec
+from ..arch import DEFAULT, ArchSpec
 from ..checkpoint import checkpoint_arch, resolve_checkpoint
 from .generate import generate
 from .load import load_model
@@ -32,7 +32,7 @@ def kunlunbaize_generator(ckpt: Path, device: str | torch.device = "cpu",
     """The :class:`Generator` of a KunlunBaize checkpoint (the spec's ``generator`` hook)."""
     model, ckpt = load_model(ckpt, device, dtype)
     cfg = model.config
-    return Generator(model, ckpt, checkpoint_arch(ckpt), generate, cfg.max_seq_len, cfg.vocab_size, cfg.mtp_depth)
+    return Generator(model, ckpt, DEFAULT, generate, cfg.max_seq_len, cfg.vocab_size, cfg.mtp_depth)
 
 
 def load_for_generation(path: str | Path, device: str | torch.device = "cpu",

@@ -251,14 +251,21 @@ def test_closed_stdout_stops_nothing(trained_run, tmp_path):
 @pytest.mark.subprocess
 def test_ctrl_c_during_startup_imports_exits_130(tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC}
-    code = ("import sys, kunlunbaize.cli as c; assert 'torch' not in sys.modules; print('ready', flush=True); "
+    # a finder announces the moment main() starts importing torch and holds it there, so the interrupt lands
+    # inside that import however fast the machine is
+    code = ("import sys, time, kunlunbaize.cli as c; assert 'torch' not in sys.modules\n"
+            "class Hold:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch':\n"
+            "            print('importing torch', flush=True); time.sleep(30)\n"
+            "        return None\n"
+            "sys.meta_path.insert(0, Hold())\n"
             "c.main(['info', '--preset', 'tiny'])")
     # a shell running this suite in the background hands it SIGINT ignored, and Python then keeps ignoring it:
     # the child starts with the default disposition, as from a terminal
     p = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    assert p.stdout.readline().strip() == b"ready"  # the command line is imported; torch is not yet
-    time.sleep(0.3)  # inside main(), importing torch (which takes seconds)
+    assert p.stdout.readline().strip() == b"importing torch"  # inside main(), torch not yet imported
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err.decode()

@@ -82,7 +82,7 @@ class Pipeline:
         stage_arg = self._pipe_stages if multi else self._pipe_stages[0]
         self.schedule = cls(stage_arg, n_microbatches=n_microbatches, loss_fn=self._loss, scale_grads=True)
         self._totals: torch.Tensor | None = None
-        self._sums: torch.Tensor | None = None
+        self._parts: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ what the trainer sees
     @property
@@ -126,13 +126,14 @@ class Pipeline:
             raise ValueError(f"batch of {input_ids.shape[0]} sequences does not split into {self.n_microbatches} "
                              "micro-batches: make the batch a multiple of the micro-batch count")
         self._totals = self._target_counts(labels)
-        n_terms = 2 + self.config.mtp_depth
-        self._sums = torch.zeros(n_terms, dtype=torch.float32, device=input_ids.device)
+        self._parts = []
         args = (input_ids,) if self.has_first else ()
         target = torch.stack([input_ids, labels], dim=1) if self.has_last else None
         self.schedule.step(*args, target=target, return_outputs=False)
         self._sync_shared_grads()
-        sums = self._sums
+        sums = torch.zeros(2 + self.config.mtp_depth, dtype=torch.float32, device=input_ids.device)
+        if self.has_last:  # the micro-batches' calls are the last ones (the first step's shape inference calls too)
+            sums += torch.stack(self._parts[-self.n_microbatches:]).sum(0).to(sums.device) / self.n_microbatches
         dist.all_reduce(sums, group=self.group)  # only the last stage's rank holds non-zero sums
         return sums
 
@@ -155,7 +156,7 @@ class Pipeline:
         total = sum(g * s * v for g, s, v in zip(gammas, scale, values, strict=True))
         parts = torch.stack([total.detach().float(), *(s * v.detach().float() for s, v in zip(scale, values,
                                                                                                strict=True))])
-        self._sums += parts / self.n_microbatches
+        self._parts.append(parts)
         return total
 
     def _sync_shared_grads(self) -> None:

@@ -96,7 +96,8 @@ def _free_port() -> int:
 
 def _check_schedule(rank: int, schedule: str, stages_per_rank: int, split: list[int] | None, variant: str) -> None:
     """Three SGD steps of the pipeline on this rank and of the whole model in one process, compared each step (SGD,
-    not Adam: Adam turns float noise in near-zero gradients into whole steps, and the runs part for that alone)."""
+    not Adam: Adam turns float noise in near-zero gradients into whole steps, and the runs part for that alone); then
+    a forward-only evaluation and one more step."""
     model = _model(variant)
     ref = copy.deepcopy(model)
     pipe = build_pipeline(model, dist.group.WORLD, schedule, n_microbatches=2, stages_per_rank=stages_per_rank,
@@ -122,6 +123,14 @@ def _check_schedule(rank: int, schedule: str, stages_per_rank: int, split: list[
         ref_opt.zero_grad(set_to_none=True)
     for _, name, p in pipe.named_parameters():
         torch.testing.assert_close(p, expected[name], rtol=1e-4, atol=1e-5, msg=f"{variant} weight {name}")
+    ids, labels = _batch(3)
+    with torch.no_grad():
+        val = ref(ids, labels=labels, logits=False)
+    torch.testing.assert_close(pipe.evaluate(ids, labels), torch.stack([val.loss, val.main_loss, *val.mtp_losses]),
+                               rtol=1e-5, atol=1e-6, msg=f"{variant} evaluation")
+    assert all(p.grad is None for p in pipe.parameters())  # forward only
+    out = ref(ids, labels=labels, logits=False)  # and training goes on after it
+    torch.testing.assert_close(pipe.step(ids, labels)[0], out.loss.detach(), rtol=1e-5, atol=1e-6)
 
 
 def _worker(rank: int, port: int, schedule: str, stages_per_rank: int, split: list[int] | None,
@@ -165,6 +174,8 @@ def test_two_stages_on_one_rank_equal_the_model(one_rank):
     pipe = build_pipeline(model, one_rank, "interleaved1f1b", n_microbatches=2, stages_per_rank=2,
                           layers_per_stage=[3, 1])
     ids, labels = _batch(1)
+    with pytest.raises(ValueError, match="forward-only evaluation needs the stages on at least 2 pipeline ranks"):
+        pipe.evaluate(ids, labels)
     losses = pipe.step(ids, labels)
     out = ref(ids, labels=labels, logits=False)
     out.loss.backward()

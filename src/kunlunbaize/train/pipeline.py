@@ -70,19 +70,25 @@ class Pipeline:
 
     def __init__(self, stages: list[PipelineStageModule], group: dist.ProcessGroup, schedule_name: str,
                  n_microbatches: int, device: torch.device, ignore_index: int = IGNORE_INDEX) -> None:
-        from torch.distributed.pipelining import PipelineStage
-
         self.stages, self.group, self.n_microbatches = stages, group, n_microbatches
         self.ignore_index = ignore_index
         self.config = stages[0].config
         self.n_stages = stages[0].spec.n_stages
         self.pp_rank, self.pp_size = dist.get_rank(group), dist.get_world_size(group)
-        cls, multi = _schedule_class(schedule_name, len(stages))
-        self._pipe_stages = [PipelineStage(m, m.spec.index, self.n_stages, device, group=group) for m in stages]
-        stage_arg = self._pipe_stages if multi else self._pipe_stages[0]
-        self.schedule = cls(stage_arg, n_microbatches=n_microbatches, loss_fn=self._loss, scale_grads=True)
+        self.schedule = self._schedule(schedule_name, device)
+        self._eval_schedule = None
+        self._schedule_name, self._device = schedule_name, device
         self._totals: torch.Tensor | None = None
         self._parts: list[torch.Tensor] = []
+
+    def _schedule(self, name: str, device: torch.device):
+        """The schedule over new ``PipelineStage`` wrappers of this rank's stage modules."""
+        from torch.distributed.pipelining import PipelineStage
+
+        cls, multi = _schedule_class(name, len(self.stages))
+        wrapped = [PipelineStage(m, m.spec.index, self.n_stages, device, group=self.group) for m in self.stages]
+        return cls(wrapped if multi else wrapped[0], n_microbatches=self.n_microbatches, loss_fn=self._loss,
+                   scale_grads=True)
 
     # ------------------------------------------------------------------ what the trainer sees
     @property
@@ -118,6 +124,25 @@ class Pipeline:
         """Forward and backward of one batch [B, T] (``labels`` default to the ids, shifted inside): accumulates
         the whole model's gradient of the batch's mean joint loss into this rank's parameters and returns
         [joint, main, MTP depth 1, …] (float32, the batch means) on every pipeline rank."""
+        args, target = self._prepare(input_ids, labels)
+        self.schedule.step(*args, target=target, return_outputs=False)
+        self._sync_shared_grads()
+        return self._batch_losses(input_ids.device)
+
+    def evaluate(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """[joint, main, MTP depth 1, …] of one batch without gradients (forward only), on every pipeline rank."""
+        if len(self.stages) > 1 and self.pp_size == 1:
+            raise ValueError("forward-only evaluation needs the stages on at least 2 pipeline ranks: torch's "
+                             "interleaved schedules cannot evaluate with neighbouring stages on one rank")
+        args, target = self._prepare(input_ids, labels)
+        if self._eval_schedule is None:  # its own stages: switching one schedule between modes trips torch 2.13
+            self._eval_schedule = self._schedule(self._schedule_name, self._device)
+        with torch.no_grad():
+            self._eval_schedule.eval(*args, target=target)
+        return self._batch_losses(input_ids.device)
+
+    def _prepare(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> tuple[tuple, torch.Tensor | None]:
+        """Checks the batch, counts its targets; the schedule's inputs (first stage) and target (last stage)."""
         labels = input_ids if labels is None else labels
         if input_ids.dim() != 2 or labels.shape != input_ids.shape:
             raise ValueError(f"input_ids and labels must be [batch, seq] of one shape, got {tuple(input_ids.shape)} "
@@ -129,11 +154,13 @@ class Pipeline:
         self._parts = []
         args = (input_ids,) if self.has_first else ()
         target = torch.stack([input_ids, labels], dim=1) if self.has_last else None
-        self.schedule.step(*args, target=target, return_outputs=False)
-        self._sync_shared_grads()
-        sums = torch.zeros(2 + self.config.mtp_depth, dtype=torch.float32, device=input_ids.device)
+        return args, target
+
+    def _batch_losses(self, device: torch.device) -> torch.Tensor:
+        """The batch's loss terms from the last stage's micro-batches, on every pipeline rank."""
+        sums = torch.zeros(2 + self.config.mtp_depth, dtype=torch.float32, device=device)
         if self.has_last:  # the micro-batches' calls are the last ones (the first step's shape inference calls too)
-            sums += torch.stack(self._parts[-self.n_microbatches:]).sum(0).to(sums.device) / self.n_microbatches
+            sums += torch.stack(self._parts[-self.n_microbatches:]).sum(0).to(device) / self.n_microbatches
         dist.all_reduce(sums, group=self.group)  # only the last stage's rank holds non-zero sums
         return sums
 

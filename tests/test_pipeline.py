@@ -238,3 +238,13 @@ def test_boundary_traffic_of_the_small_preset_and_without_dense_residual():
     assert [b.tensors for b in pipeline_traffic(cfg, [1] * 6)] == [2, 3, 4, 3, 2]
     plain = ModelConfig.preset("small", dense_residual=False)
     assert [(b.form, b.tensors, b.ratio) for b in pipeline_traffic(plain, [3, 3])] == [("plain", 1, 1.0)]
+
+
+def test_old_torch_is_refused_with_the_version_needed(monkeypatch):
+    from kunlunbaize.train import pipeline
+
+    monkeypatch.setattr(torch, "__version__", "2.7.1+cpu")
+    with pytest.raises(RuntimeError, match=r"pipeline parallelism needs torch >= 2.8 .*found 2.7.1\+cpu: upgrade"):
+        pipeline.require_pipelining()
+    monkeypatch.setattr(torch, "__version__", "2.8.0")
+    pipeline.require_pipelining()

@@ -153,7 +153,7 @@ class Pipeline:
         self._totals = self._target_counts(labels)
         self._parts = []
         args = (input_ids,) if self.has_first else ()
-        target = torch.stack([input_ids, labels], dim=1) if self.has_last else None
+        target = torch.stack([input_ids, labels.to(input_ids.dtype)], dim=1) if self.has_last else None
         return args, target
 
     def _batch_losses(self, device: torch.device) -> torch.Tensor:

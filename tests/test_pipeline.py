@@ -248,3 +248,25 @@ def test_old_torch_is_refused_with_the_version_needed(monkeypatch):
         pipeline.require_pipelining()
     monkeypatch.setattr(torch, "__version__", "2.8.0")
     pipeline.require_pipelining()
+
+
+def test_stages_recompute_blocks_when_the_model_checkpoints_them():
+    """The model's ``gradient_checkpointing`` carries over: each block runs twice (forward, then again in the
+    backward pass), with the same gradients."""
+    model = _model("full")
+    ref = copy.deepcopy(model)
+    model.gradient_checkpointing = True
+    stages = build_stage_modules(model, 2)
+    calls = []
+    for stage in stages:
+        for block in stage.blocks.values():
+            block.register_forward_pre_hook(lambda *_: calls.append(1))
+    ids, labels = _batch(0)
+    hidden = stages[1](stages[0](ids))
+    stages[1].loss_terms(hidden, ids, labels).total.backward()
+    assert len(calls) == 2 * 4
+    ref(ids, labels=labels, logits=False).loss.backward()
+    expected = dict(ref.named_parameters())
+    for name, p in stages[0].named_parameters():
+        if not name.startswith(("dense.", "embed.")):  # shared: summed over the stages elsewhere
+            torch.testing.assert_close(_grad(p), _grad(expected[name]), rtol=1e-5, atol=1e-7, msg=name)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..model.loss import IGNORE_INDEX, LossTerms
@@ -172,6 +173,8 @@ class PipelineStageModule(nn.Module):
         self.rope = own(model.rope)
         self.dense = own(model.dense) if model.dense is not None else None
         self.blocks = nn.ModuleDict({str(layer): model.blocks[layer] for layer in spec.layers})
+        self.gradient_checkpointing = model.gradient_checkpointing
+        """Recompute each block in the backward pass instead of storing its activations (training only)."""
         if spec.is_last:
             self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
 
@@ -215,8 +218,13 @@ class PipelineStageModule(nn.Module):
         flow = self._receive(x)
         T = flow.current.shape[1]
         rope = self.rope(torch.arange(T, device=flow.current.device))
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.spec.layers:
-            delta = self.blocks[str(layer)](flow.current, rope, 0, None, None, None)  # F_l(H_l)
+            block = self.blocks[str(layer)]
+            if recompute:
+                delta = checkpoint(block, flow.current, rope, 0, None, None, None, use_reentrant=False)
+            else:
+                delta = block(flow.current, rope, 0, None, None, None)  # F_l(H_l)
             if self.dense is not None:
                 h = delta + flow.mix(self._weights(layer, flow.current.dtype), layer)  # eq. 1–2
                 if layer + 1 < self.spec.n_layers:

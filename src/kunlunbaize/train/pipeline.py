@@ -1,0 +1,260 @@
+"""Pipeline parallelism for KunlunBaize on ``torch.distributed.pipelining``: GPipe, 1F1B and interleaved 1F1B.
+
+:func:`build_pipeline` cuts the model into ``pp × stages_per_rank`` stages (:mod:`.pipeline_stages`; stage k runs on
+pipeline rank k mod pp), wraps this rank's stages in ``PipelineStage`` and drives them with the chosen schedule.
+:meth:`Pipeline.step` runs one batch forward and backward through every micro-batch: the last stage computes the joint
+loss (eq. 22) of each micro-batch, weighted so that the sum over micro-batches, after the schedule's 1/n gradient
+scaling, is exactly one process's mean over the whole batch; then the gradients of the parameters two stages share
+(the embedding on the first and last stage, the dense-residual logits on every stage) are summed over their copies,
+as for tied embeddings, so each copy holds the whole model's gradient and every copy steps identically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..model.loss import IGNORE_INDEX
+from ..model.model import KunlunBaize
+from .pipeline_stages import (
+    PipelineStageModule,
+    build_stage_modules,
+    set_shared_grads,
+    shared_parameter_names,
+    sum_local_shared_grads,
+)
+
+SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved1f1b": "Interleaved1F1B"}
+"""``--pp-schedule`` names → ``torch.distributed.pipelining`` schedule names."""
+MULTI_STAGE = {"interleaved1f1b"}
+MIN_TORCH = (2, 8)
+
+
+def require_pipelining() -> None:
+    """Fail clearly when this torch cannot run ``torch.distributed.pipelining`` on gloo (needs ≥ 2.8)."""
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if version < MIN_TORCH:
+        raise RuntimeError(f"pipeline parallelism needs torch >= {'.'.join(map(str, MIN_TORCH))} "
+                           f"(torch.distributed.pipelining on gloo), found {torch.__version__}: upgrade torch")
+
+
+def pp_group(group_or_mesh) -> dist.ProcessGroup:
+    """The pipeline process group from a ``ProcessGroup`` or a ``DeviceMesh`` (1-D, or with a ``pp`` dimension)."""
+    if isinstance(group_or_mesh, dist.ProcessGroup):
+        return group_or_mesh
+    names = getattr(group_or_mesh, "mesh_dim_names", None)
+    if names is not None and "pp" in names:
+        return group_or_mesh["pp"].get_group()
+    if getattr(group_or_mesh, "ndim", None) == 1:
+        return group_or_mesh.get_group()
+    raise ValueError("give the pipeline a ProcessGroup, a 1-D DeviceMesh or a DeviceMesh with a 'pp' dimension")
+
+
+def _schedule_class(name: str, stages_per_rank: int):
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    if key not in MULTI_STAGE and stages_per_rank != 1:
+        raise ValueError(f"schedule {name!r} runs one stage per rank, got stages_per_rank={stages_per_rank}: "
+                         "use interleaved1f1b for several")
+    from torch.distributed.pipelining.schedules import get_schedule_class
+
+    return get_schedule_class(SCHEDULES[key]), key in MULTI_STAGE
+
+
+class Pipeline:
+    """This rank's stages of a pipelined KunlunBaize and the schedule that runs them (see :func:`build_pipeline`)."""
+
+    def __init__(self, stages: list[PipelineStageModule], group: dist.ProcessGroup, schedule_name: str,
+                 n_microbatches: int, device: torch.device, ignore_index: int = IGNORE_INDEX) -> None:
+        self.stages, self.group, self.n_microbatches = stages, group, n_microbatches
+        self.ignore_index = ignore_index
+        self.config = stages[0].config
+        self.n_stages = stages[0].spec.n_stages
+        self.pp_rank, self.pp_size = dist.get_rank(group), dist.get_world_size(group)
+        self.schedule = self._schedule(schedule_name, device)
+        self._eval_schedule = None
+        self._schedule_name, self._device = schedule_name, device
+        self._totals: torch.Tensor | None = None
+        self._parts: list[torch.Tensor] = []
+
+    def _schedule(self, name: str, device: torch.device):
+        """The schedule over new ``PipelineStage`` wrappers of this rank's stage modules."""
+        from torch.distributed.pipelining import PipelineStage
+
+        cls, multi = _schedule_class(name, len(self.stages))
+        wrapped = [PipelineStage(m, m.spec.index, self.n_stages, device, group=self.group) for m in self.stages]
+        return cls(wrapped if multi else wrapped[0], n_microbatches=self.n_microbatches, loss_fn=self._loss,
+                   scale_grads=True)
+
+    # ------------------------------------------------------------------ what the trainer sees
+    @property
+    def has_first(self) -> bool:
+        return any(m.spec.is_first for m in self.stages)
+
+    @property
+    def has_last(self) -> bool:
+        return any(m.spec.is_last for m in self.stages)
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        """This rank's stage modules (for FSDP wrapping, checkpoints, ``train()``/``eval()``)."""
+        return list(self.stages)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """Every parameter of this rank's stages, each once (the optimiser's)."""
+        seen: set[int] = set()
+        for m in self.stages:
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    def named_parameters(self) -> Iterator[tuple[int, str, nn.Parameter]]:
+        """(stage index, full-model name, parameter) for every parameter of this rank's stages."""
+        for m in self.stages:
+            for name, p in m.named_parameters():
+                yield m.spec.index, name, p
+
+    # ------------------------------------------------------------------ one step
+    def step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward and backward of one batch [B, T] (``labels`` default to the ids, shifted inside): accumulates
+        the whole model's gradient of the batch's mean joint loss into this rank's parameters and returns
+        [joint, main, MTP depth 1, …] (float32, the batch means) on every pipeline rank."""
+        args, target = self._prepare(input_ids, labels)
+        self.schedule.step(*args, target=target, return_outputs=False)
+        self._sync_shared_grads()
+        return self._batch_losses(input_ids.device)
+
+    def evaluate(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """[joint, main, MTP depth 1, …] of one batch without gradients (forward only), on every pipeline rank."""
+        if len(self.stages) > 1 and self.pp_size == 1:
+            raise ValueError("forward-only evaluation needs the stages on at least 2 pipeline ranks: torch's "
+                             "interleaved schedules cannot evaluate with neighbouring stages on one rank")
+        args, target = self._prepare(input_ids, labels)
+        if self._eval_schedule is None:  # its own stages: switching one schedule between modes trips torch 2.13
+            self._eval_schedule = self._schedule(self._schedule_name, self._device)
+        with torch.no_grad():
+            self._eval_schedule.eval(*args, target=target)
+        return self._batch_losses(input_ids.device)
+
+    def _prepare(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> tuple[tuple, torch.Tensor | None]:
+        """Checks the batch, counts its targets; the schedule's inputs (first stage) and target (last stage)."""
+        labels = input_ids if labels is None else labels
+        if input_ids.dim() != 2 or labels.shape != input_ids.shape:
+            raise ValueError(f"input_ids and labels must be [batch, seq] of one shape, got {tuple(input_ids.shape)} "
+                             f"and {tuple(labels.shape)}")
+        if input_ids.shape[0] % self.n_microbatches:
+            raise ValueError(f"batch of {input_ids.shape[0]} sequences does not split into {self.n_microbatches} "
+                             "micro-batches: make the batch a multiple of the micro-batch count")
+        self._totals = self._target_counts(labels)
+        self._parts = []
+        args = (input_ids,) if self.has_first else ()
+        target = torch.stack([input_ids, labels.to(input_ids.dtype)], dim=1) if self.has_last else None
+        return args, target
+
+    def _batch_losses(self, device: torch.device) -> torch.Tensor:
+        """The batch's loss terms from the last stage's micro-batches, on every pipeline rank."""
+        sums = torch.zeros(2 + self.config.mtp_depth, dtype=torch.float32, device=device)
+        if self.has_last:  # the micro-batches' calls are the last ones (the first step's shape inference calls too)
+            sums += torch.stack(self._parts[-self.n_microbatches:]).sum(0).to(device) / self.n_microbatches
+        dist.all_reduce(sums, group=self.group)  # only the last stage's rank holds non-zero sums
+        return sums
+
+    def _target_counts(self, labels: torch.Tensor) -> torch.Tensor:
+        """Valid targets of each loss term (main: shift 1, depth j: shift j + 1) over the whole batch."""
+        shifts = range(1, self.config.mtp_depth + 2)
+        return torch.stack([(labels[:, s:] != self.ignore_index).sum() for s in shifts]).float()
+
+    def _loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's share of the batch's joint loss, times the micro-batch count (the schedule divides
+        the gradients by it): term t weighted by this micro-batch's valid targets over the batch's."""
+        stage = next(m for m in self.stages if m.spec.is_last)
+        ids, labels = target[:, 0], target[:, 1]
+        terms = stage.loss_terms(hidden, ids, labels, self.ignore_index)
+        values = [terms.main, *terms.mtp]
+        counts = self._target_counts(labels).to(hidden.device)
+        scale = torch.where(self._totals > 0, counts / self._totals.clamp(min=1), torch.zeros_like(counts))
+        scale = scale * self.n_microbatches
+        gammas = (1.0, *self.config.gammas)
+        total = sum(g * s * v for g, s, v in zip(gammas, scale, values, strict=True))
+        parts = torch.stack([total.detach().float(), *(s * v.detach().float() for s, v in zip(scale, values,
+                                                                                               strict=True))])
+        self._parts.append(parts)
+        return total
+
+    def _sync_shared_grads(self) -> None:
+        """Sum the gradients of parameters held by several stages over every copy, on every rank holding one."""
+        shared = shared_parameter_names(self.config, self.n_stages)
+        logits = [n for n in shared if n.startswith("dense.")]
+        if logits:  # tiny: an all-reduce over the whole pipeline group
+            grads = sum_local_shared_grads(self.stages, logits)
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.group)
+            set_shared_grads(self.stages, logits, list(flat.split([g.numel() for g in grads])))
+        if "embed.weight" in shared:
+            self._sync_pair("embed.weight", [self._rank_of(s) for s in shared["embed.weight"]])
+
+    def _rank_of(self, stage: int) -> int:
+        return stage % self.pp_size
+
+    def _sync_pair(self, name: str, ranks: list[int]) -> None:
+        """Sum one parameter's gradient between the two pipeline ranks holding it (exchanged, then added)."""
+        (grad,) = sum_local_shared_grads(self.stages, [name])
+        if grad is None:
+            return
+        peers = sorted(set(ranks) - {self.pp_rank})
+        if peers:
+            (peer,) = peers
+            other = torch.empty_like(grad)
+            ops = [dist.P2POp(dist.isend, grad, group=self.group, group_peer=peer),
+                   dist.P2POp(dist.irecv, other, group=self.group, group_peer=peer)]
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+            grad = grad + other if self.pp_rank < peer else other + grad  # one order on both ranks
+        set_shared_grads(self.stages, [name], [grad])
+
+    # ------------------------------------------------------------------ gradient clipping over the pipeline
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the whole model's gradient to ``max_norm`` (each shared parameter counted once, on its first
+        stage); returns the total norm before clipping, the same on every pipeline rank."""
+        shared = shared_parameter_names(self.config, self.n_stages)
+        sq = torch.zeros((), dtype=torch.float32)
+        for index, name, p in self.named_parameters():
+            if p.grad is not None and (name not in shared or shared[name][0] == index):
+                sq = sq + p.grad.detach().float().pow(2).sum().cpu()
+        dist.all_reduce(sq, group=self.group)
+        norm = sq.sqrt()
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+        return norm
+
+
+def build_pipeline(model: KunlunBaize, group_or_mesh, schedule_name: str = "1f1b", n_microbatches: int = 2,
+                   stages_per_rank: int = 1, layers_per_stage: list[int] | None = None,
+                   device: torch.device | str | None = None) -> Pipeline:
+    """This rank's part of ``model`` pipelined over ``group_or_mesh`` (a ProcessGroup, or a DeviceMesh with a
+    ``pp`` dimension) under ``schedule_name`` (gpipe, 1f1b, interleaved1f1b) with ``n_microbatches`` per step.
+
+    The trunk is cut into pp × ``stages_per_rank`` stages (even, or ``layers_per_stage``); stage k runs on pipeline
+    rank k mod pp. The stage modules share the model's blocks (copies of the shared parameters aside); the rest of
+    ``model`` may be dropped afterwards.
+    """
+    require_pipelining()
+    group = pp_group(group_or_mesh)
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if n_microbatches < 1:
+        raise ValueError(f"n_microbatches must be at least 1, got {n_microbatches}")
+    if stages_per_rank < 1:
+        raise ValueError(f"stages_per_rank must be at least 1, got {stages_per_rank}")
+    _schedule_class(schedule_name, stages_per_rank)  # refuse a bad name or stage count before cutting
+    n_stages = size * stages_per_rank
+    mine = [k for k in range(n_stages) if k % size == rank]
+    stages = build_stage_modules(model, n_stages, layers_per_stage, mine)
+    device = torch.device(device) if device is not None else model.embed.weight.device
+    return Pipeline(stages, group, schedule_name, n_microbatches, device)

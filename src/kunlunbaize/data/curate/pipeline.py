@@ -126,12 +126,16 @@ def _executor_factory(options: ExecutorOptions) -> Callable[..., Any]:
             depends=depends, job_name=f"kunlun-curate-{Path(logs).name}", **options.extra)
     if options.kind == "ray":
         try:
-            import ray  # noqa: F401
+            import ray
             from datatrove.executor.ray import RayPipelineExecutor
         except ImportError:
-            raise DataError("--executor ray needs Ray: pip install 'ray[default]'") from None
+            raise DataError("--executor ray needs Ray: pip install 'kunlunbaize[curate]'") from None
+        if not ray.is_initialized():
+            ray.init()  # the cluster RAY_ADDRESS names, else a new local one
+        # one Ray job per worker and stage: each job starts a Python that imports datatrove, spaCy and lingua
         return lambda pipeline, tasks, logs, depends: RayPipelineExecutor(
-            pipeline, tasks=tasks, workers=options.workers, logging_dir=logs, depends=depends)
+            pipeline, tasks=tasks, workers=options.workers, logging_dir=logs, depends=depends,
+            tasks_per_job=-(-tasks // options.workers))
     raise DataError(f"--executor must be one of {', '.join(EXECUTORS)}, got {options.kind!r}")
 
 
@@ -150,10 +154,15 @@ def build_executors(work: Path, sources: list[Source], options: ExecutorOptions,
 
 
 def run_stages(executors: list[Any], kind: str) -> bool:
-    """Run the stages; True when all are complete (a Slurm submission returns before they are)."""
+    """Run the stages; True when all are complete (a Slurm submission returns before they are). A stage left with
+    failed tasks (Ray gives up on a task after three tries) stops the run before the next stage waits for it."""
     if kind == "slurm":
         executors[-1].run()  # submits every stage, chained by dependencies
-    else:
-        for executor in executors:
-            executor.run()
-    return all(not executor.get_incomplete_ranks() for executor in executors)
+        return all(not executor.get_incomplete_ranks() for executor in executors)
+    for stage, executor in zip(STAGES, executors, strict=True):
+        executor.run()
+        if failed := executor.get_incomplete_ranks():
+            raise DataError(f"curation stage {stage} left {len(failed)} of {executor.world_size} task(s) unfinished; "
+                            f"see the logs under {executor.logging_dir.path}, fix the cause and rerun the same "
+                            f"command to resume")
+    return True

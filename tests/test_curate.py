@@ -291,3 +291,45 @@ def test_ray_executor_gives_the_local_result(curated, tmp_path):
     # Ray's executor ran each stage, as one Ray job per worker (17 bucket tasks at 0.7: 9 + 8)
     buckets = json.loads((tmp_path / "data.curate" / "logs" / "minhash-buckets" / "executor.json").read_text())
     assert "ray_remote_kwargs" in buckets and buckets["tasks_per_job"] == 9
+
+
+def _slurm_partition() -> str:
+    """The default partition of the Slurm cluster this machine can submit to; skips when there is none."""
+    import shutil
+
+    if not shutil.which("sbatch") or not shutil.which("sinfo"):
+        pytest.skip("no Slurm here (sbatch/sinfo not on PATH); scripts/local_slurm.sh sets up a one-node cluster")
+    try:
+        info = subprocess.run(["sinfo", "-h", "-o", "%P %a %t"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.skip("the Slurm controller does not answer (sinfo timed out)")
+    rows = [line.split() for line in info.stdout.splitlines() if len(line.split()) == 3]
+    up = [p for p, avail, state in rows if avail == "up" and state in ("idle", "mix", "alloc")]
+    if info.returncode != 0 or not up:
+        pytest.skip(f"no Slurm partition is up with a node ({info.stderr.strip() or info.stdout.strip()})")
+    return next((p for p in up if p.endswith("*")), up[0]).rstrip("*")
+
+
+@pytest.mark.slow  # real Slurm jobs: five chained job arrays, minutes on two loaded cores
+def test_slurm_executor_gives_the_local_result(curated, tmp_path):
+    import time
+
+    from kunlunbaize.data.curate import ExecutorOptions
+    from kunlunbaize.data.curate.slurm import JOBS_FILE, check_queue
+
+    partition = _slurm_partition()
+    _docs, _removed, _report, local_out, _mix = curated
+    options = ExecutorOptions("slurm", partition=partition, time="00:30:00")
+    work = tmp_path / "data.curate"
+    assert _curate(local_out.parent, tmp_path / "data", options) is None  # submitted
+    submitted = (work / JOBS_FILE).read_text()
+    assert _curate(local_out.parent, tmp_path / "data", options) is None  # still queued: not submitted again
+    assert (work / JOBS_FILE).read_text() == submitted
+    deadline = time.monotonic() + 1200
+    while check_queue(work) is not None:
+        assert time.monotonic() < deadline, f"Slurm jobs {submitted} not done in 20 minutes"
+        time.sleep(5)
+    slurm_out = _curate(local_out.parent, tmp_path / "data", options)  # the same command again: mix and write
+    assert slurm_out == tmp_path / "data"
+    assert _outcome(slurm_out) == _outcome(local_out)
+    assert list((work / "logs" / "filter" / "slurm_logs").glob("*.out"))  # it did run as Slurm jobs

@@ -38,6 +38,7 @@ from datatrove.pipeline.writers import JsonlWriter
 
 from ..format import DataError
 from .lsh import lsh_params
+from .slurm import env_command
 from .steps import CodeQualityFilter, LanguageTagger, NotEmpty, ProseOnly, Source, SourceReader, WhitespaceFormatter
 
 EXECUTORS = ("local", "slurm", "ray")
@@ -121,9 +122,10 @@ def _executor_factory(options: ExecutorOptions) -> Callable[..., Any]:
 
         if not options.partition:
             raise DataError("--executor slurm needs --slurm-partition (the Slurm partition to submit the jobs to)")
+        extra = {"env_command": env_command(), **options.extra}
         return lambda pipeline, tasks, logs, depends: SlurmPipelineExecutor(
             pipeline, tasks=tasks, time=options.time, partition=options.partition, logging_dir=logs,
-            depends=depends, job_name=f"kunlun-curate-{Path(logs).name}", **options.extra)
+            depends=depends, job_name=f"kunlun-curate-{Path(logs).name}", **extra)
     if options.kind == "ray":
         try:
             import ray

@@ -20,6 +20,7 @@ from ..tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from .mix import plan_mixture
 from .pipeline import ExecutorOptions, build_executors, minhash_config, run_stages
 from .report import cluster_sizes, removals, stage_table, write_report
+from .slurm import check_queue, record_jobs
 from .steps import Source, iter_jsonl_docs
 
 _NAMED = re.compile(r"^([A-Za-z][\w.-]*)=(.+)$")
@@ -123,10 +124,14 @@ def curate(sources: Sequence[str], out: str | os.PathLike[str], *, work: str | o
     settings = {"sources": [str(s) for s in sources], "similarity": similarity, "languages": languages,
                 "tasks": tasks, "text_field": text_field, "decode_errors": decode_errors}
     _check_work(work, settings, restart)
+    if executor.kind == "slurm" and (busy := check_queue(work)):
+        say(busy)
+        return None
     started = time.perf_counter()
     executors = build_executors(work, resolved, executor, tasks=tasks, similarity=similarity, text_field=text_field,
                                 decode_errors=decode_errors, languages=languages)
     if not run_stages(executors, executor.kind):
+        record_jobs(work, executors)
         say(f"curation stages submitted ({executor.kind}); rerun the same command when they are done to mix, "
             f"tokenize and write {out}")
         return None

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
 
@@ -93,6 +94,7 @@ def _corpus(root: Path) -> dict[str, str]:
     for i in range(12):
         docs[f"unrelated{i}"] = _essay(rng)
     docs["good-prose"] = PROSE
+    docs["good-prose-technical"] = topics["return"]  # Python's help: English prose about code, commas and brackets
     docs["good-chinese"] = CHINESE
     docs["good-chinese-2"] = CHINESE.replace("北京", "上海").split("\n", 1)[1]
     docs["junk-repeated-lines"] = "\n".join(["Buy cheap watches online today at the best price."] * 40)
@@ -203,7 +205,8 @@ def test_junk_removed_by_its_filter_and_good_text_survives(curated):
                 "junk-german": {"language"}, "junk-minified": {"code_quality"}, "junk-generated": {"code_quality"}}
     for key, filters in expected.items():
         assert _removed_by(docs, removed, key) in filters, key
-    good = ["good-prose", "good-chinese", "good-chinese-2"] + [k for k in docs if k.startswith("good-code")]
+    good = ["good-prose", "good-prose-technical", "good-chinese", "good-chinese-2"] + [
+        k for k in docs if k.startswith("good-code")]
     for key in good:
         assert _removed_by(docs, removed, key) is None, key
     assert report["languages"]["zh"] == 2 and report["languages"]["code"] == 10
@@ -218,6 +221,19 @@ def test_mixture_met_in_tokens(curated):
     written = sum(split["tokens"] for split in meta["splits"].values())
     assert written == sum(m["final_tokens"] for m in report["mixture"].values())
     assert (out / "curation_removals.png").stat().st_size > 0 and (out / "curation_report.md").is_file()
+
+
+def test_gopher_alpha_rule_counts_whitespace_words():
+    from datatrove.data import Document
+    from datatrove.pipeline.filters import GopherQualityFilter
+
+    from kunlunbaize.data.curate.steps import AlphaWordsFilter
+
+    prose = Document(text=topics["return"], id="return")
+    assert GopherQualityFilter().filter(prose) == (False, "gopher_below_alpha_threshold")  # punctuation as words
+    assert AlphaWordsFilter().filter(prose) is True
+    table = Document(text="Totals: " + " ".join(f"{i * 7.5:.1f}" for i in range(60)), id="table")
+    assert AlphaWordsFilter().filter(table) == (False, "gopher_below_alpha_threshold")
 
 
 def test_plan_mixture_exact_shares_up_and_down():

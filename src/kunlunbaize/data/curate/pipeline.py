@@ -39,12 +39,21 @@ from datatrove.pipeline.writers import JsonlWriter
 from ..format import DataError
 from .lsh import lsh_params
 from .slurm import env_command
-from .steps import CodeQualityFilter, LanguageTagger, NotEmpty, ProseOnly, Source, SourceReader, WhitespaceFormatter
+from .steps import (
+    AlphaWordsFilter,
+    CodeQualityFilter,
+    LanguageTagger,
+    NotEmpty,
+    ProseOnly,
+    Source,
+    SourceReader,
+    WhitespaceFormatter,
+)
 
 EXECUTORS = ("local", "slurm", "ray")
 ENGLISH_RULES = ["en"]  # the Gopher, C4 and FineWeb rules and stop words are English ones
 # removal folders in pipeline order (the report lists them so)
-FILTERS = ("empty", "language", "code_quality", "gopher_repetition", "gopher_quality", "c4", "fineweb",
+FILTERS = ("empty", "language", "code_quality", "gopher_repetition", "gopher_quality", "gopher_alpha", "c4", "fineweb",
            "repetition_other_languages", "near_duplicate")
 STAGES = ("filter", "minhash-signatures", "minhash-buckets", "minhash-clusters", "dedup")
 
@@ -82,7 +91,10 @@ def filter_pipeline(work: Path, sources: list[Source], *, text_field: str, decod
         LanguageTagger(languages, exclusion_writer=_removed(work, "language")),
         CodeQualityFilter(exclusion_writer=_removed(work, "code_quality")),
         ProseOnly(GopherRepetitionFilter(), only=ENGLISH_RULES, exclusion_writer=_removed(work, "gopher_repetition")),
-        ProseOnly(GopherQualityFilter(), only=ENGLISH_RULES, exclusion_writer=_removed(work, "gopher_quality")),
+        # Gopher's alphabetic-words rule on whitespace words, as the paper states it (see AlphaWordsFilter)
+        ProseOnly(GopherQualityFilter(max_non_alpha_words_ratio=None), only=ENGLISH_RULES,
+                  exclusion_writer=_removed(work, "gopher_quality")),
+        ProseOnly(AlphaWordsFilter(), only=ENGLISH_RULES, exclusion_writer=_removed(work, "gopher_alpha")),
         ProseOnly(C4QualityFilter(filter_no_terminal_punct=False), only=ENGLISH_RULES,
                   exclusion_writer=_removed(work, "c4")),
         ProseOnly(FineWebQualityFilter(), only=ENGLISH_RULES, exclusion_writer=_removed(work, "fineweb")),

@@ -236,6 +236,30 @@ def test_gopher_alpha_rule_counts_whitespace_words():
     assert AlphaWordsFilter().filter(table) == (False, "gopher_below_alpha_threshold")
 
 
+def test_mixing_streams_the_kept_documents(tmp_path):
+    import gzip
+
+    from kunlunbaize.data.curate.run import _summary, _write_mixed
+
+    texts = ["alpha beta", "gamma", "delta epsilon zeta"]
+    (tmp_path / "kept").mkdir()
+    with gzip.open(tmp_path / "kept" / "00000.jsonl.gz", "wt", encoding="utf-8") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"text": t, "id": str(i), "metadata": {"language": "en"}}) + "\n")
+    batches = []
+
+    def count(batch: list[str]) -> list[int]:
+        batches.append(len(batch))
+        return [len(t.split()) for t in batch]
+
+    records, tokens = _summary(tmp_path / "kept", count, batch_size=2)
+    assert tokens == [2, 1, 3] and batches == [2, 1]  # counted a batch at a time
+    assert records == [{"id": str(i), "metadata": {"language": "en"}} for i in range(3)]  # no texts held
+    _write_mixed(tmp_path / "kept", {0: 2, 2: 1}, tmp_path / "mixed" / "mixed.jsonl")
+    lines = (tmp_path / "mixed" / "mixed.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["text"] for line in lines] == ["alpha beta", "alpha beta", "delta epsilon zeta"]
+
+
 def test_plan_mixture_exact_shares_up_and_down():
     rng = random.Random(0)
     domains = ["code"] * 300 + ["en"] * 900 + ["zh"] * 40

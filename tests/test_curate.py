@@ -260,6 +260,16 @@ def test_mixing_streams_the_kept_documents(tmp_path):
     assert [json.loads(line)["text"] for line in lines] == ["alpha beta", "alpha beta", "delta epsilon zeta"]
 
 
+def test_cluster_sizes_from_the_removed_copies_when_the_kept_one_lacks_them():
+    from kunlunbaize.data.curate.report import cluster_sizes
+
+    kept = [{"metadata": {}}, {"metadata": {"minhash_cluster_id": 0, "minhash_cluster_size": 3}}]
+    removed = [{"metadata": {"minhash_cluster_id": 0, "minhash_cluster_size": 3}},
+               {"metadata": {"minhash_cluster_id": 0, "minhash_cluster_size": 3}},
+               {"metadata": {"minhash_cluster_id": 7, "minhash_cluster_size": 2}}]  # its kept copy: no metadata
+    assert cluster_sizes(kept + removed) == {"2": 1, "3": 1}
+
+
 def test_plan_mixture_exact_shares_up_and_down():
     rng = random.Random(0)
     domains = ["code"] * 300 + ["en"] * 900 + ["zh"] * 40

@@ -25,6 +25,7 @@ from .steps import Source, iter_jsonl_docs
 
 _NAMED = re.compile(r"^([A-Za-z][\w.-]*)=(.+)$")
 SETTINGS_FILE = "curate_settings.json"
+_DUP = "near_duplicate"  # the removal folder of MinHash's duplicates
 
 
 def parse_sources(sources: Sequence[str]) -> list[Source]:
@@ -174,7 +175,7 @@ def curate(sources: Sequence[str], out: str | os.PathLike[str], *, work: str | o
     report = {"settings": {**settings, "mix": mix, "mix_tokens": mix_tokens, "executor": executor.kind,
                            "workers": executor.workers, "minhash": str(minhash_config(similarity))},
               "seconds_curation": round(curated, 2), "stages": stage_table(removed, len(kept), sum(tokens)),
-              "removed": removed, "cluster_sizes": cluster_sizes(kept),
+              "removed": removed, "cluster_sizes": cluster_sizes([*kept, *iter_jsonl_docs(work / "removed" / _DUP)]),
               "languages": dict(Counter(r.get("metadata", {}).get("language", "?") for r in kept).most_common()),
               "mixture": _mixture(domains, tokens, plan, mix)}
     write_report(out, report)

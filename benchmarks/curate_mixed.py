@@ -67,7 +67,7 @@ def short_texts(code: str, n: int, rng: random.Random) -> list[str]:
     untranslated = _sentences("en") if code != "en" else set()
     sentences = []
     for s in sorted(_sentences(code) - untranslated):
-        if not 20 <= len(s) <= 120 or "http" in s or "/" in s:
+        if not 20 <= len(s) <= 120 or "http" in s or "/" in s or re.search(r"\d\.$", s):  # "… 15.2.": a heading
             continue
         if (len(CJK.findall(s)) / len(s) < 0.5) if code == "zh" else (len(s.split()) < 4 or CJK.search(s)):
             continue

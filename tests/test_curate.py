@@ -11,6 +11,7 @@ import glob
 import heapq
 import json
 import keyword
+import os
 import random
 import shlex
 import string
@@ -383,3 +384,29 @@ def test_slurm_executor_gives_the_local_result(curated, tmp_path):
     assert slurm_out == tmp_path / "data"
     assert _outcome(slurm_out) == _outcome(local_out)
     assert list((work / "logs" / "filter" / "slurm_logs").glob("*.out"))  # it did run as Slurm jobs
+
+
+@pytest.mark.parametrize(("output", "rc", "expect"), [
+    ("", 1, None),  # "Invalid job id": Slurm forgot the jobs, long finished
+    ("16_[0-1]|PENDING|Dependency\n14_1|RUNNING|None\n", 0, "Slurm job(s) 14, 16 of this curation are still "
+                                                           "pending/running"),
+    ("16_[0-1]|PENDING|DependencyNeverSatisfied\n", 0, DataError),
+])
+def test_slurm_rerun_waits_for_queued_jobs_and_names_a_failed_stage(tmp_path, monkeypatch, output, rc, expect):
+    from kunlunbaize.data.curate.slurm import JOBS_FILE, check_queue
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    squeue = bin_dir / "squeue"  # Slurm's squeue as it answers `squeue -h -j IDS -o %i|%T|%r`
+    squeue.write_text(f"#!/bin/sh\nprintf '{output}'\n" + (f"echo 'Invalid job id specified' >&2\nexit {rc}\n"
+                                                           if rc else ""))
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    (tmp_path / JOBS_FILE).write_text('["14", "16"]')
+    if expect is DataError:
+        with pytest.raises(DataError, match=r"job\(s\) 16 wait on it.*scancel 16"):
+            check_queue(tmp_path)
+    elif expect is None:
+        assert check_queue(tmp_path) is None
+    else:
+        assert check_queue(tmp_path).startswith(expect)

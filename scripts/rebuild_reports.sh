@@ -11,3 +11,6 @@ K=${KUNLUN:-.venv/bin/kunlun}
     --eval bpb,arith,arith-mc --eval-limit 200 --report-only --out results/ablation-plain-nodense
 "$K" ablate --variants full,llama --seeds 0 --match tokens --tokens 2000000 --eval bpb --report-only \
     --out results/ablation-2m
+# kunlun curate on the stdlib + Debian FAQ corpus: its curation_report.md and plot from the raw curation_report.json
+PY=${PYTHON:-.venv/bin/python}
+PYTHONPATH=src "$PY" benchmarks/curate_mixed.py --report-only --out results/curate-mixed

@@ -24,7 +24,8 @@ Intermediate files live in --work (default: <out>.curate); rerunning the same co
 examples:
   kunlun curate crawl/ --out data/web --languages en,zh
   kunlun curate code=src/ math=math.jsonl web=crawl/ --mix code=0.4,math=0.2,web=0.4 --out data/mix
-  kunlun curate crawl/ --out data/web --executor slurm --slurm-partition cpu --tasks 512
+  kunlun curate crawl/ --out data/web --executor slurm --slurm-partition cpu --tasks 512   # rerun when done
+  RAY_ADDRESS=auto kunlun curate crawl/ --out data/web --executor ray --workers 16 --tasks 64
 """
 
 
@@ -51,7 +52,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--decode-errors", choices=DECODE_ERRORS, default="replace",
                    help="non-UTF-8 text: replace bad bytes, or skip the file (default: %(default)s)")
     p.add_argument("--executor", choices=("local", "slurm", "ray"), default="local",
-                   help="datatrove executor: local processes, Slurm jobs, or a Ray cluster (default: local)")
+                   help="datatrove executor: local processes, Slurm jobs (submitted; rerun the same command when "
+                        "they are done), or the Ray cluster RAY_ADDRESS names, else a local one (default: local)")
     p.add_argument("--workers", type=int_at_least(1), default=1, help="parallel local/Ray workers (default: 1)")
     p.add_argument("--tasks", type=int_at_least(1), default=None,
                    help="datatrove tasks (shards of the input) per stage (default: --workers)")

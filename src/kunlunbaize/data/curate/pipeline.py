@@ -38,12 +38,22 @@ from datatrove.pipeline.writers import JsonlWriter
 
 from ..format import DataError
 from .lsh import lsh_params
-from .steps import CodeQualityFilter, LanguageTagger, NotEmpty, ProseOnly, Source, SourceReader, WhitespaceFormatter
+from .slurm import env_command
+from .steps import (
+    AlphaWordsFilter,
+    CodeQualityFilter,
+    LanguageTagger,
+    NotEmpty,
+    ProseOnly,
+    Source,
+    SourceReader,
+    WhitespaceFormatter,
+)
 
 EXECUTORS = ("local", "slurm", "ray")
 ENGLISH_RULES = ["en"]  # the Gopher, C4 and FineWeb rules and stop words are English ones
 # removal folders in pipeline order (the report lists them so)
-FILTERS = ("empty", "language", "code_quality", "gopher_repetition", "gopher_quality", "c4", "fineweb",
+FILTERS = ("empty", "language", "code_quality", "gopher_repetition", "gopher_quality", "gopher_alpha", "c4", "fineweb",
            "repetition_other_languages", "near_duplicate")
 STAGES = ("filter", "minhash-signatures", "minhash-buckets", "minhash-clusters", "dedup")
 
@@ -81,7 +91,10 @@ def filter_pipeline(work: Path, sources: list[Source], *, text_field: str, decod
         LanguageTagger(languages, exclusion_writer=_removed(work, "language")),
         CodeQualityFilter(exclusion_writer=_removed(work, "code_quality")),
         ProseOnly(GopherRepetitionFilter(), only=ENGLISH_RULES, exclusion_writer=_removed(work, "gopher_repetition")),
-        ProseOnly(GopherQualityFilter(), only=ENGLISH_RULES, exclusion_writer=_removed(work, "gopher_quality")),
+        # Gopher's alphabetic-words rule on whitespace words, as the paper states it (see AlphaWordsFilter)
+        ProseOnly(GopherQualityFilter(max_non_alpha_words_ratio=None), only=ENGLISH_RULES,
+                  exclusion_writer=_removed(work, "gopher_quality")),
+        ProseOnly(AlphaWordsFilter(), only=ENGLISH_RULES, exclusion_writer=_removed(work, "gopher_alpha")),
         ProseOnly(C4QualityFilter(filter_no_terminal_punct=False), only=ENGLISH_RULES,
                   exclusion_writer=_removed(work, "c4")),
         ProseOnly(FineWebQualityFilter(), only=ENGLISH_RULES, exclusion_writer=_removed(work, "fineweb")),
@@ -121,17 +134,22 @@ def _executor_factory(options: ExecutorOptions) -> Callable[..., Any]:
 
         if not options.partition:
             raise DataError("--executor slurm needs --slurm-partition (the Slurm partition to submit the jobs to)")
+        extra = {"env_command": env_command(), **options.extra}
         return lambda pipeline, tasks, logs, depends: SlurmPipelineExecutor(
             pipeline, tasks=tasks, time=options.time, partition=options.partition, logging_dir=logs,
-            depends=depends, job_name=f"kunlun-curate-{Path(logs).name}", **options.extra)
+            depends=depends, job_name=f"kunlun-curate-{Path(logs).name}", **extra)
     if options.kind == "ray":
         try:
-            import ray  # noqa: F401
+            import ray
             from datatrove.executor.ray import RayPipelineExecutor
         except ImportError:
-            raise DataError("--executor ray needs Ray: pip install 'ray[default]'") from None
+            raise DataError("--executor ray needs Ray: pip install 'kunlunbaize[curate]'") from None
+        if not ray.is_initialized():
+            ray.init()  # the cluster RAY_ADDRESS names, else a new local one
+        # one Ray job per worker and stage: each job starts a Python that imports datatrove, spaCy and lingua
         return lambda pipeline, tasks, logs, depends: RayPipelineExecutor(
-            pipeline, tasks=tasks, workers=options.workers, logging_dir=logs, depends=depends)
+            pipeline, tasks=tasks, workers=options.workers, logging_dir=logs, depends=depends,
+            tasks_per_job=-(-tasks // options.workers))
     raise DataError(f"--executor must be one of {', '.join(EXECUTORS)}, got {options.kind!r}")
 
 
@@ -150,10 +168,15 @@ def build_executors(work: Path, sources: list[Source], options: ExecutorOptions,
 
 
 def run_stages(executors: list[Any], kind: str) -> bool:
-    """Run the stages; True when all are complete (a Slurm submission returns before they are)."""
+    """Run the stages; True when all are complete (a Slurm submission returns before they are). A stage left with
+    failed tasks (Ray gives up on a task after three tries) stops the run before the next stage waits for it."""
     if kind == "slurm":
         executors[-1].run()  # submits every stage, chained by dependencies
-    else:
-        for executor in executors:
-            executor.run()
-    return all(not executor.get_incomplete_ranks() for executor in executors)
+        return all(not executor.get_incomplete_ranks() for executor in executors)
+    for stage, executor in zip(STAGES, executors, strict=True):
+        executor.run()
+        if failed := executor.get_incomplete_ranks():
+            raise DataError(f"curation stage {stage} left {len(failed)} of {executor.world_size} task(s) unfinished; "
+                            f"see the logs under {executor.logging_dir.path}, fix the cause and rerun the same "
+                            f"command to resume")
+    return True

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +45,17 @@ def stage_table(removed: dict[str, dict[str, Any]], kept_docs: int, kept_tokens:
     return rows[::-1]
 
 
-def cluster_sizes(kept: list[dict[str, Any]]) -> dict[str, int]:
-    """How many duplicate clusters (a kept document and the copies removed for it) have each size."""
-    sizes = Counter(int(r.get("metadata", {}).get("minhash_cluster_size", 1)) for r in kept)
-    return {str(k): v for k, v in sorted(sizes.items()) if k > 1}
+def cluster_sizes(records: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """How many duplicate clusters (a kept document and the copies removed for it) have each size, from the cluster
+    ids and sizes datatrove puts on ``records`` (kept and removed documents). The removed copies always carry them;
+    the kept one not when its task removed nothing (datatrove's filter then skips the metadata)."""
+    clusters: dict[int, int] = {}
+    for r in records:
+        meta = r.get("metadata", {})
+        cluster, size = int(meta.get("minhash_cluster_id", -1)), int(meta.get("minhash_cluster_size", 1))
+        if cluster >= 0 and size > 1:
+            clusters[cluster] = size
+    return {str(k): v for k, v in sorted(Counter(clusters.values()).items())}
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,12 @@ from ..tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from .mix import plan_mixture
 from .pipeline import ExecutorOptions, build_executors, minhash_config, run_stages
 from .report import cluster_sizes, removals, stage_table, write_report
+from .slurm import check_queue, record_jobs
 from .steps import Source, iter_jsonl_docs
 
 _NAMED = re.compile(r"^([A-Za-z][\w.-]*)=(.+)$")
 SETTINGS_FILE = "curate_settings.json"
+_DUP = "near_duplicate"  # the removal folder of MinHash's duplicates
 
 
 def parse_sources(sources: Sequence[str]) -> list[Source]:
@@ -62,15 +64,19 @@ def _domain(record: dict[str, Any]) -> str:
     return meta.get("label") or ("code" if meta.get("kind") == "code" else meta.get("language", "unknown"))
 
 
-def _tokenizer(kept: list[dict[str, Any]], tokenizer: str | os.PathLike[str] | None, vocab_size: int,
-               folder: Path) -> Any:
-    """The dataset's tokenizer (``tokenizer``, or a byte-level BPE trained on ``kept``), saved into ``folder``."""
+def _texts(folder: Path) -> Iterator[str]:
+    return (r["text"] for r in iter_jsonl_docs(folder))
+
+
+def _tokenizer(folder: Path, tokenizer: str | os.PathLike[str] | None, vocab_size: int, save_to: Path) -> Any:
+    """The dataset's tokenizer (``tokenizer``, or a byte-level BPE trained on the documents of ``folder``, read as a
+    stream), saved into ``save_to``."""
     if tokenizer is not None:
         tok, eot = load_tokenizer(tokenizer)
     else:
-        tok, eot = train_tokenizer((r["text"] for r in kept), vocab_size, length=len(kept)), "<|endoftext|>"
-    folder.mkdir(exist_ok=True)
-    save_tokenizer(tok, folder, eot)
+        tok, eot = train_tokenizer(_texts(folder), vocab_size), "<|endoftext|>"
+    save_to.mkdir(exist_ok=True)
+    save_tokenizer(tok, save_to, eot)
     return tok
 
 
@@ -79,12 +85,29 @@ def _counter(tok: Any) -> Callable[[list[str]], list[int]]:
     return lambda texts: [len(e.ids) + 1 for e in tok.encode_batch(texts)] if texts else []
 
 
-def _write_mixed(kept: list[dict[str, Any]], plan: dict[int, int], path: Path) -> None:
+def _summary(folder: Path, count: Callable[[list[str]], list[int]],
+             batch_size: int = 1000) -> tuple[list[dict[str, Any]], list[int]]:
+    """The id and metadata of every document of ``folder`` and its tokens; the texts are read as a stream, a batch
+    at a time, never all held in memory."""
+    records: list[dict[str, Any]] = []
+    tokens: list[int] = []
+    batch: list[str] = []
+    for r in iter_jsonl_docs(folder):
+        records.append({"id": r["id"], "metadata": r.get("metadata", {})})
+        batch.append(r["text"])
+        if len(batch) == batch_size:
+            tokens += count(batch)
+            batch.clear()
+    return records, tokens + count(batch)
+
+
+def _write_mixed(folder: Path, plan: dict[int, int], path: Path) -> None:
+    """Each document of ``folder`` as many times as ``plan`` says (by position), streamed into ``path``."""
     path.parent.mkdir(exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for i in sorted(plan):
-            line = json.dumps({"text": kept[i]["text"]}, ensure_ascii=False) + "\n"
-            f.write(line * plan[i])
+        for i, text in enumerate(_texts(folder)):
+            if plan.get(i):
+                f.write((json.dumps({"text": text}, ensure_ascii=False) + "\n") * plan[i])
 
 
 def _mixture(domains: list[str], tokens: list[int], plan: dict[int, int],
@@ -123,24 +146,28 @@ def curate(sources: Sequence[str], out: str | os.PathLike[str], *, work: str | o
     settings = {"sources": [str(s) for s in sources], "similarity": similarity, "languages": languages,
                 "tasks": tasks, "text_field": text_field, "decode_errors": decode_errors}
     _check_work(work, settings, restart)
+    if executor.kind == "slurm" and (busy := check_queue(work)):
+        say(busy)
+        return None
     started = time.perf_counter()
     executors = build_executors(work, resolved, executor, tasks=tasks, similarity=similarity, text_field=text_field,
                                 decode_errors=decode_errors, languages=languages)
     if not run_stages(executors, executor.kind):
+        record_jobs(work, executors)
         say(f"curation stages submitted ({executor.kind}); rerun the same command when they are done to mix, "
             f"tokenize and write {out}")
         return None
     curated = time.perf_counter() - started
-    kept = list(iter_jsonl_docs(work / "deduped"))
-    if not kept:
+    deduped = work / "deduped"
+    if next(iter_jsonl_docs(deduped), None) is None:
         raise DataError(f"no documents left after curating {len(resolved)} input file(s); see the removed "
                         f"documents under {work / 'removed'}, or relax --languages / --similarity")
-    tok = _tokenizer(kept, tokenizer, vocab_size, work / "tokenizer")
-    count = _counter(tok)
-    tokens, domains = count([r["text"] for r in kept]), [_domain(r) for r in kept]
+    count = _counter(_tokenizer(deduped, tokenizer, vocab_size, work / "tokenizer"))
+    kept, tokens = _summary(deduped, count)  # ids and metadata only
+    domains = [_domain(r) for r in kept]
     plan = (plan_mixture(domains, tokens, [r["id"] for r in kept], mix, total_tokens=mix_tokens, seed=seed)
             if mix else {i: 1 for i in range(len(kept))})
-    _write_mixed(kept, plan, work / "mixed" / "mixed.jsonl")
+    _write_mixed(deduped, plan, work / "mixed" / "mixed.jsonl")
     removed = removals(work, count)  # before the dataset is published: a failure here leaves no report-less out
     prepare([work / "mixed"], out, tokenizer=work / "tokenizer", val_fraction=val_fraction,
             shard_tokens=shard_tokens, workers=executor.workers, overwrite=overwrite, dedup=False,
@@ -148,7 +175,7 @@ def curate(sources: Sequence[str], out: str | os.PathLike[str], *, work: str | o
     report = {"settings": {**settings, "mix": mix, "mix_tokens": mix_tokens, "executor": executor.kind,
                            "workers": executor.workers, "minhash": str(minhash_config(similarity))},
               "seconds_curation": round(curated, 2), "stages": stage_table(removed, len(kept), sum(tokens)),
-              "removed": removed, "cluster_sizes": cluster_sizes(kept),
+              "removed": removed, "cluster_sizes": cluster_sizes([*kept, *iter_jsonl_docs(work / "removed" / _DUP)]),
               "languages": dict(Counter(r.get("metadata", {}).get("language", "?") for r in kept).most_common()),
               "mixture": _mixture(domains, tokens, plan, mix)}
     write_report(out, report)

@@ -376,9 +376,9 @@ def test_slurm_executor_gives_the_local_result(curated, tmp_path):
     submitted = (work / JOBS_FILE).read_text()
     assert _curate(local_out.parent, tmp_path / "data", options) is None  # still queued: not submitted again
     assert (work / JOBS_FILE).read_text() == submitted
-    deadline = time.monotonic() + 1200
+    deadline = time.monotonic() + 480
     while check_queue(work) is not None:
-        assert time.monotonic() < deadline, f"Slurm jobs {submitted} not done in 20 minutes"
+        assert time.monotonic() < deadline, f"Slurm jobs {submitted} not done in 8 minutes"
         time.sleep(5)
     slurm_out = _curate(local_out.parent, tmp_path / "data", options)  # the same command again: mix and write
     assert slurm_out == tmp_path / "data"

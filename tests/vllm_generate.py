@@ -2,8 +2,8 @@
 
     python tests/vllm_generate.py JOB.json OUT.json
 
-JOB: {"model": EXPORT, "prompts": [[ids] …], "max_tokens": N,
-      "runs": [{"name": NAME, "engine": {LLM keyword arguments}, "repeat": R}, …]}
+JOB: {"prompts": [[ids] …], "max_tokens": N,
+      "runs": [{"name": NAME, "model": EXPORT, "engine": {LLM keyword arguments}, "repeat": R}, …]}
 OUT: {NAME: [{"tokens": [[ids] …], "cached": [num_cached_tokens …]} per repeat]}
 Every prompt of a run goes to vLLM in one call (continuous batching); float32, greedy, end-of-text ignored.
 """
@@ -18,12 +18,13 @@ import sys
 def main(job_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    job = json.loads(open(job_path, encoding="utf-8").read())
+    with open(job_path, encoding="utf-8") as f:
+        job = json.load(f)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
     results = {}
     for run in job["runs"]:
-        llm = LLM(model=job["model"], dtype="float32", enforce_eager=True, seed=0, **run["engine"])
+        llm = LLM(model=run["model"], dtype="float32", enforce_eager=True, seed=0, **run["engine"])
         passes = []
         for _ in range(run.get("repeat", 1)):
             outs = llm.generate(prompts, params, use_tqdm=False)

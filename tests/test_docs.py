@@ -51,6 +51,9 @@ PARSE_ONLY = {
                                "and stops it with SIGTERM",
     r"127\.0\.0\.1:8000": "talks to a running `kunlun serve`; test_serve.py sends these requests (the openai "
                           "client, raw HTTP, lm-eval's local-completions) to a server on a free port",
+    r"setup-vllm\.sh|\.venv-vllm|\bvllm\b": "vLLM in its own environment (scripts/setup-vllm.sh: ~3.5 GB, "
+                                            "minutes); tests/test_vllm.py runs vLLM offline and its OpenAI server "
+                                            "on tiny exports",
 }
 NEEDS_GPU = re.compile(r"--device cuda|device=\"cuda\"|\.cuda\(\)")
 PLACEHOLDER = re.compile(r"…|\[|\b(OUT|DIR|PATH|N|TASKS|RUN)\b")

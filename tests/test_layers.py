@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"checkpoint"},
     {"train", "infer"},
     {"hf"},
-    {"eval", "serve"},
+    {"eval", "serve", "vllm"},
     {"ablate", "posttrain", "demo", "lm_eval"},
     {"cli"},
 ]

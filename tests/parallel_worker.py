@@ -93,8 +93,8 @@ def compare(cfg, sizes, spec, env, tmp: Path, resume: bool, recompute: bool) -> 
 def resume_elsewhere(cfg, spec, env, tmp: Path, par, opt_par, ref, opt_ref, batch) -> dict:
     """Save the placed model's checkpoint, load it on each layout of ``spec["resume_on"]`` and take the next step
     there: its loss and parameters against the reference's next step."""
-    ckpt = save_checkpoint(tmp, spec["steps"], par, opt_par, {"step": spec["steps"], "consumed_samples": 0, "tokens": 0},
-                           None, keep_last=0)
+    state = {"step": spec["steps"], "consumed_samples": 0, "tokens": 0}
+    ckpt = save_checkpoint(tmp, spec["steps"], par, opt_par, state, None, keep_last=0)
     want = train_step(ref, opt_ref, micro_batches(batch, spec["accum"], None, 0), grad_clip=1.0,
                       loss_kwargs={"logits": False})
     diffs = {}

@@ -75,7 +75,7 @@ def test_models_that_do_not_split_over_tp_are_refused(overrides, seq_len, messag
 
 def test_kunlun_train_refuses_a_layout_before_starting(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
-    code, out, err = run_main(capsys, "train", "--tp", "3")
+    code, _, err = run_main(capsys, "train", "--tp", "3")
     assert code == 2 and "--tp 3 = 3 does not divide the 4 ranks" in err and len(err.strip().splitlines()) == 1
 
 
@@ -142,3 +142,37 @@ def test_dp2_tp2_and_hsdp_tp2_equal_one_process_and_reshard_to_dp4(tmp_path):
                                     "resume_on": [[1, 4, 1], None]})
     assert len(results) == 2
     _assert_equal(results)
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.distributed
+def test_kunlun_train_tp2_resumes_across_layouts_and_exports(dataset, tmp_path, capsys):
+    """Through ``kunlun train``: tp2 (with gradient accumulation) gives the one-process losses; its checkpoint
+    resumes in one process, a one-process checkpoint resumes on tp2, both with the one-process losses after; a
+    tp2 checkpoint exports with ``kunlun export --hf``."""
+    from .test_train import _cli, _common, _run, _torchrun, losses
+
+    tokens, micro = 32 * 4 * 4, ("--micro-batch-size", "2")
+    one = _run(_cli(*_common(dataset, tmp_path / "one", tokens, *micro, "--ckpt-every", "2", "--keep-last", "0",
+                             "--sample-tokens", "0")))
+    assert one.returncode == 0, one.stdout + one.stderr
+    want = losses(tmp_path / "one")
+    # tp2 for two steps, then one process for the rest, in one run folder
+    out = tmp_path / "tp_then_one"
+    tp = _run(_torchrun(2, *_common(dataset, out, tokens, *micro, "--tp", "2", "--stop-at-step", "2")))
+    assert tp.returncode == 0, tp.stdout + tp.stderr
+    assert "dp_replicate 1 x dp_shard 1 x tp 2 (none)" in tp.stdout + tp.stderr
+    rest = _run(_cli(*_common(dataset, out, tokens, *micro, "--sample-tokens", "0")))
+    assert rest.returncode == 0 and "resumed from" in rest.stderr, rest.stdout + rest.stderr
+    # one process's step-2 checkpoint resumed on tp2
+    again = _run(_torchrun(2, *_common(dataset, tmp_path / "one_then_tp", tokens, *micro, "--tp", "2", "--resume",
+                                       str(tmp_path / "one" / "checkpoints" / "step_00000002"))))
+    assert again.returncode == 0, again.stdout + again.stderr
+    got, resumed = losses(out), losses(tmp_path / "one_then_tp")
+    assert sorted(got) == [1, 2, 3, 4] and sorted(resumed) == [3, 4]
+    assert max(abs(got[s] - want[s]) for s in want) < 1e-4
+    assert max(abs(resumed[s] - want[s]) for s in resumed) < 1e-4
+    code, text, err = run_main(capsys, "export", "--hf", str(tmp_path / "hf"), "--checkpoint",
+                               str(tmp_path / "one_then_tp"))
+    assert code == 0 and "reloaded logits identical" in text + err, err

@@ -138,7 +138,7 @@ def test_tp2_equals_one_process_for_the_model_and_every_switch(tmp_path):
 def test_dp2_tp2_and_hsdp_tp2_equal_one_process_and_reshard_to_dp4(tmp_path):
     """4 ranks: FSDP2 over dp_shard 2 × tp 2 and HSDP (dp_replicate 2) × tp 2; the dp2×tp2 checkpoint resumed on
     dp_shard 4 and in one process."""
-    results = _worker(tmp_path, 4, {"layouts": [[1, 2, 2], [2, 1, 2]], "configs": [FULL],
+    results = _worker(tmp_path, 4, {"layouts": [[1, 2, 2], [2, 1, 2]], "configs": [FULL], "batch": 8,
                                     "resume_on": [[1, 4, 1], None]})
     assert len(results) == 2
     _assert_equal(results)

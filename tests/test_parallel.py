@@ -44,6 +44,7 @@ def test_tensor_parallel_ranks_share_a_data_parallel_rank():
     layout = Layout(2, 1, 2, "fsdp")
     assert [layout.dp_rank(r) for r in range(4)] == [0, 0, 1, 1] and layout.dp == 2
     assert layout.describe() == "dp_replicate 2 x dp_shard 1 x tp 2 (fsdp)"
+    assert Layout(1, 4, 1, "fsdp").describe() == "fsdp" and Layout(1, 1, 1, "none").describe() == "none"
 
 
 @pytest.mark.parametrize(("world", "kw", "message"), [

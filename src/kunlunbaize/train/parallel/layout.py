@@ -52,7 +52,10 @@ class Layout:
         return self.dp_replicate, self.dp_shard, self.tp
 
     def describe(self) -> str:
-        """E.g. ``dp_replicate 1 x dp_shard 2 x tp 2 (fsdp)``."""
+        """E.g. ``dp_replicate 1 x dp_shard 2 x tp 2 (fsdp)``; a layout of one dimension is its wrapper's name
+        (``none``, ``ddp``, ``fsdp``), as ``--parallel`` says it."""
+        if self.tp == 1 and min(self.dp_replicate, self.dp_shard) == 1:
+            return self.wrap
         return " x ".join(f"{n} {s}" for n, s in zip(MESH_DIMS, self.shape, strict=True)) + f" ({self.wrap})"
 
 

@@ -89,6 +89,17 @@ def test_an_architecture_without_a_plan_is_refused_tensor_parallelism():
         tensor_parallel(object(), llama, Layout(1, 1, 2, "none"), None)
 
 
+def test_tensor_parallelism_on_an_old_torch_is_refused_with_the_version(monkeypatch):
+    import torch
+    from torch.torch_version import TorchVersion
+
+    from kunlunbaize.train.parallel.mesh import tensor_parallel
+
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.5.1"))
+    with pytest.raises(LayoutError, match=r"--tp needs torch >= 2.6 .*this is torch 2.5.1"):
+        tensor_parallel(object(), get_arch("kunlunbaize"), Layout(1, 1, 2, "none"), None)
+
+
 # --- real ranks: the same numbers as one process ---------------------------------------------------------------
 
 def _env() -> dict[str, str]:

@@ -17,6 +17,9 @@ from ...arch import ArchSpec
 from ..distributed import DistEnv
 from .layout import MESH_DIMS, Layout, LayoutError
 
+TP_MIN_TORCH = "2.6"
+"""The oldest torch ``--tp`` runs on: public ``torch.distributed.tensor`` and ``torch.distributed.fsdp.fully_shard``."""
+
 
 def build_mesh(layout: Layout, env: DistEnv) -> DeviceMesh | None:
     """The ``dp_replicate × dp_shard × tp`` mesh of the process group (None in a single process)."""
@@ -44,6 +47,9 @@ def tensor_parallel(model: nn.Module, spec: ArchSpec, layout: Layout, mesh: Devi
     """Apply ``spec``'s tensor-parallel plan over ``mesh["tp"]`` when ``layout.tp`` > 1 (in place)."""
     placed = PlacedModel(wrapped=model, loss_kwargs=spec.train_kwargs())
     if layout.tp > 1:
+        if torch.__version__ < TP_MIN_TORCH:
+            raise LayoutError(f"--tp needs torch >= {TP_MIN_TORCH} (DTensor tensor parallelism with FSDP2; tested on "
+                              f"2.13), this is torch {torch.__version__}; upgrade torch or train with --tp 1")
         try:
             plan = spec.hook("parallelize")
         except NotImplementedError:

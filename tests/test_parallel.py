@@ -160,12 +160,12 @@ def test_dp2_tp2_and_hsdp_tp2_equal_one_process_and_reshard_to_dp4(tmp_path):
 @pytest.mark.subprocess
 @pytest.mark.distributed
 def test_kunlun_train_tp2_resumes_across_layouts_and_exports(dataset, tmp_path, capsys):
-    """Through ``kunlun train``: tp2 (with gradient accumulation) gives the one-process losses; its checkpoint
-    resumes in one process, a one-process checkpoint resumes on tp2, both with the one-process losses after; a
-    tp2 checkpoint exports with ``kunlun export --hf``."""
+    """Through ``kunlun train``: tp2 (with the batch ramp, 2 → 4 sequences, and gradient accumulation) gives the
+    one-process losses; its checkpoint resumes in one process, a one-process checkpoint resumes on tp2, both with
+    the one-process losses after; a tp2 checkpoint exports with ``kunlun export --hf``."""
     from .test_train import _cli, _common, _run, _torchrun, losses
 
-    tokens, micro = 32 * 4 * 4, ("--micro-batch-size", "2")
+    tokens, micro = 32 * 4 * 4, ("--micro-batch-size", "2", "--batch-size-start", "2")
     one = _run(_cli(*_common(dataset, tmp_path / "one", tokens, *micro, "--ckpt-every", "2", "--keep-last", "0",
                              "--sample-tokens", "0")))
     assert one.returncode == 0, one.stdout + one.stderr
@@ -182,7 +182,8 @@ def test_kunlun_train_tp2_resumes_across_layouts_and_exports(dataset, tmp_path, 
                                        str(tmp_path / "one" / "checkpoints" / "step_00000002"))))
     assert again.returncode == 0, again.stdout + again.stderr
     got, resumed = losses(out), losses(tmp_path / "one_then_tp")
-    assert sorted(got) == [1, 2, 3, 4] and sorted(resumed) == [3, 4]
+    assert len(want) == 5  # the first step at 2 sequences (one micro-batch), then 4 (two accumulated)
+    assert sorted(got) == sorted(want) and sorted(resumed) == [s for s in sorted(want) if s > 2]
     assert max(abs(got[s] - want[s]) for s in want) < 1e-4
     assert max(abs(resumed[s] - want[s]) for s in resumed) < 1e-4
     code, text, err = run_main(capsys, "export", "--hf", str(tmp_path / "hf"), "--checkpoint",

@@ -40,6 +40,13 @@ def test_layout_from_the_options(world, kw, want):
     assert resolve_layout(world, **kw) == want
 
 
+def test_the_layout_is_checked_without_importing_torch():
+    code = ("import sys, kunlunbaize.train.parallel.layout as m; m.resolve_layout(4, tp=2); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_tensor_parallel_ranks_share_a_data_parallel_rank():
     layout = Layout(2, 1, 2, "fsdp")
     assert [layout.dp_rank(r) for r in range(4)] == [0, 0, 1, 1] and layout.dp == 2

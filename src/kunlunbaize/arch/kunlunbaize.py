@@ -28,5 +28,6 @@ KUNLUNBAIZE = ArchSpec(
     fused_loss=True,
     hf_model_type="kunlunbaize",
     hooks={"generator": "kunlunbaize.infer.generator:kunlunbaize_generator",
-           "export": "kunlunbaize.hf.export:export_hf"},
+           "export": "kunlunbaize.hf.export:export_hf",
+           "parallelize": "kunlunbaize.train.parallel.kunlunbaize:parallelize"},
 )

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 HOOKS = ("generator", "export", "parallelize")
 """The hooks a spec may name: ``generator(ckpt, device, dtype) -> infer.Generator`` (infer), ``export(ckpt, out,
-**kw)`` (hf), ``parallelize(model, mesh, cfg)`` (train; none yet)."""
+**kw)`` (hf), ``parallelize(model, mesh) -> training forward kwargs`` (train: tensor + sequence parallelism over
+``mesh["tp"]``, in place)."""
 
 
 @dataclass(frozen=True)

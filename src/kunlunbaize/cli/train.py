@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 from typing import Any
 
@@ -42,7 +43,14 @@ def add_parser(sub: Any) -> None:
     tr.add_argument("--ckpt-every", dest="ckpt_every", type=POSITIVE)
     tr.add_argument("--keep-last", dest="keep_last", type=NONNEGATIVE)
     tr.add_argument("--resume", help="auto (default): newest checkpoint in --out; none; or a checkpoint folder")
-    tr.add_argument("--parallel", choices=["auto", "none", "ddp", "fsdp"])
+    tr.add_argument("--parallel", choices=["auto", "none", "ddp", "fsdp"],
+                    help="every rank data-parallel: ddp (auto under torchrun) = --dp-replicate N, fsdp = --dp-shard N")
+    tr.add_argument("--dp-replicate", dest="dp_replicate", type=POSITIVE,
+                    help="data-parallel replicas of the mesh (default 1; HSDP with --dp-shard)")
+    tr.add_argument("--dp-shard", dest="dp_shard", type=POSITIVE,
+                    help="data-parallel FSDP2 shards of the mesh (default: the ranks left over)")
+    tr.add_argument("--tp", type=POSITIVE, help="tensor + sequence parallel ranks (default 1); "
+                                                "see docs/guide-parallel.md")
     tr.add_argument("--device", help="auto, cpu, cuda")
     tr.add_argument("--dtype", choices=["auto", "fp32", "bf16"])
     tr.add_argument("--activation-checkpointing", dest="activation_checkpointing", action="store_true",
@@ -59,6 +67,7 @@ def add_parser(sub: Any) -> None:
 
 def _train_config(args: argparse.Namespace):
     """The TrainConfig of the arguments; settings that contradict each other are a UsageError naming the option."""
+    from ..train.parallel.layout import resolve_layout
     from ..train.trainer import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -69,6 +78,8 @@ def _train_config(args: argparse.Namespace):
     model_config(cfg.preset, args.set, ignore=("vocab_size",))  # the vocabulary is the data's
     try:
         cfg.validate()
+        # the layout against the ranks torchrun launched, before any process group exists
+        resolve_layout(int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel, cfg.dp_replicate, cfg.dp_shard, cfg.tp)
     except ValueError as e:
         raise UsageError(re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(e))) from None
     return cfg

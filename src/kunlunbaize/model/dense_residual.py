@@ -53,9 +53,14 @@ class DenseResidual(nn.Module):
     def reset_parameters(self) -> None:
         self.logits.reset_parameters()
 
+    def forward(self, layer: int) -> torch.Tensor:
+        """softmax(a_layer) over H_0 … H_layer (eq. 2), in float32: :meth:`weights`, as a module call (so a
+        parallel plan can hook it)."""
+        return torch.softmax(self.logits[layer].float(), dim=0)
+
     def weights(self, layer: int) -> torch.Tensor:
         """softmax(a_layer) over H_0 … H_layer (eq. 2), in float32."""
-        return torch.softmax(self.logits[layer].float(), dim=0)
+        return self(layer)
 
     def mix(self, layer: int, states: list[torch.Tensor]) -> torch.Tensor:
         """Σ_i softmax(a_layer)_i · states[i] over the ``layer + 1`` stored outputs H_0 … H_layer (eq. 1–2).

@@ -190,7 +190,7 @@ class KunlunBaizeTrunk:
         else:
             self._check_embeds(inputs_embeds, start, cache)
             emb = inputs_embeds
-        T = emb.shape[1]
+        T = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]  # emb may be a sequence shard (TP)
         positions = mask = valid = None
         if attention_mask is not None or (cache is not None and cache.padded):
             positions, mask, valid = self._padding(attention_mask, T, start, cache, emb.device)

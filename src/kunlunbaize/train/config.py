@@ -46,7 +46,10 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_last: int = 2
     resume: str = "auto"  # "auto": newest checkpoint in <out> if any; "none": fresh; or a checkpoint path
-    parallel: str = "auto"  # none | ddp | fsdp; auto: ddp under torchrun, none otherwise
+    parallel: str = "auto"  # none | ddp | fsdp; auto: ddp under torchrun, none otherwise (all ranks data-parallel)
+    dp_replicate: int | None = None  # data-parallel replicas (None: 1, or every rank under --parallel ddp/auto)
+    dp_shard: int | None = None  # data-parallel (FSDP2) shards (None: the ranks left over)
+    tp: int = 1  # tensor (+ sequence) parallel ranks
     device: str = "auto"
     dtype: str = "auto"  # fp32 | bf16; auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
@@ -90,6 +93,9 @@ class TrainConfig:
             ("ckpt_every", self.ckpt_every >= 1, ">= 1"), ("keep_last", self.keep_last >= 0, ">= 0 (0: keep all)"),
             ("resume", bool(self.resume), "auto, none or a checkpoint path"),
             ("parallel", self.parallel in ("auto", "none", "ddp", "fsdp"), "auto, none, ddp or fsdp"),
+            ("dp_replicate", opt(self.dp_replicate, lambda v: v >= 1), "None or >= 1"),
+            ("dp_shard", opt(self.dp_shard, lambda v: v >= 1), "None or >= 1"),
+            ("tp", self.tp >= 1, ">= 1"),
             ("dtype", self.dtype in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
             ("max_bad_steps", self.max_bad_steps >= 1, ">= 1"),
             ("peak_tflops", opt(self.peak_tflops, lambda v: real(v, 0, lo_open=True)), "None or > 0"),

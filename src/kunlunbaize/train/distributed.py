@@ -1,4 +1,4 @@
-"""Process group setup and model wrapping: single process, DDP, or FSDP2 (``fully_shard``).
+"""Process group setup and the collectives the loop needs (the mesh and the model's wrapping: :mod:`.parallel`).
 
 Under ``torchrun`` the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR …) selects the
 distributed path; the backend is NCCL on GPUs and gloo on CPUs.
@@ -56,27 +56,6 @@ def init_distributed(device: str = "auto") -> DistEnv:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def wrap_model(model: nn.Module, blocks: list[nn.Module], env: DistEnv, mode: str,
-               param_dtype: torch.dtype | None = None) -> nn.Module:
-    """Wrap for data parallelism: ``none``, ``ddp`` or ``fsdp`` (FSDP2: each block, then the root)."""
-    if mode == "none" or not env.distributed:
-        return model
-    if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-    if mode == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
-        kw = {"mp_policy": mp} if mp else {}
-        for block in blocks:
-            fully_shard(block, **kw)
-        fully_shard(model, **kw)
-        return model
-    raise ValueError(f"unknown data-parallel mode {mode!r}; choose none, ddp or fsdp")
 
 
 @contextlib.contextmanager

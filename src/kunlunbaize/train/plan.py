@@ -14,7 +14,7 @@ from .schedule import BatchRamp, LRSchedule
 @dataclass(frozen=True)
 class BatchPlan:
     """The batch layout of a run: every step is ``accumulation(global batch)`` micro-batches of ``micro``
-    sequences on each of ``world_size`` ranks."""
+    sequences on each of ``world_size`` data-parallel ranks (the ranks of a tensor-parallel group count once)."""
 
     micro: int
     """Sequences per micro-batch on one rank."""
@@ -41,7 +41,7 @@ class BatchPlan:
         return global_batch // self.granularity
 
     def first_sample(self, consumed: int, micro_step: int, rank: int) -> int:
-        """Global sample number of the first sequence of micro-step ``micro_step`` on ``rank``."""
+        """Global sample number of the first sequence of micro-step ``micro_step`` on data-parallel ``rank``."""
         return consumed + (micro_step * self.world_size + rank) * self.micro
 
 
@@ -65,14 +65,16 @@ def default_warmup(total_steps: int) -> int:
 
 
 def plan_batches(cfg: TrainConfig, world_size: int) -> BatchPlan:
-    """The batch layout of ``cfg`` on ``world_size`` ranks; ValueError when the batch does not split evenly."""
+    """The batch layout of ``cfg`` on ``world_size`` data-parallel ranks; ValueError when the batch does not split
+    evenly."""
     if cfg.batch_size % world_size:
-        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the number of ranks {world_size}")
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the number of data-parallel ranks "
+                         f"{world_size}")
     start = cfg.batch_size_start or max(world_size, round(cfg.batch_size * 3072 / 15360))
     micro = cfg.micro_batch_size or default_micro_batch(cfg.batch_size // world_size, max(1, start // world_size))
     granularity = micro * world_size
     if cfg.batch_size % granularity:
-        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size × ranks = "
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size × data-parallel ranks = "
                          f"{micro} × {world_size}")
     start = max(start, granularity)
     ramp = BatchRamp(start=start, end=cfg.batch_size, ramp=cfg.batch_ramp, granularity=granularity)

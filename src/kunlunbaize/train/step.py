@@ -58,8 +58,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     """Accumulate the gradient of the mean loss over ``micro_batches`` (token ids, also the labels), clip it to
     ``grad_clip`` and step ``optimizer``, unless the loss or the gradient is not finite; then zero the gradients.
 
-    ``model`` may be wrapped for data parallelism (DDP, FSDP2); the losses are averaged over ranks when ``env``
-    is distributed. ``loss_kwargs`` go to the forward (e.g. ``logits=False`` for KunlunBaize's chunked loss).
+    ``model`` may be wrapped for data parallelism (DDP, FSDP2) and tensor-parallel; the losses are averaged
+    over ranks when ``env`` is distributed (the ranks of a tensor-parallel group hold the same loss).
+    ``loss_kwargs`` go to the forward (e.g. ``logits=False`` for KunlunBaize's chunked loss).
     """
     autocast = autocast if autocast is not None else nullcontext()
     loss_kwargs = loss_kwargs or {}
@@ -69,7 +70,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         with gradient_sync(model, m == accum - 1), autocast:
             out = model(x, labels=x, **loss_kwargs)
             (out.loss / accum).backward()
-        terms = torch.stack([t.detach().float() for t in (out.loss, out.main_loss, *out.mtp_losses)]) / accum
+        terms = torch.stack([_plain(t).detach().float() for t in (out.loss, out.main_loss, *out.mtp_losses)]) / accum
         sums = terms if sums is None else sums + terms
     assert sums is not None, "train_step needs at least one micro-batch"
     if env is not None:
@@ -84,6 +85,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     return StepResult(losses=sums, grad_norm=gnorm, finite=finite)
 
 
+def _plain(loss: torch.Tensor) -> torch.Tensor:
+    """A loss as a plain tensor (under tensor parallelism ``loss_parallel`` gives a replicated DTensor)."""
+    return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+
+
 def evaluate(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device, *,
              autocast: AbstractContextManager | None = None,
              loss_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
@@ -94,7 +100,7 @@ def evaluate(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.de
     with torch.no_grad(), (autocast if autocast is not None else nullcontext()):
         for x in batches:
             out = model(x.to(device), labels=x.to(device), **(loss_kwargs or {}))
-            terms = torch.stack([out.main_loss.float(), *[t.float() for t in out.mtp_losses]])
+            terms = torch.stack([_plain(out.main_loss).float(), *[_plain(t).float() for t in out.mtp_losses]])
             sums = terms if sums is None else sums + terms
     model.train()
     assert sums is not None, "evaluate needs at least one batch"

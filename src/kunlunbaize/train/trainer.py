@@ -20,15 +20,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import ArchSpec
+from ..arch import ArchSpec, get_arch
 from .config import DEFAULT_DATA, TrainConfig
 from .data import validation_batches
-from .distributed import DistEnv, any_rank, init_distributed, peak_flops, wrap_model
+from .distributed import DistEnv, any_rank, init_distributed, peak_flops
 from .errors import TrainingError, TrainingInterrupted
 from .logging import RunLogger
 from .metrics import MetricsWindow
-from .models import build_model, dense_residual_weights
+from .models import build_model, dense_residual_weights, model_config
 from .optim import build_optimizer
+from .parallel.layout import Layout, LayoutError, check_model, resolve_layout
+from .parallel.mesh import StepContext, build_mesh, data_parallel, tensor_parallel
 from .plan import BatchPlan, lr_schedule, plan_batches, set_lr
 from .resume import CheckpointContext, RunProgress, resume_run, save_training_checkpoint
 from .run_data import RunData, open_run_data, resolve_data
@@ -89,6 +91,10 @@ class Trainer:
     """The model itself (checkpoints, dense-residual weights)."""
     wrapped: nn.Module
     """The model as wrapped for data parallelism (forward, backward)."""
+    layout: Layout
+    """How the ranks split into data- and tensor-parallel groups."""
+    loss_kwargs: dict[str, Any]
+    """Keyword arguments of the training forward under the layout (the spec's, or its tensor-parallel plan's)."""
     optimizer: torch.optim.Optimizer
     plan: BatchPlan
     schedule: LRSchedule
@@ -156,10 +162,11 @@ class Trainer:
         global_batch = plan.ramp(fraction)
         lr = self.schedule(progress.step, fraction)
         set_lr(self.optimizer, lr)
-        batches = [self.data.sampler.batch(plan.first_sample(progress.consumed, m, env.rank), plan.micro)
+        dp_rank = self.layout.dp_rank(env.rank)  # the ranks of a tensor-parallel group train on the same batch
+        batches = [self.data.sampler.batch(plan.first_sample(progress.consumed, m, dp_rank), plan.micro)
                    .to(env.device, non_blocking=True) for m in range(plan.accumulation(global_batch))]
         result = train_step(self.wrapped, self.optimizer, batches, grad_clip=cfg.grad_clip, autocast=self.autocast,
-                            loss_kwargs=self.spec.train_kwargs(), env=env)
+                            loss_kwargs=self.loss_kwargs, env=env)
         self._count_bad_steps(result)
         progress.consumed += global_batch
         progress.tokens += global_batch * cfg.seq_len
@@ -203,7 +210,7 @@ class Trainer:
 
     def _validate(self, step: int, tokens: int) -> None:
         vals = evaluate(self.wrapped, self.val_sets, self.env.device, autocast=self.autocast,
-                        loss_kwargs=self.spec.train_kwargs())
+                        loss_kwargs=self.loss_kwargs)
         self.last_val = vals["val_loss"]
         self.logger.log({"step": step, "tokens": tokens, **vals})
 
@@ -231,30 +238,48 @@ class Trainer:
                                    "command to resume from it)")
 
 
-def _place_model(cfg: TrainConfig, env: DistEnv, model: nn.Module, spec: ArchSpec) -> tuple[nn.Module, str]:
-    """Move the model to the device, with activation checkpointing and compiled blocks if asked for, and wrap it
-    for data parallelism; return the wrapped model and the mode (none, ddp or fsdp)."""
+def _resolve_layout(cfg: TrainConfig, env: DistEnv) -> Layout:
+    """The run's parallel layout over the launched ranks (LayoutError when it does not fit them)."""
+    return resolve_layout(env.world_size, cfg.parallel, cfg.dp_replicate, cfg.dp_shard, cfg.tp)
+
+
+def _place_model(cfg: TrainConfig, env: DistEnv, model: nn.Module, spec: ArchSpec, layout: Layout,
+                 dtype: str) -> tuple[nn.Module, dict[str, Any], AbstractContextManager]:
+    """Move the model to the device, with activation checkpointing and compiled blocks if asked for, and place it
+    on the layout's mesh; return the wrapped model, its training forward's keyword arguments and the context its
+    forward and backward passes run in."""
     model.to(env.device)
     if cfg.activation_checkpointing:
         spec.set_activation_checkpointing(model, True)
     blocks = list(model.blocks)
+    mesh = build_mesh(layout, env)
+    placed = tensor_parallel(model, spec, layout, mesh)
     if cfg.compile:
         for block in blocks:
             block.compile()
-    mode = cfg.parallel if cfg.parallel != "auto" else ("ddp" if env.distributed else "none")
-    return wrap_model(model, blocks, env, mode), mode
+    data_parallel(placed, blocks, layout, mesh, env)
+    autocast = precision(env.device, dtype)
+    if placed.loss_contexts:
+        autocast = StepContext(lambda: precision(env.device, dtype), *placed.loss_contexts)
+    return placed.wrapped, placed.loss_kwargs, autocast
 
 
 def _setup(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Trainer:
-    torch.manual_seed(cfg.seed + env.rank)
+    layout = _resolve_layout(cfg, env)
+    torch.manual_seed(cfg.seed)  # every rank builds the same model: its shards are the one-process model's
     data = open_run_data(cfg, data_path)
+    check_model(layout, model_config(cfg, data.meta["vocab_size"]), cfg.seq_len)
+    if layout.tp > 1 and "parallelize" not in get_arch(cfg.arch).hooks:
+        raise LayoutError(f"--arch {cfg.arch} has no tensor-parallel plan; train it with --tp 1")
     model, mcfg, spec = build_model(cfg, data.meta["vocab_size"])
+    if env.distributed:
+        torch.manual_seed(cfg.seed + env.rank)
     n_params = sum(p.numel() for p in model.parameters())
-    wrapped, mode = _place_model(cfg, env, model, spec)
     dtype = resolve_dtype(cfg.dtype, env.device)
+    wrapped, loss_kwargs, autocast = _place_model(cfg, env, model, spec, layout, dtype)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                 dense_lr_mult=cfg.dense_lr_mult)
-    plan = plan_batches(cfg, env.world_size)
+    plan = plan_batches(cfg, layout.dp)
     run_dir = Path(cfg.out)
     notes: list[str] = []
     resumed, state = resume_run(cfg, env, run_dir / "checkpoints", data.path, data.meta, mcfg, model, optimizer,
@@ -270,14 +295,14 @@ def _setup(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Trainer:
         (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         (run_dir / "model_config.json").write_text(mcfg.to_json())
         spent = resumed is not None and progress.tokens >= cfg.tokens  # nothing to train: said once, below
-        logger.message(_headline(cfg, env, data, plan, n_params, f"{mode} {dtype}", peak, peak_how)
+        logger.message(_headline(cfg, env, data, plan, n_params, f"{layout.describe()} {dtype}", peak, peak_how)
                        + (f" | resumed from {resumed} at step {progress.step}" if resumed and not spent else ""))
         _say_notes(logger, cfg, data, notes, resumed, progress)
     stop = StopFlag(verbose=env.is_main)
     stop.install()
     return Trainer(
-        cfg=cfg, env=env, data=data, spec=spec, model=model, wrapped=wrapped, optimizer=optimizer, plan=plan,
-        schedule=lr_schedule(cfg, plan.warmup), autocast=precision(env.device, dtype),
+        cfg=cfg, env=env, data=data, spec=spec, model=model, wrapped=wrapped, layout=layout, loss_kwargs=loss_kwargs,
+        optimizer=optimizer, plan=plan, schedule=lr_schedule(cfg, plan.warmup), autocast=autocast,
         val_sets=validation_batches(data.val, EVAL_BATCH, cfg.eval_batches) if data.val is not None else [],
         logger=logger, window=MetricsWindow(spec.loss_terms(mcfg), flops_per_token, peak, env.world_size,
                                             env.device),

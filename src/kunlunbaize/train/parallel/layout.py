@@ -1,0 +1,125 @@
+"""The parallel layout of a run: how its ranks split into data-parallel replicas, data-parallel shards and
+tensor-parallel groups (torch-free, so the command line checks it before importing torch).
+
+The ranks form one device mesh ``dp_replicate × dp_shard × tp`` (dimension names as given, row-major: the ranks of
+one tensor-parallel group are consecutive, so on one node they share the fastest links). Data parallelism: a rank's
+data-parallel rank is ``rank // tp``, and every rank of a tensor-parallel group trains on the same batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
+
+
+class LayoutError(ValueError):
+    """A layout that does not fit the world size or the model; the message says which size and what to do."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes of the mesh dimensions and how the data-parallel dimensions are wrapped."""
+
+    dp_replicate: int = 1
+    """Data-parallel replicas: gradients all-reduced (DDP; with ``dp_shard`` or ``tp``, FSDP2's HSDP)."""
+    dp_shard: int = 1
+    """Data-parallel shards: parameters, gradients and optimiser states sharded (FSDP2)."""
+    tp: int = 1
+    """Tensor (+ sequence) parallel ranks: each layer's heads, channels and vocabulary split over them."""
+    wrap: str = "none"
+    """How the data-parallel dimensions are wrapped: ``none``, ``ddp`` or ``fsdp`` (FSDP2 over ``dp_shard``,
+    HSDP when ``dp_replicate`` > 1 too)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks: how many different batches one step trains on."""
+        return self.dp_replicate * self.dp_shard
+
+    def dp_rank(self, rank: int) -> int:
+        """The data-parallel rank of global ``rank`` (the ranks of one tensor-parallel group share it)."""
+        return rank // self.tp
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The device mesh's shape, in :data:`MESH_DIMS` order."""
+        return self.dp_replicate, self.dp_shard, self.tp
+
+    def describe(self) -> str:
+        """E.g. ``dp_replicate 1 x dp_shard 2 x tp 2 (fsdp)``; a layout of one dimension is its wrapper's name
+        (``none``, ``ddp``, ``fsdp``), as ``--parallel`` says it."""
+        if self.tp == 1 and min(self.dp_replicate, self.dp_shard) == 1:
+            return self.wrap
+        return " x ".join(f"{n} {s}" for n, s in zip(MESH_DIMS, self.shape, strict=True)) + f" ({self.wrap})"
+
+
+def resolve_layout(world_size: int, parallel: str = "auto", dp_replicate: int | None = None,
+                   dp_shard: int | None = None, tp: int = 1) -> Layout:
+    """The layout of ``world_size`` ranks from ``kunlun train``'s options; LayoutError when it does not fit.
+
+    ``--parallel`` (none, ddp, fsdp; auto: ddp under torchrun) gives every rank to data parallelism, as before the
+    mesh existed: ``ddp`` is ``--dp-replicate N``, ``fsdp`` is ``--dp-shard N``. With ``--dp-shard`` /
+    ``--dp-replicate`` / ``--tp`` the sizes are given; an omitted ``--dp-shard`` takes the ranks left over and an
+    omitted ``--dp-replicate`` is 1.
+    """
+    if parallel not in PARALLEL_MODES:
+        raise LayoutError(f"--parallel {parallel!r} is not one of {', '.join(PARALLEL_MODES)}")
+    for name, value in (("--dp-replicate", dp_replicate), ("--dp-shard", dp_shard), ("--tp", tp)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise LayoutError(f"{name} must be a whole number >= 1, got {value!r}")
+    explicit = dp_replicate is not None or dp_shard is not None or tp != 1
+    if explicit and parallel in ("none", "ddp"):
+        raise LayoutError(f"--parallel {parallel} gives every rank to data parallelism; drop it when giving "
+                          "--dp-replicate/--dp-shard/--tp (or use --parallel fsdp or auto with them)")
+    if not explicit:
+        if parallel == "fsdp":
+            return Layout(dp_shard=world_size, wrap="fsdp" if world_size > 1 else "none")
+        mode = "none" if world_size == 1 or parallel == "none" else "ddp"
+        return Layout(dp_replicate=world_size, wrap=mode)
+    replicate = dp_replicate or 1
+    if world_size % (replicate * tp):
+        raise LayoutError(f"--dp-replicate {replicate} x --tp {tp} = {replicate * tp} does not divide the "
+                          f"{world_size} ranks (WORLD_SIZE); launch a multiple of it with torchrun --nproc-per-node")
+    shard = dp_shard if dp_shard is not None else world_size // (replicate * tp)
+    layout = Layout(dp_replicate=replicate, dp_shard=shard, tp=tp, wrap=_wrap(replicate, shard, tp, parallel))
+    if layout.world_size != world_size:
+        raise LayoutError(f"--dp-replicate {replicate} x --dp-shard {shard} x --tp {tp} = {layout.world_size} "
+                          f"ranks, but {world_size} were launched (WORLD_SIZE); make the sizes multiply to it")
+    return layout
+
+
+def _wrap(replicate: int, shard: int, tp: int, parallel: str) -> str:
+    """DDP for pure replication without tensor parallelism (as ``--parallel ddp``), else FSDP2 (HSDP)."""
+    if replicate * shard == 1:
+        return "none"
+    if shard == 1 and tp == 1 and parallel != "fsdp":
+        return "ddp"
+    return "fsdp"
+
+
+def check_model(layout: Layout, model: Any, seq_len: int) -> None:
+    """LayoutError when the model (a :class:`~kunlunbaize.config.ModelConfig`) or the sequence length does not
+    split over ``layout.tp``: heads, KV heads, widths and vocabulary must be divisible by it (no uneven shards),
+    and so must the sequence (sequence parallelism shards it)."""
+    tp = layout.tp
+    if tp == 1:
+        return
+    sizes = [("n_heads", model.n_heads, "attention heads"), ("n_kv_heads", model.n_kv_heads,
+             "key/value heads (GQA KV heads are split, not replicated)"), ("d_model", model.d_model, "model width"),
+             ("vocab_size", model.vocab_size, "vocabulary (the vocabulary-parallel embedding and heads)")]
+    if model.transformerx:
+        sizes += [("scale_hidden", model.scale_hidden, "eSwish MLP width")]
+    else:
+        sizes += [("ffn_hidden", model.ffn_hidden, "SwiGLU MLP width")]
+    for name, value, what in sizes:
+        if value % tp:
+            raise LayoutError(f"--tp {tp} does not divide {name} = {value} ({what}); choose a --tp that divides it")
+    if seq_len % tp:
+        raise LayoutError(f"--tp {tp} does not divide --seq-len {seq_len} (sequence parallelism shards the "
+                          "sequence); choose a --seq-len divisible by it")

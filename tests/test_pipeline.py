@@ -1,4 +1,4 @@
-"""Pipeline parallelism (train.pipeline, train.pipeline_stages): exact stages, the schedules on real gloo ranks, the
+"""Pipeline parallelism (train.parallel.pipeline, .pipeline_stages): exact stages, the schedules on real gloo ranks, the
 dense residual's boundary traffic, and refused splits."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 
 from kunlunbaize import ModelConfig
 from kunlunbaize.model.model import KunlunBaize
-from kunlunbaize.train.pipeline import build_pipeline
-from kunlunbaize.train.pipeline_stages import (
+from kunlunbaize.train.parallel.pipeline import build_pipeline
+from kunlunbaize.train.parallel.pipeline_stages import (
     build_stage_modules,
     pipeline_traffic,
     set_shared_grads,
@@ -241,7 +241,7 @@ def test_boundary_traffic_of_the_small_preset_and_without_dense_residual():
 
 
 def test_old_torch_is_refused_with_the_version_needed(monkeypatch):
-    from kunlunbaize.train import pipeline
+    from kunlunbaize.train.parallel import pipeline
 
     monkeypatch.setattr(torch, "__version__", "2.7.1+cpu")
     with pytest.raises(RuntimeError, match=r"pipeline parallelism needs torch >= 2.8 .*found 2.7.1\+cpu: upgrade"):

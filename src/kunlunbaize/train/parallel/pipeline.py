@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model.loss import IGNORE_INDEX
-from ..model.model import KunlunBaize
+from ...model.loss import IGNORE_INDEX
+from ...model.model import KunlunBaize
 from .pipeline_stages import (
     PipelineStageModule,
     build_stage_modules,

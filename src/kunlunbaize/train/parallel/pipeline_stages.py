@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ModelConfig
-from ..model.loss import IGNORE_INDEX, LossTerms
-from ..model.model import KunlunBaize, TrunkOutput, _chunked_loss_terms
+from ...config import ModelConfig
+from ...model.loss import IGNORE_INDEX, LossTerms
+from ...model.model import KunlunBaize, TrunkOutput, _chunked_loss_terms
 
 RAW, PARTIAL, PLAIN = "raw", "partial", "plain"
 

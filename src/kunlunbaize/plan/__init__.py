@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .comm import DIMENSIONS, Traffic, boundary_tensors, traffic
 from .estimate import PAPER_TOKENS, Estimate, estimate
-from .hardware import GPUS, GPU, get_gpu
+from .hardware import GPU, GPUS, get_gpu
 from .layout import AC_MODES, PRECISIONS, SCHEDULES, Job, Layout, layout_problems, mesh_problems
 from .memory import Memory, rank_memory
 from .search import Plan, plan

@@ -114,7 +114,8 @@ def _loss_memory(job: Job, shape: Shape, tokens: float, t: int) -> float:
     a, heads = act_bytes(job), 1 + shape.mtp_depth
     per_token = (shape.tail_act + shape.mtp_act) * a / t
     if shape.fused_loss:  # one chunk of fp32 logits at a time, and each head's fp32 weight gradient
-        loss = CHUNK_ROWS * shape.vocab / t * 4 * 3 + heads * shape.vocab * shape.d / t * 4
+        rows = min(CHUNK_ROWS, tokens * t)
+        loss = rows * shape.vocab / t * 4 * 3 + heads * shape.vocab * shape.d / t * 4
     else:  # [tokens, vocabulary] logits, their fp32 log-softmax and its gradient, per head
         loss = heads * tokens * shape.vocab / t * (a + 8)
     return per_token * tokens + loss

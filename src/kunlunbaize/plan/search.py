@@ -55,7 +55,8 @@ def candidates(job: Job, mesh: dict[str, int], schedules: Iterable[str] = SCHEDU
 def plan(job: Job, fixed: dict[str, int] | None = None, schedules: Iterable[str] = SCHEDULES,
          micro_batches: Iterable[int] | None = None, ac_modes: Iterable[str] = AC_MODES) -> Plan:
     """Estimate every valid layout of ``job`` (mesh sizes in ``fixed`` kept); the fitting ones sorted fastest first
-    (then by memory), each mesh left out with its reason."""
+    (then by memory), each mesh left out with its reason. A layout that fits without (or with less) checkpointing is
+    not listed again with more: that is only slower."""
     schedules, ac_modes = tuple(schedules), tuple(ac_modes)
     result = Plan(job=job, shape=shape_of(job.spec, job.cfg, job.seq_len))
     for mesh in meshes(job, fixed):
@@ -66,12 +67,14 @@ def plan(job: Job, fixed: dict[str, int] | None = None, schedules: Iterable[str]
             continue
         best_missing: Estimate | None = None
         before = len(result.fitting)
+        fitted: set[tuple[str, int]] = set()  # (schedule, micro-batch) that fit with less checkpointing
         for layout in candidates(job, mesh, schedules, micro_batches, ac_modes):
-            if layout_problems(job, layout):
+            if (layout.schedule, layout.micro_batch) in fitted or layout_problems(job, layout):
                 continue
             est = estimate(job, result.shape, layout)
             if est.fits:
                 result.fitting.append(est)
+                fitted.add((layout.schedule, layout.micro_batch))
             elif best_missing is None or est.memory.total < best_missing.memory.total:
                 best_missing = est
         if len(result.fitting) == before:

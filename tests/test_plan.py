@@ -45,8 +45,10 @@ def test_single_gpu_fp32_memory_is_weights_gradients_adam_and_activations():
     d, kv, f = PLAIN.d_model, PLAIN.kv_dim, PLAIN.ffn_hidden
     per_layer = 3 * d + 2 * (d + 2 * kv) + 2 * d + 4 * f  # attention + MLP elements per token
     assert mem.activations == 8 * 128 * PLAIN.n_layers * per_layer * 4
-    assert mem.activations_full_ac == 8 * 128 * (PLAIN.n_layers * d + per_layer) * 4  # inputs + one recomputed
+    assert mem.activations_full_ac == 8 * 128 * PLAIN.n_layers * d * 4  # each block's input
     assert mem.dense_outputs == 0 and mem.pipeline_buffers == 0
+    full = rank_memory(job(precision="fp32"), shape, Layout(micro_batch=8, ac="full"), 0)
+    assert full.transient == 8 * 128 * per_layer * 4  # the layer being recomputed (more than a chunk of logits)
 
 
 def test_fsdp_shards_master_weights_gradients_and_adam_over_dp_shard_and_cp():

@@ -12,6 +12,7 @@ from .args import UsageError, add_model_args, float_in, int_at_least, model_conf
 
 POSITIVE = int_at_least(1)
 GiB = 2**30
+PAPER_BATCH = 15360  # sequences per step after the paper's batch ramp (train/schedule.py)
 DIMS = {"dp_replicate": "--dp-replicate", "dp_shard": "--dp-shard", "tp": "--tp", "pp": "--pp", "cp": "--cp"}
 
 
@@ -30,7 +31,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seq-len", dest="seq_len", type=int_at_least(2), default=None,
                    help="default: the config's max_seq_len")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--batch", type=POSITIVE, help="global batch in sequences (default: 4M tokens' worth)")
+    size.add_argument("--batch", type=POSITIVE, help=f"global batch in sequences (default {PAPER_BATCH:,}, the "
+                                                     "paper's after its ramp)")
     size.add_argument("--batch-tokens", dest="batch_tokens", type=POSITIVE, help="global batch in tokens")
     for dim, flag in DIMS.items():
         p.add_argument(flag, dest=dim, type=POSITIVE, help=f"keep {dim} at this size")
@@ -75,7 +77,7 @@ def _job(args: argparse.Namespace):
     seq = args.seq_len or cfg.max_seq_len
     if args.batch_tokens is not None and args.batch_tokens % seq:
         raise UsageError(f"--batch-tokens {args.batch_tokens:,} is not a whole number of {seq}-token sequences")
-    batch = args.batch or (args.batch_tokens // seq if args.batch_tokens else max(1, (4 << 20) // seq))
+    batch = args.batch or (args.batch_tokens // seq if args.batch_tokens else PAPER_BATCH)
     node = gpu.gpus_per_node
     if args.gpus > node and args.gpus % node:
         raise UsageError(f"--gpus {args.gpus} is not a whole number of {node}-GPU nodes (use a multiple of {node}, "

@@ -27,12 +27,14 @@ class Memory:
     activations_full_ac: float  # … with full checkpointing
     dense_outputs: float  # the dense residual's stored outputs H_0 … H_l of the micro-batches in flight
     pipeline_buffers: float  # send/receive buffers of the stage boundaries
-    other: float  # embedding, head, MTP depths and loss activations
+    other: float  # the MTP depths' and the loss's activations, each head's weight gradient in the chunked loss
+    transient: float  # the larger of two buffers never alive together: the chunked loss's logits (forward) and
+    # the layer recomputed under full checkpointing (backward)
 
     @property
     def total(self) -> float:
         return (self.parameters + self.gradients + self.optimizer + self.activations + self.dense_outputs
-                + self.pipeline_buffers + self.other)
+                + self.pipeline_buffers + self.other + self.transient)
 
 
 def act_bytes(job: Job) -> int:
@@ -85,21 +87,20 @@ def rank_memory(job: Job, shape: Shape, layout: Layout, rank: int) -> Memory:
     tokens = layout.micro_batch * job.seq_len / c  # one micro-batch's tokens on this rank (sequence / cp)
     n_layers, flying = layers_per_rank(shape, layout), in_flight(layout, m, rank)
     per_token = {"off": shape.layer_act, "selective": shape.layer_act / 2, "full": shape.d}
-    one_layer = shape.layer_act * tokens * a / t  # recomputed layer (full) or none kept beyond the stored ones
 
     def layers(ac: str) -> float:
-        stored = flying * n_layers * per_token[ac] * tokens * a / t
-        return stored + (one_layer if ac == "full" else 0.0)
+        return flying * n_layers * per_token[ac] * tokens * a / t
 
     upto = _last_layer(shape, layout, rank) + 1  # H_0 … H_upto
     dense = flying * upto * shape.d * tokens * a / t if shape.dense_residual else 0.0
     carried = upto if shape.dense_residual else 1
     buffers = 4 * carried * shape.d * tokens * a / t if layout.pp > 1 else 0.0  # send + receive, forward + backward
-    other = _loss_memory(job, shape, tokens, t) if rank == layout.pp - 1 else 0.0
+    other, chunk = _loss_memory(job, shape, tokens, t) if rank == layout.pp - 1 else (0.0, 0.0)
+    recomputed = shape.layer_act * tokens * a / t if layout.ac == "full" else 0.0
     weights, grads, optim = _state_memory(job, shape, layout, rank)
     return Memory(parameters=weights, gradients=grads, optimizer=optim, activations=layers(layout.ac),
                   activations_no_ac=layers("off"), activations_full_ac=layers("full"), dense_outputs=dense,
-                  pipeline_buffers=buffers, other=other)
+                  pipeline_buffers=buffers, other=other, transient=max(chunk, recomputed))
 
 
 def _last_layer(shape: Shape, layout: Layout, rank: int) -> int:
@@ -109,16 +110,16 @@ def _last_layer(shape: Shape, layout: Layout, rank: int) -> int:
     return min(shape.n_layers, (last_stage + 1) * per_stage)
 
 
-def _loss_memory(job: Job, shape: Shape, tokens: float, t: int) -> float:
-    """The last stage's activations outside the layers: final norm, MTP depths and the loss of each head."""
+def _loss_memory(job: Job, shape: Shape, tokens: float, t: int) -> tuple[float, float]:
+    """The last stage's activations outside the layers (final norm, MTP depths, the loss of each head) and the
+    chunked loss's short-lived logits."""
     a, heads = act_bytes(job), 1 + shape.mtp_depth
     per_token = (shape.tail_act + shape.mtp_act) * a / t
-    if shape.fused_loss:  # one chunk of fp32 logits at a time, and each head's fp32 weight gradient
+    if shape.fused_loss:  # each head's fp32 weight gradient; one chunk's fp32 logits, softmax and gradient at a time
         rows = min(CHUNK_ROWS, tokens * t)
-        loss = rows * shape.vocab / t * 4 * 3 + heads * shape.vocab * shape.d / t * 4
-    else:  # [tokens, vocabulary] logits, their fp32 log-softmax and its gradient, per head
-        loss = heads * tokens * shape.vocab / t * (a + 8)
-    return per_token * tokens + loss
+        return per_token * tokens + heads * shape.vocab * shape.d / t * 4, rows * shape.vocab / t * 4 * 3
+    # [tokens, vocabulary] logits, their fp32 log-softmax and its gradient, per head
+    return per_token * tokens + heads * tokens * shape.vocab / t * (a + 8), 0.0
 
 
 def _state_memory(job: Job, shape: Shape, layout: Layout, rank: int) -> tuple[float, float, float]:

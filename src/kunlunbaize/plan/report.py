@@ -11,7 +11,8 @@ from .search import Plan
 from .shape import Shape
 
 GiB = 2**30
-MEMORY_PARTS = ("parameters", "gradients", "optimizer", "activations", "dense_outputs", "pipeline_buffers", "other")
+MEMORY_PARTS = ("parameters", "gradients", "optimizer", "activations", "dense_outputs", "pipeline_buffers", "other",
+                "transient")
 
 
 def job_dict(job: Job, shape: Shape) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def candidates(job: Job, mesh: dict[str, int], schedules: Iterable[str] = SCHEDU
 def plan(job: Job, fixed: dict[str, int] | None = None, schedules: Iterable[str] = SCHEDULES,
          micro_batches: Iterable[int] | None = None, ac_modes: Iterable[str] = AC_MODES) -> Plan:
     """Estimate every valid layout of ``job`` (mesh sizes in ``fixed`` kept); the fitting ones sorted fastest first
-    (then by memory), each mesh left out with its reason. A layout that fits without (or with less) checkpointing is
+    (then the simplest), each mesh left out with its reason. A layout that fits without (or with less) checkpointing is
     not listed again with more: that is only slower."""
     schedules, ac_modes = tuple(schedules), tuple(ac_modes)
     result = Plan(job=job, shape=shape_of(job.spec, job.cfg, job.seq_len))
@@ -79,8 +79,15 @@ def plan(job: Job, fixed: dict[str, int] | None = None, schedules: Iterable[str]
                 best_missing = est
         if len(result.fitting) == before:
             result.excluded.append((base.mesh(), _why_none(job, best_missing)))
-    result.fitting.sort(key=lambda e: (-e.tokens_per_gpu, e.memory.total))
+    result.fitting.sort(key=_rank)
     return result
+
+
+def _rank(e: Estimate) -> tuple:
+    """Fastest first; among equally fast layouts (to 4 digits) the simpler one (less cp, pp, tp, replication),
+    then the smaller."""
+    lay = e.layout
+    return (-float(f"{e.tokens_per_gpu:.4g}"), lay.cp, lay.pp, lay.tp, lay.dp_replicate, e.memory.total)
 
 
 def _why_none(job: Job, closest: Estimate | None) -> str:

@@ -44,7 +44,8 @@ def boundary_tensors(shape: Shape, layers_before: int, exact_sums: bool = False)
 
 
 def traffic(job: Job, shape: Shape, layout: Layout) -> Traffic:
-    """The :class:`Traffic` of the busiest GPU of ``layout``."""
+    """The :class:`Traffic` of the busiest GPU of ``layout`` (the pipeline's: every send as large as the largest
+    boundary's)."""
     t, c, p, m = layout.tp, layout.cp, layout.pp, layout.micro_batches(job.batch)
     a = act_bytes(job)
     params = max(rank_params(shape, layout, r) for r in {0, p - 1}) / t

@@ -91,7 +91,7 @@ def rank_memory(job: Job, shape: Shape, layout: Layout, rank: int) -> Memory:
     def layers(ac: str) -> float:
         return flying * n_layers * per_token[ac] * tokens * a / t
 
-    upto = _last_layer(shape, layout, rank) + 1  # H_0 … H_upto
+    upto = _layers_done(shape, layout, rank) + 1  # the outputs H_0 … H_(layers done) its layers mix
     dense = flying * upto * shape.d * tokens * a / t if shape.dense_residual else 0.0
     carried = upto if shape.dense_residual else 1
     buffers = 4 * carried * shape.d * tokens * a / t if layout.pp > 1 else 0.0  # send + receive, forward + backward
@@ -103,8 +103,8 @@ def rank_memory(job: Job, shape: Shape, layout: Layout, rank: int) -> Memory:
                   pipeline_buffers=buffers, other=other, transient=max(chunk, recomputed))
 
 
-def _last_layer(shape: Shape, layout: Layout, rank: int) -> int:
-    """The index of the last layer rank ``rank`` runs (its last virtual stage)."""
+def _layers_done(shape: Shape, layout: Layout, rank: int) -> int:
+    """How many layers have run once rank ``rank``'s last virtual stage has."""
     per_stage = math.ceil(shape.n_layers / (layout.pp * layout.virtual))
     last_stage = rank + (layout.virtual - 1) * layout.pp
     return min(shape.n_layers, (last_stage + 1) * per_stage)

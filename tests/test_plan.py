@@ -37,6 +37,15 @@ def test_flops_split_adds_up_to_the_spec_count():
     assert plain.mtp_flops == 0 and shape_of(DEFAULT, TINY, 128).mtp_flops > 0
 
 
+def test_an_architecture_is_sized_by_its_own_shapes():
+    """The matched Llama is planned as the plain decoder it builds (its shape_config), not as KunlunBaize."""
+    kb, llama = shape_of(DEFAULT, TINY, 128), shape_of(BASELINE, TINY, 128)
+    assert kb.mtp_depth == 2 and kb.dense_residual and llama.mtp_depth == 0 and not llama.dense_residual
+    assert llama.tp_regions == 2 and kb.tp_regions == 1 + 3 * len(TINY.conv_kernel_sizes)
+    assert llama.params == pytest.approx(TINY.num_params() - TINY.param_breakdown()["mtp"], rel=0.01)
+    assert llama.params == BASELINE.shape(TINY).num_params()
+
+
 def test_single_gpu_fp32_memory_is_weights_gradients_adam_and_activations():
     shape = shape_of(DEFAULT, PLAIN, 128)
     mem = rank_memory(job(precision="fp32"), shape, Layout(micro_batch=8), 0)

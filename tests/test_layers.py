@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"config", "defaults", "progress"},
     {"model", "data"},
     {"arch"},
-    {"checkpoint"},
+    {"checkpoint", "plan"},
     {"train", "infer"},
     {"hf"},
     {"eval", "serve", "vllm"},

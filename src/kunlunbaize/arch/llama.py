@@ -56,11 +56,15 @@ def matched_ffn(cfg: ModelConfig) -> int:
     return max(8, round((target - fixed) / (3 * d * L)))
 
 
+def plain_config(cfg: ModelConfig) -> ModelConfig:
+    """The KunlunBaize config of the matched Llama: all three switches off, the matched FFN."""
+    return dataclasses.replace(cfg, transformerx=False, dense_residual=False, mtp_depth=0, mtp_loss_weights=None,
+                               ffn_hidden=matched_ffn(cfg))
+
+
 def training_flops(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: a plain decoder (all three switches off) with the matched FFN."""
-    plain = dataclasses.replace(cfg, transformerx=False, dense_residual=False, mtp_depth=0, mtp_loss_weights=None,
-                                ffn_hidden=matched_ffn(cfg))
-    return plain.flops_per_token(seq_len, training=True)
+    return plain_config(cfg).flops_per_token(seq_len, training=True)
 
 
 # LlamaForCausalLM's weight names → KunlunBaize's with all three switches off (tests/test_llama_equivalence.py)
@@ -137,4 +141,5 @@ LLAMA = ArchSpec(
     as_kunlunbaize=as_kunlunbaize,
     hooks={"generator": "kunlunbaize.infer.llama:llama_generator",
            "export": "kunlunbaize.hf.export_llama:export_llama"},
+    shape_config=plain_config,
 )

@@ -45,6 +45,13 @@ class ArchSpec:
     """(config.json, weights) of its checkpoint or export → the KunlunBaize that computes the same logits and its
     weights (ValueError if it cannot), for what runs only KunlunBaize (``kunlun serve``); None: no such view."""
     hooks: dict[str, str] = field(default_factory=dict)
+    shape_config: Callable[[ModelConfig], ModelConfig] | None = None
+    """The KunlunBaize config with this architecture's parameters, activations and layer shapes (what ``kunlun plan``
+    sizes); None: the config itself."""
+
+    def shape(self, cfg: ModelConfig) -> ModelConfig:
+        """The config whose parameters, activations and layer shapes this architecture has for ``cfg``."""
+        return self.shape_config(cfg) if self.shape_config is not None else cfg
 
     def build(self, cfg: ModelConfig) -> nn.Module:
         """The training module of ``cfg`` (freshly initialised, on the CPU)."""

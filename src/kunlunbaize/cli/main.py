@@ -11,12 +11,12 @@ from types import ModuleType
 from typing import NoReturn
 
 from .. import __version__
-from . import ablate, curate, demo, export, generate, info, posttrain, prepare, reward, serve, train
+from . import ablate, curate, demo, export, generate, info, plan, posttrain, prepare, reward, serve, train
 from . import eval as eval_
 from .args import UsageError
 from .output import OutputGuard
 
-MODULES: dict[str, ModuleType] = {"info": info, "demo": demo, "prepare": prepare, "curate": curate,
+MODULES: dict[str, ModuleType] = {"info": info, "plan": plan, "demo": demo, "prepare": prepare, "curate": curate,
                                   "train": train, "generate": generate, "eval": eval_, "ablate": ablate,
                                   "export": export, "posttrain": posttrain, "reward": reward, "serve": serve}
 COMMANDS = tuple(MODULES)

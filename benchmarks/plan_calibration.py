@@ -70,20 +70,19 @@ def traffic_table(preset: str, gpus: int, seq: int, batch: int, layouts: list[La
 
 def dense_traffic_table(preset: str, pp: int, seq: int, micro_batch: int = 1) -> list[str]:
     """Bytes one micro-batch sends across each stage boundary forward (the same again backward): the dense
-    residual's earlier outputs, the exact partial sums, and a plain residual's one stream."""
+    residual's earlier outputs, what the pipeline sends (those, or H_l and the partial sums when fewer), and a plain residual's one stream."""
     cfg = ModelConfig.preset(preset)
-    shape = shape_of(DEFAULT, cfg, seq)
     per_stage = -(-cfg.n_layers // pp)
     tensor = micro_batch * seq * cfg.d_model * 2  # one bf16 [b, T, d]
     out = [f"`{preset}` ({cfg.n_layers} layers, d = {cfg.d_model}), pp = {pp}, micro-batch {micro_batch} × {seq} "
            "tokens, bf16, MiB per boundary per micro-batch (forward; the backward sends as much again):\n",
-           "| boundary after layer | plain residual | dense: outputs H_0 … H_l | dense: exact partial sums | "
+           "| boundary after layer | plain residual | dense: outputs H_0 … H_l | dense: as the pipeline sends it | "
            "dense ÷ plain |", "|---:|---:|---:|---:|---:|"]
     for s in range(1, pp):
         k = min(cfg.n_layers, s * per_stage)
-        dense, sums = boundary_tensors(shape, k), boundary_tensors(shape, k, exact_sums=True)
+        dense, sums = k + 1, boundary_tensors(k, cfg.n_layers)
         out.append(f"| {k} | {tensor / MiB:,.2f} | {dense * tensor / MiB:,.2f} | {sums * tensor / MiB:,.2f} | "
-                   f"{dense:,}× ({sums:,}× with sums) |")
+                   f"{dense:,}× ({sums:,}× sent) |")
     return out
 
 

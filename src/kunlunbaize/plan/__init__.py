@@ -8,7 +8,8 @@ size. ``calibration`` holds the published runs it is checked against.
 
 from __future__ import annotations
 
-from .comm import DIMENSIONS, Traffic, boundary_tensors, traffic
+from .boundary import boundary_tensors
+from .comm import DIMENSIONS, Traffic, traffic
 from .estimate import PAPER_TOKENS, Estimate, estimate
 from .hardware import GPU, GPUS, get_gpu
 from .layout import AC_MODES, PRECISIONS, SCHEDULES, Job, Layout, layout_problems, mesh_problems

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .boundary import boundary_tensors
 from .layout import Job, Layout
 from .memory import act_bytes, layers_per_rank, rank_params
 from .shape import Shape
@@ -32,17 +33,6 @@ def ring(n: int) -> float:
     return (n - 1) / n
 
 
-def boundary_tensors(shape: Shape, layers_before: int, exact_sums: bool = False) -> int:
-    """Width-d tensors per token a stage boundary after ``layers_before`` layers carries each way: a plain residual
-    carries the stream; the dense residual every output H_0 … H_layers_before the later layers mix (eq. 1), or with
-    ``exact_sums`` one partial mix Σ_i W[l, i]·H_i per later layer l, when that is fewer (the weights are fixed
-    within a step, so the later mixes need only those sums; their gradients come back the same way)."""
-    if not shape.dense_residual:
-        return 1
-    outputs = layers_before + 1
-    return min(outputs, shape.n_layers - layers_before) if exact_sums else outputs
-
-
 def traffic(job: Job, shape: Shape, layout: Layout) -> Traffic:
     """The :class:`Traffic` of the busiest GPU of ``layout`` (the pipeline's: every send as large as the largest
     boundary's)."""
@@ -62,8 +52,8 @@ def traffic(job: Job, shape: Shape, layout: Layout) -> Traffic:
     regions = layers * shape.tp_regions + (1 + shape.mtp_depth) + 1  # + head and MTP depths, embedding
     tp = m * regions * collectives * tokens * shape.d * a * ring(t) if t > 1 else 0.0
 
-    carried = max(boundary_tensors(shape, layers_before)
-                  for layers_before in _boundaries(shape, layout)) if p > 1 else 0
+    carried = max(boundary_tensors(after, shape.n_layers, shape.dense_residual)
+                  for after in _boundaries(shape, layout)) if p > 1 else 0
     pp = m * layout.virtual * 2 * carried * tokens * shape.d * a / t if p > 1 else 0.0
 
     kv_local = 2 * shape.kv_dim / min(t, shape.n_kv_heads)  # keys and values (KV heads split, or replicated)

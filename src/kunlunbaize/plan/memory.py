@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .boundary import boundary_tensors
 from .layout import Job, Layout
 from .shape import Shape
 
@@ -91,9 +92,8 @@ def rank_memory(job: Job, shape: Shape, layout: Layout, rank: int) -> Memory:
     def layers(ac: str) -> float:
         return flying * n_layers * per_token[ac] * tokens * a / t
 
-    upto = _layers_done(shape, layout, rank) + 1  # the outputs H_0 … H_(layers done) its layers mix
-    dense = flying * upto * shape.d * tokens * a / t if shape.dense_residual else 0.0
-    carried = upto if shape.dense_residual else 1
+    stored, carried = _dense_states(shape, layout, rank)
+    dense = flying * stored * shape.d * tokens * a / t if shape.dense_residual else 0.0
     buffers = 4 * carried * shape.d * tokens * a / t if layout.pp > 1 else 0.0  # send + receive, forward + backward
     other, chunk = _loss_memory(job, shape, tokens, t) if rank == layout.pp - 1 else (0.0, 0.0)
     recomputed = shape.layer_act * tokens * a / t if layout.ac == "full" else 0.0
@@ -103,11 +103,19 @@ def rank_memory(job: Job, shape: Shape, layout: Layout, rank: int) -> Memory:
                   pipeline_buffers=buffers, other=other, transient=max(chunk, recomputed))
 
 
-def _layers_done(shape: Shape, layout: Layout, rank: int) -> int:
-    """How many layers have run once rank ``rank``'s last virtual stage has."""
-    per_stage = math.ceil(shape.n_layers / (layout.pp * layout.virtual))
-    last_stage = rank + (layout.virtual - 1) * layout.pp
-    return min(shape.n_layers, (last_stage + 1) * per_stage)
+def _dense_states(shape: Shape, layout: Layout, rank: int) -> tuple[int, int]:
+    """Width-d tensors per token rank ``rank`` keeps for its stages' mixes (what each stage received — H_0 … H_s or
+    the partial sums, :func:`boundary_tensors` — plus its own layers' outputs) and the most any of its stages
+    receives."""
+    stages = layout.pp * layout.virtual
+    per_stage = math.ceil(shape.n_layers / stages)
+    stored, carried = 0, 1
+    for stage in range(rank, stages, layout.pp):
+        start = min(shape.n_layers, stage * per_stage)
+        received = boundary_tensors(start, shape.n_layers, shape.dense_residual)
+        stored += received + min(shape.n_layers, start + per_stage) - start
+        carried = max(carried, received)
+    return stored, carried
 
 
 def _loss_memory(job: Job, shape: Shape, tokens: float, t: int) -> tuple[float, float]:

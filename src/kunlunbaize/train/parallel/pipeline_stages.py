@@ -31,8 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from ...config import ModelConfig
 from ...model.loss import IGNORE_INDEX, LossTerms
 from ...model.model import KunlunBaize, TrunkOutput, _chunked_loss_terms
-
-RAW, PARTIAL, PLAIN = "raw", "partial", "plain"
+from ...plan.boundary import PLAIN, RAW, boundary_form, boundary_tensors
 
 
 def split_layers(n_layers: int, n_stages: int, layers_per_stage: list[int] | None = None) -> list[range]:
@@ -54,19 +53,6 @@ def split_layers(n_layers: int, n_stages: int, layers_per_stage: list[int] | Non
     for n in layers_per_stage:
         bounds.append(bounds[-1] + n)
     return [range(a, b) for a, b in itertools.pairwise(bounds)]
-
-
-def boundary_form(after: int, n_layers: int, dense_residual: bool = True) -> str:
-    """What a boundary after ``after`` layers carries: ``raw`` H_0 … H_s, ``partial`` sums, or ``plain`` H_s."""
-    if not dense_residual:
-        return PLAIN
-    return RAW if after + 1 <= n_layers - after + 1 else PARTIAL
-
-
-def boundary_tensors(after: int, n_layers: int, dense_residual: bool = True) -> int:
-    """How many [B, T, d] tensors cross a boundary after ``after`` layers (see :func:`boundary_form`)."""
-    form = boundary_form(after, n_layers, dense_residual)
-    return {PLAIN: 1, RAW: after + 1, PARTIAL: n_layers - after + 1}[form]
 
 
 @dataclass(frozen=True)

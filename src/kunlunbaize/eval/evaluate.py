@@ -73,7 +73,8 @@ def evaluate(checkpoint: str | Path, tasks: list[Task], *, out: str | Path | Non
     summary = {"checkpoint": str(model.checkpoint), "checkpoint_hash": digest, "rows": rows, "tasks": summaries,
                "out": str(folder)}
     _write_json(folder / "summary.json", summary)
-    (folder / "results.md").write_text(markdown_table(rows) + "\n", encoding="utf-8")
+    ruler = "".join(f"\n## {t['task']}: score by length\n\n{t['ruler']['table']}\n" for t in summaries if "ruler" in t)
+    (folder / "results.md").write_text(markdown_table(rows) + "\n" + ruler, encoding="utf-8")
     return summary
 
 

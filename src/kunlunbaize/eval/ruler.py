@@ -448,7 +448,7 @@ def fit(spec: Spec, seed: int, length: int, target: int, count: Count, sentences
     bare = exact(make(0), 0)
     if bare > target:
         raise RulerError(f"ruler {spec.name} at {length_label(length)} tokens: the prompt without a haystack takes "
-                         f"{bare} tokens and the answer {spec.budget}, more than {length}: choose longer --lengths "
+                         f"{bare} tokens and the answer {length - target}, more than {length}: choose longer --lengths "
                          "or leave this task out (ruler=TASK,…)")
     parts = _PartCounter(count, wrap)
     if hint is None:

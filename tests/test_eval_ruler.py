@@ -242,6 +242,9 @@ def test_length_lists_and_task_names_parse():
     (["--task", "ruler", "--lengths", "0"], "must be a whole number of tokens > 0"),
     (["--task", "ruler", "--lengths", "1k,x"], "'x' is not a token count"),
     (["--task", "ruler", "--per-length", "0"], "expected an integer >= 1"),
+    (["--task", "ruler", "--lm-eval-metadata", "{}"], "--lm-eval-metadata applies to --lm-eval tasks"),
+    (["--lm-eval", "ruler_vt", "--lm-eval-metadata", "[4096]"], "give a JSON object"),
+    (["--lm-eval", "ruler_vt", "--lm-eval-metadata", "{max_seq_lengths: 1}"], "not JSON"),
 ])
 def test_bad_arguments_get_one_line_errors(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -270,3 +273,14 @@ def test_kunlun_eval_runs_the_suite_on_a_trained_checkpoint(trained_run, tmp_pat
     assert [(ln["task"], ln["length"], ln["tokens"]) for ln in lines] == [
         ("passkey", 300, 3), ("niah_single_1", 300, 3), ("passkey", 512, 3), ("niah_single_1", 512, 3)]
     assert (folder / "ruler.png").is_file() and "score by length" in (tmp_path / "ev" / "results.md").read_text()
+
+
+def test_lm_evals_ruler_tasks_are_told_the_tokenizer():
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from kunlunbaize.eval.harness import sizes_by_tokenizer
+
+    manager = TaskManager()
+    assert sizes_by_tokenizer(manager, ["ruler_vt"]) and sizes_by_tokenizer(manager, ["arc_easy", "ruler"])
+    assert not sizes_by_tokenizer(manager, ["arc_easy", "hellaswag"])

@@ -53,11 +53,26 @@ def lengths_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--lengths ")) from None
 
 
+def json_object(text: str) -> dict[str, Any]:
+    """An argparse ``type`` for ``--lm-eval-metadata``: a JSON object."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): write e.g. '{{\"max_seq_lengths\": [4096]}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("give a JSON object, e.g. '{\"max_seq_lengths\": [4096]}'")
+    return value
+
+
 def run(args: argparse.Namespace) -> None:
     """Evaluate, print the results table, and say where the records are."""
     specs = args.task or ([] if args.lm_eval else list(DEFAULT_TASKS))
     if args.include_path and not args.lm_eval:
         raise UsageError("--include-path applies to --lm-eval tasks — add --lm-eval TASKS or drop it")
+    if args.lm_eval_metadata is not None and not args.lm_eval:
+        raise UsageError("--lm-eval-metadata applies to --lm-eval tasks — add --lm-eval TASKS or drop it")
     device = resolve_device(args.device)
     import torch
 
@@ -81,6 +96,7 @@ def run(args: argparse.Namespace) -> None:
         lm_tasks = [t for t in (args.lm_eval or "").split(",") if t]
         summary = evaluate(args.checkpoint, tasks, out=args.out, lm_eval_tasks=lm_tasks,
                            include_path=args.include_path, lm_eval_few_shot=args.few_shot,
+                           lm_eval_metadata=args.lm_eval_metadata,
                            batch_size=args.batch_size, limit=args.limit,
                            seed=args.seed, chat=args.chat_template, fresh=args.fresh, device=device, dtype=dtype,
                            progress=not args.no_progress, workers=args.workers, timeout=args.timeout, data=args.data)
@@ -109,6 +125,9 @@ def add_parser(sub: Any) -> None:
                         f"{' and '.join(DEFAULT_TASKS)})")
     e.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks, run through the "
                                                      "transformers integration")
+    e.add_argument("--lm-eval-metadata", type=json_object, metavar="JSON",
+                   help="metadata for every --lm-eval task, as lm-eval's --metadata: e.g. "
+                        "'{\"max_seq_lengths\": [1024, 2048]}' for its RULER tasks")
     e.add_argument("--include-path", metavar="DIR", help="folder of extra lm-eval task YAMLs (e.g. examples/tasks)")
     e.add_argument("--out", help="results folder (default: RUN/eval/<checkpoint>, or evals/<folder> for an export);"
                                  " an interrupted evaluation resumes there")

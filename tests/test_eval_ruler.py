@@ -80,6 +80,21 @@ def test_needles_sit_at_the_depth_the_record_gives(count, name):
             assert units == int(n * depth / 100), (name, index, depth)
 
 
+def test_validation_text_of_code_with_non_ascii_characters_still_gives_exact_lengths(count):
+    """Code makes long runs without a sentence end, and a character of several bytes can add two tokens at once
+    (stepping over the target): the units are cut to 50 words and the top-up falls back to the filler."""
+    import sysconfig
+
+    code = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
+    sentences = ruler.valtext_sentences(code.replace("e", "é", 200).replace("a", "日", 100))
+    assert max(len(s.split(" ")) for s in sentences) <= 50
+    for length in (1100, 1500, 2100):
+        for name in ("niah_single_2", "niah_multikey_1"):
+            for index in range(4):
+                sample = make_sample(name, length, index, count, sentences=sentences, budget=16)
+                assert count(sample["prompt"]) == length - 16
+
+
 def test_the_needle_value_is_the_answer_and_appears_once(count):
     sample = make_sample("niah_single_3", 1500, 0, count, sentences=SENTENCES)
     (value,) = sample["answer"]

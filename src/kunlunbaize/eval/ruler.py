@@ -66,6 +66,10 @@ class RulerError(ValueError):
     """A suite setting that cannot be generated (unknown task, bad length list, a length too short)."""
 
 
+class TooShort(RulerError):
+    """A length shorter than a task's prompt without any haystack plus its answer budget."""
+
+
 @dataclass(frozen=True)
 class Spec:
     """One task of the suite (RULER's ``synthetic.yaml`` entry)."""
@@ -368,15 +372,15 @@ def _largest_fitting(fits: Callable[[int], bool], start: int) -> int:
     return lo
 
 
-def _top_up(count: Callable[[int], int], longest: int, target: int) -> int | None:
-    """The number of top-up characters that makes the prompt exactly ``target`` tokens, or None."""
+def _top_up(count: Callable[[int], int], longest: int, target: int, window: int = 48) -> int | None:
+    """The number of top-up characters that makes the prompt exactly ``target`` tokens, or None: bisection, then
+    the ``window`` characters either side (a character that adds two tokens can step over the target)."""
     lo, hi = 0, longest + 1  # count(lo) <= target; hi: past the end
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if count(mid) <= target else (lo, mid)
-    if count(lo) == target:
-        return lo
-    return next((c for c in range(longest + 1) if count(c) == target), None)
+    near = sorted(range(max(0, lo - window), min(longest, lo + window) + 1), key=lambda c: abs(c - lo))
+    return next((c for c in near if count(c) == target), None)
 
 
 class _PartCounter:
@@ -421,10 +425,12 @@ def _search(make: Callable[[int], Draft], tokens: Callable[[Draft, int], int], t
             hint: int) -> tuple[Draft, int, int] | None:
     """(draft, top-up, haystack units) whose ``tokens`` are exactly ``target``, or None."""
     n = _largest_fitting(lambda k: tokens(make(k), 0) <= target, hint)
-    for size in (n, n - 1, n + 1, n - 2):
+    for size, plain in ((n, False), (n - 1, False), (n, True), (n - 1, True), (n - 2, True)):
         if size < 0:
             continue
         d = make(size)
+        if plain:  # the top-up from the filler instead: ASCII words after single spaces (19 words, 8+ tokens)
+            d.pad_source = " ".join([FILLER] * ((target - tokens(d, 0)) // 8 + 2))
         pad = _top_up(lambda c, d=d: tokens(d, c), len(d.joiner + d.pad_source), target)
         if pad is not None:
             return d, pad, size
@@ -447,7 +453,7 @@ def fit(spec: Spec, seed: int, length: int, target: int, count: Count, sentences
 
     bare = exact(make(0), 0)
     if bare > target:
-        raise RulerError(f"ruler {spec.name} at {length_label(length)} tokens: the prompt without a haystack takes "
+        raise TooShort(f"ruler {spec.name} at {length_label(length)} tokens: the prompt without a haystack takes "
                          f"{bare} tokens and the answer {length - target}, more than {length}: choose longer --lengths "
                          "or leave this task out (ruler=TASK,…)")
     parts = _PartCounter(count, wrap)
@@ -487,13 +493,20 @@ def make_sample(name: str, length: int, index: int, count: Count, *, seed: int =
             "pad_chars": pad, **d.info}
 
 
-def valtext_sentences(text: str, limit: int = 200_000) -> list[str]:
-    """Validation text as haystack sentences (whitespace collapsed, split after ``.``, ``!`` or ``?``), at most
-    ``limit`` of them; RULER inserts its needles between the sentences of its essays the same way."""
+def valtext_sentences(text: str, limit: int = 200_000, words: int = 50) -> list[str]:
+    """Validation text as haystack sentences (whitespace collapsed, split after ``.``, ``!`` or ``?``, a longer run
+    than ``words`` words — code, lists — cut into pieces of that many), at most ``limit`` of them; RULER inserts its
+    needles between the sentences of its essays the same way."""
     flat = re.sub(r"\s+", " ", text).strip()
-    return [s for s in re.split(r"(?<=[.!?])\s+", flat) if s][:limit]
+    out: list[str] = []
+    for sentence in re.split(r"(?<=[.!?])\s+", flat):
+        parts = sentence.split(" ")
+        out += [" ".join(parts[i:i + words]) for i in range(0, len(parts), words) if parts[i]]
+        if len(out) >= limit:
+            break
+    return out[:limit]
 
 
 __all__ = ["DEFAULT_LENGTHS", "DEFAULT_PER_LENGTH", "DEPTHS", "FILLER", "HAYSTACKS", "NEEDLE", "SUITE", "TEMPLATES",
-           "Draft", "RulerError", "Spec", "draft", "fit", "insert_at_depths", "length_label", "make_sample",
+           "Draft", "RulerError", "Spec", "TooShort", "draft", "fit", "insert_at_depths", "length_label", "make_sample",
            "parse_length", "parse_lengths", "parse_tasks", "sample_seed", "valtext_sentences"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..infer.sampling import SamplingParams
 from ..progress import Progress
-from .ruler import SUITE, RulerError, length_label, make_sample, parse_tasks, valtext_sentences
+from .ruler import SUITE, TooShort, length_label, make_sample, parse_tasks, valtext_sentences
 from .scoring import string_match_all, string_match_part
 from .tasks import TaskError, render_prompt
 
@@ -78,7 +78,8 @@ class RulerRun:
         # a sample's index does not depend on --limit, so a run with a higher limit resumes one with a lower
         self.units = [(n, name, i) for n in self.lengths for name in self.names for i in range(per)]
         runner.count = len(self.lengths) * len(self.names) * self.per
-        self.wall: dict[int, float] = {}
+        self.wall: dict[int, float] = {}  # seconds per length: making the samples and generating
+        self.making: dict[int, float] = {}  # of which making the samples (tokenizer work)
 
     def budget(self, name: str) -> int:
         return self.task.budget if self.task.budget is not None else SUITE[name].budget
@@ -119,14 +120,15 @@ class RulerRun:
         for at in range(0, len(todo), self.runner.batch_size):
             samples = []
             for i in todo[at:at + self.runner.batch_size]:
+                start = time.perf_counter()
                 try:
                     sample = make_sample(name, length, i, self.count, seed=self.runner.seed, sentences=sentences,
                                          budget=budget, wrap=self.wrap, hint=hint)
-                except RulerError as e:
-                    if "without a haystack" not in str(e):
-                        raise
+                except TooShort as e:
                     self.runner.log(f"warning: {e}; skipped")
                     return False
+                finally:
+                    self.making[length] = self.making.get(length, 0.0) + time.perf_counter() - start
                 hint = sample["haystack_units"]
                 samples.append((base + i, sample))
             outs = self.model.generate([s["prompt"] for _, s in samples], budget, SamplingParams(), None, stop)
@@ -163,6 +165,7 @@ class RulerRun:
         return rows, {"ruler": {"scores": {t: {str(n): v for n, v in s.items()} for t, s in table.items()},
                                 "lengths": list(self.lengths), "per_length": self.per, "table": markdown,
                                 "plot": str(plot), "wall_s": {str(n): s for n, s in self.wall.items()},
+                                "making_s": {str(n): self.making.get(n, 0.0) for n in self.wall},
                                 "skipped": [f"{t}@{length_label(n)}" for n, t in sorted(skipped)]}}
 
 

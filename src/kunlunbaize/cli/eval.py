@@ -22,6 +22,14 @@ def task_spec(spec: str) -> str:
         name, path = parse_spec(spec)
     except TaskError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix(f"--task {spec!r}: ")) from None
+    if name == "ruler":
+        from ..eval.ruler import RulerError, parse_tasks
+
+        try:
+            parse_tasks(path)
+        except RulerError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return spec
     if path is None and name in KINDS and name != "bpb":
         raise argparse.ArgumentTypeError(f"{name} needs a file: {name}=PATH (or {name}=arith, {name}=humaneval for "
                                          "a built-in set)")
@@ -35,11 +43,36 @@ def task_spec(spec: str) -> str:
     return spec
 
 
+def lengths_list(text: str) -> tuple[int, ...]:
+    """An argparse ``type`` for ``--lengths``: comma-separated token counts (``1k,2k,4k``)."""
+    from ..eval.ruler import RulerError, parse_lengths
+
+    try:
+        return parse_lengths(text)
+    except RulerError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--lengths ")) from None
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """An argparse ``type`` for ``--lm-eval-metadata``: a JSON object."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): write e.g. '{{\"max_seq_lengths\": [4096]}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("give a JSON object, e.g. '{\"max_seq_lengths\": [4096]}'")
+    return value
+
+
 def run(args: argparse.Namespace) -> None:
     """Evaluate, print the results table, and say where the records are."""
     specs = args.task or ([] if args.lm_eval else list(DEFAULT_TASKS))
     if args.include_path and not args.lm_eval:
         raise UsageError("--include-path applies to --lm-eval tasks — add --lm-eval TASKS or drop it")
+    if args.lm_eval_metadata is not None and not args.lm_eval:
+        raise UsageError("--lm-eval-metadata applies to --lm-eval tasks — add --lm-eval TASKS or drop it")
     device = resolve_device(args.device)
     import torch
 
@@ -52,7 +85,8 @@ def run(args: argparse.Namespace) -> None:
     try:
         tasks = [make_task(s, data=args.data, few_shot=args.few_shot, samples=args.samples,
                            temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                           stop=args.stop, split=args.split) for s in specs]
+                           stop=args.stop, split=args.split, lengths=args.lengths, per_length=args.per_length)
+                 for s in specs]
         for task in tasks:
             if task.kind == "bpb":
                 task.max_tokens = args.bpb_tokens
@@ -62,6 +96,7 @@ def run(args: argparse.Namespace) -> None:
         lm_tasks = [t for t in (args.lm_eval or "").split(",") if t]
         summary = evaluate(args.checkpoint, tasks, out=args.out, lm_eval_tasks=lm_tasks,
                            include_path=args.include_path, lm_eval_few_shot=args.few_shot,
+                           lm_eval_metadata=args.lm_eval_metadata,
                            batch_size=args.batch_size, limit=args.limit,
                            seed=args.seed, chat=args.chat_template, fresh=args.fresh, device=device, dtype=dtype,
                            progress=not args.no_progress, workers=args.workers, timeout=args.timeout, data=args.data)
@@ -71,6 +106,9 @@ def run(args: argparse.Namespace) -> None:
         print("kunlun eval: the records scored so far are kept; run the same command to resume", file=sys.stderr)
         raise
     print(format_table(summary["rows"]))
+    for task in summary["tasks"]:
+        if "ruler" in task:
+            print(f"\n{task['task']}: score by length\n{task['ruler']['table']}")
     print(f"\nrecords and summary: {summary['out']}", file=sys.stderr)
 
 
@@ -81,11 +119,15 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--checkpoint", default="runs/small", help="run folder (newest checkpoint), checkpoint folder or "
                                                               "`kunlun export --hf` folder")
     e.add_argument("--task", action="append", type=task_spec, metavar="NAME[=PATH]",
-                   help="built in: bpb, arith, arith-mc, humaneval; a file: KIND=PATH (KIND: mc, gen, math-avg, "
+                   help="built in: bpb, arith, arith-mc, humaneval, ruler (the long-context suite; ruler=TASK,… "
+                        "some of its tasks); a file: KIND=PATH (KIND: mc, gen, math-avg, "
                         "code, bpb) or LAYOUT=PATH (gsm8k, mmlu, …); repeatable (default: "
                         f"{' and '.join(DEFAULT_TASKS)})")
     e.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks, run through the "
                                                      "transformers integration")
+    e.add_argument("--lm-eval-metadata", type=json_object, metavar="JSON",
+                   help="metadata for every --lm-eval task, as lm-eval's --metadata: e.g. "
+                        "'{\"max_seq_lengths\": [1024, 2048]}' for its RULER tasks")
     e.add_argument("--include-path", metavar="DIR", help="folder of extra lm-eval task YAMLs (e.g. examples/tasks)")
     e.add_argument("--out", help="results folder (default: RUN/eval/<checkpoint>, or evals/<folder> for an export);"
                                  " an interrupted evaluation resumes there")
@@ -97,12 +139,18 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--temperature", type=float_in(0), help="math-avg: 0.7; code: 0 for one sample, 0.8 for more")
     e.add_argument("--top-p", type=float_in(0, 1, low_open=True), help="nucleus sampling (default 1)")
     e.add_argument("--max-new-tokens", type=int_at_least(1),
-                   help="default 8192 (arith: 16), clipped with a warning to the room the context leaves")
+                   help="default 8192 (arith: 16; ruler: each task's answer budget, RULER's), clipped with a warning "
+                        "to the room the context leaves")
     e.add_argument("--stop", action="append", help="stop string, repeatable (replaces the kind's defaults)")
     e.add_argument("--seed", type=SEED, default=0, help="few-shot draws and sampling (default 0)")
     e.add_argument("--data", help="bpb: a `kunlun prepare` folder (default: the data the checkpoint was trained on)")
     e.add_argument("--split", default="val", choices=["val", "train"], help="bpb: the split (default val)")
     e.add_argument("--bpb-tokens", type=int_at_least(1), help="bpb: score only the split's first N tokens")
+    e.add_argument("--lengths", type=lengths_list, metavar="L,L,…",
+                   help="ruler: total tokens per sample, e.g. 1k,2k,4k (k = 1024; default 4k,8k,16k,32k,64k,128k), "
+                        "clipped with a warning to the model's context")
+    e.add_argument("--per-length", type=int_at_least(1), metavar="N",
+                   help="ruler: samples per task and length (default 25; --limit caps it too)")
     e.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"],
                    help="wrap prompts in the checkpoint's chat template (auto: when it has one)")
     e.add_argument("--workers", type=int_at_least(1), help="code: programs run in parallel (default: CPU count)")

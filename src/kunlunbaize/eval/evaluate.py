@@ -30,7 +30,8 @@ def default_out(ckpt: Path) -> Path:
 
 def evaluate(checkpoint: str | Path, tasks: list[Task], *, out: str | Path | None = None,
              lm_eval_tasks: list[str] | None = None, include_path: str | None = None,
-             lm_eval_few_shot: int | None = None, batch_size: int = 16,
+             lm_eval_few_shot: int | None = None, lm_eval_metadata: dict[str, Any] | None = None,
+             batch_size: int = 16,
              limit: int | None = None, seed: int = 0, chat: str = "auto", fresh: bool = False, device: str = "cpu",
              dtype: torch.dtype = torch.float32, progress: bool = True, workers: int | None = None,
              timeout: float = 10.0, data: str | Path | None = None, log: Log = _stderr) -> dict[str, Any]:
@@ -67,13 +68,14 @@ def evaluate(checkpoint: str | Path, tasks: list[Task], *, out: str | Path | Non
 
         lm_rows, raw = run_lm_eval(model.checkpoint, lm_eval_tasks, include_path=include_path, limit=limit,
                                    batch_size=batch_size, device=device, seed=seed, num_fewshot=lm_eval_few_shot,
-                                   apply_chat_template=template is not None)
+                                   apply_chat_template=template is not None, metadata=lm_eval_metadata)
         rows += [{"kind": "lm-eval", **r} for r in lm_rows]
         _write_json(folder / "lm_eval.json", _jsonable(raw))
     summary = {"checkpoint": str(model.checkpoint), "checkpoint_hash": digest, "rows": rows, "tasks": summaries,
                "out": str(folder)}
     _write_json(folder / "summary.json", summary)
-    (folder / "results.md").write_text(markdown_table(rows) + "\n", encoding="utf-8")
+    ruler = "".join(f"\n## {t['task']}: score by length\n\n{t['ruler']['table']}\n" for t in summaries if "ruler" in t)
+    (folder / "results.md").write_text(markdown_table(rows) + "\n" + ruler, encoding="utf-8")
     return summary
 
 

@@ -53,14 +53,23 @@ def metric_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def sizes_by_tokenizer(manager: Any, tasks: list[str]) -> bool:
+    """Whether one of ``tasks`` is lm-eval's RULER (its data is generated to token lengths with the model's
+    tokenizer, which lm-eval finds under the ``pretrained`` metadata)."""
+    entries = [manager.task_index.get(t) for t in tasks]
+    return any(e is not None and e.yaml_path is not None and "ruler" in Path(e.yaml_path).parts for e in entries)
+
+
 def run_lm_eval(checkpoint: str | Path, tasks: list[str], *, include_path: str | Path | None = None,
                 limit: int | None = None, batch_size: int = 8, device: str = "cpu", num_fewshot: int | None = None,
-                seed: int = 0, apply_chat_template: bool = False,
-                log_samples: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                seed: int = 0, apply_chat_template: bool = False, log_samples: bool = False,
+                metadata: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run lm-evaluation-harness ``tasks`` on ``checkpoint`` (run, checkpoint or export folder), offline.
 
-    Returns the table rows (:func:`metric_rows`) and lm-eval's raw results. An unknown task name raises a
-    ValueError naming the closest known ones.
+    ``metadata`` goes to every task (lm-eval's ``--metadata``, e.g. ``{"max_seq_lengths": [4096, 8192]}`` for its
+    RULER tasks). Tasks that generate their data for the model's tokenizer (lm-eval's ``ruler`` folder) are told
+    the exported folder as ``pretrained``, where the tokenizer is. Returns the table rows (:func:`metric_rows`) and
+    lm-eval's raw results. An unknown task name raises a ValueError naming the closest known ones.
     """
     try:
         import lm_eval
@@ -84,6 +93,9 @@ def run_lm_eval(checkpoint: str | Path, tasks: list[str], *, include_path: str |
     ckpt = resolve_checkpoint(checkpoint)
     with tempfile.TemporaryDirectory(prefix="kunlun-lm-eval-") as tmp:
         folder = _export_folder(ckpt, tmp)
+        if metadata or sizes_by_tokenizer(manager, tasks):
+            manager = TaskManager(include_path=str(include_path) if include_path is not None else None,
+                                  metadata={"pretrained": str(folder), **(metadata or {})})
         lm = HFLM(pretrained=str(folder), backend="causal", batch_size=batch_size, device=device)
         raw = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                       num_fewshot=num_fewshot, random_seed=seed, numpy_random_seed=seed,

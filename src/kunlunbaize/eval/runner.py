@@ -138,6 +138,7 @@ class TaskRunner:
         self.batch_size, self.seed, self.chat_template = batch_size, seed, chat_template
         self.fresh, self.progress, self.workers, self.timeout, self.data, self.log = (
             fresh, progress, workers, timeout, data, log)
+        self.limit = limit
         self.count = len(task.records) if limit is None else min(limit, len(task.records))
         self.fingerprint = {"checkpoint_hash": checkpoint_hash, "settings": task.settings(), "seed": seed,
                             "records": records_digest(task.records),
@@ -148,6 +149,10 @@ class TaskRunner:
         kind = self.task.kind
         if kind == "bpb":
             rows, extra = self._bpb()
+        elif kind == "ruler":
+            from .ruler_run import RulerRun
+
+            rows, extra = RulerRun(self).run()
         else:
             per_unit = 1 if kind in ("mc", "gen") else self.task.samples
             self.records = Records(self.folder, self.fingerprint, per_unit, self.fresh)

@@ -10,7 +10,8 @@ import re
 import threading
 from decimal import Decimal, InvalidOperation
 
-__all__ = ["exact_match", "extract_answer", "has_math_verify", "math_equal", "normalize"]
+__all__ = ["exact_match", "extract_answer", "has_math_verify", "math_equal", "normalize", "string_match_all",
+           "string_match_part"]
 
 STYLES = ("auto", "boxed", "answer", "gsm8k", "number")
 
@@ -174,3 +175,19 @@ def math_equal(gold: str, pred: str | None, timeout_seconds: int = 5) -> bool:
     if not gold_parsed or not pred_parsed:
         return False
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=limit))
+
+
+def string_match_all(prediction: str, references: list[str]) -> float:
+    """RULER's ``string_match_all`` for one sample: the fraction of ``references`` that occur in ``prediction``
+    (case-insensitive substring)."""
+    if not references:
+        raise ValueError("string_match_all needs at least one reference")
+    pred = prediction.lower()
+    return sum(r.lower() in pred for r in references) / len(references)
+
+
+def string_match_part(prediction: str, references: list[str]) -> float:
+    """RULER's ``string_match_part`` for one sample: 1 when any of ``references`` occurs in ``prediction``
+    (case-insensitive substring), else 0."""
+    pred = prediction.lower()
+    return float(any(r.lower() in pred for r in references))

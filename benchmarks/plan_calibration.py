@@ -70,7 +70,8 @@ def traffic_table(preset: str, gpus: int, seq: int, batch: int, layouts: list[La
 
 def dense_traffic_table(preset: str, pp: int, seq: int, micro_batch: int = 1) -> list[str]:
     """Bytes one micro-batch sends across each stage boundary forward (the same again backward): the dense
-    residual's earlier outputs, what the pipeline sends (those, or H_l and the partial sums when fewer), and a plain residual's one stream."""
+    residual's earlier outputs, what the pipeline sends (those, or H_l and the partial sums when fewer), and a plain
+    residual's one stream."""
     cfg = ModelConfig.preset(preset)
     per_stage = -(-cfg.n_layers // pp)
     tensor = micro_batch * seq * cfg.d_model * 2  # one bf16 [b, T, d]

@@ -14,7 +14,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "kunlunbaize"
 # Lowest first; a module may import its own layer's package and any layer below. Packages on one layer are
 # siblings and do not import each other. Keep in step with the map in docs/ARCHITECTURE.md.
 LAYERS: list[set[str]] = [
-    {"config", "defaults", "progress", "rope_scaling"},
+    {"rope_scaling"},
+    {"config", "defaults", "progress"},
     {"model", "data"},
     {"arch"},
     {"checkpoint"},

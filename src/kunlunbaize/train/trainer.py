@@ -25,6 +25,7 @@ from .config import DEFAULT_DATA, TrainConfig
 from .data import validation_batches
 from .distributed import DistEnv, any_rank, init_distributed, peak_flops, wrap_model
 from .errors import TrainingError, TrainingInterrupted
+from .extend import build_extension, write_parent_record
 from .logging import RunLogger
 from .metrics import MetricsWindow
 from .models import build_model, dense_residual_weights
@@ -248,7 +249,10 @@ def _place_model(cfg: TrainConfig, env: DistEnv, model: nn.Module, spec: ArchSpe
 def _setup(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Trainer:
     torch.manual_seed(cfg.seed + env.rank)
     data = open_run_data(cfg, data_path)
-    model, mcfg, spec = build_model(cfg, data.meta["vocab_size"])
+    if cfg.init_from is None:
+        model, mcfg, spec = build_model(cfg, data.meta["vocab_size"])
+    else:  # a context-extension stage: the parent's model and weights at the new context
+        model, mcfg, spec = build_extension(cfg, data.meta["vocab_size"], data.path)
     n_params = sum(p.numel() for p in model.parameters())
     wrapped, mode = _place_model(cfg, env, model, spec)
     dtype = resolve_dtype(cfg.dtype, env.device)
@@ -262,6 +266,8 @@ def _setup(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Trainer:
     progress = RunProgress.from_state(state)
     if env.is_main:
         notes += prepare_run_dir(run_dir, resumed, progress.step)
+        if cfg.init_from is not None and resumed is None:
+            notes.append(write_parent_record(cfg))
     peak, peak_how = (cfg.peak_tflops * 1e12, "given") if cfg.peak_tflops else peak_flops(
         env.device, torch.bfloat16 if dtype == "bf16" else torch.float32)
     flops_per_token = spec.training_flops(mcfg, cfg.seq_len)

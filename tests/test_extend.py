@@ -21,8 +21,8 @@ PARENT_CONTEXT = 64  # the trained_run fixture's max_seq_len
 
 def stage(dataset: Path, parent: Path, out: Path, **kw) -> TrainConfig:
     base = dict(data=str(dataset), out=str(out), init_from=str(parent), seq_len=4 * PARENT_CONTEXT, rope="yarn",
-                rope_factor=4.0, tokens=4 * PARENT_CONTEXT * 2 * 2, batch_size=2, lr=1e-3, log_every=1, eval_every=2,
-                eval_batches=1, ckpt_every=1000, progress=False, warmup_steps=1)
+                rope_factor=4.0, tokens=4 * PARENT_CONTEXT * 2 * 2, batch_size=2, batch_size_start=2, lr=1e-3,
+                log_every=1, eval_every=2, eval_batches=1, ckpt_every=1000, progress=False, warmup_steps=1)
     base.update(kw)
     return TrainConfig(**base)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kunlunbaize.checkpoint import CheckpointError, latest_checkpoint, read_config, read_weights
+from kunlunbaize.infer.load import load_as_kunlunbaize
 from kunlunbaize.train.distributed import init_distributed
 from kunlunbaize.train.trainer import TrainConfig, Trainer, train
 
@@ -57,6 +58,8 @@ def test_stage_is_a_new_run_that_records_its_parent_and_resumes(dataset, trained
     assert record["checkpoint"] == str(latest_checkpoint(trained_run / "checkpoints").resolve())
     assert record["model_config"]["max_seq_len"] == PARENT_CONTEXT
     assert json.loads((out / "train_config.json").read_text())["init_from"] == str(trained_run)
+    served, _ = load_as_kunlunbaize(ckpt)  # what kunlun generate / serve / eval build: the stage's scaling
+    assert served.config.rope_scaling == saved["rope_scaling"] and served.rope.attention_factor > 1
     more = train(stage(dataset, trained_run, out, tokens=4 * PARENT_CONTEXT * 2 * 3))  # resumes its own run
     assert more["step"] == 3 and more["steps_now"] == 1
 

@@ -14,6 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "kunlunbaize"
 # Lowest first; a module may import its own layer's package and any layer below. Packages on one layer are
 # siblings and do not import each other. Keep in step with the map in docs/ARCHITECTURE.md.
 LAYERS: list[set[str]] = [
+    {"rope_scaling"},
     {"config", "defaults", "progress"},
     {"model", "data"},
     {"arch"},

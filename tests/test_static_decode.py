@@ -20,8 +20,12 @@ def model64(seed=0, **kw):
     return build(tiny(**kw), seed).double().eval()
 
 
+DYNAMIC = {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 4}  # scaling from token 5 on
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(transformerx=False), dict(dense_residual=False, mtp_depth=1),
-                                dict(mtp_depth=3, conv_kernel_sizes=(2, 9)), dict(mtp_depth=0)])
+                                dict(mtp_depth=3, conv_kernel_sizes=(2, 9)), dict(mtp_depth=0),
+                                dict(rope_scaling=DYNAMIC), dict(rope_scaling={**DYNAMIC, "rope_type": "yarn"})])
 @torch.inference_mode()
 def test_step_equals_eager_cached_forward(kw):
     """Logits, hidden states and every cache buffer written (self-attention, conv history, cross-attention and
@@ -97,12 +101,12 @@ def test_speculative_through_decoder_equals_plain_greedy(kw, adaptive):
                                     decoder=dec).tokens[0] == plain
 
 
-@pytest.mark.parametrize("vocab_size", [None, 30])
+@pytest.mark.parametrize(("vocab_size", "scaling"), [(None, None), (30, None), (None, DYNAMIC)])
 @torch.inference_mode()
-def test_draft_step_equals_eager_drafting(vocab_size):
+def test_draft_step_equals_eager_drafting(vocab_size, scaling):
     """The static drafting step (``StaticDecoder.draft``) draws the eager drafts from the same distributions, and
-    writes the same keys into the depths' caches."""
-    model = model64(0, mtp_depth=3)
+    writes the same keys into the depths' caches (with dynamic NTK: at the frequencies of the sequence so far)."""
+    model = model64(0, mtp_depth=3, rope_scaling=scaling)
     V = model.config.vocab_size
     vocab = DraftVocab(model, frequent_tokens(torch.arange(V), vocab_size)) if vocab_size else None
     prompt = torch.randint(0, V, (1, 7))

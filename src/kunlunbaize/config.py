@@ -17,6 +17,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .rope_scaling import check_rope_scaling
+from .rope_scaling import rope_parameters as _rope_parameters
+
 
 @dataclass
 class ModelConfig:
@@ -31,6 +34,10 @@ class ModelConfig:
     """Hidden size of the single SwiGLU MLP of a plain (``transformerx=False``) block."""
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE scaling for a context beyond the pre-training one (:mod:`kunlunbaize.rope_scaling`): None, or
+    transformers' ``rope_parameters`` without ``rope_theta``, e.g. ``{"rope_type": "yarn", "factor": 16.0,
+    "original_max_position_embeddings": 256}``; types linear, dynamic, yarn, llama3."""
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = False
@@ -129,11 +136,20 @@ class ModelConfig:
                     self._fail("mtp_loss_weights", f"weight {g!r} must be a finite number >= 0")
         if not isinstance(self.extra, dict):
             self._fail("extra", "must be a dict")
+        try:
+            self.rope_scaling = check_rope_scaling(self.rope_scaling, self.max_seq_len)
+        except ValueError as e:
+            self._fail("rope_scaling", str(e))
 
     # ------------------------------------------------------------------ derived values
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def rope_parameters(self) -> dict[str, Any]:
+        """transformers' ``rope_parameters``: ``rope_type`` (``"default"`` unscaled), ``rope_theta`` and the scaling."""
+        return _rope_parameters(self.rope_theta, self.rope_scaling)
 
     @property
     def kv_dim(self) -> int:

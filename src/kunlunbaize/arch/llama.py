@@ -8,6 +8,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from ..config import ModelConfig
+from ..rope_scaling import ORIGINAL, from_rope_parameters
 from .spec import ArchSpec
 
 if TYPE_CHECKING:
@@ -43,9 +44,23 @@ def matched_llama_config(cfg: ModelConfig):
     return LlamaConfig(
         vocab_size=V, hidden_size=d, intermediate_size=matched_ffn(cfg), num_hidden_layers=L,
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, initializer_range=cfg.init_std,
+        rms_norm_eps=cfg.norm_eps, rope_parameters=llama_rope_parameters(cfg), initializer_range=cfg.init_std,
         tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
     )
+
+
+def llama_rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    """The ``rope_parameters`` of ``cfg``'s Llama: the same RoPE scaling, in the keys ``LlamaConfig`` takes.
+    ValueError for dynamic NTK: a ``LlamaConfig`` scales beyond ``max_position_embeddings``, so it cannot hold
+    both the pre-training context and the extended one."""
+    params = dict(cfg.rope_parameters)
+    if params["rope_type"] == "dynamic":
+        raise ValueError("--arch llama cannot use dynamic NTK RoPE scaling (transformers' Llama scales beyond "
+                         "max_position_embeddings, which is then not the extended context); use linear, yarn or "
+                         "llama3")
+    if params["rope_type"] == "linear":
+        params.pop(ORIGINAL, None)  # a record of ours that transformers' linear type does not take
+    return params
 
 
 def matched_ffn(cfg: ModelConfig) -> int:
@@ -83,7 +98,8 @@ def as_kunlunbaize(saved: dict[str, Any],
     """A Llama baseline checkpoint (or its ``kunlun export --hf`` folder) as the KunlunBaize that computes the same
     logits: all three switches off, which is a LLaMA decoder, with the FFN width of its weights; and its weights
     with KunlunBaize's names. ``saved`` is the folder's ``config.json``, ``state`` its weights. ValueError when the
-    Llama is not one KunlunBaize can express (biases, another activation, RoPE scaling, an unknown weight)."""
+    Llama is not one KunlunBaize can express (biases, another activation, a RoPE type other than linear, yarn or llama3,
+    an unknown weight)."""
     if saved.get("model_type") == LLAMA_HF_TYPE:  # an export: a plain transformers folder
         cfg, prefix = _config_of_llama(saved), ""
     elif isinstance(saved.get(LLAMA_CONFIG_KEY), dict):
@@ -107,12 +123,13 @@ def as_kunlunbaize(saved: dict[str, Any],
 def _config_of_llama(llama: dict[str, Any]) -> ModelConfig:
     """The all-switches-off ModelConfig of a ``LlamaConfig`` dict; ValueError for what KunlunBaize lacks."""
     d, heads = int(llama["hidden_size"]), int(llama["num_attention_heads"])
-    rope = llama.get("rope_parameters") or llama.get("rope_scaling") or {}
+    theta, scaling = from_rope_parameters(llama.get("rope_parameters") or llama.get("rope_scaling"))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     unsupported = [what for what, bad in (
         ("attention or MLP biases", llama.get("attention_bias") or llama.get("mlp_bias")),
         (f"activation {llama.get('hidden_act')}", llama.get("hidden_act", "silu") != "silu"),
         (f"head_dim {llama.get('head_dim')}", llama.get("head_dim") not in (None, d // heads)),
-        (f"RoPE type {rope.get('rope_type')}", rope.get("rope_type", "default") != "default"),
+        (f"RoPE type {kind}", kind not in ("default", "linear", "yarn", "llama3")),
     ) if bad]
     if unsupported:
         raise ValueError(f"this Llama has {', '.join(unsupported)}, which a KunlunBaize decoder does not")
@@ -120,7 +137,7 @@ def _config_of_llama(llama: dict[str, Any]) -> ModelConfig:
         vocab_size=int(llama["vocab_size"]), d_model=d, n_layers=int(llama["num_hidden_layers"]), n_heads=heads,
         n_kv_heads=int(llama.get("num_key_value_heads") or heads), ffn_hidden=int(llama["intermediate_size"]),
         max_seq_len=int(llama["max_position_embeddings"]), norm_eps=float(llama["rms_norm_eps"]),
-        rope_theta=float(rope.get("rope_theta", llama.get("rope_theta", 10000.0))),
+        rope_theta=float(theta if theta is not None else llama.get("rope_theta", 10000.0)), rope_scaling=scaling,
         tie_embeddings=bool(llama.get("tie_word_embeddings", False)),
         init_std=float(llama.get("initializer_range", 0.02)), dense_residual=False, transformerx=False, mtp_depth=0)
 

@@ -8,7 +8,9 @@ import os
 import re
 from typing import Any
 
+from ..config import PRESETS
 from ..defaults import TRAIN
+from ..rope_scaling import ROPE_TYPES
 from .args import UsageError, add_model_args, float_in, int_at_least, model_config, new_command
 
 POSITIVE, NONNEGATIVE, ABOVE_ZERO = int_at_least(1), int_at_least(0), float_in(0, low_open=True)
@@ -23,6 +25,13 @@ def add_parser(sub: Any) -> None:
     add_model_args(tr, None, "model config overrides")
     tr.add_argument("--arch", choices=["kunlunbaize", "llama"],
                     help="llama: transformers' LlamaForCausalLM of matched width/depth/params, same loop")
+    tr.add_argument("--init-from", dest="init_from", metavar="RUN_OR_CKPT",
+                    help="context extension: a new run starting from this run's (newest) or checkpoint's weights, "
+                         "with its model config at --seq-len (docs/guide-train.md, 'Extending the context')")
+    tr.add_argument("--rope", choices=["none", *ROPE_TYPES],
+                    help="RoPE scaling of the extension (default: the parent's own)")
+    tr.add_argument("--rope-factor", dest="rope_factor", type=float_in(1, low_open=True),
+                    help="scaling factor (default: the new context / the original one)")
     tr.add_argument("--tokens", type=POSITIVE, help=f"token budget (default {TRAIN['tokens']:,})")
     tr.add_argument("--seq-len", dest="seq_len", type=int_at_least(2), help=f"default {TRAIN['seq_len']}")
     tr.add_argument("--batch-size", dest="batch_size", type=POSITIVE,
@@ -74,6 +83,8 @@ def _train_config(args: argparse.Namespace):
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     values["model_overrides"] = dict(args.set)
     values["progress"] = not args.no_progress
+    if args.init_from is not None:  # the parent's architecture and preset, unless given
+        values = {**_parent_defaults(args.init_from), **values}
     cfg = TrainConfig(**values)
     model_config(cfg.preset, args.set, ignore=("vocab_size",))  # the vocabulary is the data's
     try:
@@ -83,6 +94,20 @@ def _train_config(args: argparse.Namespace):
     except ValueError as e:
         raise UsageError(re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(e))) from None
     return cfg
+
+
+def _parent_defaults(init_from: str) -> dict[str, str]:
+    """The ``arch`` and ``preset`` of the checkpoint ``--init-from`` names (a UsageError when there is none)."""
+    from ..checkpoint import CheckpointError, checkpoint_arch, read_config, resolve_checkpoint
+
+    try:
+        ckpt = resolve_checkpoint(init_from)
+        saved = read_config(ckpt)
+        out = {"arch": checkpoint_arch(ckpt, saved).name}
+    except CheckpointError as e:
+        raise UsageError(f"--init-from: {e}") from None
+    preset = (saved.get("extra") or {}).get("preset")
+    return {**out, "preset": preset} if preset in PRESETS else out
 
 
 def run(args: argparse.Namespace) -> None:

@@ -99,7 +99,7 @@ def draft(model: KunlunBaize, cache: InferenceCache, hidden: torch.Tensor, next_
         weight = model.mtp.head_weight(j, model.head_weight) if vocab is None else vocab.weights[j - 1]
         step = decoder.draft(j, g, new, weight) if decoder is not None else None
         if step is None:
-            g = model.mtp.depth_step(j, g, model.embed(new), model.rope, n - 1, max(0, n - j), cache.mtp[j - 1])
+            g = model.mtp.depth_step(j, g, model.embed(new), model.rope.at(n), n - 1, max(0, n - j), cache.mtp[j - 1])
             logits = linear(model.mtp.depths[j - 1].out_norm(g[:, -1]), weight)
         else:
             g, logits = step

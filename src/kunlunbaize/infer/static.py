@@ -38,10 +38,11 @@ def trunk_step(model: KunlunBaize, cache: InferenceCache, ids: torch.Tensor,
     positions = slots[None] - pads  # [B, n]
     mask = ((key_slots[None] <= slots[:, None])[None] & cache.valid[:, None, :])[:, None]  # [B, 1, n, max_len]
     emb = model.embed(ids)
-    hidden = model.run_blocks(emb, model.rope(positions), start, cache, mask, None)
+    rope = model.rope.at(positions.max() + 1 if model.rope.dynamic else None)  # dynamic NTK: one length per step
+    hidden = model.run_blocks(emb, rope(positions), start, cache, mask, None)
     if cache.mtp:  # depth j's key slot s holds t_{s+j} (as MultiTokenPrediction.write_keys)
         for j, (depth, kv) in enumerate(zip(model.mtp.depths, cache.mtp, strict=True), start=1):
-            k, v = depth.cross_attn.project_kv(depth.embed_norm(emb), model.rope(positions - j))
+            k, v = depth.cross_attn.project_kv(depth.embed_norm(emb), rope(positions - j))
             kv.write(start - j, k, v)
     return linear(model.norm(hidden), model.head_weight), hidden
 
@@ -55,8 +56,9 @@ def draft_step(model: KunlunBaize, cache: InferenceCache, j: int, g: torch.Tenso
     draft vocabulary's part of it). One unpadded sequence, as speculative decoding runs; needs ``start`` ≥ j − 1."""
     depth = model.mtp.depths[j - 1]
     kv_start = start - (j - 1)
-    rope_q = model.rope(start[None])
-    rope_k = model.rope(kv_start + torch.arange(j, device=ids.device))
+    rope = model.rope.at(start + 1)  # dynamic NTK: the frequencies of the sequence so far
+    rope_q = rope(start[None])
+    rope_k = rope(kv_start + torch.arange(j, device=ids.device))
     mask = (torch.arange(cache.max_len, device=ids.device) <= start)[None, None, None]  # [1, 1, 1, max_len]
     g = g + depth.cross_attn(depth.hidden_norm(g), depth.embed_norm(model.embed(ids)), rope_q, rope_k, 0, kv_start,
                              cache.mtp[j - 1], mask)  # eq. 15–20 for one query

@@ -3,26 +3,38 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .rope import dynamic_inv_freq, inv_freq_and_attention
+
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (RoPE) tables; ``forward(positions)`` returns ``(cos, sin)`` [T, head_dim]."""
+    """Rotary position embedding (RoPE) tables; ``forward(positions)`` returns ``(cos, sin)`` [T, head_dim].
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    ``scaling`` is a model's ``rope_scaling`` (:mod:`kunlunbaize.rope_scaling`; None: plain RoPE): the tables are
+    those of transformers' RoPE of the same type, cos/sin multiplied by its attention factor (YaRN's mscale).
+    """
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
+        self.scaling = scaling
+        self.dynamic = bool(scaling) and scaling["rope_type"] == "dynamic"
+        """Dynamic NTK: the frequencies depend on the length of the sequence a forward reaches."""
+        self.attention_factor = 1.0
         # Not a parameter and not saved: always recomputed, so checkpoints stay free of derived tensors.
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 
     def _inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
-        idx = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
-        return 1.0 / (self.theta ** (idx / self.head_dim))
+        inv_freq, self.attention_factor = inv_freq_and_attention(self.head_dim, self.theta, self.scaling, device)
+        return inv_freq
 
     def reset_parameters(self) -> None:
         self.inv_freq = self._inv_freq(self.inv_freq.device)
@@ -33,10 +45,26 @@ class RotaryEmbedding(nn.Module):
         self.reset_parameters()
         return self
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables for ``positions`` [T] or [B, T]: each [T, head_dim] or [B, T, head_dim]."""
-        freqs = positions.to(torch.float32)[..., None] * self.inv_freq
+    def at(self, length: int | torch.Tensor | None) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """The tables of a forward whose sequence reaches ``length`` tokens: with dynamic NTK every query and key
+        of one forward must share its frequencies; for the other types simply this module."""
+        if not self.dynamic or length is None:
+            return self
+        return partial(self.forward, length=length)
+
+    def forward(self, positions: torch.Tensor,
+                length: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for ``positions`` [T] or [B, T]: each [T, head_dim] or [B, T, head_dim]. ``length`` (dynamic NTK
+        only): the sequence length the forward reaches; by default the largest position + 1, as transformers."""
+        inv_freq = self.inv_freq
+        if self.dynamic:
+            if length is None:
+                length = positions.max() + 1
+            inv_freq = dynamic_inv_freq(self.head_dim, self.theta, self.scaling, length, inv_freq)
+        freqs = positions.to(torch.float32)[..., None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
+        if self.attention_factor != 1.0:
+            return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
         return emb.cos(), emb.sin()
 
 

@@ -51,6 +51,9 @@ class TrunkOutput:
     """Attention mask [B, 1, T, start+T] when padding is in play, else None (plain causal)."""
     layer_inputs: list[torch.Tensor] | None = None
     """H_0 … H_{L−1} when requested (HF's ``output_hidden_states``)."""
+    rope_length: int | torch.Tensor | None = None
+    """The sequence length this forward reaches (largest rotary position + 1): with dynamic NTK it sets the
+    frequencies of every query and key of the forward, the MTP depths' included."""
 
 
 @torch.no_grad()
@@ -94,7 +97,7 @@ class KunlunBaizeTrunk:
         self.arch = config
         d = config.d_model
         self.embed = nn.Embedding(config.vocab_size, d)  # E(·), shared with the MTP depths (eq. 13, 15)
-        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.blocks = nn.ModuleList(block_factory(config) for _ in range(config.n_layers))  # eq. 14
         self.dense = DenseResidual(config.n_layers, config.dense_init) if config.dense_residual else None
         self.norm = nn.RMSNorm(d, eps=config.norm_eps)
@@ -194,13 +197,15 @@ class KunlunBaizeTrunk:
         positions = mask = valid = None
         if attention_mask is not None or (cache is not None and cache.padded):
             positions, mask, valid = self._padding(attention_mask, T, start, cache, emb.device)
-            rope = self.rope(positions[:, start:])
+            length = positions[:, start:].max() + 1 if self.rope.dynamic else None
+            rope = self.rope(positions[:, start:], length)
         else:
-            rope = self.rope(torch.arange(start, start + T, device=emb.device))
+            length = start + T
+            rope = self.rope(torch.arange(start, start + T, device=emb.device), length)
 
         layer_inputs = [] if keep_layer_inputs else None
         h = self.run_blocks(emb, rope, start, cache, mask, valid, layer_inputs)
-        return TrunkOutput(h, emb, start, positions, mask, layer_inputs)
+        return TrunkOutput(h, emb, start, positions, mask, layer_inputs, length)
 
     def run_blocks(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], start: int | torch.Tensor,
                    cache: InferenceCache | None, mask: torch.Tensor | None, valid: torch.Tensor | None,
@@ -304,8 +309,8 @@ def _chunked_loss_terms(model: KunlunBaize, trunk: TrunkOutput, labels: torch.Te
                                         ignore_index=ignore_index)
     mtp = []
     if model.mtp is not None:
-        heads = model.mtp.head_inputs(trunk.hidden, trunk.embeddings, model.rope, model.head_weight, trunk.start, None,
-                                      trunk.positions, trunk.mask)
+        heads = model.mtp.head_inputs(trunk.hidden, trunk.embeddings, model.rope.at(trunk.rope_length),
+                                      model.head_weight, trunk.start, None, trunk.positions, trunk.mask)
         mtp = [shifted_linear_cross_entropy(h, w, labels, j + 1, ignore_index=ignore_index)
                for j, (h, w) in enumerate(heads, start=1)]
     return LossTerms.joint(main, mtp, model.config.gammas)
@@ -316,6 +321,7 @@ def run_mtp(module: MultiTokenPrediction | None, trunk: TrunkOutput, rope: Rotar
     """Every MTP depth's logits (eq. 13–21), or with ``logits=False`` only their cached keys (or nothing)."""
     if module is None:
         return []
+    rope = rope.at(trunk.rope_length)
     if cache is not None and not cache.mtp:
         if logits:
             raise ValueError("this cache holds no MTP state (made with new_cache(mtp=False)): "

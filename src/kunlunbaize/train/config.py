@@ -9,6 +9,7 @@ from typing import Any
 from ..arch import ARCHS, DEFAULT
 from ..config import PRESETS
 from ..defaults import DEFAULT_DATA, TRAIN
+from ..rope_scaling import ROPE_TYPES
 from .schedule import PAPER_TOKENS
 
 __all__ = ["DEFAULT_DATA", "TrainConfig"]
@@ -58,6 +59,9 @@ class TrainConfig:
     peak_tflops: float | None = None
     stop_at_step: int | None = None  # stop (with a checkpoint) after this step, as if preempted
     progress: bool = True
+    init_from: str | None = None  # context extension: a new run starting from this run's / checkpoint's weights
+    rope: str | None = None  # its RoPE scaling: linear, dynamic, yarn, llama3 or none (None: the parent's own)
+    rope_factor: float | None = None  # None: the new context over the original one
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that makes no sense."""
@@ -100,6 +104,12 @@ class TrainConfig:
             ("max_bad_steps", self.max_bad_steps >= 1, ">= 1"),
             ("peak_tflops", opt(self.peak_tflops, lambda v: real(v, 0, lo_open=True)), "None or > 0"),
             ("stop_at_step", opt(self.stop_at_step, lambda v: v >= 1), "None or >= 1"),
+            ("rope", self.rope in (None, "none", *ROPE_TYPES), f"none or one of {', '.join(ROPE_TYPES)}"),
+            ("rope", self.rope is None or self.init_from is not None,
+             "left out without init_from (a context-extension stage starts from a trained checkpoint)"),
+            ("rope_factor", opt(self.rope_factor, lambda v: real(v, 1, lo_open=True)), "None or > 1"),
+            ("rope_factor", self.rope_factor is None or self.rope not in (None, "none"),
+             "left out unless a RoPE scaling type is given (rope)"),
         ]
         for name, ok, need in checks:
             if not ok:

@@ -25,6 +25,7 @@ from .config import DEFAULT_DATA, TrainConfig
 from .data import validation_batches
 from .distributed import DistEnv, any_rank, init_distributed, peak_flops
 from .errors import TrainingError, TrainingInterrupted
+from .extend import build_extension, write_parent_record
 from .logging import RunLogger
 from .metrics import MetricsWindow
 from .models import build_model, dense_residual_weights, model_config
@@ -268,10 +269,14 @@ def _setup(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Trainer:
     layout = _resolve_layout(cfg, env)
     torch.manual_seed(cfg.seed)  # every rank builds the same model: its shards are the one-process model's
     data = open_run_data(cfg, data_path)
-    check_model(layout, model_config(cfg, data.meta["vocab_size"]), cfg.seq_len)
     if layout.tp > 1 and "parallelize" not in get_arch(cfg.arch).hooks:
         raise LayoutError(f"--arch {cfg.arch} has no tensor-parallel plan; train it with --tp 1")
-    model, mcfg, spec = build_model(cfg, data.meta["vocab_size"])
+    if cfg.init_from is None:
+        check_model(layout, model_config(cfg, data.meta["vocab_size"]), cfg.seq_len)
+        model, mcfg, spec = build_model(cfg, data.meta["vocab_size"])
+    else:  # a context-extension stage: the parent's model and weights at the new context
+        model, mcfg, spec = build_extension(cfg, data.meta["vocab_size"], data.path)
+        check_model(layout, mcfg, cfg.seq_len)
     if env.distributed:
         torch.manual_seed(cfg.seed + env.rank)
     n_params = sum(p.numel() for p in model.parameters())
@@ -287,6 +292,8 @@ def _setup(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Trainer:
     progress = RunProgress.from_state(state)
     if env.is_main:
         notes += prepare_run_dir(run_dir, resumed, progress.step)
+        if cfg.init_from is not None and resumed is None:
+            notes.append(write_parent_record(cfg))
     peak, peak_how = (cfg.peak_tflops * 1e12, "given") if cfg.peak_tflops else peak_flops(
         env.device, torch.bfloat16 if dtype == "bf16" else torch.float32)
     flops_per_token = spec.training_flops(mcfg, cfg.seq_len)

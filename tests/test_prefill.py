@@ -1,0 +1,144 @@
+"""Chunked prefill equals a one-shot prefill: logits, final hidden states and every cache tensor, for every switch
+combination and chunk sizes that split the conv history (k − 1 tokens) and the MTP shift; generation, speculative
+decoding, the static decoder, the Llama baseline, evaluation and serving read long prompts in chunks with the same
+results; bad chunk sizes and over-long prompts get clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kunlunbaize.infer import StaticDecoder, generate, speculative_generate
+from kunlunbaize.model import check_prefill_chunk, prefill
+
+from .helpers import build, config_id, switch_configs, tiny
+
+CONFIGS = switch_configs()
+T = 23
+TOL = 1e-12  # float64: the chunked and one-shot computations differ only in the order of a few sums
+
+
+def chunk_sizes(cfg) -> list[int | None]:
+    """1, k−1, k and k+1 for the largest kernel k, the MTP depth and one past it, primes, and one chunk (None)."""
+    k = max(cfg.conv_kernel_sizes)
+    sizes = {1, max(1, k - 1), k, k + 1, max(1, cfg.mtp_depth), cfg.mtp_depth + 1, 2, 5, 7, 11}
+    return sorted(sizes) + [None]
+
+
+def one_shot(model, x, mask=None):
+    cache = model.new_cache(x.shape[0], T + 4)
+    out = model(x, cache=cache, attention_mask=mask)  # the plain forward, MTP depths included
+    return out, cache
+
+
+def assert_same_cache(a, b) -> None:
+    assert (a.length, a.padded) == (b.length, b.padded)
+    for (ta, _), (tb, _) in zip(a.slot_tensors(), b.slot_tensors(), strict=True):
+        if ta.dtype == torch.bool:
+            assert torch.equal(ta, tb)
+        else:
+            torch.testing.assert_close(ta, tb, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[config_id(c) for c in CONFIGS])
+def test_chunked_prefill_equals_one_shot(cfg):
+    model = build(cfg).double()
+    x = torch.randint(0, cfg.vocab_size, (2, T))
+    with torch.no_grad():
+        ref, ref_cache = one_shot(model, x)
+        for chunk in chunk_sizes(cfg):
+            cache = model.new_cache(2, T + 4)
+            out = prefill(model, x, cache, chunk, keep=None)
+            torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=TOL, msg=f"chunk {chunk}")
+            torch.testing.assert_close(out.hidden, ref.hidden, rtol=0, atol=TOL, msg=f"chunk {chunk}")
+            assert_same_cache(cache, ref_cache)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[::2], ids=[config_id(c) for c in CONFIGS[::2]])
+def test_chunked_prefill_of_a_left_padded_batch_equals_one_shot(cfg):
+    model = build(cfg).double()
+    x = torch.randint(0, cfg.vocab_size, (3, T))
+    mask = torch.ones(3, T, dtype=torch.long)
+    mask[1, :6], mask[2, :13] = 0, 0  # padding that ends inside a chunk and across chunk boundaries
+    with torch.no_grad():
+        ref, ref_cache = one_shot(model, x, mask)
+        for chunk in (1, max(cfg.conv_kernel_sizes) - 1 or 1, 4, 7):
+            cache = model.new_cache(3, T + 4)
+            out = prefill(model, x, cache, chunk, mask, keep=5)
+            torch.testing.assert_close(out.logits, ref.logits[:, -5:], rtol=0, atol=TOL)
+            assert_same_cache(cache, ref_cache)
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c.mtp_depth][:4], ids=config_id)
+def test_decoding_continues_a_chunked_prefill_exactly(cfg):
+    """The tokens after a chunked prefill: the same logits step after step as after a one-shot one."""
+    model = build(cfg).double()
+    x = torch.randint(0, cfg.vocab_size, (1, T))
+    with torch.no_grad():
+        _, ref_cache = one_shot(model, x[:, :13])
+        cache = model.new_cache(1, T + 4)
+        prefill(model, x[:, :13], cache, 3)
+        for i in range(13, T):
+            a, b = model(x[:, i:i + 1], cache=ref_cache), model(x[:, i:i + 1], cache=cache)
+            torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=TOL)
+            for da, db in zip(a.mtp_logits, b.mtp_logits, strict=True):
+                torch.testing.assert_close(db, da, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c.mtp_depth], ids=config_id)
+def test_speculative_decoding_after_a_chunked_prefill_is_plain_greedy(cfg):
+    model = build(cfg)
+    prompt = torch.randint(0, cfg.vocab_size, (29,)).tolist()
+    plain = generate(model, [prompt], 20, prefill_chunk=None).tokens[0]
+    for chunk in (1, 2, max(cfg.conv_kernel_sizes), 7):
+        assert speculative_generate(model, prompt, 20, prefill_chunk=chunk).tokens[0] == plain
+
+
+def test_generation_and_the_static_decoder_give_the_same_tokens_at_any_chunk():
+    cfg = tiny(mtp_depth=2, conv_kernel_sizes=(3, 7))
+    model = build(cfg)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (31, 9, 20)]
+    ref = generate(model, prompts, 12, prefill_chunk=None).tokens
+    for chunk in (1, 6, 7, 13):
+        assert generate(model, prompts, 12, prefill_chunk=chunk).tokens == ref
+    decoder = StaticDecoder(model, 3, compile=False)
+    assert generate(model, prompts, 12, decoder=decoder, prefill_chunk=5).tokens == ref
+
+
+def test_generate_allocates_the_cache_to_what_it_needs(monkeypatch):
+    model = build(tiny())
+    sizes = []
+    original = type(model).new_cache
+
+    def recorded(self, batch_size, max_len=None, **kw):
+        sizes.append(max_len)
+        return original(self, batch_size, max_len, **kw)
+
+    monkeypatch.setattr(type(model), "new_cache", recorded)
+    generate(model, [[1, 2, 3], [4] * 10], 5)
+    speculative_generate(model, [1, 2, 3], 5)
+    assert sizes == [15, 8]  # the longest prompt plus the tokens to generate, not max_seq_len (64)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8"])
+def test_a_chunk_below_one_token_is_refused(bad):
+    model = build(tiny())
+    with pytest.raises(ValueError, match="prefill chunk must be a whole number of tokens >= 1"):
+        check_prefill_chunk(bad)
+    with pytest.raises(ValueError, match="prefill chunk"):
+        generate(model, [[1, 2, 3]], 4, prefill_chunk=bad)
+    with pytest.raises(ValueError, match="prefill chunk"):
+        speculative_generate(model, [1, 2, 3], 4, prefill_chunk=bad)
+    with pytest.raises(ValueError, match="prefill chunk"):
+        prefill(model, torch.tensor([[1, 2]]), model.new_cache(1, 4), bad)
+
+
+def test_a_prompt_beyond_the_context_is_refused_clearly():
+    cfg = tiny()
+    model = build(cfg)
+    too_long = [1] * (cfg.max_seq_len + 5)
+    with pytest.raises(ValueError, match=f"prompt 0 has {len(too_long)} tokens; at most {cfg.max_seq_len - 1} fit"):
+        generate(model, [too_long], 4, prefill_chunk=7)
+    with pytest.raises(ValueError, match="exceed the context of 20"), torch.no_grad():
+        prefill(model, torch.tensor([too_long[:30]]), model.new_cache(1, 20), 7)
+

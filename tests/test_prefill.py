@@ -144,3 +144,82 @@ def test_a_prompt_beyond_the_context_is_refused_clearly():
     with pytest.raises(ValueError, match="exceed the context of 20"), torch.no_grad():
         prefill(model, torch.tensor([too_long[:30]]), model.new_cache(1, 20), 7)
 
+
+
+def test_the_serving_engine_prefills_in_chunks_with_the_same_tokens_and_prompt_logprobs():
+    from kunlunbaize.serve.engine import Engine, Params
+
+    from .test_serve import CharTokenizer, _run
+
+    cfg = tiny(vocab_size=26, mtp_depth=2)
+    model = build(cfg)
+    prompts = [torch.randint(0, 26, (n,)).tolist() for n in (23, 9)]
+    alone = [generate(model, [p], 8, prefill_chunk=None).tokens[0] for p in prompts]
+    with pytest.raises(ValueError, match="prefill chunk"):
+        Engine(model, CharTokenizer(), prefill_chunk=0)
+    engine = Engine(model, CharTokenizer(), max_batch=2, prefill_chunk=4)
+    try:
+        got = _run(engine, [(p, Params(max_tokens=8, prompt_logprobs=1)) for p in prompts])
+    finally:
+        engine.shutdown(10)
+    assert [r.tokens for r in got] == alone
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([prompts[0]])).logits[0], -1)
+    for i, entry in enumerate(got[0].prompt_logprobs[1:], start=1):
+        assert entry.logprob == pytest.approx(full[i - 1, prompts[0][i]].item(), abs=1e-5)
+
+
+def eval_model(model, chunk):
+    """An :class:`EvalModel` around ``model`` (no checkpoint: only what log-likelihoods read)."""
+    from kunlunbaize.eval.model import EvalModel
+
+    em = EvalModel.__new__(EvalModel)
+    em.model, em.prefill_chunk, em.device, em.context = model, chunk, torch.device("cpu"), 64
+    return em
+
+
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg._attn_implementation = "sdpa"
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["kunlunbaize", "llama"])
+def test_evaluation_log_likelihoods_are_the_same_at_any_chunk(arch):
+    model = build(tiny()) if arch == "kunlunbaize" else tiny_llama()
+    g = torch.Generator().manual_seed(3)
+    pairs = [(torch.randint(0, 61, (n,), generator=g).tolist(), torch.randint(0, 61, (m,), generator=g).tolist())
+             for n, m in ((30, 4), (7, 1), (18, 9))]
+    ref = eval_model(model, None).loglikelihoods(pairs)
+    for chunk in (1, 4, 11):
+        assert eval_model(model, chunk).loglikelihoods(pairs) == pytest.approx(ref, abs=1e-4)
+
+
+def test_the_llama_baselines_generation_is_the_same_at_any_chunk():
+    from kunlunbaize.infer.llama import generate_llama, llama_prefill
+
+    model = tiny_llama()
+    prompts = [torch.randint(0, 61, (n,)).tolist() for n in (21, 8)]
+    ref = generate_llama(model, prompts, 10, prefill_chunk=None).tokens
+    for chunk in (1, 5, 8):
+        assert generate_llama(model, prompts, 10, prefill_chunk=chunk).tokens == ref
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits
+        hidden = llama_prefill(model, ids, chunk=6, keep=None)[0]
+        torch.testing.assert_close(model.lm_head(hidden), whole, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="prefill chunk"):
+        generate_llama(model, prompts, 4, prefill_chunk=0)
+
+
+@pytest.mark.parametrize("command", [["generate", "x"], ["eval"], ["serve"]])
+def test_the_command_line_refuses_a_chunk_below_one(command, capsys):
+    from kunlunbaize.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(command).prefill_chunk == 512
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args([*command, "--prefill-chunk", "0"])
+    assert e.value.code == 2 and "--prefill-chunk: expected an integer >= 1, got 0" in capsys.readouterr().err

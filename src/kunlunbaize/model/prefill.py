@@ -42,7 +42,7 @@ def prefill(model: KunlunBaize, input_ids: torch.Tensor, cache: InferenceCache,
     T = input_ids.shape[-1]
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 position (or None for all), got {keep}")
-    step = T if chunk is None else chunk
+    step = chunk or max(T, 1)
     first_kept = 0 if keep is None else max(0, T - keep)
     mask = attention_mask[:, -T:] if attention_mask is not None else None
     kept: list[torch.Tensor] = []

@@ -223,3 +223,12 @@ def test_the_command_line_refuses_a_chunk_below_one(command, capsys):
     with pytest.raises(SystemExit) as e:
         parser.parse_args([*command, "--prefill-chunk", "0"])
     assert e.value.code == 2 and "--prefill-chunk: expected an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_compiled_decoders_cache_holds_what_the_generation_needs_rounded_to_a_power_of_two():
+    from kunlunbaize.cli.generate import static_cache_len
+
+    assert static_cache_len([[1] * 10, [2] * 3], 5, 64) == 16  # 15 slots needed
+    assert static_cache_len([[1] * 11], 5, 64) == 16
+    assert static_cache_len([[1] * 12], 5, 64) == 32
+    assert static_cache_len([[1] * 40], 30, 64) == 64  # never past the context

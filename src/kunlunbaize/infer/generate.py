@@ -106,7 +106,7 @@ def generate(
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     if decoder is not None:
         _check_decoder(decoder, model)
-        logits = decoder.prefill(ids, mask, prefill_chunk).logits[:, -1]
+        logits = decoder.prefill(ids, mask, prefill_chunk, keep=1).logits[:, -1]
         return decode_loop(logits, lambda feed: decoder.step(feed)[0][:, -1], max_new_tokens, sampling, eos_id, pad,
                            gen, on_token, should_stop, prompts)
     cache = model.new_cache(B, T + max_new_tokens, mtp=False)  # plain decoding never drafts

@@ -222,7 +222,7 @@ def speculative_generate(
         cache = model.new_cache(1, len(prompt) + max_new_tokens)  # verification never writes past it
         out = prefill(model, ids, cache, prefill_chunk)
     else:
-        cache, out = decoder.cache, decoder.prefill(ids, chunk=prefill_chunk)
+        cache, out = decoder.cache, decoder.prefill(ids, chunk=prefill_chunk, keep=1)
     hidden = out.hidden[:, -1:]
     seen = (context_mask([prompt], model.config.vocab_size, device) if sampling.repetition_penalty != 1.0
             else None)

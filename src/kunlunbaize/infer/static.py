@@ -152,14 +152,15 @@ class StaticDecoder:
         self.cache.valid.fill_(True)
 
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                chunk: int | None = DEFAULT_PREFILL_CHUNK) -> ModelOutput:
+                chunk: int | None = DEFAULT_PREFILL_CHUNK, keep: int | None = None) -> ModelOutput:
         """Reset, then run the prompt ``ids`` [batch_size, T] eagerly into the cache, ``chunk`` tokens at a time
-        (:func:`~kunlunbaize.model.prefill`): the trunk's logits and final hidden state at the last position."""
+        (:func:`~kunlunbaize.model.prefill`): the trunk's logits and final hidden states of the last ``keep``
+        positions (None: every position)."""
         if ids.shape[0] != self.batch_size:
             raise ValueError(f"this decoder was made for batch {self.batch_size}, got {ids.shape[0]} prompts: make a "
                              f"StaticDecoder(model, batch_size={ids.shape[0]})")
         self.reset()
-        return prefill(self.model, ids, self.cache, chunk, attention_mask)
+        return prefill(self.model, ids, self.cache, chunk, attention_mask, keep)
 
     def step(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, n, V] and final hidden states [B, n, d] for ``ids`` [B, n] following the cached tokens."""

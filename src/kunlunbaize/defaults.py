@@ -14,3 +14,8 @@ DECODE_ERRORS = ("replace", "skip")
 
 TRAIN = {"tokens": 500_000, "seq_len": 256, "batch_size": 16, "lr": 2e-3}
 """TrainConfig's defaults that ``kunlun train --help`` names."""
+
+PREFILL_CHUNK = 512
+"""Tokens per prefill chunk (``kunlun generate/eval/serve --prefill-chunk``): a prompt up to this long is read in one
+forward, a longer one a chunk at a time through the cache (the same outputs, a working memory that does not grow with
+the prompt; docs/guide-generate.md, "Long prompts")."""

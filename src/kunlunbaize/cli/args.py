@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import PRESETS, ModelConfig
+from ..defaults import PREFILL_CHUNK
 
 
 class UsageError(Exception):
@@ -122,3 +123,10 @@ def new_command(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, **kwargs)
     parser.set_defaults(command_parser=parser)
     return parser
+
+
+def add_prefill_chunk_arg(parser: argparse.ArgumentParser) -> None:
+    """``--prefill-chunk N``: tokens per prefill chunk (``prefill_chunk`` of the generate functions)."""
+    parser.add_argument("--prefill-chunk", type=int_at_least(1), default=PREFILL_CHUNK, metavar="N",
+                        help="read a long prompt N tokens at a time through the cache: the same output, a working "
+                             "memory that does not grow with the prompt (default: %(default)s)")

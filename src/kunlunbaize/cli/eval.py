@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from .args import SEED, UsageError, float_in, int_at_least, new_command, resolve_device
+from .args import SEED, UsageError, add_prefill_chunk_arg, float_in, int_at_least, new_command, resolve_device
 
 DEFAULT_TASKS = ("bpb", "arith")
 
@@ -99,7 +99,8 @@ def run(args: argparse.Namespace) -> None:
                            lm_eval_metadata=args.lm_eval_metadata,
                            batch_size=args.batch_size, limit=args.limit,
                            seed=args.seed, chat=args.chat_template, fresh=args.fresh, device=device, dtype=dtype,
-                           progress=not args.no_progress, workers=args.workers, timeout=args.timeout, data=args.data)
+                           progress=not args.no_progress, workers=args.workers, timeout=args.timeout, data=args.data,
+                           prefill_chunk=args.prefill_chunk)
     except (TaskError, CheckpointError, DataError, ValueError) as e:
         raise SystemExit(f"kunlun eval: {e}") from None
     except KeyboardInterrupt:
@@ -157,6 +158,7 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--timeout", type=float_in(0, low_open=True), default=10.0,
                    help="code: seconds per program (default 10)")
     e.add_argument("--fresh", action="store_true", help="discard the records in --out and start over")
+    add_prefill_chunk_arg(e)
     e.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--no-progress", action="store_true", help="no progress bars")

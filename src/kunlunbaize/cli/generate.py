@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .args import SEED, UsageError, float_in, int_at_least, new_command, resolve_device
+from .args import SEED, UsageError, add_prefill_chunk_arg, float_in, int_at_least, new_command, resolve_device
 from .output import output_closed
 
 
@@ -163,18 +163,21 @@ def _generate(args: argparse.Namespace, prompts: list[str], ready: _Ready) -> No
 
         print("[compiling the decoding step: the first use of a shape takes a while (tens of seconds on a small "
               "CPU, minutes with max-autotune); inductor caches it on disk for later runs]", file=sys.stderr)
-        decoder = StaticDecoder(model, len(prompts), mtp=args.speculative, mode=args.compile_mode)
+        decoder = StaticDecoder(model, len(prompts), static_cache_len(fitted, max_new, ready.loaded.context),
+                                mtp=args.speculative, mode=args.compile_mode)
     if not many:
         sys.stdout.write(prompts[0])
     try:
         if args.speculative:
             result = speculative_generate(model, fitted[0], max_new, sampling, args.draft_len, args.adaptive, eot,
                                           args.seed, should_stop=should_stop, draft_vocab=ready.draft_vocab,
-                                          decoder=decoder)
+                                          decoder=decoder, prefill_chunk=args.prefill_chunk)
         elif decoder is not None:
-            result = decode(model, fitted, max_new, sampling, eot, args.seed, should_stop=should_stop, decoder=decoder)
+            result = decode(model, fitted, max_new, sampling, eot, args.seed, should_stop=should_stop, decoder=decoder,
+                            prefill_chunk=args.prefill_chunk)
         else:
-            result = decode(model, fitted, max_new, sampling, eot, args.seed, should_stop=should_stop)
+            result = decode(model, fitted, max_new, sampling, eot, args.seed, should_stop=should_stop,
+                            prefill_chunk=args.prefill_chunk)
     except ValueError as e:
         raise SystemExit(f"\nkunlun generate: {e}") from None
     except KeyboardInterrupt:  # keep what was generated: the held-back text, and each row of a batch
@@ -194,6 +197,13 @@ def _generate(args: argparse.Namespace, prompts: list[str], ready: _Ready) -> No
     print(f"[finished: {', '.join(result.finish_reasons)}]", file=sys.stderr)
     if result.stats:
         print("[" + "  ".join(f"{k} {v:.3g}" for k, v in result.stats.items()) + "]", file=sys.stderr)
+
+
+def static_cache_len(prompts: list[list[int]], max_new: int, context: int) -> int:
+    """Slots of a compiled decoder's cache: the longest prompt plus the tokens to generate, rounded up to a power of
+    two (a compiled step is traced for its cache's length: nearby lengths share one trace), at most ``context``."""
+    needed = max(len(p) for p in prompts) + max_new
+    return min(context, 1 << (needed - 1).bit_length())
 
 
 def add_parser(sub: Any) -> None:
@@ -226,5 +236,6 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--compile-mode", choices=["default", "max-autotune", "reduce-overhead"], default=None,
                    help="torch.compile mode of --compile (implies it): max-autotune on a CPU picks C++ GEMM kernels "
                         "per matrix shape (minutes to compile, a faster step); reduce-overhead: CUDA graphs")
+    add_prefill_chunk_arg(g)
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N, mps")
 

@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import Any
 
-from .args import float_in, int_at_least, new_command, resolve_device
+from .args import add_prefill_chunk_arg, float_in, int_at_least, new_command, resolve_device
 
 NEEDS = ("fastapi", "uvicorn", "prometheus_client", "transformers")
 
@@ -38,6 +38,7 @@ def add_parser(sub: Any) -> None:
                    help="decode a lone greedy request with MTP self-speculative rounds (same tokens, faster)")
     s.add_argument("--draft-len", type=int_at_least(1), default=None,
                    help="drafts per speculative round (default: every MTP depth)")
+    add_prefill_chunk_arg(s)
     s.add_argument("--chat-template", default=None,
                    help="a Jinja chat template file (default: the checkpoint's chat_template.jinja, if any)")
     s.add_argument("--threads", type=int_at_least(1), default=None,
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
         served = load_served(args.checkpoint, args.model_name, device, getattr(torch, args.dtype),
                              args.chat_template)
         engine = Engine(served.model, served.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                        speculative=args.speculative, draft_len=args.draft_len)
+                        speculative=args.speculative, draft_len=args.draft_len, prefill_chunk=args.prefill_chunk)
     except (CheckpointError, ValueError, OSError) as e:
         raise SystemExit(f"kunlun serve: {e}") from None
     draining = Draining()

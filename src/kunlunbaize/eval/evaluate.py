@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..defaults import PREFILL_CHUNK
 from .model import EvalModel, checkpoint_hash
 from .runner import Log, TaskRunner, _stderr, _write_json
 from .tasks import Task, TaskError
@@ -34,12 +35,14 @@ def evaluate(checkpoint: str | Path, tasks: list[Task], *, out: str | Path | Non
              batch_size: int = 16,
              limit: int | None = None, seed: int = 0, chat: str = "auto", fresh: bool = False, device: str = "cpu",
              dtype: torch.dtype = torch.float32, progress: bool = True, workers: int | None = None,
-             timeout: float = 10.0, data: str | Path | None = None, log: Log = _stderr) -> dict[str, Any]:
+             timeout: float = 10.0, data: str | Path | None = None, log: Log = _stderr,
+             prefill_chunk: int | None = PREFILL_CHUNK) -> dict[str, Any]:
     """Evaluate ``checkpoint`` (run, checkpoint or export folder) on ``tasks``; returns the summary written to
-    ``OUT/summary.json`` (``rows``: one per metric, ``tasks``: each task's summary, ``out``: the folder)."""
+    ``OUT/summary.json`` (``rows``: one per metric, ``tasks``: each task's summary, ``out``: the folder).
+    ``prefill_chunk``: tokens per forward when reading long inputs (:class:`~kunlunbaize.eval.model.EvalModel`)."""
     if chat not in ("auto", "on", "off"):
         raise TaskError(f"chat must be auto, on or off, not {chat!r}")
-    model = EvalModel(checkpoint, device=device, dtype=dtype)
+    model = EvalModel(checkpoint, device=device, dtype=dtype, prefill_chunk=prefill_chunk)
     template = None if chat == "off" else model.chat_template
     if chat == "on" and template is None:
         raise TaskError(f"{model.checkpoint} has no chat template (chat_template.jinja or tokenizer_config.json's "

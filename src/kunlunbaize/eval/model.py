@@ -21,7 +21,8 @@ from ..infer.generate import GenerationResult
 from ..infer.generator import load_for_generation
 from ..infer.sampling import SamplingParams
 from ..infer.text import TextStream
-from ..model import KunlunBaize
+from ..model import DEFAULT_PREFILL_CHUNK, KunlunBaize, check_prefill_chunk, prefill
+from ..model.prefill import logits_of
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
@@ -36,13 +37,16 @@ class Generated:
 
 
 class EvalModel:
-    """A loaded checkpoint: ``tokenizer``, ``eot`` id, ``context`` (max sequence length), ``arch``, ``checkpoint``.
+    """A loaded checkpoint: ``tokenizer``, ``eot`` id, ``context`` (max sequence length), ``arch``, ``checkpoint``;
+    inputs longer than ``prefill_chunk`` tokens are read that many at a time through the cache (the same scores).
 
     ``self(ids, mtp=False)`` returns an object with ``.logits`` [B, T, V] for either architecture (what
     :func:`kunlunbaize.eval.bpb.bits_per_byte` calls).
     """
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
+        self.prefill_chunk = check_prefill_chunk(prefill_chunk)
         loaded = load_for_generation(path, device, dtype)
         self.model, self.checkpoint, self.arch, self._generate = (loaded.model, loaded.checkpoint, loaded.arch.name,
                                                                   loaded.generate)
@@ -57,6 +61,18 @@ class EvalModel:
         if isinstance(self.model, KunlunBaize):
             return self.model(ids, mtp=False)
         return SimpleNamespace(logits=self.model(input_ids=ids).logits)  # a transformers model (the baseline)
+
+    def final_logits(self, ids: torch.Tensor, rows: list[tuple[int, int, int]]) -> torch.Tensor:
+        """The logits at positions a … b−1 of row r of ``ids`` [B, T], for each (r, a, b) of ``rows``, concatenated:
+        the input read ``prefill_chunk`` tokens at a time through a cache, the head applied only where asked."""
+        if isinstance(self.model, KunlunBaize):
+            cache = self.model.new_cache(ids.shape[0], ids.shape[1], mtp=False)
+            hidden = prefill(self.model, ids, cache, self.prefill_chunk, keep=None).hidden
+            return logits_of(self.model, torch.cat([hidden[r, a:b] for r, a, b in rows]))
+        from ..infer.llama import llama_prefill
+
+        hidden = llama_prefill(self.model, ids, None, self.prefill_chunk, keep=None)[0]
+        return self.model.lm_head(torch.cat([hidden[r, a:b] for r, a, b in rows]))
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -92,10 +108,10 @@ class EvalModel:
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         for b, r in enumerate(rows):
             ids[b, :len(r)] = torch.tensor(r)
-        # right padding: positions after a row's end never influence its earlier positions (causal model)
-        logits = self(ids.to(self.device)).logits
-        # only the positions that predict a continuation token are normalised (not the whole [B, T, V])
-        picked = torch.cat([logits[b, len(r) - n:len(r)] for b, (r, n) in enumerate(zip(rows, spans, strict=True))])
+        # right padding: positions after a row's end never influence its earlier positions (causal model);
+        # only the positions that predict a continuation token get logits (not the whole [B, T, V])
+        picked = self.final_logits(ids.to(self.device), [(b, len(r) - n, len(r))
+                                                         for b, (r, n) in enumerate(zip(rows, spans, strict=True))])
         targets = torch.tensor([t for (_, cont), n in zip(pairs, spans, strict=True) for t in cont[-n:]],
                                device=picked.device)
         token_logp = F.log_softmax(picked.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1).double()
@@ -113,7 +129,7 @@ class EvalModel:
         stream = TextStream(self.tokenizer, len(prompts), stop=list(stop))
         result: GenerationResult = self._generate(self.model, ids, max_new_tokens, sampling=sampling,
                                                   eos_id=self.eot, seed=seed, truncate=True,
-                                                  should_stop=stream.update)
+                                                  should_stop=stream.update, prefill_chunk=self.prefill_chunk)
         return [Generated(stream.finish(b, toks), len(toks), result.finish_reasons[b])
                 for b, toks in enumerate(result.tokens)]
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..model import KunlunBaize
+from ..model import DEFAULT_PREFILL_CHUNK, KunlunBaize, check_prefill_chunk, prefill
 from .sampling import GREEDY, SamplingParams, context_mask, sample
 
 if TYPE_CHECKING:
@@ -84,13 +84,18 @@ def generate(
     on_token: TokenCallback | None = None,
     should_stop: StopCallback | None = None,
     decoder: StaticDecoder | None = None,
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` per prompt with the inference cache (prefill, then one token a step).
 
     Prompts and budget are fitted to the context by :func:`fit_prompts` (the budget clipped to the room left).
     ``decoder`` (a :class:`~kunlunbaize.infer.static.StaticDecoder` of this model, its batch size the number of
     prompts) decodes with its compiled static step and its cache instead of a new eager one: the same tokens.
+    The prompts are read ``prefill_chunk`` tokens at a time (:func:`~kunlunbaize.model.prefill`; None: in one
+    forward): the same tokens, in a working memory that does not grow with the prompt. The cache holds the longest
+    prompt plus ``max_new_tokens``.
     """
+    check_prefill_chunk(prefill_chunk)
     model.eval()
     device = model.embed.weight.device
     context = model.config.max_seq_len if decoder is None else decoder.max_len
@@ -101,11 +106,11 @@ def generate(
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     if decoder is not None:
         _check_decoder(decoder, model)
-        logits = decoder.prefill(ids, mask).logits[:, -1]
+        logits = decoder.prefill(ids, mask, prefill_chunk, keep=1).logits[:, -1]
         return decode_loop(logits, lambda feed: decoder.step(feed)[0][:, -1], max_new_tokens, sampling, eos_id, pad,
                            gen, on_token, should_stop, prompts)
     cache = model.new_cache(B, T + max_new_tokens, mtp=False)  # plain decoding never drafts
-    logits = model(ids, cache=cache, attention_mask=mask, mtp=False).logits[:, -1]
+    logits = prefill(model, ids, cache, prefill_chunk, mask).logits[:, -1]
     return decode_loop(logits, lambda feed: model(feed, cache=cache, mtp=False).logits[:, -1], max_new_tokens,
                        sampling, eos_id, pad, gen, on_token, should_stop, prompts)
 

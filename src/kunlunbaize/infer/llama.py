@@ -10,6 +10,7 @@ import torch
 from ..arch.llama import LLAMA, LLAMA_CONFIG_KEY, WEIGHT_PREFIX, matched_llama_config, model_config_dict
 from ..checkpoint import CheckpointError, check_keys, checkpoint_arch, read_config, read_weights, resolve_checkpoint
 from ..config import ModelConfig
+from ..model import DEFAULT_PREFILL_CHUNK, check_prefill_chunk
 from .generate import GenerationResult, StopCallback, TokenCallback, decode_loop, fit_prompts, left_pad
 from .generator import Generator
 from .sampling import GREEDY, SamplingParams
@@ -63,6 +64,28 @@ def llama_generator(ckpt: Path, device: str | torch.device = "cpu", dtype: torch
                      int(model.config.vocab_size), 0)
 
 
+def llama_prefill(model, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                  chunk: int | None = DEFAULT_PREFILL_CHUNK, keep: int | None = 1):
+    """Feed ``ids`` [B, T] (left-padded as ``mask`` [B, T] says; None: no padding) through a transformers causal
+    LM's key/value cache ``chunk`` tokens at a time (None: in one forward), as
+    :func:`kunlunbaize.model.prefill` does for KunlunBaize. Returns the final (normed) hidden states of the last
+    ``keep`` positions (None: all), the cache and the mask; the logits are ``model.lm_head(hidden)``."""
+    check_prefill_chunk(chunk)
+    T = ids.shape[1]
+    mask = torch.ones_like(ids) if mask is None else mask
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: each row's first real token is position 0
+    step, first_kept = chunk or T, 0 if keep is None else max(0, T - keep)
+    cache, kept = None, []
+    for a in range(0, T, step):
+        b = min(T, a + step)
+        out = model.model(input_ids=ids[:, a:b], attention_mask=mask[:, :b], position_ids=positions[:, a:b],
+                          cache=cache, use_cache=True)
+        cache = out.cache
+        if b > first_kept:
+            kept.append(out.last_hidden_state[:, max(0, first_kept - a):])
+    return torch.cat(kept, 1), cache, mask
+
+
 @torch.inference_mode()
 def generate_llama(
     model,
@@ -74,19 +97,19 @@ def generate_llama(
     truncate: bool = False,
     on_token: TokenCallback | None = None,
     should_stop: StopCallback | None = None,
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
 ) -> GenerationResult:
     """:func:`kunlunbaize.infer.generate` for a transformers causal LM (left-padded batch, key/value cache):
-    same context fitting, sampling, callbacks and finish reasons."""
+    same context fitting, sampling, callbacks, finish reasons and chunked prefill."""
+    check_prefill_chunk(prefill_chunk)
     model.eval()
     device = model.device
     prompts, max_new_tokens = fit_prompts(prompts, max_new_tokens, model.config.max_position_embeddings, truncate)
     pad = eos_id if eos_id is not None else 0
     ids, mask = left_pad(prompts, pad, device)
-    mask = torch.ones_like(ids) if mask is None else mask
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: each row's first real token is position 0
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    state = {"cache": out.cache, "mask": mask, "pos": positions[:, -1:]}
+    hidden, cache, mask = llama_prefill(model, ids, mask, prefill_chunk)
+    state = {"cache": cache, "mask": mask, "pos": mask.sum(-1, keepdim=True) - 1}
 
     def step(feed: torch.Tensor) -> torch.Tensor:
         state["mask"] = torch.cat([state["mask"], torch.ones_like(feed)], dim=-1)
@@ -96,5 +119,5 @@ def generate_llama(
         state["cache"] = o.cache
         return o.logits[:, -1]
 
-    return decode_loop(out.logits[:, -1], step, max_new_tokens, sampling, eos_id, pad, gen, on_token, should_stop,
-                       prompts)
+    return decode_loop(model.lm_head(hidden)[:, -1], step, max_new_tokens, sampling, eos_id, pad, gen, on_token,
+                       should_stop, prompts)

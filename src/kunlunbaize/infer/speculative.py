@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..model import InferenceCache, KunlunBaize
+from ..model import DEFAULT_PREFILL_CHUNK, InferenceCache, KunlunBaize, check_prefill_chunk, prefill
 from ..model.layers import linear
 from .generate import GenerationResult, StopCallback, TokenCallback, _check_decoder, fit_prompts
 from .sampling import GREEDY, SamplingParams, context_mask, distribution, penalize, sample
@@ -188,6 +188,7 @@ def speculative_generate(
     should_stop: StopCallback | None = None,
     draft_vocab: torch.Tensor | None = None,
     decoder: StaticDecoder | None = None,
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
 ) -> GenerationResult:
     """Generate for one prompt with MTP self-speculative decoding; ``stats`` reports acceptance per depth.
 
@@ -195,8 +196,10 @@ def speculative_generate(
     and shrinks it after a round that accepted nothing. ``draft_vocab`` (token ids, e.g.
     :func:`frequent_tokens`) restricts the drafts to those tokens: cheaper drafts, the same output.
     ``decoder`` (a :class:`~kunlunbaize.infer.static.StaticDecoder` of this model with ``batch_size=1`` and
-    ``mtp=True``) verifies with its compiled static step: the same tokens.
+    ``mtp=True``) verifies with its compiled static step: the same tokens. The prompt is read ``prefill_chunk``
+    tokens at a time (None: in one forward), as :func:`~kunlunbaize.infer.generate` does.
     """
+    check_prefill_chunk(prefill_chunk)
     model.eval()
     D = model.config.mtp_depth
     if D == 0:
@@ -217,9 +220,9 @@ def speculative_generate(
     ids = torch.tensor([prompt], device=device)
     if decoder is None:
         cache = model.new_cache(1, len(prompt) + max_new_tokens)  # verification never writes past it
-        out = model(ids, cache=cache, mtp=False)
+        out = prefill(model, ids, cache, prefill_chunk)
     else:
-        cache, out = decoder.cache, decoder.prefill(ids)
+        cache, out = decoder.cache, decoder.prefill(ids, chunk=prefill_chunk, keep=1)
     hidden = out.hidden[:, -1:]
     seen = (context_mask([prompt], model.config.vocab_size, device) if sampling.repetition_penalty != 1.0
             else None)

@@ -18,7 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
-from ..model import InferenceCache, KunlunBaize
+from ..model import DEFAULT_PREFILL_CHUNK, InferenceCache, KunlunBaize, prefill
 from ..model.cache import CacheOverflowError
 from ..model.layers import linear, small_rows
 from ..model.model import ModelOutput
@@ -153,13 +153,16 @@ class StaticDecoder:
         self.cache.padded = False
         self.cache.valid.fill_(True)
 
-    def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ModelOutput:
-        """Reset, then run the prompt ``ids`` [batch_size, T] eagerly into the cache (trunk logits only)."""
+    def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                chunk: int | None = DEFAULT_PREFILL_CHUNK, keep: int | None = None) -> ModelOutput:
+        """Reset, then run the prompt ``ids`` [batch_size, T] eagerly into the cache, ``chunk`` tokens at a time
+        (:func:`~kunlunbaize.model.prefill`): the trunk's logits and final hidden states of the last ``keep``
+        positions (None: every position)."""
         if ids.shape[0] != self.batch_size:
             raise ValueError(f"this decoder was made for batch {self.batch_size}, got {ids.shape[0]} prompts: make a "
                              f"StaticDecoder(model, batch_size={ids.shape[0]})")
         self.reset()
-        return self.model(ids, cache=self.cache, attention_mask=attention_mask, mtp=False)
+        return prefill(self.model, ids, self.cache, chunk, attention_mask, keep)
 
     def step(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, n, V] and final hidden states [B, n, d] for ``ids`` [B, n] following the cached tokens."""

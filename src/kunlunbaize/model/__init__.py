@@ -2,5 +2,7 @@
 
 from .cache import CacheOverflowError, InferenceCache
 from .model import KunlunBaize, ModelOutput
+from .prefill import DEFAULT_PREFILL_CHUNK, check_prefill_chunk, prefill
 
-__all__ = ["CacheOverflowError", "InferenceCache", "KunlunBaize", "ModelOutput"]
+__all__ = ["DEFAULT_PREFILL_CHUNK", "CacheOverflowError", "InferenceCache", "KunlunBaize", "ModelOutput",
+           "check_prefill_chunk", "prefill"]

@@ -10,6 +10,9 @@ current slot, with left padding before it (the padding-exact path of the model: 
 so each request computes what it would alone. When the slots run out, every row is shifted left by the padding all
 rows share; a finished row's place is taken by the last row.
 
+A prompt is prefilled ``prefill_chunk`` tokens at a time (:func:`~kunlunbaize.model.prefill`), so a long one needs
+the working memory of one chunk, not of the whole prompt.
+
 A lone greedy request (nothing else running or waiting) decodes with MTP self-speculative rounds when the engine is
 made with ``speculative=True``: the same tokens, fewer trunk forwards.
 """
@@ -30,7 +33,7 @@ import torch
 from ..infer.sampling import GREEDY, SamplingParams, sample
 from ..infer.speculative import SpecStats, speculative_round
 from ..infer.text import TextStream
-from ..model import KunlunBaize
+from ..model import DEFAULT_PREFILL_CHUNK, KunlunBaize, check_prefill_chunk, prefill
 
 log = logging.getLogger("kunlunbaize.serve")
 
@@ -123,9 +126,11 @@ class Engine:
     """Continuous batching over one :class:`KunlunBaize` model; :meth:`submit` from any thread."""
 
     def __init__(self, model: KunlunBaize, tokenizer: Any, max_batch: int = 16, max_queue: int = 256,
-                 speculative: bool = False, draft_len: int | None = None) -> None:
+                 speculative: bool = False, draft_len: int | None = None,
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+        self.prefill_chunk = check_prefill_chunk(prefill_chunk)
         if speculative and model.config.mtp_depth == 0:
             raise ValueError("speculative decoding needs MTP depths; this model has none")
         self.model = model.eval()
@@ -242,7 +247,9 @@ class Engine:
             seq.logprobs = []
         n = len(seq.prompt)
         alone = self.model.new_cache(1, n, mtp=bool(self.batch.mtp))
-        out = self.model(torch.tensor([seq.prompt], device=device), cache=alone, mtp=False)
+        every = seq.params.prompt_logprobs is not None  # logits of every prompt position, else of the last
+        out = prefill(self.model, torch.tensor([seq.prompt], device=device), alone, self.prefill_chunk,
+                      keep=None if every else 1)
         if seq.params.prompt_logprobs is not None:
             seq.prompt_logprobs = [None, *_logprobs(out.logits[0, :-1], seq.prompt[1:], seq.params.prompt_logprobs)]
             _deliver(seq, Delta(text="", tokens=[], logprobs=None, prompt_logprobs=seq.prompt_logprobs))

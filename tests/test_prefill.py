@@ -232,3 +232,23 @@ def test_a_compiled_decoders_cache_holds_what_the_generation_needs_rounded_to_a_
     assert static_cache_len([[1] * 11], 5, 64) == 16
     assert static_cache_len([[1] * 12], 5, 64) == 32
     assert static_cache_len([[1] * 40], 30, 64) == 64  # never past the context
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "yarn", "llama3"])
+def test_chunked_prefill_equals_one_shot_under_fixed_rope_scaling(rope_type):
+    """Past the original context with a scaled rotary table, chunks still give the one-shot logits and cache
+    (dynamic NTK's frequencies depend on the forward's length, as in transformers, so it is left out: see
+    docs/ARCHITECTURE.md)."""
+    import dataclasses
+
+    scaling = {"rope_type": rope_type, "factor": 4.0, "original_max_position_embeddings": 8}
+    cfg = dataclasses.replace(tiny(), max_seq_len=64, rope_scaling=scaling)
+    torch.manual_seed(0)
+    model = build(cfg).double().eval()
+    x = torch.randint(0, cfg.vocab_size, (1, T))
+    with torch.no_grad():
+        whole, c1 = one_shot(model, x)
+        c2 = model.new_cache(1, T + 4)
+        out = prefill(model, x, c2, chunk=5, keep=None)
+    assert torch.allclose(out.logits, whole.logits, atol=TOL, rtol=0)
+    assert_same_cache(c1, c2)

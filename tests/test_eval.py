@@ -10,7 +10,8 @@ import torch
 
 from kunlunbaize.eval.evaluate import default_out, evaluate, format_table
 from kunlunbaize.eval.model import EvalModel, Generated
-from kunlunbaize.eval.runner import TaskRunner, mean_stderr
+from kunlunbaize.eval.records import mean_stderr
+from kunlunbaize.eval.runner import TaskRunner
 from kunlunbaize.eval.tasks import TaskError, apply_chat_template, make_task
 
 from .test_cli_errors import run_main

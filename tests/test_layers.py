@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "kunlunbaize"
 LAYERS: list[set[str]] = [
     {"rope_scaling"},
     {"config", "defaults", "progress"},
-    {"model", "data"},
+    {"model", "data", "memory"},
     {"arch"},
     {"checkpoint", "plan"},
     {"train", "infer"},

@@ -18,7 +18,8 @@ import torch
 from .. import __version__
 from ..defaults import PREFILL_CHUNK
 from .model import EvalModel, checkpoint_hash
-from .runner import Log, TaskRunner, _stderr, _write_json
+from .records import Log, _stderr, _write_json
+from .runner import TaskRunner
 from .tasks import Task, TaskError
 
 

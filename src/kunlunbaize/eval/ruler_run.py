@@ -12,16 +12,37 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..infer.sampling import SamplingParams
 from ..progress import Progress
+from .records import Log, Records, row, training_data
 from .ruler import SUITE, TooShort, length_label, make_sample, parse_tasks, valtext_sentences
 from .scoring import string_match_all, string_match_part
 from .tasks import TaskError, render_prompt
 
 if TYPE_CHECKING:
-    from .runner import Log, TaskRunner
+    from .model import EvalModel
+    from .tasks import Task
+
+
+class TaskRunner(Protocol):
+    """What the suite reads of the :class:`.runner.TaskRunner` that runs it (named here, not imported: the runner
+    imports this module)."""
+
+    model: EvalModel
+    task: Task
+    folder: Path
+    fingerprint: dict[str, Any]
+    data: str | None
+    fresh: bool
+    progress: bool
+    limit: int | None
+    count: int
+    seed: int
+    batch_size: int
+    chat_template: str | None
+    log: Log
 
 TAIL_CHARS = 300  # the end of each prompt kept in its record (the question and the answer prefix)
 
@@ -41,7 +62,6 @@ def validation_sentences(runner: TaskRunner, names: tuple[str, ...],
     needs them (else None and "")."""
     from ..data.format import load_meta, open_split
     from .bpb import _check_tokenizers
-    from .runner import training_data
 
     needs = [n for n in names if SUITE[n].haystack == "valtext"]
     if not needs:
@@ -88,8 +108,6 @@ class RulerRun:
         return len(self.model.encode(text))
 
     def run(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        from .runner import Records
-
         sentences, data = validation_sentences(self.runner, self.names, max(self.lengths))
         plan = {"tasks": list(self.names), "lengths": list(self.lengths), "data": data}
         fingerprint = dict(self.runner.fingerprint, records=hashlib.sha256(json.dumps(plan).encode()).hexdigest())
@@ -145,8 +163,6 @@ class RulerRun:
                 "finish_reason": out.finish_reason, "score": score, "correct": float(score == 1.0)}
 
     def _score(self, skipped: set[tuple[int, str]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        from .runner import row
-
         lines = [ln for d in self.records.done.values() for ln in d if ln["sample"] < self.per]
         by = {(n, name): [ln["score"] for ln in lines if ln["length"] == n and ln["task"] == name]
               for n in self.lengths for name in self.names if (n, name) not in skipped}

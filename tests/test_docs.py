@@ -51,6 +51,10 @@ PARSE_ONLY = {
                                "and stops it with SIGTERM",
     r"127\.0\.0\.1:8000": "talks to a running `kunlun serve`; test_serve.py sends these requests (the openai "
                           "client, raw HTTP, lm-eval's local-completions) to a server on a free port",
+    r"--lm-eval ruler_": "lm-eval's RULER tasks need `wonderwords`, which no extra installs (guide-eval.md says what "
+                         "else they need); test_eval_harness.py checks the error that names it",
+    r"--task ruler\b": "the long-context suite on a context-extended model (minutes a length); "
+                        "test_eval_ruler.py runs `kunlun eval --task ruler=…` end to end on a tiny checkpoint",
     r"setup-vllm\.sh|\.venv-vllm|\bvllm\b": "vLLM in its own environment (scripts/setup-vllm.sh: ~3.5 GB, "
                                             "minutes); tests/test_vllm.py runs vLLM offline and its OpenAI server "
                                             "on tiny exports",

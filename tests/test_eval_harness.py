@@ -133,3 +133,16 @@ def test_kunlun_eval_folds_lm_eval_rows_into_its_table(trained_run, tmp_path, ca
     assert [(r["task"], r["source"]) for r in rows][-2:] == [("kunlun_arith_mc", "lm-eval")] * 2
     assert "kunlun_arith_mc" in out and "lm-eval" in out
     assert (tmp_path / "res" / "lm_eval.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_task_needing_a_missing_package_says_which(trained_run, at_root):
+    """lm-eval's RULER tasks import `wonderwords` from their YAML; without it the error names the package."""
+    import importlib.util
+
+    if importlib.util.find_spec("wonderwords") is not None:
+        pytest.skip("wonderwords is installed here: the ruler tasks load")
+    from kunlunbaize.eval.harness import run_lm_eval
+
+    with pytest.raises(ValueError, match=r"ruler_vt cannot load: .*wonderwords"):
+        run_lm_eval(trained_run, ["ruler_vt"], limit=1, metadata={"max_seq_lengths": [128]})

@@ -97,8 +97,13 @@ def run_lm_eval(checkpoint: str | Path, tasks: list[str], *, include_path: str |
             manager = TaskManager(include_path=str(include_path) if include_path is not None else None,
                                   metadata={"pretrained": str(folder), **(metadata or {})})
         lm = HFLM(pretrained=str(folder), backend="causal", batch_size=batch_size, device=device)
-        raw = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                      num_fewshot=num_fewshot, random_seed=seed, numpy_random_seed=seed,
-                                      torch_random_seed=seed, fewshot_random_seed=seed,
-                                      apply_chat_template=apply_chat_template, log_samples=log_samples)
+        try:
+            raw = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                          num_fewshot=num_fewshot, random_seed=seed, numpy_random_seed=seed,
+                                          torch_random_seed=seed, fewshot_random_seed=seed,
+                                          apply_chat_template=apply_chat_template, log_samples=log_samples)
+        except ImportError as e:  # a task's YAML names Python code of a package lm-eval does not install
+            what = f"the Python package {e.name!r}, which is not installed" if e.name else str(e).splitlines()[0]
+            raise ValueError(f"lm-eval's {', '.join(tasks)} cannot load: {what} (docs/guide-eval.md says what "
+                             "each needs offline)") from None
     return metric_rows(raw), raw

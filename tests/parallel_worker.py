@@ -20,7 +20,7 @@ from kunlunbaize.checkpoint.state import load_checkpoint, save_checkpoint
 from kunlunbaize.train.distributed import init_distributed
 from kunlunbaize.train.optim import build_optimizer
 from kunlunbaize.train.parallel.layout import resolve_layout
-from kunlunbaize.train.parallel.mesh import StepContext, build_mesh, data_parallel, tensor_parallel
+from kunlunbaize.train.parallel.mesh import StepContext, build_mesh, context_parallel, data_parallel, tensor_parallel
 from kunlunbaize.train.step import train_step
 
 from .helpers import build, tiny
@@ -33,13 +33,15 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def place(model, layout_sizes, env):
-    """``model`` placed on the layout ``(dp_replicate, dp_shard, tp)`` (``None``: left a plain one-process model)."""
+    """``model`` placed on the layout ``(dp_replicate, dp_shard, tp)`` or ``(dp_replicate, dp_shard, cp, tp)``
+    (``None``: left a plain one-process model)."""
     if layout_sizes is None:
         return model, {"logits": False}, nullcontext(), None
-    rep, shard, tp = layout_sizes
-    layout = resolve_layout(env.world_size, "auto", rep, shard, tp)
+    rep, shard, cp, tp = layout_sizes if len(layout_sizes) == 4 else (*layout_sizes[:2], 1, layout_sizes[2])
+    layout = resolve_layout(env.world_size, "auto", rep, shard, tp, cp)
     mesh = build_mesh(layout, env)
     placed = tensor_parallel(model, SPEC, layout, mesh)
+    context_parallel(placed, SPEC, layout, mesh)
     data_parallel(placed, list(model.blocks), layout, mesh, env)
     return placed.wrapped, placed.loss_kwargs, StepContext(nullcontext, *placed.loss_contexts), layout
 

@@ -29,5 +29,6 @@ KUNLUNBAIZE = ArchSpec(
     hf_model_type="kunlunbaize",
     hooks={"generator": "kunlunbaize.infer.generator:kunlunbaize_generator",
            "export": "kunlunbaize.hf.export:export_hf",
-           "parallelize": "kunlunbaize.train.parallel.kunlunbaize:parallelize"},
+           "parallelize": "kunlunbaize.train.parallel.kunlunbaize:parallelize",
+           "context_parallel": "kunlunbaize.train.parallel.context:context_parallel"},
 )

@@ -19,10 +19,11 @@ from ..config import ModelConfig
 if TYPE_CHECKING:
     from torch import nn
 
-HOOKS = ("generator", "export", "parallelize")
+HOOKS = ("generator", "export", "parallelize", "context_parallel")
 """The hooks a spec may name: ``generator(ckpt, device, dtype) -> infer.Generator`` (infer), ``export(ckpt, out,
 **kw)`` (hf), ``parallelize(model, mesh) -> training forward kwargs`` (train: tensor + sequence parallelism over
-``mesh["tp"]``, in place)."""
+``mesh["tp"]``, in place), ``context_parallel(model, mesh)`` (train: each sequence split over ``mesh["cp"]``, in
+place)."""
 
 
 @dataclass(frozen=True)

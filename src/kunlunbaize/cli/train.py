@@ -60,6 +60,8 @@ def add_parser(sub: Any) -> None:
                     help="data-parallel FSDP2 shards of the mesh (default: the ranks left over)")
     tr.add_argument("--tp", type=POSITIVE, help="tensor + sequence parallel ranks (default 1); "
                                                 "see docs/guide-parallel.md")
+    tr.add_argument("--cp", type=POSITIVE, help="context-parallel ranks: each sequence split over them (default 1); "
+                                                "see docs/guide-parallel.md")
     tr.add_argument("--device", help="auto, cpu, cuda")
     tr.add_argument("--dtype", choices=["auto", "fp32", "bf16"])
     tr.add_argument("--activation-checkpointing", dest="activation_checkpointing", action="store_true",
@@ -90,7 +92,8 @@ def _train_config(args: argparse.Namespace):
     try:
         cfg.validate()
         # the layout against the ranks torchrun launched, before any process group exists
-        resolve_layout(int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel, cfg.dp_replicate, cfg.dp_shard, cfg.tp)
+        resolve_layout(int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel, cfg.dp_replicate, cfg.dp_shard, cfg.tp,
+                       cfg.cp)
     except ValueError as e:
         raise UsageError(re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(e))) from None
     return cfg

@@ -51,6 +51,7 @@ class TrainConfig:
     dp_replicate: int | None = None  # data-parallel replicas (None: 1, or every rank under --parallel ddp/auto)
     dp_shard: int | None = None  # data-parallel (FSDP2) shards (None: the ranks left over)
     tp: int = 1  # tensor (+ sequence) parallel ranks
+    cp: int = 1  # context-parallel ranks (each sequence split over them)
     device: str = "auto"
     dtype: str = "auto"  # fp32 | bf16; auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
@@ -99,7 +100,7 @@ class TrainConfig:
             ("parallel", self.parallel in ("auto", "none", "ddp", "fsdp"), "auto, none, ddp or fsdp"),
             ("dp_replicate", opt(self.dp_replicate, lambda v: v >= 1), "None or >= 1"),
             ("dp_shard", opt(self.dp_shard, lambda v: v >= 1), "None or >= 1"),
-            ("tp", self.tp >= 1, ">= 1"),
+            ("tp", self.tp >= 1, ">= 1"), ("cp", self.cp >= 1, ">= 1"),
             ("dtype", self.dtype in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
             ("max_bad_steps", self.max_bad_steps >= 1, ">= 1"),
             ("peak_tflops", opt(self.peak_tflops, lambda v: real(v, 0, lo_open=True)), "None or > 0"),

@@ -31,7 +31,7 @@ from .metrics import MetricsWindow
 from .models import build_model, dense_residual_weights, model_config
 from .optim import build_optimizer
 from .parallel.layout import Layout, LayoutError, check_model, resolve_layout
-from .parallel.mesh import StepContext, build_mesh, data_parallel, tensor_parallel
+from .parallel.mesh import StepContext, build_mesh, context_parallel, data_parallel, tensor_parallel
 from .plan import BatchPlan, lr_schedule, plan_batches, set_lr
 from .resume import CheckpointContext, RunProgress, resume_run, save_training_checkpoint
 from .run_data import RunData, open_run_data, resolve_data
@@ -241,7 +241,7 @@ class Trainer:
 
 def _resolve_layout(cfg: TrainConfig, env: DistEnv) -> Layout:
     """The run's parallel layout over the launched ranks (LayoutError when it does not fit them)."""
-    return resolve_layout(env.world_size, cfg.parallel, cfg.dp_replicate, cfg.dp_shard, cfg.tp)
+    return resolve_layout(env.world_size, cfg.parallel, cfg.dp_replicate, cfg.dp_shard, cfg.tp, cfg.cp)
 
 
 def _place_model(cfg: TrainConfig, env: DistEnv, model: nn.Module, spec: ArchSpec, layout: Layout,
@@ -255,6 +255,7 @@ def _place_model(cfg: TrainConfig, env: DistEnv, model: nn.Module, spec: ArchSpe
     blocks = list(model.blocks)
     mesh = build_mesh(layout, env)
     placed = tensor_parallel(model, spec, layout, mesh)
+    context_parallel(placed, spec, layout, mesh)
     if cfg.compile:
         for block in blocks:
             block.compile()
@@ -271,6 +272,8 @@ def _setup(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Trainer:
     data = open_run_data(cfg, data_path)
     if layout.tp > 1 and "parallelize" not in get_arch(cfg.arch).hooks:
         raise LayoutError(f"--arch {cfg.arch} has no tensor-parallel plan; train it with --tp 1")
+    if layout.cp > 1 and "context_parallel" not in get_arch(cfg.arch).hooks:
+        raise LayoutError(f"--arch {cfg.arch} has no context-parallel plan; train it with --cp 1")
     if cfg.init_from is None:
         check_model(layout, model_config(cfg, data.meta["vocab_size"]), cfg.seq_len)
         model, mcfg, spec = build_model(cfg, data.meta["vocab_size"])

@@ -1,9 +1,10 @@
-"""The parallel layout of a run: how its ranks split into data-parallel replicas, data-parallel shards and
-tensor-parallel groups (torch-free, so the command line checks it before importing torch).
+"""The parallel layout of a run: how its ranks split into data-parallel replicas, data-parallel shards,
+context-parallel and tensor-parallel groups (torch-free, so the command line checks it before importing torch).
 
-The ranks form one device mesh ``dp_replicate × dp_shard × tp`` (dimension names as given, row-major: the ranks of
-one tensor-parallel group are consecutive, so on one node they share the fastest links). Data parallelism: a rank's
-data-parallel rank is ``rank // tp``, and every rank of a tensor-parallel group trains on the same batch.
+The ranks form one device mesh ``dp_replicate × dp_shard × cp × tp`` (dimension names as given, row-major: the ranks
+of one tensor-parallel group are consecutive, so on one node they share the fastest links). Data parallelism: a
+rank's data-parallel rank is ``rank // (cp · tp)``, and every rank of a context- or tensor-parallel group trains on
+the same batch (each context-parallel rank on its part of every sequence).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 
 
@@ -31,11 +32,13 @@ class Layout:
     """Tensor (+ sequence) parallel ranks: each layer's heads, channels and vocabulary split over them."""
     wrap: str = "none"
     """How the data-parallel dimensions are wrapped: ``none``, ``ddp`` or ``fsdp`` (FSDP2 over ``dp_shard``,
-    HSDP when ``dp_replicate`` > 1 too)."""
+    HSDP when ``dp_replicate`` > 1 too; with ``cp`` > 1 over ``dp_shard × cp``)."""
+    cp: int = 1
+    """Context-parallel ranks: each sequence split over them (:mod:`.context`), load-balanced for the causal mask."""
 
     @property
     def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp
 
     @property
     def dp(self) -> int:
@@ -43,70 +46,83 @@ class Layout:
         return self.dp_replicate * self.dp_shard
 
     def dp_rank(self, rank: int) -> int:
-        """The data-parallel rank of global ``rank`` (the ranks of one tensor-parallel group share it)."""
-        return rank // self.tp
+        """The data-parallel rank of global ``rank`` (the ranks of one context- or tensor-parallel group share it)."""
+        return rank // (self.cp * self.tp)
+
+    def cp_rank(self, rank: int) -> int:
+        """The context-parallel rank of global ``rank``: which part of each sequence it holds."""
+        return rank // self.tp % self.cp
 
     @property
-    def shape(self) -> tuple[int, int, int]:
+    def shape(self) -> tuple[int, ...]:
         """The device mesh's shape, in :data:`MESH_DIMS` order."""
-        return self.dp_replicate, self.dp_shard, self.tp
+        return self.dp_replicate, self.dp_shard, self.cp, self.tp
 
     def describe(self) -> str:
-        """E.g. ``dp_replicate 1 x dp_shard 2 x tp 2 (fsdp)``; a layout of one dimension is its wrapper's name
-        (``none``, ``ddp``, ``fsdp``), as ``--parallel`` says it."""
-        if self.tp == 1 and min(self.dp_replicate, self.dp_shard) == 1:
+        """E.g. ``dp_replicate 1 x dp_shard 2 x cp 1 x tp 2 (fsdp)``; a layout of one data-parallel dimension is
+        its wrapper's name (``none``, ``ddp``, ``fsdp``), as ``--parallel`` says it."""
+        if self.tp == self.cp == 1 and min(self.dp_replicate, self.dp_shard) == 1:
             return self.wrap
         return " x ".join(f"{n} {s}" for n, s in zip(MESH_DIMS, self.shape, strict=True)) + f" ({self.wrap})"
 
 
 def resolve_layout(world_size: int, parallel: str = "auto", dp_replicate: int | None = None,
-                   dp_shard: int | None = None, tp: int = 1) -> Layout:
+                   dp_shard: int | None = None, tp: int = 1, cp: int = 1) -> Layout:
     """The layout of ``world_size`` ranks from ``kunlun train``'s options; LayoutError when it does not fit.
 
     ``--parallel`` (none, ddp, fsdp; auto: ddp under torchrun) gives every rank to data parallelism, as before the
     mesh existed: ``ddp`` is ``--dp-replicate N``, ``fsdp`` is ``--dp-shard N``. With ``--dp-shard`` /
-    ``--dp-replicate`` / ``--tp`` the sizes are given; an omitted ``--dp-shard`` takes the ranks left over and an
-    omitted ``--dp-replicate`` is 1.
+    ``--dp-replicate`` / ``--cp`` / ``--tp`` the sizes are given; an omitted ``--dp-shard`` takes the ranks left over
+    and an omitted ``--dp-replicate`` is 1.
     """
     if parallel not in PARALLEL_MODES:
         raise LayoutError(f"--parallel {parallel!r} is not one of {', '.join(PARALLEL_MODES)}")
-    for name, value in (("--dp-replicate", dp_replicate), ("--dp-shard", dp_shard), ("--tp", tp)):
+    for name, value in (("--dp-replicate", dp_replicate), ("--dp-shard", dp_shard), ("--tp", tp), ("--cp", cp)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise LayoutError(f"{name} must be a whole number >= 1, got {value!r}")
-    explicit = dp_replicate is not None or dp_shard is not None or tp != 1
+    explicit = dp_replicate is not None or dp_shard is not None or tp != 1 or cp != 1
     if explicit and parallel in ("none", "ddp"):
         raise LayoutError(f"--parallel {parallel} gives every rank to data parallelism; drop it when giving "
-                          "--dp-replicate/--dp-shard/--tp (or use --parallel fsdp or auto with them)")
+                          "--dp-replicate/--dp-shard/--cp/--tp (or use --parallel fsdp or auto with them)")
+    if cp > 1 and tp > 1:
+        raise LayoutError(f"--cp {cp} with --tp {tp} is not supported yet (the context-parallel loss needs whole-"
+                          "vocabulary heads, tensor parallelism splits them); use --cp or --tp, not both")
     if not explicit:
         if parallel == "fsdp":
             return Layout(dp_shard=world_size, wrap="fsdp" if world_size > 1 else "none")
         mode = "none" if world_size == 1 or parallel == "none" else "ddp"
         return Layout(dp_replicate=world_size, wrap=mode)
     replicate = dp_replicate or 1
-    if world_size % (replicate * tp):
-        raise LayoutError(f"--dp-replicate {replicate} x --tp {tp} = {replicate * tp} does not divide the "
-                          f"{world_size} ranks (WORLD_SIZE); launch a multiple of it with torchrun --nproc-per-node")
-    shard = dp_shard if dp_shard is not None else world_size // (replicate * tp)
-    layout = Layout(dp_replicate=replicate, dp_shard=shard, tp=tp, wrap=_wrap(replicate, shard, tp, parallel))
+    fixed, named = replicate * cp * tp, f"--dp-replicate {replicate}" + (f" x --cp {cp}" if cp > 1 else "")
+    if world_size % fixed:
+        raise LayoutError(f"{named} x --tp {tp} = {fixed} does not divide the {world_size} ranks (WORLD_SIZE); "
+                          "launch a multiple of it with torchrun --nproc-per-node")
+    shard = dp_shard if dp_shard is not None else world_size // fixed
+    layout = Layout(dp_replicate=replicate, dp_shard=shard, tp=tp, wrap=_wrap(replicate, shard, tp, cp, parallel),
+                    cp=cp)
     if layout.world_size != world_size:
-        raise LayoutError(f"--dp-replicate {replicate} x --dp-shard {shard} x --tp {tp} = {layout.world_size} "
-                          f"ranks, but {world_size} were launched (WORLD_SIZE); make the sizes multiply to it")
+        sizes = f"--dp-replicate {replicate} x --dp-shard {shard}" + (f" x --cp {cp}" if cp > 1 else "")
+        raise LayoutError(f"{sizes} x --tp {tp} = {layout.world_size} ranks, but {world_size} were launched "
+                          "(WORLD_SIZE); make the sizes multiply to it")
     return layout
 
 
-def _wrap(replicate: int, shard: int, tp: int, parallel: str) -> str:
-    """DDP for pure replication without tensor parallelism (as ``--parallel ddp``), else FSDP2 (HSDP)."""
-    if replicate * shard == 1:
+def _wrap(replicate: int, shard: int, tp: int, cp: int, parallel: str) -> str:
+    """DDP for pure replication without tensor or context parallelism (as ``--parallel ddp``), else FSDP2 (HSDP);
+    context parallelism always takes FSDP2, its ranks folded into the sharding group (their gradients are summed)."""
+    if replicate * shard * cp == 1:
         return "none"
-    if shard == 1 and tp == 1 and parallel != "fsdp":
+    if shard == 1 and tp == 1 and cp == 1 and parallel != "fsdp":
         return "ddp"
     return "fsdp"
 
 
 def check_model(layout: Layout, model: Any, seq_len: int) -> None:
     """LayoutError when the model (a :class:`~kunlunbaize.config.ModelConfig`) or the sequence length does not
-    split over ``layout.tp``: heads, KV heads, widths and vocabulary must be divisible by it (no uneven shards),
-    and so must the sequence (sequence parallelism shards it)."""
+    split over ``layout.tp`` and ``layout.cp``: heads, KV heads, widths and vocabulary must be divisible by tp (no
+    uneven shards), and so must the sequence (sequence parallelism shards it); the sequence must split into 2·cp
+    equal chunks (the load-balanced causal split)."""
+    _check_cp(layout.cp, seq_len)
     tp = layout.tp
     if tp == 1:
         return
@@ -123,3 +139,11 @@ def check_model(layout: Layout, model: Any, seq_len: int) -> None:
     if seq_len % tp:
         raise LayoutError(f"--tp {tp} does not divide --seq-len {seq_len} (sequence parallelism shards the "
                           "sequence); choose a --seq-len divisible by it")
+
+
+def _check_cp(cp: int, seq_len: int) -> None:
+    if cp == 1:
+        return
+    if seq_len % (2 * cp):
+        raise LayoutError(f"--cp {cp} needs --seq-len divisible by 2 x {cp} = {2 * cp} (each rank holds 2 of "
+                          f"{2 * cp} equal chunks), got {seq_len}; choose a --seq-len divisible by {2 * cp}")

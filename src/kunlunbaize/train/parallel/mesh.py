@@ -1,6 +1,7 @@
-"""The run's device mesh and the model placed on it: the architecture's tensor-parallel plan over ``tp``, then data
-parallelism over ``dp_replicate`` × ``dp_shard`` (DDP, FSDP2 or HSDP, each block sharded on its own, then the root:
-torchtitan's order)."""
+"""The run's device mesh and the model placed on it: the architecture's tensor-parallel plan over ``tp`` or its
+context-parallel plan over ``cp``, then data parallelism over ``dp_replicate`` × ``dp_shard`` (DDP, FSDP2 or HSDP,
+each block sharded on its own, then the root: torchtitan's order; with ``cp`` the sharding group is
+``dp_shard × cp``, torchtitan's ``dp_shard_cp``)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ TP_MIN_TORCH = "2.6"
 
 
 def build_mesh(layout: Layout, env: DistEnv) -> DeviceMesh | None:
-    """The ``dp_replicate × dp_shard × tp`` mesh of the process group (None in a single process)."""
+    """The ``dp_replicate × dp_shard × cp × tp`` mesh of the process group (None in a single process)."""
     if not env.distributed:
         return None
     if layout.world_size != env.world_size:
@@ -62,6 +63,18 @@ def tensor_parallel(model: nn.Module, spec: ArchSpec, layout: Layout, mesh: Devi
     return placed
 
 
+def context_parallel(placed: PlacedModel, spec: ArchSpec, layout: Layout, mesh: DeviceMesh | None) -> None:
+    """Apply ``spec``'s context-parallel plan over ``mesh["cp"]`` when ``layout.cp`` > 1 (in place)."""
+    if layout.cp == 1:
+        return
+    try:
+        plan = spec.hook("context_parallel")
+    except NotImplementedError:
+        raise LayoutError(f"the {spec.title} architecture has no context-parallel plan; train it with --cp 1") \
+            from None
+    plan(placed.wrapped, mesh)
+
+
 def data_parallel(placed: PlacedModel, blocks: list[nn.Module], layout: Layout, mesh: DeviceMesh | None,
                   env: DistEnv, param_dtype: torch.dtype | None = None) -> None:
     """Wrap the placed model for data parallelism as ``layout.wrap`` says (DDP, or FSDP2 per block then the root)."""
@@ -74,10 +87,16 @@ def data_parallel(placed: PlacedModel, blocks: list[nn.Module], layout: Layout, 
 
 
 def _dp_mesh(layout: Layout, mesh: DeviceMesh | None) -> DeviceMesh | None:
-    """The data-parallel sub-mesh FSDP2 shards over: ``dp_shard``, or ``dp_replicate × dp_shard`` (HSDP)."""
+    """The data-parallel sub-mesh FSDP2 shards over: ``dp_shard``, or ``dp_replicate × dp_shard`` (HSDP); with
+    context parallelism ``dp_shard × cp`` flattened (each cp rank's gradients are cp times its share of the global
+    mean's, :mod:`.context`, so FSDP2's average over it is their sum)."""
     if mesh is None:
         return None
-    return mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else mesh["dp_shard"]
+    shard = "dp_shard"
+    if layout.cp > 1:
+        shard = "dp_shard_cp"
+        mesh["dp_shard", "cp"]._flatten(shard)
+    return mesh["dp_replicate", shard] if layout.dp_replicate > 1 else mesh[shard]
 
 
 def _fully_shard(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh | None,

@@ -1,0 +1,208 @@
+"""Context parallelism for :class:`~kunlunbaize.model.KunlunBaize` (the spec's ``context_parallel`` hook): every
+sequence split over the ranks of ``mesh["cp"]``, exact, with ``torch.distributed`` collectives that carry autograd
+(``torch.distributed.nn.functional``), so it runs on CPUs with gloo, where PyTorch's own ``context_parallel`` has
+no kernels.
+
+Applied from outside the model, as the tensor-parallel plan is: the forwards of the attention modules, the causal
+convolutions and the model itself are replaced on the instances (gpt-fast's way); the model code is unchanged.
+
+- split: the T tokens form 2N chunks of C = T/2N; cp rank r holds chunks r and 2N−1−r (torchtitan's and Megatron's
+  load balance: under the causal mask every rank then does the same attention work);
+- positions: rotary tables by global position;
+- attention (self, every per-scale cross-attention, every MTP depth's): queries local, keys and values (rotated)
+  all-gathered in one collective and put in global order, the causal mask by global position; GQA as in one process;
+- causal convolutions: each chunk gets its k−1-token halo (the inputs before it) from one small all-gather of
+  every chunk's last min(k−1, C) inputs;
+- dense residual, norms, MLPs: per position, local;
+- MTP: depth j's key slot s holds E(t_{s+j}); every rank has the whole sequence's token ids (the data loader gives
+  it), so each embeds the tokens of its own slots and the keys are gathered as above (slots s ≥ T−j masked);
+- loss: each head's cross-entropy summed over the rank's targets (label t_{i+j+1} of its global positions) and
+  all-reduced with the target count, so every rank returns the exact global mean. The sum's all-reduce carries
+  autograd: each rank's gradients are N times its share, and averaging them over the cp ranks (FSDP2 shards over
+  ``dp_shard × cp``) gives the one-process gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.nn.functional import all_gather, all_reduce
+
+from ...model import KunlunBaize
+from ...model.attention import Attention
+from ...model.fused_loss import linear_cross_entropy
+from ...model.layers import CausalDSConv, apply_rotary
+from ...model.loss import IGNORE_INDEX, LossTerms
+from ...model.model import ModelOutput
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ContextGroup:
+    """This process's context-parallel group: its process group, its rank in it and the number of ranks."""
+
+    group: Any
+    rank: int
+    size: int
+
+    @classmethod
+    def of(cls, mesh: DeviceMesh, dim: str = "cp") -> ContextGroup:
+        sub = mesh[dim] if mesh.mesh_dim_names and len(mesh.mesh_dim_names) > 1 else mesh
+        return cls(sub.get_group(), sub.get_local_rank(), sub.size())
+
+    def chunks(self) -> tuple[int, int]:
+        """The two of the 2N chunks this rank holds: r and 2N−1−r."""
+        return self.rank, 2 * self.size - 1 - self.rank
+
+    def chunk_len(self, seq_len: int) -> int:
+        if seq_len % (2 * self.size):
+            raise ValueError(f"context parallelism over {self.size} ranks needs a sequence length divisible by "
+                             f"{2 * self.size}, got {seq_len}")
+        return seq_len // (2 * self.size)
+
+    def positions(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        """The global positions [2C] of this rank's tokens in a sequence of ``seq_len``."""
+        c = self.chunk_len(seq_len)
+        a, b = self.chunks()
+        return torch.cat((torch.arange(a * c, (a + 1) * c, device=device),
+                          torch.arange(b * c, (b + 1) * c, device=device)))
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's part [B, 2C, …] of a whole sequence ``x`` [B, T, …]: its two chunks, in order."""
+        return x.index_select(1, self.positions(x.shape[1], x.device))
+
+    def gather(self, part: torch.Tensor, dim: int) -> torch.Tensor:
+        """The whole sequence, in global order along ``dim``, from every rank's ``part`` (its two chunks along
+        ``dim``); the gradient of each part flows back to its rank."""
+        parts = all_gather(part, group=self.group)
+        chunks: list[torch.Tensor] = [part] * (2 * self.size)
+        for r, p in enumerate(parts):
+            chunks[r], chunks[2 * self.size - 1 - r] = p.chunk(2, dim)
+        return torch.cat(chunks, dim)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks (autograd: the gradient is summed too)."""
+        return all_reduce(t, group=self.group)
+
+
+def context_parallel(model: nn.Module, mesh: DeviceMesh, cp_dim: str = "cp") -> None:
+    """Split every sequence of ``model``'s training forward over ``mesh[cp_dim]`` (in place)."""
+    if not isinstance(model, KunlunBaize):
+        raise TypeError(f"this plan splits KunlunBaize's sequences, not {type(model).__name__}'s")
+    cp = ContextGroup.of(mesh, cp_dim)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.forward = partial(attention_forward, module, cp)
+        elif isinstance(module, CausalDSConv):
+            module.forward = partial(conv_forward, module, module.forward, cp)
+    model.forward = partial(training_forward, model, cp)
+
+
+def attention_forward(attn: Attention, cp: ContextGroup, x: torch.Tensor, kv_input: torch.Tensor, rope_q: Rope,
+                      rope_k: Rope, q_start: int = 0, kv_start: int = 0, cache: Any = None,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """:meth:`Attention.forward` for a rank's part of the sequence: its queries against the keys and values of the
+    whole sequence. ``mask`` [2C, T] (True: may attend) replaces the causal mask by global position."""
+    if cache is not None or q_start or kv_start:
+        raise ValueError("context parallelism splits a training forward: no cache and no position offset")
+    B, n, _ = x.shape
+    q = apply_rotary(attn.wq(x).view(B, n, attn.n_heads, attn.head_dim).transpose(1, 2), *rope_q)
+    k, v = attn.project_kv(kv_input, rope_k)
+    k, v = cp.gather(torch.cat((k, v), dim=1), dim=2).split(attn.n_kv_heads, dim=1)  # [B, Hkv, T, hd] each
+    if mask is None:
+        pos = cp.positions(k.shape[2], x.device)
+        mask = torch.arange(k.shape[2], device=x.device)[None, :] <= pos[:, None]
+    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                         enable_gqa=attn.n_kv_heads != attn.n_heads)
+    return attn.wo(out.transpose(1, 2).reshape(B, n, attn.n_heads * attn.head_dim))
+
+
+def conv_forward(conv: CausalDSConv, forward: Any, cp: ContextGroup, x: torch.Tensor,
+                 history: torch.Tensor | None = None) -> torch.Tensor:
+    """:meth:`CausalDSConv.forward` (``forward``) on each of a rank's two chunks, with the k−1 inputs before the
+    chunk, wherever they live, as its history: every chunk's last min(k−1, C) inputs are all-gathered (one small
+    collective), and a chunk's halo is the last k−1 of those before it (several chunks when C < k−1)."""
+    if history is not None:
+        raise ValueError("context parallelism splits a training forward: no convolution history")
+    h = conv.kernel_size - 1
+    if h == 0:
+        return forward(x)
+    first, second = x.chunk(2, dim=1)
+    tail = min(h, first.shape[1])
+    tails = cp.gather(torch.cat((first[:, -tail:], second[:, -tail:]), dim=1), dim=1)  # chunk g's: g·tail …
+
+    def run(part: torch.Tensor, chunk: int) -> torch.Tensor:
+        return forward(part, tails[:, max(0, chunk * tail - h):chunk * tail] if chunk > 0 else None)
+
+    a, b = cp.chunks()
+    return torch.cat((run(first, a), run(second, b)), dim=1)
+
+
+def training_forward(model: KunlunBaize, cp: ContextGroup, input_ids: torch.Tensor,
+                     labels: torch.Tensor | None = None, cache: Any = None,
+                     attention_mask: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
+                     mtp: bool = True, logits: bool = False) -> ModelOutput:
+    """:meth:`KunlunBaize.forward`'s joint loss (eq. 22) of whole sequences ``input_ids`` [B, T] (every cp rank
+    gives the same), computed on this rank's part; the losses are the global means, the same on every rank."""
+    if labels is None or cache is not None or attention_mask is not None or not mtp:
+        raise ValueError("under context parallelism the model computes the training loss only: give labels, and no "
+                         "cache, attention_mask or mtp=False")
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+    model._check_input(input_ids, 0, None)
+    T = input_ids.shape[1]
+    pos = cp.positions(T, input_ids.device)
+    rope = model.rope(pos, T)
+    hidden = model.run_blocks(model.embed(cp.shard(input_ids)), rope, 0, None, None, None)
+    heads = [(model.norm(hidden), model.head_weight)]
+    if model.mtp is not None:
+        heads += _mtp_heads(model, hidden, input_ids, pos, rope)
+    means = _global_means(cp, heads, [_targets(labels, pos, j + 1, ignore_index) for j in range(len(heads))],
+                          ignore_index)
+    terms = LossTerms.joint(means[0], list(means[1:]), model.config.gammas)
+    return ModelOutput(logits=None, hidden=hidden, loss=terms.total, main_loss=terms.main, mtp_losses=terms.mtp)
+
+
+def _mtp_heads(model: KunlunBaize, hidden: torch.Tensor, input_ids: torch.Tensor, pos: torch.Tensor,
+               rope: Rope) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every MTP depth's head (input, weight) at this rank's positions (:meth:`MultiTokenPrediction.head_inputs`):
+    depth j's key slot s holds E(t_{s+j}), embedded here from the whole sequence's ids for this rank's slots."""
+    T = input_ids.shape[1]
+    slots = torch.arange(T, device=pos.device)
+    g, out = hidden, []
+    for j, depth in enumerate(model.mtp.depths, start=1):
+        if j < T:  # else no slot exists: no update, as in one process
+            emb = model.embed(input_ids[:, (pos + j).clamp(max=T - 1)])
+            mask = (slots[None, :] <= pos[:, None]) & (slots < T - j)[None, :]
+            g = g + depth.cross_attn(depth.hidden_norm(g), depth.embed_norm(emb), rope, rope, mask=mask)
+        out.append(model.mtp.head_input(j, g, model.head_weight))
+    return out
+
+
+def _targets(labels: torch.Tensor, pos: torch.Tensor, shift: int, ignore_index: int) -> torch.Tensor:
+    """The labels [B, 2C] that the positions ``pos`` predict with a head of ``shift``: t_{p+shift}, ignored past
+    the end of the sequence."""
+    T = labels.shape[1]
+    idx = pos + shift
+    return labels[:, idx.clamp(max=T - 1)].masked_fill(~(idx < T)[None, :], ignore_index)
+
+
+def _global_means(cp: ContextGroup, heads: list[tuple[torch.Tensor, torch.Tensor]], targets: list[torch.Tensor],
+                  ignore_index: int) -> torch.Tensor:
+    """Each head's mean cross-entropy over the targets of every cp rank: local sums and counts all-reduced."""
+    sums, counts = [], []
+    for (h, w), t in zip(heads, targets, strict=True):
+        count = (t != ignore_index).sum()
+        sums.append(linear_cross_entropy(h, w, t, ignore_index=ignore_index) * count)
+        counts.append(count)
+    n = torch.stack(counts).float()
+    dist.all_reduce(n, group=cp.group)
+    return cp.sum(torch.stack(sums)) / n.clamp(min=1)

@@ -111,6 +111,53 @@ def resume_elsewhere(cfg, spec, env, tmp: Path, par, opt_par, ref, opt_ref, batc
     return diffs
 
 
+def cp_units(rank: int, port: int) -> None:
+    """Context parallelism's pieces on 2 gloo ranks (a ``torch.multiprocessing.spawn`` target): the sequence split
+    and gather, the attention over gathered keys/values (GQA, global causal mask) and the causal convolutions with
+    their halos (kernel 7 over chunks of 4 tokens, so a halo spans two earlier chunks; kernel 3; kernel 1) equal
+    the whole-sequence computation, outputs and gradients (inputs' and parameters')."""
+    from kunlunbaize.model.attention import Attention
+    from kunlunbaize.model.layers import CausalDSConv, RotaryEmbedding
+    from kunlunbaize.train.parallel.context import ContextGroup, attention_forward, conv_forward
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    B, T, d = 2, 16, 32
+    cp = ContextGroup(dist.group.WORLD, rank, 2)
+    assert cp.positions(T, torch.device("cpu")).tolist() == ([0, 1, 2, 3, 12, 13, 14, 15] if rank == 0
+                                                             else [4, 5, 6, 7, 8, 9, 10, 11])
+    x = torch.randn(B, T, d)
+    assert torch.equal(cp.gather(cp.shard(x), 1), x)
+    rope = RotaryEmbedding(8, 10000.0)
+    attn = Attention(d, n_heads=4, n_kv_heads=2)
+    pos = cp.positions(T, x.device)
+    _same_as_whole(cp, attn, x, lambda m, t: m(t, t, rope(torch.arange(T)), rope(torch.arange(T))),
+                   lambda m, t: attention_forward(m, cp, t, t, rope(pos), rope(pos)))
+    for k in (7, 3, 1):
+        conv = CausalDSConv(d, k, per_channel=True)
+        _same_as_whole(cp, conv, x, lambda m, t: m(t), lambda m, t: conv_forward(m, m.forward, cp, t))
+    dist.destroy_process_group()
+
+
+def _same_as_whole(cp, module, x, whole, split) -> None:
+    """``split`` on this rank's part equals ``whole`` on the sequence: outputs, input and parameter gradients."""
+    w = torch.randn_like(x)  # a loss that weighs every output differently
+    x1, x2 = x.clone().requires_grad_(), cp.shard(x).requires_grad_()
+    ref = whole(module, x1)
+    (ref * w).sum().backward()
+    ref_grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    out = split(module, x2)
+    (out * cp.shard(w)).sum().backward()
+    assert (out - cp.shard(ref)).abs().max() < 1e-5, (out - cp.shard(ref)).abs().max()
+    assert (x2.grad - cp.shard(x1.grad)).abs().max() < 1e-5
+    for p, g in zip(module.parameters(), ref_grads, strict=True):
+        total = p.grad.clone()
+        dist.all_reduce(total)  # each rank's share of the parameter gradient
+        assert (total - g).abs().max() < 1e-5, (type(module).__name__, (total - g).abs().max())
+    module.zero_grad()
+
+
 def main() -> None:
     """Every config of the spec on every layout of it; resuming elsewhere from the first config's first layout."""
     spec = json.loads(Path(sys.argv[1]).read_text())

@@ -35,6 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
     (4, {"dp_replicate": 2, "dp_shard": 1, "tp": 2}, Layout(2, 1, 2, "fsdp")),
     (4, {"dp_replicate": 4}, Layout(4, 1, 1, "ddp")),
     (4, {"dp_replicate": 2, "dp_shard": 2}, Layout(2, 2, 1, "fsdp")),
+    (2, {"cp": 2}, Layout(1, 1, 1, "fsdp", cp=2)),  # cp is folded into FSDP2's sharding group
+    (4, {"cp": 2}, Layout(1, 2, 1, "fsdp", cp=2)),
+    (4, {"dp_replicate": 2, "cp": 2}, Layout(2, 1, 1, "fsdp", cp=2)),
 ])
 def test_layout_from_the_options(world, kw, want):
     assert resolve_layout(world, **kw) == want
@@ -47,6 +50,22 @@ def test_the_layout_is_checked_without_importing_torch():
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.distributed
+def test_context_parallel_attention_and_conv_halos_equal_the_whole_sequence():
+    """2 gloo ranks (spawned): the load-balanced split, the attention over gathered keys/values and the causal
+    convolutions' halos give the whole-sequence outputs and gradients (``tests.parallel_worker.cp_units``)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from .parallel_worker import cp_units
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(cp_units, args=(port,), nprocs=2, join=True)
+
+
 def test_tensor_parallel_ranks_share_a_data_parallel_rank():
     layout = Layout(2, 1, 2, "fsdp")
     assert [layout.dp_rank(r) for r in range(4)] == [0, 0, 1, 1] and layout.dp == 2
@@ -54,11 +73,23 @@ def test_tensor_parallel_ranks_share_a_data_parallel_rank():
     assert Layout(1, 4, 1, "fsdp").describe() == "fsdp" and Layout(1, 1, 1, "none").describe() == "none"
 
 
+def test_context_parallel_ranks_share_a_data_parallel_rank():
+    layout = Layout(2, 1, 1, "fsdp", cp=2)
+    assert [layout.dp_rank(r) for r in range(4)] == [0, 0, 1, 1] and layout.dp == 2
+    assert [layout.cp_rank(r) for r in range(4)] == [0, 1, 0, 1] and layout.shape == (2, 1, 2, 1)
+    assert layout.describe() == "dp_replicate 2 x dp_shard 1 x cp 2 x tp 1 (fsdp)"
+
+
 @pytest.mark.parametrize(("world", "kw", "message"), [
     (4, {"tp": 3}, "--dp-replicate 1 x --tp 3 = 3 does not divide the 4 ranks"),
     (4, {"dp_shard": 4, "tp": 2}, "--dp-replicate 1 x --dp-shard 4 x --tp 2 = 8 ranks, but 4 were launched"),
     (4, {"parallel": "ddp", "tp": 2}, "--parallel ddp gives every rank to data parallelism"),
     (2, {"tp": 0}, "--tp must be a whole number >= 1"),
+    (4, {"cp": 3}, "--dp-replicate 1 x --cp 3 x --tp 1 = 3 does not divide the 4 ranks"),
+    (4, {"dp_shard": 4, "cp": 2}, "--dp-replicate 1 x --dp-shard 4 x --cp 2 x --tp 1 = 8 ranks, but 4 were"),
+    (4, {"cp": 2, "tp": 2}, "--cp 2 with --tp 2 is not supported yet"),
+    (2, {"parallel": "ddp", "cp": 2}, "--parallel ddp gives every rank to data parallelism"),
+    (2, {"cp": 0}, "--cp must be a whole number >= 1"),
 ])
 def test_layouts_that_do_not_fit_the_ranks_are_refused(world, kw, message):
     with pytest.raises(LayoutError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -81,10 +112,21 @@ def test_models_that_do_not_split_over_tp_are_refused(overrides, seq_len, messag
     check_model(Layout(1, 1, 1, "none"), cfg, seq_len)  # nothing to split without tensor parallelism
 
 
+def test_a_sequence_that_does_not_split_over_cp_is_refused():
+    cfg = ModelConfig(vocab_size=256, d_model=64, n_heads=8, n_kv_heads=4, ffn_hidden=128)
+    with pytest.raises(LayoutError, match=r"--cp 2 needs --seq-len divisible by 2 x 2 = 4 .*got 30"):
+        check_model(Layout(1, 1, 1, "fsdp", cp=2), cfg, 30)
+    check_model(Layout(1, 1, 1, "fsdp", cp=2), cfg, 28)
+
+
 def test_kunlun_train_refuses_a_layout_before_starting(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     code, _, err = run_main(capsys, "train", "--tp", "3")
     assert code == 2 and "--tp 3 = 3 does not divide the 4 ranks" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_main(capsys, "train", "--cp", "2", "--seq-len", "30")
+    assert code == 2 and "--cp 2 needs --seq-len divisible by 2 x 2 = 4" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_main(capsys, "train", "--cp", "2", "--tp", "2")
+    assert code == 2 and "--cp 2 with --tp 2 is not supported yet" in err
 
 
 def test_an_architecture_without_a_plan_is_refused_tensor_parallelism():
@@ -94,6 +136,14 @@ def test_an_architecture_without_a_plan_is_refused_tensor_parallelism():
     assert "parallelize" not in llama.hooks and "parallelize" in get_arch("kunlunbaize").hooks
     with pytest.raises(LayoutError, match="no tensor-parallel plan; train it with --tp 1"):
         tensor_parallel(object(), llama, Layout(1, 1, 2, "none"), None)
+
+
+def test_an_architecture_without_a_plan_is_refused_context_parallelism():
+    from kunlunbaize.train.parallel.mesh import context_parallel
+
+    assert "context_parallel" in get_arch("kunlunbaize").hooks
+    with pytest.raises(LayoutError, match="no context-parallel plan; train it with --cp 1"):
+        context_parallel(object(), get_arch("llama"), Layout(1, 1, 1, "fsdp", cp=2), None)
 
 
 def test_tensor_parallelism_on_an_old_torch_is_refused_with_the_version(monkeypatch):
@@ -154,12 +204,27 @@ def test_tp2_equals_one_process_for_the_model_and_every_switch(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_dp2_tp2_and_hsdp_tp2_equal_one_process_and_reshard_to_dp4(tmp_path):
-    """4 ranks: FSDP2 over dp_shard 2 × tp 2 and HSDP (dp_replicate 2) × tp 2; the dp2×tp2 checkpoint resumed on
-    dp_shard 4 and in one process."""
-    results = _worker(tmp_path, 4, {"layouts": [[1, 2, 2], [2, 1, 2]], "configs": [FULL], "batch": 8,
+def test_dp2_tp2_hsdp_tp2_and_dp2_cp2_equal_one_process_and_reshard_to_dp4(tmp_path):
+    """4 ranks: FSDP2 over dp_shard 2 × tp 2, HSDP (dp_replicate 2) × tp 2 and FSDP2 over dp_shard 2 × cp 2 (the
+    context-parallel ranks folded into the sharding group); the dp2×tp2 checkpoint resumed on dp_shard 4 and in one
+    process."""
+    results = _worker(tmp_path, 4, {"layouts": [[1, 2, 2], [2, 1, 2], [1, 2, 2, 1]], "configs": [FULL], "batch": 8,
                                     "resume_on": [[1, 4, 1], None]})
-    assert len(results) == 2
+    assert len(results) == 3
+    _assert_equal(results)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_cp2_equals_one_process_for_the_model_and_every_switch(tmp_path):
+    """cp2 (each sequence split in 4 chunks, rank 0 holding the first and last): the full model (resumed from its cp2
+    checkpoint in one process and on cp2) and each single-switch ablation, plus tied/shared heads, per-channel
+    eSwish, a kernel of 1 and activation checkpointing (its recomputation gathers again). Kernel 7 over chunks of 4
+    tokens: a halo spans two earlier chunks."""
+    results = _worker(tmp_path, 2, {"layouts": [[1, 1, 2, 1]], "configs": [FULL, *ABLATIONS],
+                                    "resume_on": [None, [1, 1, 2, 1]]})
+    assert len(results) == 1 + len(ABLATIONS) and set(next(iter(results.values()))["resume"]) == {"None",
+                                                                                                  "[1, 1, 2, 1]"}
     _assert_equal(results)
 
 
@@ -196,3 +261,34 @@ def test_kunlun_train_tp2_resumes_across_layouts_and_exports(dataset, tmp_path, 
     code, text, err = run_main(capsys, "export", "--hf", str(tmp_path / "hf"), "--checkpoint",
                                str(tmp_path / "one_then_tp"))
     assert code == 0 and "reloaded logits identical" in text + err, err
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.distributed
+def test_kunlun_train_cp2_resumes_with_the_one_process_losses(dataset, tmp_path):
+    """Through ``kunlun train --cp 2``, with the batch ramp (2 → 4 sequences), gradient accumulation and validation:
+    stopped after step 2 and resumed on cp2, the training and validation losses are one process's."""
+    from .test_train import _cli, _common, _run, _torchrun, losses
+
+    tokens, extra = 32 * 4 * 4, ("--micro-batch-size", "2", "--batch-size-start", "2", "--eval-every", "2",
+                                 "--sample-tokens", "0")
+    one = _run(_cli(*_common(dataset, tmp_path / "one", tokens, *extra)))
+    assert one.returncode == 0, one.stdout + one.stderr
+    out = tmp_path / "cp"
+    first = _run(_torchrun(2, *_common(dataset, out, tokens, *extra, "--cp", "2", "--stop-at-step", "2")))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "dp_replicate 1 x dp_shard 1 x cp 2 x tp 1 (fsdp)" in first.stdout + first.stderr
+    rest = _run(_torchrun(2, *_common(dataset, out, tokens, *extra, "--cp", "2")))
+    assert rest.returncode == 0 and "resumed from" in rest.stdout + rest.stderr, rest.stdout + rest.stderr
+    want, got = losses(tmp_path / "one"), losses(out)
+    assert len(want) == 5 and sorted(got) == sorted(want)
+    assert max(abs(got[s] - want[s]) for s in want) < 1e-4
+    want_val, got_val = _val_losses(tmp_path / "one"), _val_losses(out)
+    assert sorted(want_val) == sorted(got_val) == [0, 2, 4, 5]
+    assert max(abs(got_val[s] - want_val[s]) for s in want_val) < 1e-4
+
+
+def _val_losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}

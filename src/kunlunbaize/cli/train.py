@@ -78,7 +78,7 @@ def add_parser(sub: Any) -> None:
 
 def _train_config(args: argparse.Namespace):
     """The TrainConfig of the arguments; settings that contradict each other are a UsageError naming the option."""
-    from ..train.parallel.layout import resolve_layout
+    from ..train.parallel.layout import check_sequence, resolve_layout
     from ..train.trainer import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -92,8 +92,9 @@ def _train_config(args: argparse.Namespace):
     try:
         cfg.validate()
         # the layout against the ranks torchrun launched, before any process group exists
-        resolve_layout(int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel, cfg.dp_replicate, cfg.dp_shard, cfg.tp,
-                       cfg.cp)
+        layout = resolve_layout(int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel, cfg.dp_replicate, cfg.dp_shard,
+                                cfg.tp, cfg.cp)
+        check_sequence(layout, cfg.seq_len)
     except ValueError as e:
         raise UsageError(re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(e))) from None
     return cfg

@@ -59,11 +59,12 @@ class Layout:
         return self.dp_replicate, self.dp_shard, self.cp, self.tp
 
     def describe(self) -> str:
-        """E.g. ``dp_replicate 1 x dp_shard 2 x cp 1 x tp 2 (fsdp)``; a layout of one data-parallel dimension is
-        its wrapper's name (``none``, ``ddp``, ``fsdp``), as ``--parallel`` says it."""
+        """E.g. ``dp_replicate 1 x dp_shard 2 x tp 2 (fsdp)`` (``cp`` named when above 1); a layout of one
+        data-parallel dimension is its wrapper's name (``none``, ``ddp``, ``fsdp``), as ``--parallel`` says it."""
         if self.tp == self.cp == 1 and min(self.dp_replicate, self.dp_shard) == 1:
             return self.wrap
-        return " x ".join(f"{n} {s}" for n, s in zip(MESH_DIMS, self.shape, strict=True)) + f" ({self.wrap})"
+        return " x ".join(f"{n} {s}" for n, s in zip(MESH_DIMS, self.shape, strict=True)
+                          if n != "cp" or s > 1) + f" ({self.wrap})"
 
 
 def resolve_layout(world_size: int, parallel: str = "auto", dp_replicate: int | None = None,
@@ -122,7 +123,7 @@ def check_model(layout: Layout, model: Any, seq_len: int) -> None:
     split over ``layout.tp`` and ``layout.cp``: heads, KV heads, widths and vocabulary must be divisible by tp (no
     uneven shards), and so must the sequence (sequence parallelism shards it); the sequence must split into 2·cp
     equal chunks (the load-balanced causal split)."""
-    _check_cp(layout.cp, seq_len)
+    check_sequence(layout, seq_len)
     tp = layout.tp
     if tp == 1:
         return
@@ -141,9 +142,9 @@ def check_model(layout: Layout, model: Any, seq_len: int) -> None:
                           "sequence); choose a --seq-len divisible by it")
 
 
-def _check_cp(cp: int, seq_len: int) -> None:
-    if cp == 1:
-        return
-    if seq_len % (2 * cp):
+def check_sequence(layout: Layout, seq_len: int) -> None:
+    """LayoutError when ``seq_len`` does not split into the 2·cp equal chunks of context parallelism."""
+    cp = layout.cp
+    if cp > 1 and seq_len % (2 * cp):
         raise LayoutError(f"--cp {cp} needs --seq-len divisible by 2 x {cp} = {2 * cp} (each rank holds 2 of "
                           f"{2 * cp} equal chunks), got {seq_len}; choose a --seq-len divisible by {2 * cp}")

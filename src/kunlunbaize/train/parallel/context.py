@@ -1,7 +1,7 @@
 """Context parallelism for :class:`~kunlunbaize.model.KunlunBaize` (the spec's ``context_parallel`` hook): every
 sequence split over the ranks of ``mesh["cp"]``, exact, with ``torch.distributed`` collectives that carry autograd
-(``torch.distributed.nn.functional``), so it runs on CPUs with gloo, where PyTorch's own ``context_parallel`` has
-no kernels.
+(an all-gather of its own, ``torch.distributed.nn.functional.all_reduce``), so it runs on CPUs with gloo, where
+PyTorch's own ``context_parallel`` has no kernels.
 
 Applied from outside the model, as the tensor-parallel plan is: the forwards of the attention modules, the causal
 convolutions and the model itself are replaced on the instances (gpt-fast's way); the model code is unchanged.
@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.nn.functional import all_gather, all_reduce
+from torch.distributed.nn.functional import all_reduce
 
 from ...model import KunlunBaize
 from ...model.attention import Attention
@@ -43,6 +43,30 @@ from ...model.loss import IGNORE_INDEX, LossTerms
 from ...model.model import ModelOutput
 
 Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+class _AllGather(torch.autograd.Function):
+    """Every rank's ``part`` stacked [N, …]; backward: each rank gets the sum over ranks of its slice's gradient (a
+    reduce-scatter; on gloo, which has none, an all-reduce). ``torch.distributed.nn.functional.all_gather``'s gloo
+    backward passes group ranks as global ones to ``scatter`` and fails on a sub-group such as ``cp`` under
+    ``dp_shard × cp``."""
+
+    @staticmethod
+    def forward(ctx, part: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(part) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, part.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if dist.get_backend(ctx.group) == dist.Backend.GLOO:
+            total = grad.clone(memory_format=torch.contiguous_format)
+            dist.all_reduce(total, group=ctx.group)
+            return total[dist.get_rank(ctx.group)], None
+        out = grad.new_empty(grad.shape[1:])
+        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        return out, None
 
 
 @dataclass(frozen=True)
@@ -82,7 +106,7 @@ class ContextGroup:
     def gather(self, part: torch.Tensor, dim: int) -> torch.Tensor:
         """The whole sequence, in global order along ``dim``, from every rank's ``part`` (its two chunks along
         ``dim``); the gradient of each part flows back to its rank."""
-        parts = all_gather(part, group=self.group)
+        parts = _AllGather.apply(part, self.group)
         chunks: list[torch.Tensor] = [part] * (2 * self.size)
         for r, p in enumerate(parts):
             chunks[r], chunks[2 * self.size - 1 - r] = p.chunk(2, dim)

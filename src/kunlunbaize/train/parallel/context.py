@@ -47,9 +47,9 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 
 class _AllGather(torch.autograd.Function):
     """Every rank's ``part`` stacked [N, …]; backward: each rank gets the sum over ranks of its slice's gradient (a
-    reduce-scatter; on gloo, which has none, an all-reduce). ``torch.distributed.nn.functional.all_gather``'s gloo
-    backward passes group ranks as global ones to ``scatter`` and fails on a sub-group such as ``cp`` under
-    ``dp_shard × cp``."""
+    reduce-scatter of the flattened gradients, the shape gloo's and NCCL's both take).
+    ``torch.distributed.nn.functional.all_gather``'s gloo backward passes group ranks as global ones to ``scatter``
+    and fails on a sub-group such as ``cp`` under ``dp_shard × cp``."""
 
     @staticmethod
     def forward(ctx, part: torch.Tensor, group: Any) -> torch.Tensor:
@@ -60,13 +60,9 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        if dist.get_backend(ctx.group) == dist.Backend.GLOO:
-            total = grad.clone(memory_format=torch.contiguous_format)
-            dist.all_reduce(total, group=ctx.group)
-            return total[dist.get_rank(ctx.group)], None
-        out = grad.new_empty(grad.shape[1:])
-        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
-        return out, None
+        out = grad.new_empty(grad[0].numel())
+        dist.reduce_scatter_tensor(out, grad.contiguous().view(-1), group=ctx.group)
+        return out.view(grad.shape[1:]), None
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ def test_the_layout_is_checked_without_importing_torch():
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_context_parallel_attention_and_conv_halos_equal_the_whole_sequence():
     """2 gloo ranks (spawned): the load-balanced split, the attention over gathered keys/values and the causal

@@ -62,6 +62,8 @@ class TrainConfig:
     init_from: str | None = None  # context extension: a new run starting from this run's / checkpoint's weights
     rope: str | None = None  # its RoPE scaling: linear, dynamic, yarn, llama3 or none (None: the parent's own)
     rope_factor: float | None = None  # None: the new context over the original one
+    long_docs: bool = False  # train windows only inside documents of >= seq_len tokens (needs the document index)
+    doc_mask: bool = False  # no attention, conv history or MTP target across documents inside a window
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that makes no sense."""

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..arch import ArchSpec, get_arch
 from .config import DEFAULT_DATA, TrainConfig
-from .data import validation_batches
+from .data import LongDocWindows, validation_batches
 from .distributed import DistEnv, any_rank, init_distributed, peak_flops
 from .errors import TrainingError, TrainingInterrupted
 from .extend import build_extension, write_parent_record
@@ -339,6 +339,8 @@ def _say_notes(logger: RunLogger, cfg: TrainConfig, data: RunData, notes: list[s
     """What the user should know before training starts: resume notes, no validation, nothing to train."""
     for note in notes:
         logger.message(note)
+    if isinstance(data.train, LongDocWindows):
+        logger.message(data.train.describe())
     if data.val is None:
         logger.message(f"no validation: {data.no_val_reason}; no validation loss will be reported")
     if resumed is not None and progress.tokens >= cfg.tokens:

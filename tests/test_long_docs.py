@@ -118,3 +118,62 @@ def test_no_long_document_is_a_clear_error(dataset: Path) -> None:
     with pytest.raises(DataError, match=rf"no train document .* has {longest + 1:,} tokens or more .*--seq-len"):
         LongDocWindows(dataset, "train", longest + 1)
     assert LongDocWindows(dataset, "train", longest).n >= 1
+
+
+def train_config(dataset: Path, out: Path, **kw):
+    from kunlunbaize.train.trainer import TrainConfig
+
+    from .helpers import TRAIN_MODEL
+
+    base = dict(data=str(dataset), out=str(out), preset="tiny", model_overrides=dict(TRAIN_MODEL), seq_len=48,
+                tokens=48 * 4 * 4, batch_size=4, batch_size_start=4, lr=3e-3, log_every=1, eval_every=2,
+                eval_batches=1,
+                ckpt_every=1000, progress=False, warmup_steps=1, long_docs=True, doc_mask=True)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.slow
+def test_training_with_long_docs_and_doc_mask_resumes_exactly(dataset: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from kunlunbaize.model import KunlunBaize
+    from kunlunbaize.train.trainer import train
+
+    seen: list[torch.Tensor] = []
+    forward = KunlunBaize.forward
+
+    def spy(self, input_ids, *args, **kwargs):
+        seen.append(kwargs.get("document_ids"))
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(KunlunBaize, "forward", spy)
+    straight = train(train_config(dataset, tmp_path / "a"))
+    assert "long documents:" in capsys.readouterr().err
+    assert seen and all(d is not None for d in seen) and any(int(d.max()) > 0 for d in seen)  # windows mixed docs
+    train(train_config(dataset, tmp_path / "b", stop_at_step=2))
+    resumed = train(train_config(dataset, tmp_path / "b"))
+    assert resumed["step"] == straight["step"] == 4
+    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")  # bitwise equal
+    capsys.readouterr()
+    train(train_config(dataset, tmp_path / "b", tokens=48 * 4 * 5, long_docs=False))
+    assert "was trained with --long-docs, this run is without it" in capsys.readouterr().err
+
+
+def test_train_options_parse_and_conflicts_are_refused() -> None:
+    from kunlunbaize.cli import build_parser
+    from kunlunbaize.cli.args import UsageError
+    from kunlunbaize.cli.train import _train_config
+
+    parser = build_parser()
+    cfg = _train_config(parser.parse_args(["train", "--long-docs", "--doc-mask"]))
+    assert cfg.long_docs and cfg.doc_mask
+    plain = _train_config(parser.parse_args(["train"]))
+    assert not plain.long_docs and not plain.doc_mask
+    with pytest.raises(UsageError, match=r"--doc-mask .* left out with arch llama"):
+        _train_config(parser.parse_args(["train", "--doc-mask", "--arch", "llama"]))

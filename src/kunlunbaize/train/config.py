@@ -112,6 +112,9 @@ class TrainConfig:
             ("rope_factor", opt(self.rope_factor, lambda v: real(v, 1, lo_open=True)), "None or > 1"),
             ("rope_factor", self.rope_factor is None or self.rope not in (None, "none"),
              "left out unless a RoPE scaling type is given (rope)"),
+            ("doc_mask", not self.doc_mask or self.arch == DEFAULT.name,
+             f"left out with arch {self.arch} (document masking is built into the {DEFAULT.name} model)"),
+            ("doc_mask", not self.doc_mask or self.tp == 1, "left out with tp > 1 (no sequence-parallel masks)"),
         ]
         for name, ok, need in checks:
             if not ok:

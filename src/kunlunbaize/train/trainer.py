@@ -119,6 +119,11 @@ class Trainer:
     """The step of the newest checkpoint (-1: none)."""
     final_ckpt: Path | None = field(init=False)
 
+    @property
+    def document_eot(self) -> int | None:
+        """The end-of-text id that separates the documents of a window under ``--doc-mask``, else None."""
+        return int(self.data.meta["eot_id"]) if self.cfg.doc_mask else None
+
     def __post_init__(self) -> None:
         self.first_step = self.progress.step
         self.last_saved = self.progress.step if self.resumed else -1
@@ -167,7 +172,7 @@ class Trainer:
         batches = [self.data.sampler.batch(plan.first_sample(progress.consumed, m, dp_rank), plan.micro)
                    .to(env.device, non_blocking=True) for m in range(plan.accumulation(global_batch))]
         result = train_step(self.wrapped, self.optimizer, batches, grad_clip=cfg.grad_clip, autocast=self.autocast,
-                            loss_kwargs=self.loss_kwargs, env=env)
+                            loss_kwargs=self.loss_kwargs, env=env, document_eot=self.document_eot)
         self._count_bad_steps(result)
         progress.consumed += global_batch
         progress.tokens += global_batch * cfg.seq_len
@@ -211,7 +216,7 @@ class Trainer:
 
     def _validate(self, step: int, tokens: int) -> None:
         vals = evaluate(self.wrapped, self.val_sets, self.env.device, autocast=self.autocast,
-                        loss_kwargs=self.loss_kwargs)
+                        loss_kwargs=self.loss_kwargs, document_eot=self.document_eot)
         self.last_val = vals["val_loss"]
         self.logger.log({"step": step, "tokens": tokens, **vals})
 

@@ -34,7 +34,7 @@ def add_parser(sub: Any) -> None:
                     help="scaling factor (default: the new context / the original one)")
     tr.add_argument("--long-docs", dest="long_docs", action="store_true", default=None,
                     help="train windows only inside documents of at least --seq-len tokens (needs a dataset "
-                         "prepared with a document index; docs/guide-train.md, 'Long documents')")
+                         "prepared with a document index; docs/guide-train.md, 'Long documents and document masking')")
     tr.add_argument("--doc-mask", dest="doc_mask", action="store_true", default=None,
                     help="no attention, conv history or MTP target across documents inside a window: each "
                          "document computed as if alone (--arch kunlunbaize; docs/guide-train.md)")

@@ -99,7 +99,8 @@ def test_validation_split_size(corpus: tuple[Path, list[str]], tmp_path: Path) -
     assert 1 <= meta["splits"]["val"]["documents"] < meta["report"]["kept"]
     assert 1024 <= meta["splits"]["val"]["tokens"] <= total // 2
     none = load_meta(prepare([src], tmp_path / "no_val", val_fraction=0.0, **QUIET))
-    assert none["splits"]["val"] == {"shards": [], "tokens": 0, "documents": 0}
+    assert none["splits"]["val"] == {"shards": [], "tokens": 0, "documents": 0,
+                                     "index": {"file": "val_documents.bin", "documents": 0}}
     assert open_split(tmp_path / "no_val", "val") == []
 
 

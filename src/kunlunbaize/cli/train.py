@@ -32,6 +32,12 @@ def add_parser(sub: Any) -> None:
                     help="RoPE scaling of the extension (default: the parent's own)")
     tr.add_argument("--rope-factor", dest="rope_factor", type=float_in(1, low_open=True),
                     help="scaling factor (default: the new context / the original one)")
+    tr.add_argument("--long-docs", dest="long_docs", action="store_true", default=None,
+                    help="train windows only inside documents of at least --seq-len tokens (needs a dataset "
+                         "prepared with a document index; docs/guide-train.md, 'Long documents and document masking')")
+    tr.add_argument("--doc-mask", dest="doc_mask", action="store_true", default=None,
+                    help="no attention, conv history or MTP target across documents inside a window: each "
+                         "document computed as if alone (--arch kunlunbaize; docs/guide-train.md)")
     tr.add_argument("--tokens", type=POSITIVE, help=f"token budget (default {TRAIN['tokens']:,})")
     tr.add_argument("--seq-len", dest="seq_len", type=int_at_least(2), help=f"default {TRAIN['seq_len']}")
     tr.add_argument("--batch-size", dest="batch_size", type=POSITIVE,

@@ -6,6 +6,6 @@ Preparing one is ``kunlunbaize.data.prepare.prepare`` (or ``kunlun prepare``); i
 Hugging Face datasets (``pip install 'kunlunbaize[data]'``).
 """
 
-from .format import FORMAT, DataError, choose_dtype, is_prepared, load_meta, open_split
+from .format import FORMAT, DataError, choose_dtype, is_prepared, load_index, load_meta, open_split
 
-__all__ = ["FORMAT", "DataError", "choose_dtype", "is_prepared", "load_meta", "open_split"]
+__all__ = ["FORMAT", "DataError", "choose_dtype", "is_prepared", "load_index", "load_meta", "open_split"]

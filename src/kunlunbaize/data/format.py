@@ -7,9 +7,16 @@ A prepared dataset is a folder::
       tokenizer.json, tokenizer_config.json, special_tokens_map.json
       train_00000.bin, train_00001.bin, ...
       val_00000.bin, ...
+      train_documents.bin, val_documents.bin   # the document index (datasets prepared since it was added)
 
 Each ``.bin`` shard is a flat, raw little-endian array of token ids (``meta["dtype"]``, no header). Every document's
 tokens are followed by the end-of-text id ``meta["eot_id"]``; documents may continue from one shard into the next.
+
+The document index of a split is a flat, raw little-endian int64 array of ``documents + 1`` offsets into the split's
+token stream (its shards back to back): document ``i`` is tokens ``[offsets[i], offsets[i + 1])``, its end-of-text
+id included; the first offset is 0 and the last the split's token count. ``meta["splits"][split]["index"]`` names
+it (``{"file": ..., "documents": n}``); a dataset prepared before the index existed has no such entry and still
+loads -- only the features that need the index (:func:`load_index`) ask for it to be prepared again.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ META_FILE = "meta.json"
 SPLITS = ("train", "val")
 DTYPES = ("uint16", "uint32")
 PREPARE_HINT = "run `kunlun prepare` to create it"
+INDEX_DTYPE = np.dtype("<i8")
 
 
 class DataError(ValueError):
@@ -46,6 +54,11 @@ def choose_dtype(vocab_size: int) -> np.dtype:
 def shard_name(split: str, index: int) -> str:
     """File name of shard ``index`` of ``split``, e.g. ``train_00000.bin``."""
     return f"{split}_{index:05d}.bin"
+
+
+def index_name(split: str) -> str:
+    """File name of the document index of ``split``, e.g. ``train_documents.bin``."""
+    return f"{split}_documents.bin"
 
 
 def _dtype_of(meta: dict[str, Any], where: Path) -> np.dtype:
@@ -99,7 +112,43 @@ def load_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         if total != int(info.get("tokens", -1)):
             raise DataError(f"{meta_path}: split {split!r} shards hold {total:,} tokens but the split says "
                             f"{info.get('tokens')}; the dataset is corrupt, {PREPARE_HINT} again with --overwrite")
+        if "index" in info:
+            _check_index_file(root, info["index"])
     return meta
+
+
+def _check_index_file(root: Path, index: dict[str, Any]) -> None:
+    """DataError unless the document index file ``index`` names exists with ``documents + 1`` offsets."""
+    file = root / index["file"]
+    expected = (int(index["documents"]) + 1) * INDEX_DTYPE.itemsize
+    if not file.is_file():
+        raise DataError(f"document index {file} listed in {META_FILE} is missing; the dataset is incomplete, "
+                        f"{PREPARE_HINT} again with --overwrite")
+    if file.stat().st_size != expected:
+        raise DataError(f"document index {file} has {file.stat().st_size:,} bytes but {META_FILE} says "
+                        f"{index['documents']:,} documents ({expected:,} bytes); the file is truncated or corrupt, "
+                        f"{PREPARE_HINT} again with --overwrite")
+
+
+def load_index(path: str | os.PathLike[str], split: str) -> np.ndarray:
+    """Document offsets (int64, ``documents + 1``) into the token stream of ``split`` of the dataset in ``path``.
+
+    Raises DataError when the dataset was prepared without a document index (prepare it again) or the index does
+    not fit the split (not increasing, not from 0 to the split's token count).
+    """
+    root = Path(path)
+    meta = load_meta(root)
+    if split not in meta["splits"]:
+        raise DataError(f"dataset {root} has no split {split!r} (it has: {', '.join(meta['splits'])})")
+    info = meta["splits"][split]
+    if "index" not in info:
+        raise DataError(f"dataset {root} has no document index (it was prepared by an older kunlunbaize); re-run "
+                        f"`kunlun prepare` with its sources and --out {root} --overwrite to add one")
+    offsets = np.fromfile(root / info["index"]["file"], dtype=INDEX_DTYPE)
+    if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != int(info["tokens"]) or np.any(np.diff(offsets) <= 0):
+        raise DataError(f"document index {root / info['index']['file']} does not fit the {split} split's "
+                        f"{info['tokens']:,} tokens; the dataset is corrupt, {PREPARE_HINT} again with --overwrite")
+    return offsets
 
 
 def open_split(path: str | os.PathLike[str], split: str) -> list[np.memmap]:

@@ -21,7 +21,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..progress import Progress
-from .format import shard_name
+from .format import INDEX_DTYPE, index_name, shard_name
 from .store import DocumentStore, read_texts
 
 CHUNK_BYTES = 1 << 19
@@ -251,6 +251,32 @@ class ShardWriter:
         """Finish the last shard; return the shard list for meta.json."""
         self._close_file()
         return self.shards
+
+
+def split_documents(lengths: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
+    """Lengths of the documents (or document parts) of a split made of the token ``ranges``, in order.
+
+    ``lengths`` are the corpus's document token counts; a range is cut at every document boundary inside it, so a
+    range that is the tail of a single document (the one-document corpus's validation split) is one document.
+    """
+    bounds = np.cumsum(lengths)
+    out: list[np.ndarray] = []
+    for start, end in ranges:
+        cuts = bounds[(bounds > start) & (bounds < end)]
+        out.append(np.diff(np.concatenate(([start], cuts, [end]))))
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
+
+
+def write_index(out_dir: Path, split: str, doc_lengths: np.ndarray) -> dict[str, Any]:
+    """Write the document index of ``split`` (:func:`~kunlunbaize.data.format.load_index`); return its meta.json
+    entry."""
+    offsets = np.concatenate(([0], np.cumsum(doc_lengths))).astype(INDEX_DTYPE)
+    name = index_name(split)
+    with open(out_dir / name, "wb") as f:
+        f.write(offsets.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    return {"file": name, "documents": len(doc_lengths)}
 
 
 def write_split(tokens: np.ndarray, ranges: list[tuple[int, int]], out_dir: Path, split: str, dtype: np.dtype,

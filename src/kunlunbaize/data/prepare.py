@@ -23,7 +23,7 @@ from ..progress import Progress
 from . import pack
 from .clean import CleanReport, clean_documents
 from .format import FORMAT, META_FILE, DataError, choose_dtype, is_prepared, load_meta
-from .pack import default_workers, encode_store, plan_split, write_split
+from .pack import default_workers, encode_store, plan_split, split_documents, write_index, write_split
 from .sources import SourceFile, discover, read_documents, stdlib_files, stdlib_root
 from .store import DocumentStore
 from .tokenizer import CHAT_TOKENS, load_tokenizer, save_tokenizer, special_tokens, train_tokenizer
@@ -284,7 +284,9 @@ def _tokenize_and_split(store: DocumentStore, tok: Any, eot_token: str, tmp: Pat
     splits: dict[str, Any] = {}
     for split, ranges, n_docs in (("train", train_ranges, train_docs), ("val", val_ranges, val_docs)):
         shards = write_split(tokens, ranges, tmp, split, dtype, shard_tokens)
-        splits[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards), "documents": n_docs}
+        index = write_index(tmp, split, split_documents(lengths, ranges))
+        splits[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards), "documents": n_docs,
+                         "index": index}
     del tokens
     shutil.rmtree(work)
     return splits, dtype.name, n_vocab, eot_id

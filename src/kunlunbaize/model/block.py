@@ -24,7 +24,8 @@ class PlainBlock(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden, eswish=False)
 
     def forward(self, x: torch.Tensor, rope: Rope, start: int = 0, cache: LayerCache | None = None,
-                mask: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                doc_positions: torch.Tensor | None = None) -> torch.Tensor:
         u = self.attn_norm(x)
         a = self.attn(u, u, rope, rope, start, start, cache.self_attn if cache else None, mask)
         x = x + a
@@ -58,8 +59,10 @@ class TransformerXBlock(nn.Module):
         self.history_window = max(cfg.conv_kernel_sizes) - 1
 
     def forward(self, x: torch.Tensor, rope: Rope, start: int = 0, cache: LayerCache | None = None,
-                mask: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """``mask`` [B, 1, n, start+n] replaces the causal mask; ``valid`` [B, n] marks real (non-pad) tokens."""
+                mask: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                doc_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` [B, 1, n, start+n] replaces the causal mask; ``valid`` [B, n] marks real (non-pad) tokens;
+        ``doc_positions`` [B, n] (packed documents): the convolutions read nothing before a token's document."""
         u = self.attn_norm(x)
         branches = self.attn(u, u, rope, rope, start, start, cache.self_attn if cache else None, mask)
         x = x + branches
@@ -71,7 +74,7 @@ class TransformerXBlock(nn.Module):
         if cache is not None and cache.conv_history is not None:
             history = cache.conv_history.read(start, self.history_window)
             cache.conv_history.write(start, c)
-        features = [conv(c, history) for conv in self.convs]
+        features = [conv(c, history, doc_positions) for conv in self.convs]
 
         for j, h in enumerate(features):
             kv_cache = cache.cross_attn[j] if cache is not None else None

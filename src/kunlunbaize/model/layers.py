@@ -169,8 +169,13 @@ class CausalDSConv(nn.Module):
             self.depthwise.init_std = kernel_size ** -0.5
             self.pointwise.init_std = d_model ** -0.5
 
-    def forward(self, x: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` [B, T, d] new inputs; ``history`` [B, ≥k−1, d] earlier inputs (None: zeros, sequence start)."""
+    def forward(self, x: torch.Tensor, history: torch.Tensor | None = None,
+                doc_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [B, T, d] new inputs; ``history`` [B, ≥k−1, d] earlier inputs (None: zeros, sequence start).
+        ``doc_positions`` [B, T] (packed documents, no history): each token's position within its document; taps
+        that reach before the document start read zeros, as at a sequence start."""
+        if doc_positions is not None:
+            return self.act(self.pointwise(self._per_document(x, doc_positions)))
         k = self.kernel_size
         xt = x.transpose(1, 2)
         if k > 1:
@@ -186,3 +191,14 @@ class CausalDSConv(nn.Module):
         else:
             y = self.depthwise(xt).transpose(1, 2)
         return self.act(self.pointwise(y))
+
+    def _per_document(self, x: torch.Tensor, doc_positions: torch.Tensor) -> torch.Tensor:
+        """The depthwise convolution (eq. 6) of ``x`` [B, T, d] as one multiply-add per tap, the tap reaching
+        ``s`` tokens back kept only where the token is at least ``s`` into its document."""
+        k, T = self.kernel_size, x.shape[1]
+        padded = F.pad(x, (0, 0, k - 1, 0))
+        weight = self.depthwise.weight[:, 0].to(x.dtype)  # [d, k]; tap k−1 reads the token itself
+        y = x * weight[:, k - 1]
+        for s in range(1, k):
+            y = y + padded[:, k - 1 - s:k - 1 - s + T] * weight[:, k - 1 - s] * (doc_positions >= s)[..., None]
+        return y

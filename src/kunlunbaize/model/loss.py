@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .documents import Documents
+
 IGNORE_INDEX = -100
 
 
@@ -44,11 +46,16 @@ def multi_token_loss(
     labels: torch.Tensor,
     gammas: tuple[float, ...],
     ignore_index: int = IGNORE_INDEX,
+    documents: Documents | None = None,
 ) -> LossTerms:
     """L = L_main + Σ_j γ_j L^j with ``labels`` aligned to the input (HF convention: shifted here).
 
-    The main head at position i predicts t_{i+1}; MTP depth j at position i predicts t_{i+j+1}.
+    The main head at position i predicts t_{i+1}; MTP depth j at position i predicts t_{i+j+1}. With
+    ``documents`` (packed documents) a target in another document than its position's is ignored.
     """
-    main = shifted_cross_entropy(logits, labels, 1, ignore_index)
-    mtp = [shifted_cross_entropy(lg, labels, j + 1, ignore_index) for j, lg in enumerate(mtp_logits, start=1)]
+    def targets(shift: int) -> torch.Tensor:
+        return labels if documents is None else documents.labels(labels, shift, ignore_index)
+
+    main = shifted_cross_entropy(logits, targets(1), 1, ignore_index)
+    mtp = [shifted_cross_entropy(lg, targets(j + 1), j + 1, ignore_index) for j, lg in enumerate(mtp_logits, start=1)]
     return LossTerms.joint(main, mtp, gammas)

@@ -14,6 +14,7 @@ from ..config import ModelConfig
 from .block import make_block
 from .cache import InferenceCache
 from .dense_residual import DenseLogits, DenseResidual, initial_logits
+from .documents import Documents
 from .fused_loss import shifted_linear_cross_entropy
 from .layers import ESwish, Linear, RotaryEmbedding, linear
 from .loss import IGNORE_INDEX, LossTerms, multi_token_loss
@@ -54,6 +55,9 @@ class TrunkOutput:
     rope_length: int | torch.Tensor | None = None
     """The sequence length this forward reaches (largest rotary position + 1): with dynamic NTK it sets the
     frequencies of every query and key of the forward, the MTP depths' included."""
+    documents: Documents | None = None
+    """The packed documents of the window when ``document_ids`` were given (then ``positions`` and ``mask`` are
+    theirs), else None."""
 
 
 @torch.no_grad()
@@ -181,9 +185,13 @@ class KunlunBaizeTrunk:
 
     def run_trunk(self, input_ids: torch.Tensor | None, cache: InferenceCache | None = None,
                   attention_mask: torch.Tensor | None = None, keep_layer_inputs: bool = False,
-                  inputs_embeds: torch.Tensor | None = None) -> TrunkOutput:
+                  inputs_embeds: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> TrunkOutput:
         """H_L for ``input_ids`` [B, T] (continuing ``cache`` when given); see :meth:`KunlunBaize.forward`.
-        ``inputs_embeds`` [B, T, d] replaces the embedding lookup: H_0, and what the MTP depths read as E(t)."""
+        ``inputs_embeds`` [B, T, d] replaces the embedding lookup: H_0, and what the MTP depths read as E(t).
+        ``document_ids`` [B, T] (no cache, no padding): each document of the window computed as if alone
+        (:mod:`.documents`)."""
+        if document_ids is not None:
+            return self._run_documents(input_ids, document_ids, cache, attention_mask, keep_layer_inputs)
         start = cache.length if cache is not None else 0
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give either input_ids or inputs_embeds, not both")
@@ -207,22 +215,44 @@ class KunlunBaizeTrunk:
         h = self.run_blocks(emb, rope, start, cache, mask, valid, layer_inputs)
         return TrunkOutput(h, emb, start, positions, mask, layer_inputs, length)
 
+    def _run_documents(self, input_ids: torch.Tensor, document_ids: torch.Tensor, cache: InferenceCache | None,
+                       attention_mask: torch.Tensor | None, keep_layer_inputs: bool) -> TrunkOutput:
+        """:meth:`run_trunk` over a window of packed documents: positions restart and attention and the
+        convolutions stop at every document start."""
+        if cache is not None or attention_mask is not None:
+            raise ValueError("document_ids are for training windows of packed documents: give no cache and no "
+                             "attention_mask with them")
+        if input_ids is None or document_ids.shape != input_ids.shape:
+            raise ValueError(f"document_ids must have the shape of input_ids {tuple(getattr(input_ids, 'shape', ()))}"
+                             f", got {tuple(document_ids.shape)}")
+        self._check_input(input_ids, 0, None)
+        emb = self.embed(input_ids)
+        docs = Documents(document_ids.to(emb.device))
+        length = docs.positions.max() + 1 if self.rope.dynamic else None
+        rope = self.rope(docs.positions, length)
+        layer_inputs = [] if keep_layer_inputs else None
+        h = self.run_blocks(emb, rope, 0, None, docs.mask, None, layer_inputs, docs.positions)
+        return TrunkOutput(h, emb, 0, docs.positions, docs.mask, layer_inputs, length, docs)
+
     def run_blocks(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], start: int | torch.Tensor,
                    cache: InferenceCache | None, mask: torch.Tensor | None, valid: torch.Tensor | None,
-                   layer_inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+                   layer_inputs: list[torch.Tensor] | None = None,
+                   doc_positions: torch.Tensor | None = None) -> torch.Tensor:
         """H_L from H_0 = ``h`` [B, T, d] through every block and the dense residual (eq. 1–2, 14); appends
-        H_0 … H_{L−1} to ``layer_inputs`` when given. ``start`` is a tensor only in a compiled static step."""
+        H_0 … H_{L−1} to ``layer_inputs`` when given. ``start`` is a tensor only in a compiled static step.
+        ``doc_positions`` [B, T]: each token's position within its packed document (:mod:`.documents`)."""
         states = self.dense.states(h) if self.dense is not None else None
         recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         run = getattr(self, "_gradient_checkpointing_func", None) or partial(checkpoint, use_reentrant=False)
+        extra = () if doc_positions is None else (doc_positions,)  # the default call stays exactly as it was
         for layer, block in enumerate(self.blocks):
             if layer_inputs is not None:
                 layer_inputs.append(h)
             layer_cache = cache.layers[layer] if cache is not None else None
             if recompute and not getattr(block, "gradient_checkpointing", False):  # (else it checkpoints itself)
-                delta = run(block, h, rope, start, None, mask, valid)
+                delta = run(block, h, rope, start, None, mask, valid, *extra)
             else:
-                delta = block(h, rope, start, layer_cache, mask, valid)  # F_l(H_l)
+                delta = block(h, rope, start, layer_cache, mask, valid, *extra)  # F_l(H_l)
             if states is not None:
                 h = delta + states.mix(layer, h)  # eq. 1–2
                 if layer + 1 < len(self.blocks):
@@ -252,8 +282,8 @@ class KunlunBaize(KunlunBaizeTrunk, nn.Module):
         return self.embed.weight if self.head is None else self.head.weight
 
     def _chunked_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
-                      ignore_index: int) -> ModelOutput:
-        trunk = self.run_trunk(input_ids, None, attention_mask)
+                      ignore_index: int, document_ids: torch.Tensor | None = None) -> ModelOutput:
+        trunk = self.run_trunk(input_ids, None, attention_mask, document_ids=document_ids)
         terms = _chunked_loss_terms(self, trunk, labels, ignore_index)
         return ModelOutput(logits=None, hidden=trunk.hidden, loss=terms.total, main_loss=terms.main,
                            mtp_losses=terms.mtp)
@@ -271,6 +301,7 @@ class KunlunBaize(KunlunBaizeTrunk, nn.Module):
         ignore_index: int = IGNORE_INDEX,
         mtp: bool = True,
         logits: bool = True,
+        document_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits for ``input_ids`` [B, T]; with ``cache`` the tokens continue the cached sequence.
 
@@ -279,7 +310,9 @@ class KunlunBaize(KunlunBaizeTrunk, nn.Module):
         what it would alone without its padding. ``mtp=False`` skips the MTP depths' logits (with a cache
         their keys are still stored, so they can draft later). ``logits=False`` with ``labels`` returns only the
         loss, computed a chunk of rows at a time (:mod:`.fused_loss`): no [B, T, V] logits are ever stored, for the
-        main head or any depth.
+        main head or any depth. ``document_ids`` [B, T] (training windows of packed documents, no cache or padding;
+        e.g. :func:`.documents.document_ids`) computes every document of a window as if alone: no attention,
+        convolution history or loss target crosses a document boundary, and positions restart per document.
         """
         if labels is not None and not mtp and self.mtp is not None:
             raise ValueError("the joint loss needs the MTP logits: do not pass mtp=False with labels")
@@ -288,8 +321,8 @@ class KunlunBaize(KunlunBaizeTrunk, nn.Module):
         if not logits:
             if labels is None or cache is not None:
                 raise ValueError("logits=False is the training loss path: give labels and no cache")
-            return self._chunked_loss(input_ids, labels, attention_mask, ignore_index)
-        trunk = self.run_trunk(input_ids, cache, attention_mask)
+            return self._chunked_loss(input_ids, labels, attention_mask, ignore_index, document_ids)
+        trunk = self.run_trunk(input_ids, cache, attention_mask, document_ids=document_ids)
         logits = linear(self.norm(trunk.hidden), self.head_weight)
         mtp_logits = run_mtp(self.mtp, trunk, self.rope, self.head_weight, cache, mtp)
         if cache is not None:
@@ -297,7 +330,7 @@ class KunlunBaize(KunlunBaizeTrunk, nn.Module):
 
         out = ModelOutput(logits=logits, mtp_logits=mtp_logits, hidden=trunk.hidden)
         if labels is not None:
-            terms = multi_token_loss(logits, mtp_logits, labels, self.config.gammas, ignore_index)
+            terms = multi_token_loss(logits, mtp_logits, labels, self.config.gammas, ignore_index, trunk.documents)
             out.loss, out.main_loss, out.mtp_losses = terms.total, terms.main, terms.mtp
         return out
 
@@ -305,13 +338,18 @@ class KunlunBaize(KunlunBaizeTrunk, nn.Module):
 def _chunked_loss_terms(model: KunlunBaize, trunk: TrunkOutput, labels: torch.Tensor,
                         ignore_index: int) -> LossTerms:
     """Eq. 22–23 from the heads' inputs, through :func:`.fused_loss.shifted_linear_cross_entropy`."""
-    main = shifted_linear_cross_entropy(model.norm(trunk.hidden), model.head_weight, labels, 1,
+    docs = trunk.documents
+
+    def targets(shift: int) -> torch.Tensor:
+        return labels if docs is None else docs.labels(labels, shift, ignore_index)
+
+    main = shifted_linear_cross_entropy(model.norm(trunk.hidden), model.head_weight, targets(1), 1,
                                         ignore_index=ignore_index)
     mtp = []
     if model.mtp is not None:
         heads = model.mtp.head_inputs(trunk.hidden, trunk.embeddings, model.rope.at(trunk.rope_length),
-                                      model.head_weight, trunk.start, None, trunk.positions, trunk.mask)
-        mtp = [shifted_linear_cross_entropy(h, w, labels, j + 1, ignore_index=ignore_index)
+                                      model.head_weight, trunk.start, None, trunk.positions, trunk.mask, docs)
+        mtp = [shifted_linear_cross_entropy(h, w, targets(j + 1), j + 1, ignore_index=ignore_index)
                for j, (h, w) in enumerate(heads, start=1)]
     return LossTerms.joint(main, mtp, model.config.gammas)
 
@@ -329,7 +367,7 @@ def run_mtp(module: MultiTokenPrediction | None, trunk: TrunkOutput, rope: Rotar
         return []
     if logits:
         return module(trunk.hidden, trunk.embeddings, rope, head_weight, trunk.start,
-                      cache.mtp if cache is not None else None, trunk.positions, trunk.mask)
+                      cache.mtp if cache is not None else None, trunk.positions, trunk.mask, trunk.documents)
     if cache is not None:
         module.write_keys(trunk.embeddings, rope, trunk.start, cache.mtp, trunk.positions)
     return []

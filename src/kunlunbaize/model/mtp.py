@@ -19,6 +19,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import Attention
 from .cache import KVBuffer
+from .documents import Documents
 from .layers import Linear, RotaryEmbedding, linear
 
 
@@ -49,12 +50,14 @@ class MultiTokenPrediction(nn.Module):
         cache: KVBuffer | None,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One depth (1-based ``j``): g^j from g^{j−1} [B, n, d] at positions q_start…, and the embeddings
         ``emb`` [B, m, d] of the tokens that fill depth j's key slots kv_start… (slot s holds t_{s+j}).
 
         With padding, ``positions`` [B, ≥ q_start+n] are the per-row rotary positions of every slot and
-        ``mask`` the trunk's [B, 1, n, ·] mask (key slot s is usable iff token s is real)."""
+        ``mask`` the trunk's [B, 1, n, ·] mask (key slot s is usable iff token s is real). ``keep`` [B, n, 1]
+        (packed documents) drops the update of the queries that have no key."""
         depth = self.depths[j - 1]
         n, m = g.shape[1], emb.shape[1]
         if positions is None:
@@ -63,9 +66,10 @@ class MultiTokenPrediction(nn.Module):
         else:
             rope_q = rope(positions[:, q_start:q_start + n])
             rope_k = rope(positions[:, kv_start:kv_start + m])
-        return g + depth.cross_attn(
+        update = depth.cross_attn(
             depth.hidden_norm(g), depth.embed_norm(emb), rope_q, rope_k, q_start, kv_start, cache, mask
         )
+        return g + (update if keep is None else update * keep.to(update.dtype))
 
     def write_keys(self, token_emb: torch.Tensor, rope: RotaryEmbedding, start: int, caches: list[KVBuffer],
                    positions: torch.Tensor | None = None) -> None:
@@ -100,15 +104,17 @@ class MultiTokenPrediction(nn.Module):
         caches: list[KVBuffer] | None = None,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        documents: Documents | None = None,
     ) -> list[torch.Tensor]:
         """Logits of every depth for a chunk of tokens at positions start … start+n−1.
 
         ``hidden`` is the trunk's final hidden state and ``token_emb`` the shared embedding E(t) of the
         same chunk [B, n, d]. Depth j's key slot s holds t_{s+j}, so this chunk fills slots
-        max(0, start−j) … start+n−1−j.
+        max(0, start−j) … start+n−1−j. With ``documents`` (packed documents, no cache) each depth reads only
+        its query's document (:meth:`.documents.Documents.mtp_mask`), at ``positions`` within it.
         """
         return [linear(h, w) for h, w in self.head_inputs(hidden, token_emb, rope, main_head_weight, start, caches,
-                                                          positions, mask)]
+                                                          positions, mask, documents)]
 
     def head_inputs(
         self,
@@ -120,6 +126,7 @@ class MultiTokenPrediction(nn.Module):
         caches: list[KVBuffer] | None = None,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        documents: Documents | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """What :meth:`forward` computes, stopped before the output heads: per depth (head input, head weight)."""
         out = []
@@ -127,7 +134,8 @@ class MultiTokenPrediction(nn.Module):
         for j in range(1, len(self.depths) + 1):
             skip = max(0, j - start)  # chunk tokens with index < j have no slot in depth j
             kv_start = max(0, start - j)
+            depth_mask, keep = documents.mtp_mask(j) if documents is not None else (mask, None)
             g = self.depth_step(j, g, token_emb[:, skip:], rope, start, kv_start,
-                                caches[j - 1] if caches is not None else None, positions, mask)
+                                caches[j - 1] if caches is not None else None, positions, depth_mask, keep)
             out.append(self.head_input(j, g, main_head_weight))
         return out

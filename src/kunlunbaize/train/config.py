@@ -63,6 +63,8 @@ class TrainConfig:
     init_from: str | None = None  # context extension: a new run starting from this run's / checkpoint's weights
     rope: str | None = None  # its RoPE scaling: linear, dynamic, yarn, llama3 or none (None: the parent's own)
     rope_factor: float | None = None  # None: the new context over the original one
+    long_docs: bool = False  # train windows only inside documents of >= seq_len tokens (needs the document index)
+    doc_mask: bool = False  # no attention, conv history or MTP target across documents inside a window
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that makes no sense."""
@@ -111,6 +113,9 @@ class TrainConfig:
             ("rope_factor", opt(self.rope_factor, lambda v: real(v, 1, lo_open=True)), "None or > 1"),
             ("rope_factor", self.rope_factor is None or self.rope not in (None, "none"),
              "left out unless a RoPE scaling type is given (rope)"),
+            ("doc_mask", not self.doc_mask or self.arch == DEFAULT.name,
+             f"left out with arch {self.arch} (document masking is built into the {DEFAULT.name} model)"),
+            ("doc_mask", not self.doc_mask or self.tp == 1, "left out with tp > 1 (no sequence-parallel masks)"),
         ]
         for name, ok, need in checks:
             if not ok:

@@ -4,6 +4,9 @@ The training stream is cut into non-overlapping windows of ``seq_len`` tokens. G
 is window ``perm_e[k mod n]`` of epoch ``e = k div n`` (a seeded permutation per epoch), so the
 whole data position is one integer — the number of samples consumed — which makes resume exact and
 independent of the number of ranks.
+
+:class:`LongDocWindows` (``kunlun train --long-docs``) has the windows lie inside documents of at least ``seq_len``
+tokens only, read from the dataset's document index; the sampler is the same.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.format import DataError, open_split
+from ..data.format import DataError, load_index, open_split
 
 
 class TokenWindows:
@@ -32,8 +35,13 @@ class TokenWindows:
                 "prepare more data or train with a smaller --seq-len"
             )
 
+    def start(self, i: int) -> int:
+        """Offset of window ``i`` in the split's token stream."""
+        return i * self.seq_len
+
     def window(self, i: int) -> np.ndarray:
-        start, end = i * self.seq_len, (i + 1) * self.seq_len
+        start = self.start(i)
+        end = start + self.seq_len
         shard = int(np.searchsorted(self.offsets, start, side="right")) - 1
         parts = []
         while start < end:
@@ -46,6 +54,42 @@ class TokenWindows:
 
     def batch(self, indices: list[int]) -> torch.Tensor:
         return torch.from_numpy(np.stack([self.window(i) for i in indices]).astype(np.int64))
+
+
+class LongDocWindows(TokenWindows):
+    """Windows of ``seq_len`` tokens inside documents of at least ``seq_len`` tokens: each such document of ``L``
+    tokens gives its ``L // seq_len`` non-overlapping windows from its start, in document order."""
+
+    def __init__(self, path: str | Path, split: str, seq_len: int) -> None:
+        self.shards = open_split(path, split)
+        self.seq_len, self.split = seq_len, split
+        self.offsets = np.cumsum([0, *(len(s) for s in self.shards)])
+        self.total = int(self.offsets[-1])
+        docs = load_index(path, split)  # DataError (prepare again) for a dataset without an index
+        starts, lengths = docs[:-1], np.diff(docs)
+        self.documents = len(lengths)
+        long = lengths >= seq_len
+        self.long_documents = int(long.sum())
+        self.long_tokens = int(lengths[long].sum())
+        if self.long_documents == 0:
+            longest = int(lengths.max()) if len(lengths) else 0
+            raise DataError(f"no {split} document of {path} has {seq_len:,} tokens or more (the longest has "
+                            f"{longest:,}): prepare longer documents, train with a smaller --seq-len, or train "
+                            "without --long-docs")
+        per_doc = lengths[long] // seq_len
+        self.starts = (np.repeat(starts[long], per_doc)
+                       + seq_len * (np.arange(int(per_doc.sum())) - np.repeat(np.cumsum(per_doc) - per_doc, per_doc)))
+        self.n = len(self.starts)
+
+    def start(self, i: int) -> int:
+        return int(self.starts[i])
+
+    def describe(self) -> str:
+        """How much of the split the windows draw from, e.g. for the run's first lines."""
+        return (f"long documents: {self.long_documents:,} of {self.documents:,} {self.split} documents have >= "
+                f"{self.seq_len:,} tokens ({self.long_tokens:,} of {self.total:,} tokens, "
+                f"{self.long_tokens / max(self.total, 1):.1%}); {self.n:,} windows of {self.seq_len:,} tokens "
+                f"({self.n * self.seq_len:,} tokens per epoch)")
 
 
 class TrainSampler:

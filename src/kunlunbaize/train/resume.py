@@ -148,8 +148,22 @@ def resume_run(cfg: TrainConfig, env: DistEnv, ckpt_root: Path, data_path: Path,
             continue
         if note:
             notes.append(note)
+        notes += _document_option_notes(path, state, cfg)
         return path, state
     return None, None
+
+
+def _document_option_notes(path: Path, state: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """Notes for ``--long-docs``/``--doc-mask`` given otherwise than in the run the checkpoint continues: the same
+    sample position then reads other windows, or the windows are read otherwise."""
+    saved = state.get("train_config") or {}
+    notes = []
+    for key, flag in (("long_docs", "--long-docs"), ("doc_mask", "--doc-mask")):
+        was, now = bool(saved.get(key, False)), getattr(cfg, key)
+        if was != now:
+            notes.append(f"note: {path} was trained {'with' if was else 'without'} {flag}, this run is "
+                         f"{'with' if now else 'without'} it; training continues from the same sample position")
+    return notes
 
 
 def _check_dense_lr_mult(path: Path, cfg: TrainConfig) -> None:

@@ -12,7 +12,7 @@ import torch
 from ..checkpoint import tokenizer_digest
 from ..data.format import DataError, is_prepared, load_meta
 from .config import DEFAULT_DATA, TrainConfig
-from .data import TokenWindows, TrainSampler
+from .data import LongDocWindows, TokenWindows, TrainSampler
 from .distributed import DistEnv
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -54,7 +54,7 @@ def resolve_data(cfg: TrainConfig, env: DistEnv) -> Path:
 def open_run_data(cfg: TrainConfig, data_path: Path) -> RunData:
     """Open the prepared dataset at ``data_path`` for ``cfg``'s sequence length and seed."""
     meta = load_meta(data_path)
-    train = TokenWindows(data_path, "train", cfg.seq_len)
+    train = (LongDocWindows if cfg.long_docs else TokenWindows)(data_path, "train", cfg.seq_len)
     val, no_val_reason = _val_windows(cfg, data_path, meta)
     return RunData(path=data_path, meta=meta, train=train, sampler=TrainSampler(train, cfg.seed), val=val,
                    no_val_reason=no_val_reason,

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..model.documents import document_ids
 from .distributed import DistEnv, all_reduce_mean, gradient_sync
 
 
@@ -54,13 +55,15 @@ def precision(device: torch.device, dtype: str) -> AbstractContextManager:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[torch.Tensor], *,
                grad_clip: float, autocast: AbstractContextManager | None = None,
-               loss_kwargs: dict[str, Any] | None = None, env: DistEnv | None = None) -> StepResult:
+               loss_kwargs: dict[str, Any] | None = None, env: DistEnv | None = None,
+               document_eot: int | None = None) -> StepResult:
     """Accumulate the gradient of the mean loss over ``micro_batches`` (token ids, also the labels), clip it to
     ``grad_clip`` and step ``optimizer``, unless the loss or the gradient is not finite; then zero the gradients.
 
     ``model`` may be wrapped for data parallelism (DDP, FSDP2) and tensor-parallel; the losses are averaged
     over ranks when ``env`` is distributed (the ranks of a tensor-parallel group hold the same loss).
-    ``loss_kwargs`` go to the forward (e.g. ``logits=False`` for KunlunBaize's chunked loss).
+    ``loss_kwargs`` go to the forward (e.g. ``logits=False`` for KunlunBaize's chunked loss). With
+    ``document_eot`` (``--doc-mask``) each window's documents, ended by that token id, are computed as if alone.
     """
     autocast = autocast if autocast is not None else nullcontext()
     loss_kwargs = loss_kwargs or {}
@@ -68,7 +71,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     sums: torch.Tensor | None = None
     for m, x in enumerate(micro_batches):
         with gradient_sync(model, m == accum - 1), autocast:
-            out = model(x, labels=x, **loss_kwargs)
+            out = model(x, labels=x, **loss_kwargs, **_documents(x, document_eot))
             (out.loss / accum).backward()
         terms = torch.stack([_plain(t).detach().float() for t in (out.loss, out.main_loss, *out.mtp_losses)]) / accum
         sums = terms if sums is None else sums + terms
@@ -85,6 +88,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     return StepResult(losses=sums, grad_norm=gnorm, finite=finite)
 
 
+def _documents(x: torch.Tensor, eot_id: int | None) -> dict[str, torch.Tensor]:
+    """The forward's ``document_ids`` for the window ``x`` when documents are masked (``eot_id`` given)."""
+    return {} if eot_id is None else {"document_ids": document_ids(x, eot_id)}
+
+
 def _plain(loss: torch.Tensor) -> torch.Tensor:
     """A loss as a plain tensor (under tensor parallelism ``loss_parallel`` gives a replicated DTensor)."""
     return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
@@ -92,14 +100,15 @@ def _plain(loss: torch.Tensor) -> torch.Tensor:
 
 def evaluate(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device, *,
              autocast: AbstractContextManager | None = None,
-             loss_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
-    """Mean main and per-depth MTP losses over ``batches`` (``val_loss``, ``val_mtp_loss_1`` …), in eval mode;
-    the model is left in train mode."""
+             loss_kwargs: dict[str, Any] | None = None, document_eot: int | None = None) -> dict[str, float]:
+    """Mean main and per-depth MTP losses over ``batches`` (``val_loss``, ``val_mtp_loss_1`` …), in eval mode
+    (documents masked as in :func:`train_step` with ``document_eot``); the model is left in train mode."""
     model.eval()
     sums: torch.Tensor | None = None
     with torch.no_grad(), (autocast if autocast is not None else nullcontext()):
         for x in batches:
-            out = model(x.to(device), labels=x.to(device), **(loss_kwargs or {}))
+            x = x.to(device)
+            out = model(x, labels=x, **(loss_kwargs or {}), **_documents(x, document_eot))
             terms = torch.stack([_plain(out.main_loss).float(), *[_plain(t).float() for t in out.mtp_losses]])
             sums = terms if sums is None else sums + terms
     model.train()

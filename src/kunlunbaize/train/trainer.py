@@ -22,7 +22,7 @@ from torch import nn
 
 from ..arch import ArchSpec, get_arch
 from .config import DEFAULT_DATA, TrainConfig
-from .data import validation_batches
+from .data import LongDocWindows, validation_batches
 from .distributed import DistEnv, any_rank, init_distributed, peak_flops
 from .errors import TrainingError, TrainingInterrupted
 from .extend import build_extension, write_parent_record
@@ -119,6 +119,11 @@ class Trainer:
     """The step of the newest checkpoint (-1: none)."""
     final_ckpt: Path | None = field(init=False)
 
+    @property
+    def document_eot(self) -> int | None:
+        """The end-of-text id that separates the documents of a window under ``--doc-mask``, else None."""
+        return int(self.data.meta["eot_id"]) if self.cfg.doc_mask else None
+
     def __post_init__(self) -> None:
         self.first_step = self.progress.step
         self.last_saved = self.progress.step if self.resumed else -1
@@ -167,7 +172,7 @@ class Trainer:
         batches = [self.data.sampler.batch(plan.first_sample(progress.consumed, m, dp_rank), plan.micro)
                    .to(env.device, non_blocking=True) for m in range(plan.accumulation(global_batch))]
         result = train_step(self.wrapped, self.optimizer, batches, grad_clip=cfg.grad_clip, autocast=self.autocast,
-                            loss_kwargs=self.loss_kwargs, env=env)
+                            loss_kwargs=self.loss_kwargs, env=env, document_eot=self.document_eot)
         self._count_bad_steps(result)
         progress.consumed += global_batch
         progress.tokens += global_batch * cfg.seq_len
@@ -211,7 +216,7 @@ class Trainer:
 
     def _validate(self, step: int, tokens: int) -> None:
         vals = evaluate(self.wrapped, self.val_sets, self.env.device, autocast=self.autocast,
-                        loss_kwargs=self.loss_kwargs)
+                        loss_kwargs=self.loss_kwargs, document_eot=self.document_eot)
         self.last_val = vals["val_loss"]
         self.logger.log({"step": step, "tokens": tokens, **vals})
 
@@ -342,6 +347,8 @@ def _say_notes(logger: RunLogger, cfg: TrainConfig, data: RunData, notes: list[s
     """What the user should know before training starts: resume notes, no validation, nothing to train."""
     for note in notes:
         logger.message(note)
+    if isinstance(data.train, LongDocWindows):
+        logger.message(data.train.describe())
     if data.val is None:
         logger.message(f"no validation: {data.no_val_reason}; no validation loss will be reported")
     if resumed is not None and progress.tokens >= cfg.tokens:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchSpec, get_arch
+from ..data.format import load_meta
 from .config import DEFAULT_DATA, TrainConfig
 from .data import validation_batches
 from .distributed import DistEnv, any_rank, init_distributed, peak_flops
@@ -58,6 +59,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     env = init_distributed(cfg.device)
     try:
         data_path = resolve_data(cfg, env)
+        _check_layout(cfg, env, data_path)  # before the run folder is touched
         with RunLock(Path(cfg.out), env):
             return _train(cfg, env, data_path)
     except KeyboardInterrupt:
@@ -244,6 +246,20 @@ def _resolve_layout(cfg: TrainConfig, env: DistEnv) -> Layout:
     return resolve_layout(env.world_size, cfg.parallel, cfg.dp_replicate, cfg.dp_shard, cfg.tp)
 
 
+def _check_layout(cfg: TrainConfig, env: DistEnv, data_path: Path) -> None:
+    """LayoutError when the layout does not fit the ranks, the architecture or the model (that of a context
+    extension is checked when its parent is loaded), before anything is written."""
+    layout = _resolve_layout(cfg, env)
+    if layout.tp > 1 and "parallelize" not in get_arch(cfg.arch).hooks:
+        raise LayoutError(f"--arch {cfg.arch} has no tensor-parallel plan; train it with --tp 1")
+    if layout.tp > 1 and cfg.compile:
+        raise LayoutError(f"--compile with --tp {layout.tp} is not supported: torch.compile'd blocks under tensor "
+                          f"parallelism give a wrong embedding gradient (torch {torch.__version__}; see "
+                          "docs/guide-parallel.md); drop --compile or train with --tp 1")
+    if cfg.init_from is None:
+        check_model(layout, model_config(cfg, load_meta(data_path)["vocab_size"]), cfg.seq_len)
+
+
 def _place_model(cfg: TrainConfig, env: DistEnv, model: nn.Module, spec: ArchSpec, layout: Layout,
                  dtype: str) -> tuple[nn.Module, dict[str, Any], AbstractContextManager]:
     """Move the model to the device, with activation checkpointing and compiled blocks if asked for, and place it
@@ -269,10 +285,7 @@ def _setup(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Trainer:
     layout = _resolve_layout(cfg, env)
     torch.manual_seed(cfg.seed)  # every rank builds the same model: its shards are the one-process model's
     data = open_run_data(cfg, data_path)
-    if layout.tp > 1 and "parallelize" not in get_arch(cfg.arch).hooks:
-        raise LayoutError(f"--arch {cfg.arch} has no tensor-parallel plan; train it with --tp 1")
-    if cfg.init_from is None:
-        check_model(layout, model_config(cfg, data.meta["vocab_size"]), cfg.seq_len)
+    if cfg.init_from is None:  # the layout was checked against its model by _check_layout
         model, mcfg, spec = build_model(cfg, data.meta["vocab_size"])
     else:  # a context-extension stage: the parent's model and weights at the new context
         model, mcfg, spec = build_extension(cfg, data.meta["vocab_size"], data.path)

@@ -246,9 +246,9 @@ def _resolve_layout(cfg: TrainConfig, env: DistEnv) -> Layout:
     return resolve_layout(env.world_size, cfg.parallel, cfg.dp_replicate, cfg.dp_shard, cfg.tp)
 
 
-def _check_layout(cfg: TrainConfig, env: DistEnv, data_path: Path) -> None:
-    """LayoutError when the layout does not fit the ranks, the architecture or the model (that of a context
-    extension is checked when its parent is loaded), before anything is written."""
+def _check_layout(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Layout:
+    """The run's layout; LayoutError when it does not fit the ranks, the architecture or the model (that of a
+    context extension is checked when its parent is loaded). Reads only the data's metadata: nothing is written."""
     layout = _resolve_layout(cfg, env)
     if layout.tp > 1 and "parallelize" not in get_arch(cfg.arch).hooks:
         raise LayoutError(f"--arch {cfg.arch} has no tensor-parallel plan; train it with --tp 1")
@@ -258,6 +258,7 @@ def _check_layout(cfg: TrainConfig, env: DistEnv, data_path: Path) -> None:
                           "docs/guide-parallel.md); drop --compile or train with --tp 1")
     if cfg.init_from is None:
         check_model(layout, model_config(cfg, load_meta(data_path)["vocab_size"]), cfg.seq_len)
+    return layout
 
 
 def _place_model(cfg: TrainConfig, env: DistEnv, model: nn.Module, spec: ArchSpec, layout: Layout,
@@ -282,10 +283,10 @@ def _place_model(cfg: TrainConfig, env: DistEnv, model: nn.Module, spec: ArchSpe
 
 
 def _setup(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Trainer:
-    layout = _resolve_layout(cfg, env)
+    layout = _check_layout(cfg, env, data_path)
     torch.manual_seed(cfg.seed)  # every rank builds the same model: its shards are the one-process model's
     data = open_run_data(cfg, data_path)
-    if cfg.init_from is None:  # the layout was checked against its model by _check_layout
+    if cfg.init_from is None:
         model, mcfg, spec = build_model(cfg, data.meta["vocab_size"])
     else:  # a context-extension stage: the parent's model and weights at the new context
         model, mcfg, spec = build_extension(cfg, data.meta["vocab_size"], data.path)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchSpec, get_arch
+from ..data.format import load_meta
 from .config import DEFAULT_DATA, TrainConfig
 from .data import LongDocWindows, validation_batches
 from .distributed import DistEnv, any_rank, init_distributed, peak_flops
@@ -58,6 +59,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     env = init_distributed(cfg.device)
     try:
         data_path = resolve_data(cfg, env)
+        _check_layout(cfg, env, data_path)  # before the run folder is touched
         with RunLock(Path(cfg.out), env):
             return _train(cfg, env, data_path)
     except KeyboardInterrupt:
@@ -249,6 +251,27 @@ def _resolve_layout(cfg: TrainConfig, env: DistEnv) -> Layout:
     return resolve_layout(env.world_size, cfg.parallel, cfg.dp_replicate, cfg.dp_shard, cfg.tp, cfg.cp)
 
 
+def _check_layout(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Layout:
+    """The run's layout; LayoutError when it does not fit the ranks, the architecture or the model (that of a
+    context extension is checked when its parent is loaded). Reads only the data's metadata: nothing is written."""
+    layout = _resolve_layout(cfg, env)
+    if layout.tp > 1 and "parallelize" not in get_arch(cfg.arch).hooks:
+        raise LayoutError(f"--arch {cfg.arch} has no tensor-parallel plan; train it with --tp 1")
+    if layout.cp > 1 and "context_parallel" not in get_arch(cfg.arch).hooks:
+        raise LayoutError(f"--arch {cfg.arch} has no context-parallel plan; train it with --cp 1")
+    if layout.tp > 1 and cfg.compile:
+        raise LayoutError(f"--compile with --tp {layout.tp} is not supported: torch.compile'd blocks under tensor "
+                          f"parallelism give a wrong embedding gradient (torch {torch.__version__}; see "
+                          "docs/guide-parallel.md); drop --compile or train with --tp 1")
+    if layout.cp > 1 and cfg.compile:
+        raise LayoutError(f"--compile with --cp {layout.cp} is not supported: compiled blocks with the "
+                          "context-parallel forwards are untested (--compile under --tp computes a wrong gradient; "
+                          "see docs/guide-parallel.md); drop --compile or train with --cp 1")
+    if cfg.init_from is None:
+        check_model(layout, model_config(cfg, load_meta(data_path)["vocab_size"]), cfg.seq_len)
+    return layout
+
+
 def _place_model(cfg: TrainConfig, env: DistEnv, model: nn.Module, spec: ArchSpec, layout: Layout,
                  dtype: str) -> tuple[nn.Module, dict[str, Any], AbstractContextManager]:
     """Move the model to the device, with activation checkpointing and compiled blocks if asked for, and place it
@@ -272,15 +295,10 @@ def _place_model(cfg: TrainConfig, env: DistEnv, model: nn.Module, spec: ArchSpe
 
 
 def _setup(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Trainer:
-    layout = _resolve_layout(cfg, env)
+    layout = _check_layout(cfg, env, data_path)
     torch.manual_seed(cfg.seed)  # every rank builds the same model: its shards are the one-process model's
     data = open_run_data(cfg, data_path)
-    if layout.tp > 1 and "parallelize" not in get_arch(cfg.arch).hooks:
-        raise LayoutError(f"--arch {cfg.arch} has no tensor-parallel plan; train it with --tp 1")
-    if layout.cp > 1 and "context_parallel" not in get_arch(cfg.arch).hooks:
-        raise LayoutError(f"--arch {cfg.arch} has no context-parallel plan; train it with --cp 1")
     if cfg.init_from is None:
-        check_model(layout, model_config(cfg, data.meta["vocab_size"]), cfg.seq_len)
         model, mcfg, spec = build_model(cfg, data.meta["vocab_size"])
     else:  # a context-extension stage: the parent's model and weights at the new context
         model, mcfg, spec = build_extension(cfg, data.meta["vocab_size"], data.path)

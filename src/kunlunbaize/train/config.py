@@ -10,6 +10,7 @@ from ..arch import ARCHS, DEFAULT
 from ..config import PRESETS
 from ..defaults import DEFAULT_DATA, TRAIN
 from ..rope_scaling import ROPE_TYPES
+from .parallel.layout import PP_SCHEDULES
 from .schedule import PAPER_TOKENS
 
 __all__ = ["DEFAULT_DATA", "TrainConfig"]
@@ -51,6 +52,10 @@ class TrainConfig:
     dp_replicate: int | None = None  # data-parallel replicas (None: 1, or every rank under --parallel ddp/auto)
     dp_shard: int | None = None  # data-parallel (FSDP2) shards (None: the ranks left over)
     tp: int = 1  # tensor (+ sequence) parallel ranks
+    pp: int = 1  # pipeline ranks (the trunk cut into pp × pp_stages_per_rank stages)
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved1f1b
+    pp_stages_per_rank: int = 1  # stages per pipeline rank (more than 1: interleaved1f1b only)
+    pp_layers: list[int] | None = None  # layers of each stage (None: an even split)
     device: str = "auto"
     dtype: str = "auto"  # fp32 | bf16; auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
@@ -99,7 +104,10 @@ class TrainConfig:
             ("parallel", self.parallel in ("auto", "none", "ddp", "fsdp"), "auto, none, ddp or fsdp"),
             ("dp_replicate", opt(self.dp_replicate, lambda v: v >= 1), "None or >= 1"),
             ("dp_shard", opt(self.dp_shard, lambda v: v >= 1), "None or >= 1"),
-            ("tp", self.tp >= 1, ">= 1"),
+            ("tp", self.tp >= 1, ">= 1"), ("pp", self.pp >= 1, ">= 1"),
+            ("pp_schedule", self.pp_schedule in PP_SCHEDULES, f"one of {', '.join(PP_SCHEDULES)}"),
+            ("pp_stages_per_rank", self.pp_stages_per_rank >= 1, ">= 1"),
+            ("pp_layers", opt(self.pp_layers, lambda v: len(v) > 0 and min(v) >= 1), "None or counts >= 1"),
             ("dtype", self.dtype in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
             ("max_bad_steps", self.max_bad_steps >= 1, ">= 1"),
             ("peak_tflops", opt(self.peak_tflops, lambda v: real(v, 0, lo_open=True)), "None or > 0"),

@@ -124,6 +124,13 @@ class Pipeline:
             for name, p in m.named_parameters():
                 yield m.spec.index, name, p
 
+    def set_tensor_parallel(self, tp: int) -> None:
+        """Say that the stages run under the model's tensor-parallel plan over ``tp`` ranks (applied before they were
+        cut): the residual stream is a sequence shard, and the loss comes from vocabulary-parallel logits (run the
+        steps under ``loss_parallel``)."""
+        for m in self.stages:
+            m.seq_shards = tp
+
     # ------------------------------------------------------------------ one step
     def step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
              n_microbatches: int | None = None) -> torch.Tensor:
@@ -198,7 +205,7 @@ class Pipeline:
         stage = next(m for m in self.stages if m.spec.is_last)
         ids, labels = target[:, 0], target[:, 1]
         terms = stage.loss_terms(hidden, ids, labels, self.ignore_index)
-        values = [terms.main, *terms.mtp]
+        values = [_local(t) for t in (terms.main, *terms.mtp)]  # loss_parallel's are replicated DTensors
         counts = self._target_counts(labels).to(hidden.device)
         scale = torch.where(self._totals > 0, counts / self._totals.clamp(min=1), torch.zeros_like(counts))
         scale = scale * self.n_microbatches

@@ -92,14 +92,15 @@ def resolve_layout(world_size: int, parallel: str = "auto", dp_replicate: int | 
         return Layout(dp_replicate=world_size, wrap=mode)
     replicate = dp_replicate or 1
     fixed = replicate * tp * pp
+    say_pp = f"--pp {pp} x " if pp > 1 else ""
     if world_size % fixed:
-        raise LayoutError(f"--pp {pp} x --dp-replicate {replicate} x --tp {tp} = {fixed} does not divide the "
+        raise LayoutError(f"{say_pp}--dp-replicate {replicate} x --tp {tp} = {fixed} does not divide the "
                           f"{world_size} ranks (WORLD_SIZE); launch a multiple of it with torchrun --nproc-per-node")
     shard = dp_shard if dp_shard is not None else world_size // fixed
     layout = Layout(dp_replicate=replicate, dp_shard=shard, tp=tp, pp=pp,
                     wrap=_wrap(replicate, shard, tp, parallel, pp))
     if layout.world_size != world_size:
-        raise LayoutError(f"--pp {pp} x --dp-replicate {replicate} x --dp-shard {shard} x --tp {tp} = "
+        raise LayoutError(f"{say_pp}--dp-replicate {replicate} x --dp-shard {shard} x --tp {tp} = "
                           f"{layout.world_size} ranks, but {world_size} were launched (WORLD_SIZE); make the sizes "
                           "multiply to it")
     return layout

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..arch import ArchSpec, get_arch
 from .config import DEFAULT_DATA, TrainConfig
@@ -86,6 +87,9 @@ class Trainer:
     data: RunData
     spec: ArchSpec
     """The model's architecture (what its training forward takes, how it checkpoints)."""
+    model: nn.Module
+    """The model as built (under ``--pp``, the model this rank's stages were cut from: read the stages through
+    ``runner``)."""
     runner: Runner
     """How a step, a validation pass and a checkpoint run under the layout (the whole model, or pipeline stages)."""
     layout: Layout
@@ -289,7 +293,7 @@ def _setup(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Trainer:
     stop = StopFlag(verbose=env.is_main)
     stop.install()
     return Trainer(
-        cfg=cfg, env=env, data=data, spec=spec, runner=runner, layout=layout, plan=plan,
+        cfg=cfg, env=env, data=data, spec=spec, model=model, runner=runner, layout=layout, plan=plan,
         schedule=lr_schedule(cfg, plan.warmup),
         val_sets=validation_batches(data.val, EVAL_BATCH, cfg.eval_batches) if data.val is not None else [],
         logger=logger, window=MetricsWindow(spec.loss_terms(mcfg), flops_per_token, peak, env.world_size,

@@ -77,7 +77,7 @@ def test_tensor_parallel_ranks_share_a_data_parallel_rank():
 def test_context_parallel_ranks_share_a_data_parallel_rank():
     layout = Layout(2, 1, 1, "fsdp", cp=2)
     assert [layout.dp_rank(r) for r in range(4)] == [0, 0, 1, 1] and layout.dp == 2
-    assert [layout.cp_rank(r) for r in range(4)] == [0, 1, 0, 1] and layout.shape == (2, 1, 2, 1)
+    assert [layout.cp_rank(r) for r in range(4)] == [0, 1, 0, 1] and layout.shape == (1, 2, 1, 2, 1)
     assert layout.describe() == "dp_replicate 2 x dp_shard 1 x cp 2 x tp 1 (fsdp)"
 
 

@@ -24,7 +24,7 @@ import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -106,6 +106,44 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[
     os.replace(tmp, path)
 
 
+@runtime_checkable
+class TrainState(Protocol):
+    """A model and optimiser that are not one module and one optimiser (a pipeline rank's stages), as checkpoints
+    save and load them: under the keys one process's ``get_state_dict(model, optimizer)`` gives, so a checkpoint
+    loads under any layout."""
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """``{"model": …, "optim": …}`` of this rank (DCP saves it; a load fills it in place)."""
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Put a loaded :meth:`checkpoint_state` into the model and optimiser."""
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """The whole model's unsharded weights on CPU on rank 0, empty elsewhere (a collective: every rank)."""
+
+
+class _ModuleState:
+    """One module and its optimiser (plain, DDP or FSDP2) as a :class:`TrainState`."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        return full_state_dict(self.model)
+
+
+def train_state(model: nn.Module | TrainState, optimizer: torch.optim.Optimizer | None) -> TrainState:
+    """``model`` when it is a :class:`TrainState` already, else the module and ``optimizer`` as one."""
+    return model if isinstance(model, TrainState) else _ModuleState(model, optimizer)
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -120,13 +158,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(root: Path, step: int, model: nn.Module | TrainState, optimizer: torch.optim.Optimizer | None,
                     trainer_state: dict[str, Any], model_config: dict[str, Any] | None, keep_last: int,
                     extra_files: list[Path] = ()) -> Path:
     """Save atomically to ``root/step_<step>`` on every rank; prune to the newest ``keep_last``.
 
-    ``extra_files`` (the tokenizer) are copied in, so a checkpoint folder is self-contained.
+    ``extra_files`` (the tokenizer) are copied in, so a checkpoint folder is self-contained. ``model`` may be a
+    :class:`TrainState` (then ``optimizer`` is its own).
     """
+    state = train_state(model, optimizer)
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
     if _rank() == 0:
@@ -135,10 +175,9 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    _quiet(dcp.save, {"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    _quiet(dcp.save, state.checkpoint_state(), checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / f"rng_{_rank()}.pt")
-    weights = full_state_dict(model)
+    weights = state.full_weights()
     if _rank() == 0:
         save_safetensors(weights, tmp / "model.safetensors", {"format": "pt"})
         if model_config is not None:
@@ -160,8 +199,10 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
     return final
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimiser and this rank's RNG from ``path``; return the trainer state.
+def load_checkpoint(path: Path, model: nn.Module | TrainState,
+                    optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Restore model, optimiser and this rank's RNG from ``path``; return the trainer state. ``model`` may be a
+    :class:`TrainState` (then ``optimizer`` is its own).
 
     Raises CheckpointError naming the damaged file; the model and optimiser may then be partly overwritten
     (load another checkpoint into them, or rebuild them).
@@ -169,10 +210,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     path = resolve_checkpoint(path, resumable=True)
     trainer_state = read_trainer_state(path)
     try:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        target = train_state(model, optimizer)
+        state = target.checkpoint_state()
         _quiet(dcp.load, state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        target.load_checkpoint_state(state)
     except (Exception, CheckpointException) as e:  # damaged or mismatched files (DCP's is a BaseException)
         raise CheckpointDamaged(damaged(path, "its model/optimiser state (.metadata, *.distcp)", e)) from e
     rng = path / f"rng_{_rank()}.pt"

@@ -68,6 +68,14 @@ def add_parser(sub: Any) -> None:
                                                 "see docs/guide-parallel.md")
     tr.add_argument("--cp", type=POSITIVE, help="context-parallel ranks: each sequence split over them (default 1); "
                                                 "see docs/guide-parallel.md")
+    tr.add_argument("--pp", type=POSITIVE, help="pipeline-parallel ranks (default 1): the trunk cut into stages; "
+                                                "a step's micro-batches are its gradient-accumulation micro-batches")
+    tr.add_argument("--pp-schedule", dest="pp_schedule", choices=["gpipe", "1f1b", "interleaved1f1b"],
+                    help="pipeline schedule (default 1f1b)")
+    tr.add_argument("--pp-stages-per-rank", dest="pp_stages_per_rank", type=POSITIVE,
+                    help="stages per pipeline rank (default 1; more: interleaved1f1b)")
+    tr.add_argument("--pp-layers", dest="pp_layers", type=_layer_counts, metavar="N,N,...",
+                    help="trunk layers of each stage, in order (default: an even split)")
     tr.add_argument("--device", help="auto, cpu, cuda")
     tr.add_argument("--dtype", choices=["auto", "fp32", "bf16"])
     tr.add_argument("--activation-checkpointing", dest="activation_checkpointing", action="store_true",
@@ -83,9 +91,21 @@ def add_parser(sub: Any) -> None:
     tr.add_argument("--sample-tokens", type=NONNEGATIVE, default=80, help="tokens of that sample (0: none)")
 
 
+def _layer_counts(text: str) -> list[int]:
+    """``--pp-layers 3,1`` → [3, 1]."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer counts, e.g. 3,1") \
+            from None
+    if min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every stage needs at least one layer")
+    return counts
+
+
 def _train_config(args: argparse.Namespace):
     """The TrainConfig of the arguments; settings that contradict each other are a UsageError naming the option."""
-    from ..train.parallel.layout import check_sequence, resolve_layout
+    from ..train.parallel.layout import check_pipeline, check_sequence, resolve_layout
     from ..train.trainer import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -95,13 +115,15 @@ def _train_config(args: argparse.Namespace):
     if args.init_from is not None:  # the parent's architecture and preset, unless given
         values = {**_parent_defaults(args.init_from), **values}
     cfg = TrainConfig(**values)
-    model_config(cfg.preset, args.set, ignore=("vocab_size",))  # the vocabulary is the data's
+    mcfg = model_config(cfg.preset, args.set, ignore=("vocab_size",))  # the vocabulary is the data's
     try:
         cfg.validate()
         # the layout against the ranks torchrun launched, before any process group exists
         layout = resolve_layout(int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel, cfg.dp_replicate, cfg.dp_shard,
-                                cfg.tp, cfg.cp)
+                                cfg.tp, cfg.cp, cfg.pp)
         check_sequence(layout, cfg.seq_len)
+        if cfg.init_from is None:  # an extension's layers are its parent's: the trainer checks them
+            check_pipeline(layout, mcfg.n_layers, cfg.pp_schedule, cfg.pp_stages_per_rank, cfg.pp_layers)
     except ValueError as e:
         raise UsageError(re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(e))) from None
     return cfg

@@ -10,6 +10,7 @@ from ..arch import ARCHS, DEFAULT
 from ..config import PRESETS
 from ..defaults import DEFAULT_DATA, TRAIN
 from ..rope_scaling import ROPE_TYPES
+from .parallel.layout import PP_SCHEDULES
 from .schedule import PAPER_TOKENS
 
 __all__ = ["DEFAULT_DATA", "TrainConfig"]
@@ -52,6 +53,10 @@ class TrainConfig:
     dp_shard: int | None = None  # data-parallel (FSDP2) shards (None: the ranks left over)
     tp: int = 1  # tensor (+ sequence) parallel ranks
     cp: int = 1  # context-parallel ranks (each sequence split over them)
+    pp: int = 1  # pipeline ranks (the trunk cut into pp × pp_stages_per_rank stages)
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved1f1b
+    pp_stages_per_rank: int = 1  # stages per pipeline rank (more than 1: interleaved1f1b only)
+    pp_layers: list[int] | None = None  # layers of each stage (None: an even split)
     device: str = "auto"
     dtype: str = "auto"  # fp32 | bf16; auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
@@ -102,7 +107,10 @@ class TrainConfig:
             ("parallel", self.parallel in ("auto", "none", "ddp", "fsdp"), "auto, none, ddp or fsdp"),
             ("dp_replicate", opt(self.dp_replicate, lambda v: v >= 1), "None or >= 1"),
             ("dp_shard", opt(self.dp_shard, lambda v: v >= 1), "None or >= 1"),
-            ("tp", self.tp >= 1, ">= 1"), ("cp", self.cp >= 1, ">= 1"),
+            ("tp", self.tp >= 1, ">= 1"), ("cp", self.cp >= 1, ">= 1"), ("pp", self.pp >= 1, ">= 1"),
+            ("pp_schedule", self.pp_schedule in PP_SCHEDULES, f"one of {', '.join(PP_SCHEDULES)}"),
+            ("pp_stages_per_rank", self.pp_stages_per_rank >= 1, ">= 1"),
+            ("pp_layers", opt(self.pp_layers, lambda v: len(v) > 0 and min(v) >= 1), "None or counts >= 1"),
             ("dtype", self.dtype in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
             ("max_bad_steps", self.max_bad_steps >= 1, ">= 1"),
             ("peak_tflops", opt(self.peak_tflops, lambda v: real(v, 0, lo_open=True)), "None or > 0"),
@@ -117,6 +125,8 @@ class TrainConfig:
              f"left out with arch {self.arch} (document masking is built into the {DEFAULT.name} model)"),
             ("doc_mask", not self.doc_mask or self.tp == 1, "left out with tp > 1 (no sequence-parallel masks)"),
             ("doc_mask", not self.doc_mask or self.cp == 1, "left out with cp > 1 (no context-parallel masks)"),
+            ("doc_mask", not self.doc_mask or self.pp == 1, "left out with pp > 1 (the pipeline stages pass no "
+             "document masks)"),
         ]
         for name, ok, need in checks:
             if not ok:

@@ -23,7 +23,7 @@ from ..checkpoint import (
     resolve_checkpoint,
     tokenizer_digest,
 )
-from ..checkpoint.state import load_checkpoint, save_checkpoint
+from ..checkpoint.state import TrainState, load_checkpoint, save_checkpoint
 from ..config import ModelConfig
 from .config import TrainConfig
 from .distributed import DistEnv, any_rank
@@ -61,9 +61,10 @@ class CheckpointContext:
     tokenizer_files: list[Path]
 
 
-def save_training_checkpoint(ctx: CheckpointContext, progress: RunProgress, model: nn.Module,
-                             optimizer: torch.optim.Optimizer) -> Path:
-    """Save model, optimiser, RNG and trainer state at ``progress.step`` (every rank); return the folder."""
+def save_training_checkpoint(ctx: CheckpointContext, progress: RunProgress, model: nn.Module | TrainState,
+                             optimizer: torch.optim.Optimizer | None) -> Path:
+    """Save model, optimiser, RNG and trainer state at ``progress.step`` (every rank); return the folder. ``model``
+    may be a pipeline rank's :class:`TrainState` (with its own optimisers)."""
     state = {"step": progress.step, "consumed_samples": progress.consumed, "tokens": progress.tokens,
              "world_size": ctx.world_size, "train_config": dataclasses.asdict(ctx.cfg),
              "data_meta_vocab": ctx.vocab_size, "data": ctx.data}
@@ -119,7 +120,7 @@ def _check_arch(path: Path, saved: Any, arch: str) -> None:
 
 
 def resume_run(cfg: TrainConfig, env: DistEnv, ckpt_root: Path, data_path: Path, meta: dict[str, Any],
-            mcfg: ModelConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+            mcfg: ModelConfig, model: nn.Module | TrainState, optimizer: torch.optim.Optimizer | None,
             notes: list[str]) -> tuple[Path | None, dict[str, Any] | None]:
     """Load the checkpoint ``cfg.resume`` asks for into ``model`` and ``optimizer``; under ``auto``, fall back past
     damaged ones to the newest good. Return it and its trainer state (None, None: a fresh run); ``notes`` gets

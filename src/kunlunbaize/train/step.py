@@ -81,6 +81,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
         gnorm = gnorm.full_tensor()
+    return _update(optimizer, sums, gnorm)
+
+
+def _update(optimizer: Any, sums: torch.Tensor, gnorm: torch.Tensor) -> StepResult:
+    """Step ``optimizer`` unless the losses or the gradient norm are not finite; clear the gradients either way."""
     finite = bool(torch.isfinite(sums).all()) and bool(torch.isfinite(gnorm))
     if finite:
         optimizer.step()
@@ -91,6 +96,37 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
 def _documents(x: torch.Tensor, eot_id: int | None) -> dict[str, torch.Tensor]:
     """The forward's ``document_ids`` for the window ``x`` when documents are masked (``eot_id`` given)."""
     return {} if eot_id is None else {"document_ids": document_ids(x, eot_id)}
+
+
+def pipeline_step(pipe: Any, optimizer: Any, micro_batches: Sequence[torch.Tensor], *, grad_clip: float,
+                  autocast: AbstractContextManager | None = None, env: DistEnv | None = None) -> StepResult:
+    """:func:`train_step` for this rank's stages of a pipeline (:class:`~.parallel.pipeline.Pipeline`): the
+    micro-batches go through the pipeline schedule as its micro-batches (the last stage's losses, on every rank),
+    the gradients of shared parameters are summed over their copies, the norm is clipped over every stage (sharded
+    gradients included) and every stage's optimiser steps, unless the loss or the norm is not finite."""
+    x = torch.cat(list(micro_batches))
+    with autocast if autocast is not None else nullcontext():
+        sums = pipe.step(x, x, n_microbatches=len(micro_batches))
+    if env is not None:  # every stage and every tensor-parallel rank holds its data-parallel rank's losses
+        sums = all_reduce_mean(sums, env)
+    return _update(optimizer, sums, pipe.clip_grad_norm_(grad_clip))
+
+
+def pipeline_evaluate(pipe: Any, batches: Sequence[torch.Tensor], device: torch.device, *,
+                      autocast: AbstractContextManager | None = None) -> dict[str, float]:
+    """:func:`evaluate` through a pipeline's stages (forward only, each batch as one micro-batch)."""
+    for m in pipe.modules:
+        m.eval()
+    sums: torch.Tensor | None = None
+    with torch.no_grad(), (autocast if autocast is not None else nullcontext()):
+        for x in batches:
+            terms = pipe.evaluate(x.to(device), x.to(device), n_microbatches=1)[1:]  # main, MTP depths
+            sums = terms if sums is None else sums + terms
+    for m in pipe.modules:
+        m.train()
+    assert sums is not None, "evaluate needs at least one batch"
+    vals = (sums / len(batches)).tolist()
+    return {"val_loss": vals[0], **{f"val_mtp_loss_{j}": v for j, v in enumerate(vals[1:], start=1)}}
 
 
 def _plain(loss: torch.Tensor) -> torch.Tensor:

@@ -7,26 +7,24 @@ import math
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
 
 from .config import TrainConfig
 from .distributed import DistEnv
 from .logging import METRICS, read_metrics
-from .models import dense_residual_weights
 from .plots import plot_dense_weights, plot_losses
 
 
-def write_summary(cfg: TrainConfig, env: DistEnv, model: nn.Module, run_dir: Path, data_path: Path,
+def write_summary(cfg: TrainConfig, env: DistEnv, dense: torch.Tensor | None, run_dir: Path, data_path: Path,
                   final_ckpt: Path | None, *, step: int, tokens: int, finished: bool, last_val: float,
                   validated: bool, skipped: int, n_params: int, steps_now: int,
                   interrupted: str | None) -> dict[str, Any]:
     """The run's summary (also written to summary.json) and its plots. ``steps_now``: steps this invocation trained;
-    ``interrupted``: the signal that stopped it early, if one did."""
+    ``interrupted``: the signal that stopped it early, if one did; ``dense``: the dense-residual weights, if any."""
     summary = {"step": step, "tokens": tokens, "finished": finished, "steps_now": steps_now, "interrupted": interrupted,
                "val_loss": last_val if validated and math.isfinite(last_val) else None,
                "checkpoint": str(final_ckpt) if final_ckpt else None, "run_dir": str(run_dir),
                "skipped_steps": skipped, "params": n_params}
-    dense = dense_residual_weights(model)  # a collective under FSDP2
     if env.is_main:
         records = _dedupe(read_metrics(run_dir / METRICS))
         summary["loss_plot"] = str(plot_losses(records, run_dir / "loss_curve.png",

@@ -1,10 +1,11 @@
-"""One training loop for one CPU process, one GPU, and torchrun with DDP or FSDP2.
+"""One training loop for one CPU process, one GPU, and torchrun with DDP, FSDP2, tensor and pipeline parallelism.
 
 Per optimiser step: the batch-size ramp decides the global batch, split into micro-batches over ranks
-and accumulation steps (:mod:`.plan`); the LR schedule sets the learning rate; :func:`.step.train_step`
-back-propagates the joint loss (eq. 22), clips the gradients and skips a step whose loss or gradient is not
-finite. Logging (:mod:`.metrics`), validation and checkpoints (:mod:`.resume`) happen every N steps and on
-SIGTERM/SIGINT (:mod:`.stop`).
+and accumulation steps (:mod:`.plan`); the LR schedule sets the learning rate; the layout's runner
+(:mod:`.runner`: :func:`.step.train_step`, or :func:`.step.pipeline_step` under ``--pp``, whose pipeline
+micro-batches are the accumulation micro-batches) back-propagates the joint loss (eq. 22), clips the gradients and
+skips a step whose loss or gradient is not finite. Logging (:mod:`.metrics`), validation and checkpoints
+(:mod:`.resume`) happen every N steps and on SIGTERM/SIGINT (:mod:`.stop`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,16 +29,15 @@ from .errors import TrainingError, TrainingInterrupted
 from .extend import build_extension, write_parent_record
 from .logging import RunLogger
 from .metrics import MetricsWindow
-from .models import build_model, dense_residual_weights, model_config
-from .optim import build_optimizer
-from .parallel.layout import Layout, LayoutError, check_model, resolve_layout
-from .parallel.mesh import StepContext, build_mesh, context_parallel, data_parallel, tensor_parallel
+from .models import build_model, model_config
+from .parallel.layout import Layout, LayoutError, check_microbatches, check_model, check_pipeline, resolve_layout
 from .plan import BatchPlan, lr_schedule, plan_batches, set_lr
 from .resume import CheckpointContext, RunProgress, resume_run, save_training_checkpoint
 from .run_data import RunData, open_run_data, resolve_data
 from .run_dir import RunLock, prepare_run_dir
+from .runner import Runner, place
 from .schedule import LRSchedule
-from .step import StepResult, evaluate, precision, resolve_dtype, train_step
+from .step import StepResult, resolve_dtype, train_step
 from .stop import StopFlag
 from .summary import write_summary
 
@@ -59,7 +58,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     env = init_distributed(cfg.device)
     try:
         data_path = resolve_data(cfg, env)
-        _check_layout(cfg, env, data_path)  # before the run folder is touched
+        _check_runnable(cfg, env, data_path)  # before the run folder is touched
         with RunLock(Path(cfg.out), env):
             return _train(cfg, env, data_path)
     except KeyboardInterrupt:
@@ -91,17 +90,14 @@ class Trainer:
     spec: ArchSpec
     """The model's architecture (what its training forward takes, how it checkpoints)."""
     model: nn.Module
-    """The model itself (checkpoints, dense-residual weights)."""
-    wrapped: nn.Module
-    """The model as wrapped for data parallelism (forward, backward)."""
+    """The model as built (under ``--pp``, the model this rank's stages were cut from: read the stages through
+    ``runner``)."""
+    runner: Runner
+    """How a step, a validation pass and a checkpoint run under the layout (the whole model, or pipeline stages)."""
     layout: Layout
-    """How the ranks split into data- and tensor-parallel groups."""
-    loss_kwargs: dict[str, Any]
-    """Keyword arguments of the training forward under the layout (the spec's, or its tensor-parallel plan's)."""
-    optimizer: torch.optim.Optimizer
+    """How the ranks split into pipeline stages and data- and tensor-parallel groups."""
     plan: BatchPlan
     schedule: LRSchedule
-    autocast: AbstractContextManager
     val_sets: list[torch.Tensor]
     logger: RunLogger
     window: MetricsWindow
@@ -121,11 +117,6 @@ class Trainer:
     """The step of the newest checkpoint (-1: none)."""
     final_ckpt: Path | None = field(init=False)
 
-    @property
-    def document_eot(self) -> int | None:
-        """The end-of-text id that separates the documents of a window under ``--doc-mask``, else None."""
-        return int(self.data.meta["eot_id"]) if self.cfg.doc_mask else None
-
     def __post_init__(self) -> None:
         self.first_step = self.progress.step
         self.last_saved = self.progress.step if self.resumed else -1
@@ -139,7 +130,7 @@ class Trainer:
     def fit(self) -> bool:
         """Train until the token budget is spent or a stop is asked for; return whether the budget is spent."""
         cfg, progress = self.cfg, self.progress
-        self.wrapped.train()
+        self.runner.train()
         if progress.step == 0 and self.val_sets:
             self._validate(step=0, tokens=0)
         while progress.tokens < cfg.tokens:
@@ -169,12 +160,11 @@ class Trainer:
         fraction = progress.tokens / cfg.tokens
         global_batch = plan.ramp(fraction)
         lr = self.schedule(progress.step, fraction)
-        set_lr(self.optimizer, lr)
+        set_lr(self.runner.optimizer, lr)
         dp_rank = self.layout.dp_rank(env.rank)  # the ranks of a tensor-parallel group train on the same batch
         batches = [self.data.sampler.batch(plan.first_sample(progress.consumed, m, dp_rank), plan.micro)
                    .to(env.device, non_blocking=True) for m in range(plan.accumulation(global_batch))]
-        result = train_step(self.wrapped, self.optimizer, batches, grad_clip=cfg.grad_clip, autocast=self.autocast,
-                            loss_kwargs=self.loss_kwargs, env=env, document_eot=self.document_eot)
+        result = self.runner.step(batches, cfg.grad_clip)
         self._count_bad_steps(result)
         progress.consumed += global_batch
         progress.tokens += global_batch * cfg.seq_len
@@ -212,25 +202,26 @@ class Trainer:
         """Validation losses (if there is validation) and the dense-residual weights (if the model has them)."""
         if self.val_sets:
             self._validate(step=self.progress.step, tokens=self.progress.tokens)
-        weights = dense_residual_weights(self.model)  # every rank: a collective under FSDP2
+        weights = self.runner.dense_residual_weights()  # every rank: a collective under FSDP2
         if weights is not None:
             self.logger.log_matrix("dense_residual_weights", weights, self.progress.step)
 
     def _validate(self, step: int, tokens: int) -> None:
-        vals = evaluate(self.wrapped, self.val_sets, self.env.device, autocast=self.autocast,
-                        loss_kwargs=self.loss_kwargs, document_eot=self.document_eot)
+        vals = self.runner.evaluate(self.val_sets)
         self.last_val = vals["val_loss"]
         self.logger.log({"step": step, "tokens": tokens, **vals})
 
     def _save(self) -> None:
         """A checkpoint at the current step (a second Ctrl-C waits for it)."""
         with self.stop.saving_checkpoint():
-            self.final_ckpt = save_training_checkpoint(self.ckpt, self.progress, self.model, self.optimizer)
+            self.final_ckpt = save_training_checkpoint(self.ckpt, self.progress, self.runner.checkpoint_model(),
+                                                       self.runner.optimizer)
         self.last_saved = self.progress.step
 
     def summary(self, finished: bool) -> dict[str, Any]:
         """The run's summary, written with its plots into the run folder."""
-        return write_summary(self.cfg, self.env, self.model, Path(self.cfg.out), self.data.path, self.final_ckpt,
+        return write_summary(self.cfg, self.env, self.runner.dense_residual_weights(), Path(self.cfg.out),
+                             self.data.path, self.final_ckpt,
                              step=self.progress.step, tokens=self.progress.tokens, finished=finished,
                              last_val=self.last_val, validated=bool(self.val_sets), skipped=self.skipped,
                              n_params=self.n_params, steps_now=self.progress.step - self.first_step,
@@ -248,73 +239,66 @@ class Trainer:
 
 def _resolve_layout(cfg: TrainConfig, env: DistEnv) -> Layout:
     """The run's parallel layout over the launched ranks (LayoutError when it does not fit them)."""
-    return resolve_layout(env.world_size, cfg.parallel, cfg.dp_replicate, cfg.dp_shard, cfg.tp, cfg.cp)
+    return resolve_layout(env.world_size, cfg.parallel, cfg.dp_replicate, cfg.dp_shard, cfg.tp, cfg.cp, cfg.pp)
 
 
-def _check_layout(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Layout:
-    """The run's layout; LayoutError when it does not fit the ranks, the architecture or the model (that of a
-    context extension is checked when its parent is loaded). Reads only the data's metadata: nothing is written."""
+def _check_layout(cfg: TrainConfig, layout: Layout, mcfg: Any, plan: BatchPlan) -> None:
+    """LayoutError when the model or the batch plan does not split over the layout (tensor-parallel sizes, pipeline
+    stages, micro-batches per step at every batch size the ramp reaches)."""
+    check_model(layout, mcfg, cfg.seq_len)
+    check_pipeline(layout, mcfg.n_layers, cfg.pp_schedule, cfg.pp_stages_per_rank, cfg.pp_layers)
+    if layout.pp > 1:
+        counts = range(plan.accumulation(plan.start), plan.accumulation(cfg.batch_size) + 1)
+        check_microbatches(cfg.pp_schedule, layout.pp, list(counts))
+
+
+def _check_runnable(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Layout:
+    """The run's layout; LayoutError when it does not fit the ranks, the architecture, the model or the batch plan
+    (a context extension's model is checked when its parent is loaded). Reads only the data's metadata: nothing is
+    written."""
     layout = _resolve_layout(cfg, env)
-    if layout.tp > 1 and "parallelize" not in get_arch(cfg.arch).hooks:
-        raise LayoutError(f"--arch {cfg.arch} has no tensor-parallel plan; train it with --tp 1")
-    if layout.cp > 1 and "context_parallel" not in get_arch(cfg.arch).hooks:
-        raise LayoutError(f"--arch {cfg.arch} has no context-parallel plan; train it with --cp 1")
+    hooks = get_arch(cfg.arch).hooks
+    for size, flag, hook, what in ((layout.tp, "--tp", "parallelize", "tensor-parallel plan"),
+                                   (layout.cp, "--cp", "context_parallel", "context-parallel plan")):
+        if size > 1 and hook not in hooks:
+            raise LayoutError(f"--arch {cfg.arch} has no {what}; train it with {flag} 1")
+    if layout.pp > 1 and cfg.arch != "kunlunbaize":
+        raise LayoutError(f"--arch {cfg.arch} has no pipeline stages; train it with --pp 1")
     if layout.tp > 1 and cfg.compile:
         raise LayoutError(f"--compile with --tp {layout.tp} is not supported: torch.compile'd blocks under tensor "
                           f"parallelism give a wrong embedding gradient (torch {torch.__version__}; see "
                           "docs/guide-parallel.md); drop --compile or train with --tp 1")
-    if layout.cp > 1 and cfg.compile:
-        raise LayoutError(f"--compile with --cp {layout.cp} is not supported: compiled blocks with the "
-                          "context-parallel forwards are untested (--compile under --tp computes a wrong gradient; "
-                          "see docs/guide-parallel.md); drop --compile or train with --cp 1")
+    untested = ((layout.cp, "--cp", "the context-parallel forwards"), (layout.pp, "--pp", "pipeline stages"))
+    for size, flag, what in untested:
+        if size > 1 and cfg.compile:
+            raise LayoutError(f"--compile with {flag} {size} is not supported: compiled blocks with {what} are "
+                              "untested (--compile under --tp computes a wrong gradient; see docs/guide-parallel.md); "
+                              f"drop --compile or train with {flag} 1")
     if cfg.init_from is None:
-        check_model(layout, model_config(cfg, load_meta(data_path)["vocab_size"]), cfg.seq_len)
+        _check_layout(cfg, layout, model_config(cfg, load_meta(data_path)["vocab_size"]), plan_batches(cfg, layout.dp))
     return layout
 
 
-def _place_model(cfg: TrainConfig, env: DistEnv, model: nn.Module, spec: ArchSpec, layout: Layout,
-                 dtype: str) -> tuple[nn.Module, dict[str, Any], AbstractContextManager]:
-    """Move the model to the device, with activation checkpointing and compiled blocks if asked for, and place it
-    on the layout's mesh; return the wrapped model, its training forward's keyword arguments and the context its
-    forward and backward passes run in."""
-    model.to(env.device)
-    if cfg.activation_checkpointing:
-        spec.set_activation_checkpointing(model, True)
-    blocks = list(model.blocks)
-    mesh = build_mesh(layout, env)
-    placed = tensor_parallel(model, spec, layout, mesh)
-    context_parallel(placed, spec, layout, mesh)
-    if cfg.compile:
-        for block in blocks:
-            block.compile()
-    data_parallel(placed, blocks, layout, mesh, env)
-    autocast = precision(env.device, dtype)
-    if placed.loss_contexts:
-        autocast = StepContext(lambda: precision(env.device, dtype), *placed.loss_contexts)
-    return placed.wrapped, placed.loss_kwargs, autocast
-
-
 def _setup(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Trainer:
-    layout = _check_layout(cfg, env, data_path)
+    layout = _check_runnable(cfg, env, data_path)
     torch.manual_seed(cfg.seed)  # every rank builds the same model: its shards are the one-process model's
     data = open_run_data(cfg, data_path)
+    plan = plan_batches(cfg, layout.dp)
     if cfg.init_from is None:
         model, mcfg, spec = build_model(cfg, data.meta["vocab_size"])
     else:  # a context-extension stage: the parent's model and weights at the new context
         model, mcfg, spec = build_extension(cfg, data.meta["vocab_size"], data.path)
-        check_model(layout, mcfg, cfg.seq_len)
+        _check_layout(cfg, layout, mcfg, plan)
     if env.distributed:
         torch.manual_seed(cfg.seed + env.rank)
     n_params = sum(p.numel() for p in model.parameters())
     dtype = resolve_dtype(cfg.dtype, env.device)
-    wrapped, loss_kwargs, autocast = _place_model(cfg, env, model, spec, layout, dtype)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                                dense_lr_mult=cfg.dense_lr_mult)
-    plan = plan_batches(cfg, layout.dp)
+    document_eot = int(data.meta["eot_id"]) if cfg.doc_mask else None
+    runner = place(cfg, env, model, spec, layout, dtype, document_eot)
     run_dir = Path(cfg.out)
     notes: list[str] = []
-    resumed, state = resume_run(cfg, env, run_dir / "checkpoints", data.path, data.meta, mcfg, model, optimizer,
-                                notes)
+    resumed, state = resume_run(cfg, env, run_dir / "checkpoints", data.path, data.meta, mcfg,
+                                runner.checkpoint_model(), runner.optimizer, notes)
     progress = RunProgress.from_state(state)
     if env.is_main:
         notes += prepare_run_dir(run_dir, resumed, progress.step)
@@ -334,8 +318,8 @@ def _setup(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Trainer:
     stop = StopFlag(verbose=env.is_main)
     stop.install()
     return Trainer(
-        cfg=cfg, env=env, data=data, spec=spec, model=model, wrapped=wrapped, layout=layout, loss_kwargs=loss_kwargs,
-        optimizer=optimizer, plan=plan, schedule=lr_schedule(cfg, plan.warmup), autocast=autocast,
+        cfg=cfg, env=env, data=data, spec=spec, model=model, runner=runner, layout=layout, plan=plan,
+        schedule=lr_schedule(cfg, plan.warmup),
         val_sets=validation_batches(data.val, EVAL_BATCH, cfg.eval_batches) if data.val is not None else [],
         logger=logger, window=MetricsWindow(spec.loss_terms(mcfg), flops_per_token, peak, env.world_size,
                                             env.device),

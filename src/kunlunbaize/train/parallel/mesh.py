@@ -1,7 +1,7 @@
 """The run's device mesh and the model placed on it: the architecture's tensor-parallel plan over ``tp`` or its
 context-parallel plan over ``cp``, then data parallelism over ``dp_replicate`` × ``dp_shard`` (DDP, FSDP2 or HSDP,
 each block sharded on its own, then the root: torchtitan's order; with ``cp`` the sharding group is
-``dp_shard × cp``, torchtitan's ``dp_shard_cp``)."""
+``dp_shard × cp``, torchtitan's ``dp_shard_cp``; under pipeline parallelism each stage is a root)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ TP_MIN_TORCH = "2.6"
 
 
 def build_mesh(layout: Layout, env: DistEnv) -> DeviceMesh | None:
-    """The ``dp_replicate × dp_shard × cp × tp`` mesh of the process group (None in a single process)."""
+    """The ``pp × dp_replicate × dp_shard × cp × tp`` mesh of the process group (None in a single process)."""
     if not env.distributed:
         return None
     if layout.world_size != env.world_size:
@@ -84,6 +84,11 @@ def data_parallel(placed: PlacedModel, blocks: list[nn.Module], layout: Layout, 
         placed.wrapped = DDP(placed.wrapped, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     elif layout.wrap == "fsdp":
         _fully_shard(placed.wrapped, blocks, _dp_mesh(layout, mesh), param_dtype)
+
+
+def shard_stage(stage: nn.Module, blocks: list[nn.Module], layout: Layout, mesh: DeviceMesh | None) -> None:
+    """FSDP2 (HSDP) over the data-parallel sub-mesh for one pipeline stage: each of its blocks, then the stage."""
+    _fully_shard(stage, blocks, _dp_mesh(layout, mesh), None)
 
 
 def _dp_mesh(layout: Layout, mesh: DeviceMesh | None) -> DeviceMesh | None:

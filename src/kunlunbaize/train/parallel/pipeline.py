@@ -75,14 +75,19 @@ class Pipeline:
         self.config = stages[0].config
         self.n_stages = stages[0].spec.n_stages
         self.pp_rank, self.pp_size = dist.get_rank(group), dist.get_world_size(group)
-        self.schedule = self._schedule(schedule_name, device)
-        self._eval_schedule = None
         self._schedule_name, self._device = schedule_name, device
+        self._schedules = {n_microbatches: self._schedule(schedule_name, device)}
+        self._eval_schedules: dict[int, object] = {}
         self._totals: torch.Tensor | None = None
         self._parts: list[torch.Tensor] = []
 
+    @property
+    def schedule(self):
+        """The training schedule of the current micro-batch count."""
+        return self._schedules[self.n_microbatches]
+
     def _schedule(self, name: str, device: torch.device):
-        """The schedule over new ``PipelineStage`` wrappers of this rank's stage modules."""
+        """The schedule over new ``PipelineStage`` wrappers of this rank's stage modules (``n_microbatches``)."""
         from torch.distributed.pipelining import PipelineStage
 
         cls, multi = _schedule_class(name, len(self.stages))
@@ -119,26 +124,51 @@ class Pipeline:
             for name, p in m.named_parameters():
                 yield m.spec.index, name, p
 
+    def set_tensor_parallel(self, tp: int) -> None:
+        """Say that the stages run under the model's tensor-parallel plan over ``tp`` ranks (applied before they were
+        cut): the residual stream is a sequence shard, and the loss comes from vocabulary-parallel logits (run the
+        steps under ``loss_parallel``)."""
+        for m in self.stages:
+            m.seq_shards = tp
+
     # ------------------------------------------------------------------ one step
-    def step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Forward and backward of one batch [B, T] (``labels`` default to the ids, shifted inside): accumulates
-        the whole model's gradient of the batch's mean joint loss into this rank's parameters and returns
-        [joint, main, MTP depth 1, …] (float32, the batch means) on every pipeline rank."""
+    def step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+             n_microbatches: int | None = None) -> torch.Tensor:
+        """Forward and backward of one batch [B, T] (``labels`` default to the ids, shifted inside) in
+        ``n_microbatches`` (default: the pipeline's): accumulates the whole model's gradient of the batch's mean
+        joint loss into this rank's parameters and returns [joint, main, MTP depth 1, …] (float32, the batch
+        means) on every pipeline rank."""
+        self._use(self._schedules, self._schedule_name, n_microbatches)
         args, target = self._prepare(input_ids, labels)
         self.schedule.step(*args, target=target, return_outputs=False)
         self._sync_shared_grads()
         return self._batch_losses(input_ids.device)
 
-    def evaluate(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """[joint, main, MTP depth 1, …] of one batch without gradients (forward only), on every pipeline rank."""
+    def _use(self, cache: dict[int, object], name: str, n_microbatches: int | None) -> object:
+        """The schedule ``name`` of ``n_microbatches`` (default: the current count) from ``cache``, made when new (a
+        batch ramp changes the count: one schedule per count)."""
+        n = self.n_microbatches if n_microbatches is None else n_microbatches
+        if n < 1:
+            raise ValueError(f"n_microbatches must be at least 1, got {n}")
+        self.n_microbatches = n
+        if n not in cache:
+            cache[n] = self._schedule(name, self._device)
+        return cache[n]
+
+    def evaluate(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                 n_microbatches: int | None = None) -> torch.Tensor:
+        """[joint, main, MTP depth 1, …] of one batch without gradients (forward only, in ``n_microbatches``), on
+        every pipeline rank."""
         if len(self.stages) > 1 and self.pp_size == 1:
             raise ValueError("forward-only evaluation needs the stages on at least 2 pipeline ranks: torch's "
                              "interleaved schedules cannot evaluate with neighbouring stages on one rank")
+        # its own stages: switching one schedule between modes trips torch 2.13; forward only, GPipe's order is
+        # as good as any single-stage schedule's and takes any micro-batch count
+        name = self._schedule_name if len(self.stages) > 1 else "gpipe"
+        schedule = self._use(self._eval_schedules, name, n_microbatches)
         args, target = self._prepare(input_ids, labels)
-        if self._eval_schedule is None:  # its own stages: switching one schedule between modes trips torch 2.13
-            self._eval_schedule = self._schedule(self._schedule_name, self._device)
         with torch.no_grad():
-            self._eval_schedule.eval(*args, target=target)
+            schedule.eval(*args, target=target)
         return self._batch_losses(input_ids.device)
 
     def _prepare(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> tuple[tuple, torch.Tensor | None]:
@@ -175,7 +205,7 @@ class Pipeline:
         stage = next(m for m in self.stages if m.spec.is_last)
         ids, labels = target[:, 0], target[:, 1]
         terms = stage.loss_terms(hidden, ids, labels, self.ignore_index)
-        values = [terms.main, *terms.mtp]
+        values = [_local(t) for t in (terms.main, *terms.mtp)]  # loss_parallel's are replicated DTensors
         counts = self._target_counts(labels).to(hidden.device)
         scale = torch.where(self._totals > 0, counts / self._totals.clamp(min=1), torch.zeros_like(counts))
         scale = scale * self.n_microbatches
@@ -187,14 +217,20 @@ class Pipeline:
         return total
 
     def _sync_shared_grads(self) -> None:
-        """Sum the gradients of parameters held by several stages over every copy, on every rank holding one."""
+        """Sum the gradients of parameters held by several stages over every copy, on every rank holding one.
+
+        Under FSDP2 the gradients are shards (DTensors); the copies on two pipeline ranks are sharded alike over
+        the same data-parallel coordinates, so their local shards are summed."""
         shared = shared_parameter_names(self.config, self.n_stages)
         logits = [n for n in shared if n.startswith("dense.")]
         if logits:  # tiny: an all-reduce over the whole pipeline group
             grads = sum_local_shared_grads(self.stages, logits)
-            flat = torch.cat([g.reshape(-1) for g in grads])
+            local = [_local(g) for g in grads]
+            flat = torch.cat([g.reshape(-1) for g in local])
             dist.all_reduce(flat, group=self.group)
-            set_shared_grads(self.stages, logits, list(flat.split([g.numel() for g in grads])))
+            summed = [_like(g, part.view_as(lg)) for g, lg, part in
+                      zip(grads, local, flat.split([g.numel() for g in local]), strict=True)]
+            set_shared_grads(self.stages, logits, summed)
         if "embed.weight" in shared:
             self._sync_pair("embed.weight", [self._rank_of(s) for s in shared["embed.weight"]])
 
@@ -209,30 +245,51 @@ class Pipeline:
         peers = sorted(set(ranks) - {self.pp_rank})
         if peers:
             (peer,) = peers
-            other = torch.empty_like(grad)
-            ops = [dist.P2POp(dist.isend, grad, group=self.group, group_peer=peer),
+            mine = _local(grad).contiguous()
+            other = torch.empty_like(mine)
+            ops = [dist.P2POp(dist.isend, mine, group=self.group, group_peer=peer),
                    dist.P2POp(dist.irecv, other, group=self.group, group_peer=peer)]
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
-            grad = grad + other if self.pp_rank < peer else other + grad  # one order on both ranks
+            grad = _like(grad, mine + other if self.pp_rank < peer else other + mine)  # one order on both ranks
         set_shared_grads(self.stages, [name], [grad])
 
     # ------------------------------------------------------------------ gradient clipping over the pipeline
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip the whole model's gradient to ``max_norm`` (each shared parameter counted once, on its first
-        stage); returns the total norm before clipping, the same on every pipeline rank."""
+        stage); returns the total norm before clipping, the same on every pipeline rank. Sharded (DTensor)
+        gradients count each element once over their mesh (FSDP2 shards, tensor-parallel shards, replicas)."""
         shared = shared_parameter_names(self.config, self.n_stages)
-        sq = torch.zeros((), dtype=torch.float32)
-        for index, name, p in self.named_parameters():
-            if p.grad is not None and (name not in shared or shared[name][0] == index):
-                sq = sq + p.grad.detach().float().pow(2).sum().cpu()
+        counted = [p.grad for index, name, p in self.named_parameters()
+                   if p.grad is not None and (name not in shared or shared[name][0] == index)]
+        sq = torch.zeros((), dtype=torch.float32, device=self._device)
+        if counted:
+            norm = torch.nn.utils.get_total_norm(counted, 2.0)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            sq = norm.float().pow(2).to(self._device)
         dist.all_reduce(sq, group=self.group)
         norm = sq.sqrt()
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ coefficient
         for p in self.parameters():
             if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+                local = _local(p.grad)
+                local.mul_(coef.to(local.device, local.dtype))
         return norm
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (a plain tensor as it is)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _like(template: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``local`` as a part of a tensor laid out like ``template`` (a DTensor of the same mesh and placements)."""
+    if not hasattr(template, "to_local"):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, template.device_mesh, template.placements, run_check=False,
+                              shape=template.shape, stride=template.stride())
 
 
 def build_pipeline(model: KunlunBaize, group_or_mesh, schedule_name: str = "1f1b", n_microbatches: int = 2,

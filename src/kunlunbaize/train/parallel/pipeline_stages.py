@@ -29,8 +29,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ...config import ModelConfig
-from ...model.loss import IGNORE_INDEX, LossTerms
-from ...model.model import KunlunBaize, TrunkOutput, _chunked_loss_terms
+from ...model.layers import linear
+from ...model.loss import IGNORE_INDEX, LossTerms, multi_token_loss
+from ...model.model import KunlunBaize, TrunkOutput, _chunked_loss_terms, run_mtp
 from ...plan.boundary import PLAIN, RAW, boundary_form, boundary_tensors
 
 
@@ -161,6 +162,9 @@ class PipelineStageModule(nn.Module):
         self.blocks = nn.ModuleDict({str(layer): model.blocks[layer] for layer in spec.layers})
         self.gradient_checkpointing = model.gradient_checkpointing
         """Recompute each block in the backward pass instead of storing its activations (training only)."""
+        self.seq_shards = 1
+        """Tensor-parallel ranks the residual stream's sequence is sharded over (1: none); more than 1: the
+        model's tensor-parallel plan is applied and the loss comes from vocabulary-parallel logits."""
         if spec.is_last:
             self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
 
@@ -202,7 +206,7 @@ class PipelineStageModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flow = self._receive(x)
-        T = flow.current.shape[1]
+        T = flow.current.shape[1] * self.seq_shards  # the whole sequence (its shard under sequence parallelism)
         rope = self.rope(torch.arange(T, device=flow.current.device))
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.spec.layers:
@@ -226,7 +230,13 @@ class PipelineStageModule(nn.Module):
         if not self.spec.is_last:
             raise RuntimeError(f"stage {self.spec.index} is not the last stage: only the last one has the heads")
         emb = self.embed(input_ids) if self.mtp is not None else None  # E(t) for the MTP depths (eq. 13, 15)
-        return _chunked_loss_terms(self, TrunkOutput(hidden, emb, 0), labels, ignore_index)
+        trunk = TrunkOutput(hidden, emb, 0)
+        if self.seq_shards == 1:
+            return _chunked_loss_terms(self, trunk, labels, ignore_index)
+        # tensor-parallel: vocabulary-parallel logits, never gathered, and loss_parallel's cross-entropy
+        logits = linear(self.norm(hidden), self.head_weight)
+        mtp_logits = run_mtp(self.mtp, trunk, self.rope, self.head_weight, None, True)
+        return multi_token_loss(logits, mtp_logits, labels, self.config.gammas, ignore_index)
 
 
 def build_stage_modules(model: KunlunBaize, n_stages: int, layers_per_stage: list[int] | None = None,

@@ -599,6 +599,8 @@ def test_kunlun_serve_finishes_requests_in_flight_on_sigterm_and_refuses_new_one
     try:
         banner = proc.stdout.readline()
         assert f"127.0.0.1:{port}/v1" in banner, banner
+        children = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert children  # the engine's process (the default on CPU)
         url = f"http://127.0.0.1:{port}"
         model = json.loads(_http("GET", f"{url}/v1/models")[1])["data"][0]["id"]
         assert model == trained_run.name
@@ -620,6 +622,8 @@ def test_kunlun_serve_finishes_requests_in_flight_on_sigterm_and_refuses_new_one
         if proc.poll() is None:
             proc.kill()
     assert "refusing new ones" in proc.stdout.read()
+    time.sleep(1)
+    assert not any(Path(f"/proc/{c}").exists() for c in children)  # no orphan engine left behind
 
 
 def test_serve_without_the_extra_or_with_a_bad_checkpoint_is_a_clear_error(tmp_path, capsys):

@@ -19,7 +19,7 @@ CPU-second, the ratio of ``kunlun serve`` to vLLM at the same concurrency, and t
 machine may be shared).
 
     python benchmarks/serve.py --checkpoint runs/small                    # ~5 min on 2 cores
-    python benchmarks/serve.py --checkpoint runs/small --engines process,thread --no-vllm
+    python benchmarks/serve.py --checkpoint runs/small --engines process,process:2,thread --no-vllm
 """
 
 from __future__ import annotations
@@ -237,8 +237,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=48, help="requests per setting (default: %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default: %(default)s)")
     ap.add_argument("--concurrency", default="1,4,16", help="client threads, comma-separated (default: %(default)s)")
-    ap.add_argument("--engines", default="process", help="kunlun serve --engine values, comma-separated "
-                                                         "(default: %(default)s)")
+    ap.add_argument("--engines", default="process", help="kunlun serve --engine values, comma-separated, each with "
+                    "an optional :THREADS (process:2) (default: %(default)s; empty: none)")
     ap.add_argument("--server-threads", type=int, default=None,
                     help="the engine's torch threads (kunlun serve --threads; default: kunlun serve's)")
     ap.add_argument("--no-sequential", action="store_true",
@@ -278,9 +278,13 @@ def main() -> None:
         base = Row("sequential `generate`, one at a time", 0, stats, len(jobs), len(jobs))
     rows: list[Row] = []
     threads = ["--threads", str(args.server_threads)] if args.server_threads else []
-    for engine in args.engines.split(","):
+    for spec in [e for e in args.engines.split(",") if e]:
+        engine, _, count = spec.partition(":")  # process:2: the engine's process with 2 torch threads
         label = "kunlun serve" if engine == "process" else f"kunlun serve --engine {engine}"
-        server = kunlun_server(folder, ["--engine", engine, *threads])
+        flags = ["--engine", engine, *(["--threads", count] if count else threads)]
+        if count:
+            label += f" --threads {count}"
+        server = kunlun_server(folder, flags)
         rows += measure(label, server, jobs, args.max_tokens, levels, reference)
     if not args.no_speculative:
         server = kunlun_server(folder, ["--speculative", *threads])

@@ -19,16 +19,7 @@ from kunlunbaize.serve.engine import EngineClosed, Finished, Params
 from kunlunbaize.serve.process import EngineDied, EngineOptions, EngineProcess
 
 from .helpers import build, tiny
-from .test_serve import CharTokenizer, _free_port, _http, _jobs, _open_stream
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (not a zombie)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+from .test_serve import CharTokenizer, _alive, _all_gone, _free_port, _http, _jobs, _open_stream
 
 
 def _children(pid: int) -> list[int]:
@@ -68,7 +59,7 @@ def test_the_engine_process_gives_every_request_its_greedy_tokens_and_leaves_not
             engine.submit(list(range(60)), Params(max_tokens=10), lambda e: None)
     finally:
         assert engine.shutdown(30)
-    assert not _alive(pid)
+    assert not _alive(pid)  # shutdown joined it
     with pytest.raises(EngineClosed):
         engine.submit([1], Params(max_tokens=1), lambda e: None)
 
@@ -133,8 +124,7 @@ def test_kunlun_serve_exits_with_a_clear_error_when_its_engine_process_dies(trai
         if proc.poll() is None:
             proc.kill()
     assert "engine process exited" in proc.stdout.read()
-    time.sleep(1)
-    assert not any(_alive(c) for c in children)
+    assert _all_gone(children)
 
 
 def test_an_engine_that_cannot_start_is_a_clear_error():

@@ -238,6 +238,25 @@ def test_cancelled_and_timed_out_requests_leave_and_the_queue_is_bounded():
 
 
 # ---------------------------------------------------------------------------------------------------- server
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (not gone, not a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _all_gone(pids: list[int], within: float = 30.0) -> bool:
+    """Whether every process of ``pids`` has exited within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while any(_alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -599,6 +618,8 @@ def test_kunlun_serve_finishes_requests_in_flight_on_sigterm_and_refuses_new_one
     try:
         banner = proc.stdout.readline()
         assert f"127.0.0.1:{port}/v1" in banner, banner
+        children = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert children  # the engine's process (the default on CPU)
         url = f"http://127.0.0.1:{port}"
         model = json.loads(_http("GET", f"{url}/v1/models")[1])["data"][0]["id"]
         assert model == trained_run.name
@@ -620,6 +641,7 @@ def test_kunlun_serve_finishes_requests_in_flight_on_sigterm_and_refuses_new_one
         if proc.poll() is None:
             proc.kill()
     assert "refusing new ones" in proc.stdout.read()
+    assert _all_gone(children)  # no orphan engine (nor multiprocessing's resource tracker) left behind
 
 
 def test_serve_without_the_extra_or_with_a_bad_checkpoint_is_a_clear_error(tmp_path, capsys):

@@ -1,5 +1,9 @@
 """``kunlun serve``: load a checkpoint, start the engine, serve the OpenAI API with uvicorn until SIGTERM/Ctrl-C.
 
+By default (on CPU) the engine runs in a process of its own, so the model does not share the GIL with the HTTP
+side; ``--engine thread`` keeps it in a thread of the server's process. When the engine process dies, the server
+says why and exits with status 1.
+
 On SIGTERM (or the first Ctrl-C) the server stops listening, answers 503 to new requests on open connections, lets
 every request in flight finish, then exits; a second signal exits at once.
 """
@@ -41,6 +45,9 @@ def add_parser(sub: Any) -> None:
     add_prefill_chunk_arg(s)
     s.add_argument("--chat-template", default=None,
                    help="a Jinja chat template file (default: the checkpoint's chat_template.jinja, if any)")
+    s.add_argument("--engine", choices=("auto", "process", "thread"), default="auto",
+                   help="where the engine runs: its own process (the model off the HTTP side's GIL) or a thread of "
+                        "the server's (default: %(default)s: a process on CPU, a thread on a GPU)")
     s.add_argument("--threads", type=int_at_least(1), default=None,
                    help="torch CPU threads for the model (default on CPU: torch's less one, at least 1, leaving a "
                         "core to the HTTP side and to clients on the same machine)")
@@ -56,21 +63,27 @@ def run(args: argparse.Namespace) -> None:
     import uvicorn
 
     from ..checkpoint import CheckpointError
-    from ..serve.engine import Engine
     from ..serve.model import load_served
     from ..serve.server import Draining, create_app
 
     device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    elif device == "cpu":  # measured: 2 cores, 2 model threads run at 0.61x one-at-a-time generate, 1 at 0.87x
-        torch.set_num_threads(max(1, torch.get_num_threads() - 1))
+    threads = args.threads
+    if threads is None and device == "cpu":  # measured: 2 cores, 2 model threads ran at 0.61x generate, 1 at 0.87x
+        threads = max(1, torch.get_num_threads() - 1)
+    died: list[str] = []
+    server: Any = None
+
+    def on_death(reason: str) -> None:
+        died.append(reason)
+        print(f"kunlun serve: {reason}; stopping", file=sys.stderr, flush=True)
+        if server is not None:
+            server.should_exit = True
+
     try:
         served = load_served(args.checkpoint, args.model_name, device, getattr(torch, args.dtype),
                              args.chat_template)
-        engine = Engine(served.model, served.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                        speculative=args.speculative, draft_len=args.draft_len, prefill_chunk=args.prefill_chunk)
-    except (CheckpointError, ValueError, OSError) as e:
+        engine = _start_engine(args, served, device, threads, on_death)
+    except (CheckpointError, ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"kunlun serve: {e}") from None
     draining = Draining()
     app = create_app(served, engine, request_timeout=args.timeout or None, draining=draining)
@@ -103,3 +116,24 @@ def run(args: argparse.Namespace) -> None:
         server.run()
     finally:
         engine.shutdown(timeout=30)
+    if died:
+        raise SystemExit(1)
+
+
+def _start_engine(args: argparse.Namespace, served: Any, device: str, threads: int | None,
+                  on_death: Any) -> Any:
+    """The engine: in a process of its own (``--engine process``, the default on CPU) or in a thread of this one."""
+    import torch
+
+    from ..serve.engine import Engine
+    from ..serve.process import EngineOptions, EngineProcess
+
+    if args.engine == "process" or (args.engine == "auto" and device == "cpu"):
+        options = EngineOptions(max_batch=args.max_batch, max_queue=args.max_queue, speculative=args.speculative,
+                                draft_len=args.draft_len, prefill_chunk=args.prefill_chunk, threads=threads)
+        torch.set_num_threads(1)  # this process only serves HTTP; the model's threads are the engine's
+        return EngineProcess(served.model, served.tokenizer, options, on_death=on_death)
+    if threads:
+        torch.set_num_threads(threads)
+    return Engine(served.model, served.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
+                  speculative=args.speculative, draft_len=args.draft_len, prefill_chunk=args.prefill_chunk)

@@ -127,7 +127,8 @@ class Engine:
 
     def __init__(self, model: KunlunBaize, tokenizer: Any, max_batch: int = 16, max_queue: int = 256,
                  speculative: bool = False, draft_len: int | None = None,
-                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> None:
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+                 after_step: Callable[[], None] | None = None) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.prefill_chunk = check_prefill_chunk(prefill_chunk)
@@ -138,6 +139,7 @@ class Engine:
         self.context = model.config.max_seq_len
         self.max_batch, self.max_queue = max_batch, max_queue
         self.speculative = speculative
+        self.after_step = after_step  # called on the engine's thread after each step (sends its events in a batch)
         self.draft_len = draft_len or model.config.mtp_depth
         self.batch = model.new_cache(max_batch, self.context, mtp=speculative)
         self.batch.padded = True
@@ -155,11 +157,7 @@ class Engine:
     def submit(self, prompt: list[int], params: Params, sink: Sink) -> Sequence:
         """Queue a sequence; ``sink`` receives its :class:`Delta` s and then one :class:`Finished`, on the engine's
         thread. Raises QueueFull, EngineClosed, or ValueError when the prompt and budget do not fit the context."""
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if len(prompt) + max(params.max_tokens, 1) > self.context:
-            raise ValueError(f"the prompt has {len(prompt)} tokens and {params.max_tokens} more were asked for, "
-                             f"but the model's context is {self.context} tokens")
+        check_fits(prompt, params, self.context)
         seq = Sequence(prompt=list(prompt), params=params, sink=sink)
         with self._cond:
             if not self._accepting:
@@ -234,6 +232,8 @@ class Engine:
                         self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
                 self.active.clear()
                 self.batch.length = 0
+            if self.after_step is not None:
+                self.after_step()
 
     def _admit(self, seq: Sequence) -> None:
         """Prefill ``seq`` alone, choose its first token, and place its cache row into the batch."""
@@ -389,6 +389,15 @@ class Engine:
                 i += 1
         if not self.active:
             self.batch.length = 0
+
+
+def check_fits(prompt: list[int], params: Params, context: int) -> None:
+    """Raise ValueError when ``prompt`` is empty or it and its budget do not fit the model's ``context``."""
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if len(prompt) + max(params.max_tokens, 1) > context:
+        raise ValueError(f"the prompt has {len(prompt)} tokens and {params.max_tokens} more were asked for, "
+                         f"but the model's context is {context} tokens")
 
 
 def _deliver(seq: Sequence, event: Delta | Finished) -> None:

@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from ..infer.sampling import SamplingParams
 from .engine import Delta, Engine, EngineClosed, Finished, Params, QueueFull, Sequence, TokenLogprob
 from .model import END_OF_TURN, ServedModel
+from .process import EngineDied, EngineProcess, Handle
 from .protocol import APIError, ChatRequest, CompletionRequest, validation_error
 
 
@@ -32,7 +33,7 @@ from .protocol import APIError, ChatRequest, CompletionRequest, validation_error
 class Metrics:
     """Prometheus metrics of one server (its own registry)."""
 
-    engine: Engine
+    engine: Engine | EngineProcess
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
@@ -58,9 +59,10 @@ class Draining:
         self.on = False
 
 
-def create_app(served: ServedModel, engine: Engine, request_timeout: float | None = None,
+def create_app(served: ServedModel, engine: Engine | EngineProcess, request_timeout: float | None = None,
                draining: Draining | None = None) -> FastAPI:
-    """The FastAPI app serving ``served`` through ``engine``; the caller owns both (and shuts the engine down)."""
+    """The FastAPI app serving ``served`` through ``engine`` (in this process or its own); the caller owns both
+    (and shuts the engine down)."""
     app = FastAPI(title="kunlun serve", docs_url=None, redoc_url=None)
     metrics = Metrics(engine)
     draining = draining or Draining()
@@ -88,6 +90,9 @@ def create_app(served: ServedModel, engine: Engine, request_timeout: float | Non
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        died = getattr(engine, "died", None)
+        if died is not None:
+            return JSONResponse({"status": "engine died", "error": died}, status_code=503)
         if draining.on:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         return JSONResponse({"status": "ok"})
@@ -187,13 +192,13 @@ def _params(body: CompletionRequest | ChatRequest, prompt: list[int], budget: in
 class _Choice:
     index: int
     prompt: list[int]
-    seq: Sequence | None = None
+    seq: Sequence | Handle | None = None
     finished: Finished | None = None
     offset: int = 0  # characters of text sent so far (for text_offset)
     opened: bool = False  # its first chunk was sent
 
 
-async def _serve(request: Request, endpoint: str, engine: Engine, served: ServedModel, metrics: Metrics,
+async def _serve(request: Request, endpoint: str, engine: Engine | EngineProcess, served: ServedModel, metrics: Metrics,
                  body: CompletionRequest | ChatRequest, prompts: list[list[int]], budget: int | None,
                  stop_ids: frozenset[int], logprobs: int | None, echo: bool, chat: bool,
                  timeout: float | None) -> Response:
@@ -215,6 +220,9 @@ async def _serve(request: Request, endpoint: str, engine: Engine, served: Served
         if isinstance(e, QueueFull):
             raise APIError(429, f"the server is busy ({e}); retry later", "rate_limit_error",
                            code="queue_full") from None
+        if isinstance(e, EngineDied):
+            raise APIError(503, f"the server cannot generate: {e}", "service_unavailable",
+                           code="engine_died") from None
         if isinstance(e, EngineClosed):
             raise APIError(503, "the server is shutting down", "service_unavailable", code="shutting_down") from None
         raise APIError(400, str(e), param="messages" if chat else "prompt") from None
@@ -262,7 +270,7 @@ async def _wait(request: Request, queue: asyncio.Queue, answer: _Answer) -> None
         watcher.cancel()
 
 
-async def _stream(answer: _Answer, queue: asyncio.Queue, engine: Engine, endpoint: str,
+async def _stream(answer: _Answer, queue: asyncio.Queue, engine: Engine | EngineProcess, endpoint: str,
                   include_usage: bool) -> AsyncIterator[str]:
     try:
         if answer.chat:  # the role comes first, before any token

@@ -1,0 +1,163 @@
+"""The long-context demonstration (docs/LONG_CONTEXT.md): a trained run extended to 2K and then 4K tokens with each
+RoPE scaling (and none), every model scored by loss per position on long validation windows and by the RULER-style
+suite per length.
+
+    python benchmarks/long_context.py --parent runs/small --out runs/lc [--data data/stdlib]
+
+Stages (each skipped when its result exists, each training resumable, so the same command continues after an
+interruption): for every method, ``kunlun train --init-from`` the parent at 2K, then from that run at 4K (the staged
+recipe: the original context stays the parent's, so both stages scale from it); then ``kunlun eval --task
+position-loss`` and ``--task ruler=…`` of the parent and every stage. ``--lanes N`` runs N stages at a time (one
+torch thread each by default: on a shared machine, one thread per process is much faster than several threads
+fighting over the cores). Every stage's command, wall time and the machine's load go to ``OUT/stages.jsonl``;
+``--report DIR`` gathers the results into small files (tables, plots) to commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from threading import Lock
+
+METHODS = ("none", "linear", "dynamic", "yarn", "llama3")
+STAGES = ((2048, "2k"), (4096, "4k"))
+_log_lock = Lock()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parent", default="runs/small", help="the trained run to extend (default runs/small)")
+    p.add_argument("--out", default="runs/lc", help="folder of the stages' runs and evaluations")
+    p.add_argument("--data", default="data/stdlib", help="the parent's `kunlun prepare` folder")
+    p.add_argument("--methods", default=",".join(METHODS), help="RoPE scalings to extend with (none = no scaling)")
+    p.add_argument("--steps", type=int, default=1, help="training steps per stage (default 1: a CPU demonstration)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of each stage (default 5e-4)")
+    p.add_argument("--windows", type=int, default=1, help="position loss: validation windows per length")
+    p.add_argument("--ruler-tasks", default="passkey")
+    p.add_argument("--ruler-lengths", default="256,512,1k,2k,4k")
+    p.add_argument("--per-length", type=int, default=1, help="ruler: samples per task and length")
+    p.add_argument("--lanes", type=int, default=2, help="stages run at a time (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per stage (default 1)")
+    p.add_argument("--only", choices=("train", "eval"), help="run only the trainings or only the evaluations")
+    p.add_argument("--report", metavar="DIR", help="gather the results into DIR (tables, plots) and exit")
+    return p.parse_args(argv)
+
+
+def kunlun() -> list[str]:
+    """The ``kunlun`` command of this Python (the venv's console script, else ``python -m kunlunbaize.cli``)."""
+    script = Path(sys.executable).with_name("kunlun")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "kunlunbaize.cli"]
+
+
+def run_name(method: str, label: str) -> str:
+    return f"{method}-{label}"
+
+
+def train_stage(args: argparse.Namespace, method: str, index: int) -> tuple[Path, list[str]]:
+    """The run folder and command of ``method``'s stage ``index`` (0: parent → 2K, 1: 2K → 4K)."""
+    seq_len, label = STAGES[index]
+    init = args.parent if index == 0 else str(Path(args.out) / run_name(method, STAGES[index - 1][1]))
+    out = Path(args.out) / run_name(method, label)
+    batch, tokens = args.batch, args.steps * args.batch * seq_len
+    cmd = [*kunlun(), "train", "--data", args.data, "--init-from", init, "--out", str(out), "--seq-len",
+            str(seq_len), "--rope", method, "--tokens", str(tokens), "--batch-size", str(batch),
+            "--batch-size-start", str(batch), "--lr", str(args.lr), "--warmup-steps", "1", "--eval-every", "1000000",
+            "--eval-batches", "0", "--ckpt-every", "1000000", "--keep-last", "1", "--log-every", "1",
+            "--no-progress", "--sample-tokens", "0"]
+    return out, cmd
+
+
+def trained(run: Path) -> bool:
+    path = run / "summary.json"
+    return path.exists() and bool(json.loads(path.read_text()).get("finished"))
+
+
+def eval_commands(args: argparse.Namespace, run: str, name: str) -> list[tuple[Path, list[str]]]:
+    """(results folder, command) of the position-loss evaluation of ``run`` at its own context (a 4K window's first
+    2K positions are the 2K window: windows start at the split's first token) and the ruler suite's (the parent's
+    and the last stage's only)."""
+    root = Path(args.out) / "eval" / name
+    lengths = {"parent": "256", "2k": "2k", "4k": "4k"}[name.rsplit("-", 1)[-1]]
+    common = ["--checkpoint", run, "--no-progress"]
+    ruler = name == "parent" or name.endswith(STAGES[-1][1])
+    return [
+        (root / "position", [*kunlun(), "eval", *common, "--task", "position-loss", "--data", args.data, "--lengths",
+                lengths, "--per-length", str(args.windows), "--out", str(root / "position")]),
+        (root / "ruler", [*kunlun(), "eval", *common, "--task", f"ruler={args.ruler_tasks}", "--lengths",
+                args.ruler_lengths, "--per-length", str(args.per_length), "--max-new-tokens", "8", "--out",
+                str(root / "ruler")]),
+    ][:2 if ruler else 1]
+
+
+def run_stage(args: argparse.Namespace, name: str, cmd: list[str], log_dir: Path) -> bool:
+    """Run one stage (niced, ``--threads`` torch threads), logging its command, wall time and load; True if it
+    succeeded."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    load0, start = os.getloadavg()[0], time.time()
+    with open(log_dir / f"{name}.log", "ab") as f:
+        rc = subprocess.run(["nice", "-n", "5", *cmd], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    record = {"stage": name, "command": shlex.join(cmd), "rc": rc, "started": time.strftime(
+        "%Y-%m-%d %H:%M:%S", time.gmtime(start)), "wall_s": round(time.time() - start, 1),
+        "load_start": round(load0, 2), "load_end": round(os.getloadavg()[0], 2), "threads": args.threads}
+    with _log_lock, open(log_dir / "stages.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"{record['started']} {name}: rc {rc}, {record['wall_s']:.0f} s (load {load0:.1f})", flush=True)
+    return rc == 0
+
+
+def method_trainings(args: argparse.Namespace, method: str, log_dir: Path) -> None:
+    for index in range(len(STAGES)):
+        out, cmd = train_stage(args, method, index)
+        if trained(out):
+            continue
+        if not run_stage(args, f"train-{out.name}", cmd, log_dir):
+            return  # the next stage needs this one
+
+
+def model_evaluations(args: argparse.Namespace, run: str, name: str, log_dir: Path, which: str) -> None:
+    for folder, cmd in eval_commands(args, run, name):
+        if folder.name != which or (folder / "summary.json").exists() or not Path(run).exists():
+            continue
+        run_stage(args, f"eval-{name}-{folder.name}", cmd, log_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.report:
+        from long_context_report import write_report
+
+        write_report(Path(args.out), Path(args.report), args)
+        return
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        sys.exit(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    log_dir = Path(args.out)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    models = [(str(Path(args.out) / run_name(m, label)), run_name(m, label)) for m in methods for _, label in STAGES]
+
+    def chain(method: str) -> None:  # a method's stages, each model's position loss right after its training
+        if args.only != "eval":
+            method_trainings(args, method, log_dir)
+        if args.only != "train":
+            for run, name in models:
+                if name.startswith(f"{method}-"):
+                    model_evaluations(args, run, name, log_dir, "position")
+
+    with ThreadPoolExecutor(args.lanes) as pool:
+        list(pool.map(chain, methods))
+        if args.only != "train":
+            everything = [(args.parent, "parent"), *models]
+            list(pool.map(lambda m: model_evaluations(args, m[0], m[1], log_dir, "position"), everything))
+            list(pool.map(lambda m: model_evaluations(args, m[0], m[1], log_dir, "ruler"), everything))
+
+if __name__ == "__main__":
+    main()

@@ -124,7 +124,7 @@ def method_trainings(args: argparse.Namespace, method: str, log_dir: Path) -> No
 
 def model_evaluations(args: argparse.Namespace, run: str, name: str, log_dir: Path, which: str) -> None:
     for folder, cmd in eval_commands(args, run, name):
-        if folder.name != which or (folder / "summary.json").exists() or not Path(run).exists():
+        if folder.name != which or (folder / "summary.json").exists() or not (name == "parent" or trained(Path(run))):
             continue
         run_stage(args, f"eval-{name}-{folder.name}", cmd, log_dir)
 

@@ -22,9 +22,9 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from threading import Lock
+from threading import Condition, Lock, Thread
 
 METHODS = ("none", "linear", "dynamic", "yarn", "llama3")
 STAGES = ((2048, "2k"), (4096, "4k"))
@@ -113,20 +113,86 @@ def run_stage(args: argparse.Namespace, name: str, cmd: list[str], log_dir: Path
     return rc == 0
 
 
-def method_trainings(args: argparse.Namespace, method: str, log_dir: Path) -> None:
+@dataclass
+class Job:
+    """One stage: its name (``train-yarn-2k``, ``eval-yarn-2k-position``), command, the file that says it is done,
+    and the jobs it needs."""
+
+    name: str
+    cmd: list[str]
+    done_file: Path
+    needs: tuple[str, ...] = ()
+
+    def done(self) -> bool:
+        if self.name.startswith("train-"):
+            return trained(self.done_file.parent)
+        return self.done_file.exists()
+
+
+def plan_jobs(args: argparse.Namespace, methods: list[str]) -> list[Job]:
+    """Every stage in priority order: the 2K trainings, their position losses, the 4K trainings, theirs, the
+    parent's, then the ruler suite (the slowest and, for a small model, the least informative)."""
+    jobs: list[Job] = []
     for index in range(len(STAGES)):
-        out, cmd = train_stage(args, method, index)
-        if trained(out):
-            continue
-        if not run_stage(args, f"train-{out.name}", cmd, log_dir):
-            return  # the next stage needs this one
+        label = STAGES[index][1]
+        for m in methods:
+            out, cmd = train_stage(args, m, index)
+            needs = (f"train-{run_name(m, STAGES[index - 1][1])}",) if index else ()
+            jobs.append(Job(f"train-{out.name}", cmd, out / "summary.json", needs))
+        for m in methods:
+            jobs += eval_jobs(args, str(Path(args.out) / run_name(m, label)), run_name(m, label), "position")
+    jobs += eval_jobs(args, args.parent, "parent", "position") + eval_jobs(args, args.parent, "parent", "ruler")
+    for m in methods:
+        jobs += eval_jobs(args, str(Path(args.out) / run_name(m, STAGES[-1][1])), run_name(m, STAGES[-1][1]), "ruler")
+    if args.only:
+        jobs = [j for j in jobs if j.name.startswith(args.only)]
+    return jobs
 
 
-def model_evaluations(args: argparse.Namespace, run: str, name: str, log_dir: Path, which: str) -> None:
-    for folder, cmd in eval_commands(args, run, name):
-        if folder.name != which or (folder / "summary.json").exists() or not (name == "parent" or trained(Path(run))):
-            continue
-        run_stage(args, f"eval-{name}-{folder.name}", cmd, log_dir)
+def eval_jobs(args: argparse.Namespace, run: str, name: str, which: str) -> list[Job]:
+    needs = () if name == "parent" else (f"train-{name}",)
+    return [Job(f"eval-{name}-{folder.name}", cmd, folder / "summary.json", needs)
+            for folder, cmd in eval_commands(args, run, name) if folder.name == which]
+
+
+def run_jobs(args: argparse.Namespace, jobs: list[Job], log_dir: Path) -> None:
+    """Run ``jobs`` on ``--lanes`` lanes, each lane taking the first job whose needs are met (a job whose need
+    failed, or is not in the list and not done, is dropped)."""
+    names = {j.name for j in jobs}
+    finished = {j.name for j in jobs if j.done()}
+    pending = [j for j in jobs if j.name not in finished]
+    failed: set[str] = set()
+    cond = Condition()
+
+    def ready(j: Job) -> bool:
+        return all(n in finished or (n not in names and trained(Path(args.out, n.removeprefix("train-"))))
+                   for n in j.needs)
+
+    def lane() -> None:
+        while True:
+            with cond:
+                while True:
+                    for j in [j for j in pending if any(n in failed for n in j.needs)]:
+                        pending.remove(j)
+                        failed.add(j.name)
+                    job = next((j for j in pending if ready(j)), None)
+                    if job or not pending:
+                        break
+                    cond.wait(timeout=5)
+                if job is None:
+                    cond.notify_all()
+                    return
+                pending.remove(job)
+            ok = run_stage(args, job.name, job.cmd, log_dir)
+            with cond:
+                (finished if ok else failed).add(job.name)
+                cond.notify_all()
+
+    threads = [Thread(target=lane) for _ in range(args.lanes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,22 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     log_dir = Path(args.out)
     log_dir.mkdir(parents=True, exist_ok=True)
-    models = [(str(Path(args.out) / run_name(m, label)), run_name(m, label)) for m in methods for _, label in STAGES]
-
-    def chain(method: str) -> None:  # a method's stages, each model's position loss right after its training
-        if args.only != "eval":
-            method_trainings(args, method, log_dir)
-        if args.only != "train":
-            for run, name in models:
-                if name.startswith(f"{method}-"):
-                    model_evaluations(args, run, name, log_dir, "position")
-
-    with ThreadPoolExecutor(args.lanes) as pool:
-        list(pool.map(chain, methods))
-        if args.only != "train":
-            everything = [(args.parent, "parent"), *models]
-            list(pool.map(lambda m: model_evaluations(args, m[0], m[1], log_dir, "position"), everything))
-            list(pool.map(lambda m: model_evaluations(args, m[0], m[1], log_dir, "ruler"), everything))
+    run_jobs(args, plan_jobs(args, methods), log_dir)
 
 if __name__ == "__main__":
     main()

@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lanes", type=int, default=2, help="stages run at a time (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per stage (default 1)")
     p.add_argument("--only", choices=("train", "eval"), help="run only the trainings or only the evaluations")
+    p.add_argument("--skip", default="", metavar="STAGE,…",
+                   help="stages left out (as stages.jsonl names them, e.g. train-llama3-4k; what needs them goes too)")
     p.add_argument("--report", metavar="DIR", help="gather the results into DIR (tables, plots) and exit")
     return p.parse_args(argv)
 
@@ -146,7 +148,13 @@ def plan_jobs(args: argparse.Namespace, methods: list[str]) -> list[Job]:
         jobs += eval_jobs(args, str(Path(args.out) / run_name(m, STAGES[-1][1])), run_name(m, STAGES[-1][1]), "ruler")
     if args.only:
         jobs = [j for j in jobs if j.name.startswith(args.only)]
-    return jobs
+    skip = {n.strip() for n in args.skip.split(",") if n.strip()}
+    while True:  # a skipped stage takes what needs it along
+        dropped = {j.name for j in jobs if j.name in skip or set(j.needs) & skip}
+        if dropped <= skip:
+            break
+        skip |= dropped
+    return [j for j in jobs if j.name not in skip]
 
 
 def eval_jobs(args: argparse.Namespace, run: str, name: str, which: str) -> list[Job]:

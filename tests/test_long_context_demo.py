@@ -79,3 +79,9 @@ def test_the_report_averages_position_ranges_and_tabulates_the_ruler_by_length(t
     assert "| parent | 1.00 | — | 1.00 |" in text and "| yarn-4k | 0.00 | 1.00 | 0.50 |" in text
     assert "| yarn-4k | — | 4.500 | 6.000 | 7.000 | 0.500 |" in text
     assert (tmp_path / "rep" / "position_4096.png").is_file()
+
+
+def test_skipping_a_stage_drops_what_needs_it(lc, tmp_path):
+    args = lc.parse_args(["--out", str(tmp_path), "--skip", "train-yarn-2k"])
+    names = [j.name for j in lc.plan_jobs(args, ["none", "yarn"])]
+    assert not [n for n in names if "yarn" in n] and "train-none-4k" in names and "eval-none-4k-ruler" in names

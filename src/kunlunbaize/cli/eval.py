@@ -157,7 +157,7 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--lengths", type=lengths_list, metavar="L,L,…",
                    help="ruler: total tokens per sample, e.g. 1k,2k,4k (k = 1024; default 4k,8k,16k,32k,64k,128k), "
                         "clipped with a warning to the model's context; position-loss: window lengths (default: the "
-                        "model's context), those beyond the context left out with a warning")
+                        "model's context), those beyond the context read through a sliding window of it")
     e.add_argument("--per-length", type=int_at_least(1), metavar="N",
                    help="ruler: samples per task and length (default 25; --limit caps it too); position-loss: "
                         "windows per length (default: every whole window of the split)")

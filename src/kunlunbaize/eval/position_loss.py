@@ -5,9 +5,11 @@ one after the other (``--per-length`` of them; default: every whole window the s
 next-token loss (nats) is reported per position bucket: ``BUCKETS`` equal spans of positions 0 … L−1, where
 position t is the prediction of token t + 1 from tokens 0 … t. A model that uses its whole context keeps its loss
 falling (or flat) along the window; a model that does not reach that far has its loss rise past the positions it
-can use, which is what a context extension is for. Windows run across document boundaries, as training windows
-do. The task folder holds one record per window (its start in the split and its bucket losses),
-``position_loss.md`` (the table) and ``position_loss.png`` (loss against position, one line per length).
+can use, which is what a context extension is for. A length beyond the model's context is read through a sliding
+window of the context (half a context apart): the loss on the same tokens without any longer context, the baseline
+an extended model has to beat. Windows run across document boundaries, as training windows do. The task folder
+holds one record per window (its start in the split and its bucket losses), ``position_loss.md`` (the table) and
+``position_loss.png`` (loss against position, one line per length).
 """
 
 from __future__ import annotations
@@ -42,12 +44,25 @@ def bucket_edges(length: int, buckets: int = BUCKETS) -> list[int]:
     return [round(i * length / n) for i in range(n + 1)]
 
 
-def window_losses(logits_of: Logits, tokens: np.ndarray) -> torch.Tensor:
-    """Next-token losses (nats) at positions 0 … L−1 of one window of L + 1 tokens."""
+def window_losses(logits_of: Logits, tokens: np.ndarray, context: int | None = None) -> torch.Tensor:
+    """Next-token losses (nats) at positions 0 … L−1 of one window of L + 1 tokens. A window longer than
+    ``context`` is read through a sliding window of ``context`` tokens, ``context // 2`` apart, each position scored
+    once (in the first chunk that reaches it): no prediction sees more than ``context`` tokens, none past the
+    first chunk fewer than ``context − context // 2``."""
     ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))[None]
+    length = ids.shape[1] - 1
+    context = length if context is None else min(context, length)
+    stride = max(1, context // 2) if context < length else context
+    losses = torch.empty(length)
+    done, start = 0, 0
     with torch.inference_mode():
-        logits = logits_of(ids[:, :-1]).float()
-    return F.cross_entropy(logits[0], ids[0, 1:], reduction="none")
+        while done < length:
+            end = min(start + context, length)
+            logits = logits_of(ids[:, start:end]).float()
+            chunk = F.cross_entropy(logits[0], ids[0, start + 1:end + 1], reduction="none")
+            losses[done:end] = chunk[done - start:]
+            done, start = end, start + stride
+    return losses
 
 
 def bucket_means(losses: torch.Tensor, edges: Sequence[int]) -> list[float]:
@@ -57,20 +72,18 @@ def bucket_means(losses: torch.Tensor, edges: Sequence[int]) -> list[float]:
 
 def check_lengths(lengths: Sequence[int], context: int, split_tokens: int, name: str,
                   log: Callable[[str], None]) -> tuple[int, ...]:
-    """The lengths to evaluate: those beyond the model's context are left out with a warning; TaskError when none
-    is left or one is too short or longer than the split."""
+    """The lengths to evaluate (sorted); those beyond the model's context get a warning (they are read through a
+    sliding window of the context); TaskError for one too short or longer than the split."""
     bad = [n for n in lengths if n < 2]
     if bad:
         raise TaskError(f"{name}: a window needs at least 2 positions, got --lengths {bad[0]}; give lengths such as "
                         "1k,2k")
     over = [n for n in lengths if n > context]
     if over:
-        log(f"warning: {name}: {', '.join(map(str, over))} tokens exceed the model's context of {context}: left out")
-    kept = tuple(sorted({n for n in lengths if n <= context}))
-    if not kept:
-        raise TaskError(f"{name}: every length ({', '.join(map(str, lengths))}) exceeds the model's context of "
-                        f"{context} tokens: choose --lengths up to {context}, or extend the model first "
-                        "(kunlun train --init-from RUN --seq-len N --rope yarn)")
+        log(f"warning: {name}: {', '.join(map(str, over))} tokens exceed the model's context of {context}: read "
+            f"through a sliding window of {context} tokens ({max(1, context // 2)} apart), so no prediction sees "
+            f"more than {context} tokens (the baseline an extended model has to beat)")
+    kept = tuple(sorted(set(lengths)))
     if max(kept) + 1 > split_tokens:
         raise TaskError(f"{name}: a window of {max(kept)} tokens needs {max(kept) + 1} tokens, but the split holds "
                         f"only {split_tokens}: choose shorter --lengths or a larger split")
@@ -122,10 +135,12 @@ class PositionLossRun:
             for index in todo:
                 length, window = self.units[index]
                 start = window * length
-                losses = window_losses(self.logits_of, self.stream.slice(start, start + length + 1))
+                losses = window_losses(self.logits_of, self.stream.slice(start, start + length + 1),
+                                       self.model.context)
                 edges = bucket_edges(length)
                 records.add([{"index": index, "length": length, "window": window, "start": start,
-                              "edges": edges, "loss": bucket_means(losses, edges), "mean": float(losses.mean())}])
+                              "context": min(length, self.model.context), "edges": edges,
+                              "loss": bucket_means(losses, edges), "mean": float(losses.mean())}])
                 bar.update(1)
         return self._score([records.done[i][0] for i in self.units])
 
@@ -137,7 +152,8 @@ class PositionLossRun:
             rows.append(row(self.task, f"loss@{n}", means, len(means)))
             last = [ln["loss"][-1] for ln in lines if ln["length"] == n]
             rows.append(row(self.task, f"loss@{n} last bucket", last, len(last)))
-        label = self.model.checkpoint.name
+        ckpt = self.model.checkpoint
+        label = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.name
         markdown = curves_markdown({label: curves})
         folder = self.runner.folder
         (folder / "position_loss.md").write_text(markdown + "\n", encoding="utf-8")

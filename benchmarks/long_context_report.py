@@ -69,6 +69,26 @@ def ranges_table(models: dict[str, dict[str, Any]], stages: dict[str, dict[str, 
     return "\n".join(lines)
 
 
+def gain_table(models: dict[str, dict[str, Any]]) -> str:
+    """Each model's loss over each position range minus the parent's on the same tokens (read through its own
+    256-token sliding window): negative where the longer context helps."""
+    parent = models.get("parent", {}).get("curves", {})
+    lines = ["| model | " + " | ".join(f"Δ positions {a}–{b - 1}" for a, b in RANGES[1:]) + " |",
+             "|---|" + "---:|" * (len(RANGES) - 1)]
+    for name, m in models.items():
+        if name == "parent" or not m.get("curves"):
+            continue
+        n = max(m["curves"])
+        if n not in parent:
+            continue
+        cells = []
+        for a, b in RANGES[1:]:
+            mine, base = range_loss(m["curves"][n], a, b), range_loss(parent[n], a, b)
+            cells.append(f"{mine - base:+.3f}" if mine is not None and base is not None else "—")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def ruler_table(models: dict[str, dict[str, Any]]) -> str:
     """Score by length, Table 3's shape: a row per model (the mean over its tasks), a column per length."""
     lengths = sorted({n for m in models.values() for s in m.get("ruler", {}).values() for n in s})
@@ -101,15 +121,12 @@ def write_report(out: Path, report: Path, args: argparse.Namespace | None = None
     last = {r["stage"]: r for r in records if r["rc"] == 0}
     models = collect(out)
     parts = ["# Long-context demonstration: results", "", "## Stages", "", stages_table(records), "",
-             "## Loss over position ranges (nats)", "", ranges_table(models, last), ""]
-    parent = models.get("parent", {}).get("curves", {})
+             "## Loss over position ranges (nats)", "", ranges_table(models, last), "",
+             "## Against the parent on the same tokens (its 256-token sliding window)", "", gain_table(models), ""]
     for n in sorted({n for m in models.values() for n in m.get("curves", {}) if n > 256}):
         curves = {name: {n: m["curves"][n]} for name, m in models.items() if n in m.get("curves", {})}
-        if not curves:
-            continue
         parts += [f"## Loss by position, {n}-token windows", "", curves_markdown(curves), ""]
-        shown = {**({"parent (256)": {n: parent[256]}} if 256 in parent else {}), **curves}
-        plot_curves(shown, report / f"position_{n}.png", title=f"loss by position, {length_label(n)} windows",
+        plot_curves(curves, report / f"position_{n}.png", title=f"loss by position, {length_label(n)} windows",
                     marks={"parent's context": 256, **({"2K stage": 2048} if n > 2048 else {})})
         parts.append(f"![loss by position at {length_label(n)}](position_{n}.png)\n")
     if any("ruler" in m for m in models.values()):

@@ -129,6 +129,14 @@ def write_report(out: Path, report: Path, args: argparse.Namespace | None = None
         plot_curves(curves, report / f"position_{n}.png", title=f"loss by position, {length_label(n)} windows",
                     marks={"parent's context": 256, **({"2K stage": 2048} if n > 2048 else {})})
         parts.append(f"![loss by position at {length_label(n)}](position_{n}.png)\n")
+        if "parent" in curves:
+            base = curves["parent"][n]["loss"]
+            gains = {name: {n: {**c[n], "loss": [v - b for v, b in zip(c[n]["loss"], base, strict=True)]}}
+                     for name, c in curves.items() if name != "parent"}
+            plot_curves(gains, report / f"position_gain_{n}.png", marks={"parent's context": 256,
+                        **({"2K stage": 2048} if n > 2048 else {})}, ylabel="loss − the parent's (nats)",
+                        title=f"loss − the parent's on the same tokens, {length_label(n)} windows")
+            parts.append(f"![against the parent at {length_label(n)}](position_gain_{n}.png)\n")
     if any("ruler" in m for m in models.values()):
         parts += ["## Ruler suite: score by length", "", ruler_table(models), ""]
     (report / "report.md").write_text("\n".join(parts), encoding="utf-8")

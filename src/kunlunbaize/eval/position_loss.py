@@ -190,7 +190,7 @@ def curves_markdown(models: dict[str, dict[int, dict[str, Any]]]) -> str:
 
 
 def plot_curves(models: dict[str, dict[int, dict[str, Any]]], path: Path, title: str = "loss by position",
-                marks: dict[str, int] | None = None) -> Path:
+                marks: dict[str, int] | None = None, ylabel: str = "next-token loss (nats)") -> Path:
     """Loss against position: a panel per length, a line per model (each bucket at its middle position);
     ``marks`` draws labelled vertical lines (e.g. the original context)."""
     import matplotlib
@@ -210,7 +210,7 @@ def plot_curves(models: dict[str, dict[int, dict[str, Any]]], path: Path, title:
             ax.axvline(x, color="grey", ls="--", lw=0.8)
             ax.text(x, 1.0, f" {label}", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
         ax.set_xlabel("position in the window (tokens)")
-        ax.set_ylabel("next-token loss (nats)")
+        ax.set_ylabel(ylabel)
         ax.set_title(f"{n}-token windows")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -30,10 +30,13 @@ def collect(out: Path) -> dict[str, dict[str, Any]]:
     """Per model (``parent``, ``METHOD-2k``, ``METHOD-4k``): its position curves, ruler scores and training step."""
     models: dict[str, dict[str, Any]] = {}
     for folder in sorted((out / "eval").glob("*")):
-        position, ruler = _task_summary(folder / "position"), _task_summary(folder / "ruler")
+        ruler = _task_summary(folder / "ruler")
         entry: dict[str, Any] = {}
-        if position:
-            entry["curves"] = {int(n): c for n, c in position["position_loss"]["curves"].items()}
+        for sub in sorted(folder.glob("position*")):  # e.g. position and a later position4 with more windows
+            position = _task_summary(sub)
+            for n, c in (position or {}).get("position_loss", {}).get("curves", {}).items():
+                if c["windows"] > entry.setdefault("curves", {}).get(int(n), {}).get("windows", 0):
+                    entry["curves"][int(n)] = c
         if ruler:
             entry["ruler"] = {t: {int(n): v for n, v in s.items()} for t, s in ruler["ruler"]["scores"].items()}
         metrics = out / folder.name / "metrics.jsonl"

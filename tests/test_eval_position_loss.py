@@ -188,3 +188,10 @@ def test_kunlun_eval_scores_positions_of_a_trained_checkpoint(trained_run, datas
     assert [(ln["length"], ln["window"]) for ln in lines] == [(16, 0), (16, 1), (32, 0), (32, 1)]
     assert all(0 < v < 10 for ln in lines for v in ln["loss"]) and (folder / "position_loss.png").is_file()
     assert "loss by position" in (tmp_path / "ev" / "results.md").read_text()
+
+
+def test_a_larger_per_length_adds_windows_to_a_smaller_run(data_dir, tmp_path):
+    model = KnownLossModel(data_dir, context=512)
+    _run(model, tmp_path / "pl", lengths=(128,), per_length=1, data=data_dir)
+    summary = _run(model, tmp_path / "pl", lengths=(128,), per_length=3, data=data_dir)
+    assert len(model.inputs) == 3 and summary["position_loss"]["curves"]["128"]["windows"] == 3

@@ -70,8 +70,8 @@ class Task:
                 "ks", "split", "max_tokens")
         if self.kind == "ruler":
             keys = ("kind", "source", "stop", "lengths", "per_length", "budget")
-        if self.kind == "position-loss":
-            keys = ("kind", "source", "split", "lengths", "per_length")
+        if self.kind == "position-loss":  # not per_length: a window's loss does not depend on how many are read
+            keys = ("kind", "source", "split", "lengths")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(self, k)) for k in keys)}
 
 

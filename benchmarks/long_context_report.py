@@ -57,18 +57,20 @@ def range_loss(curve: dict[str, Any], lo: int, hi: int) -> float | None:
 
 
 def ranges_table(models: dict[str, dict[str, Any]], stages: dict[str, dict[str, Any]]) -> str:
-    head = ("| model | training (wall) | loss, positions " + " | ".join(f"{a}–{b - 1}" for a, b in RANGES)
+    """A row per model and window length (the parent's read through its 256-token sliding window)."""
+    head = ("| model | windows | training (wall) | loss, positions " + " | ".join(f"{a}–{b - 1}" for a, b in RANGES)
             + " | ruler avg |")
-    lines = [head, "|---|---:|" + "---:|" * (len(RANGES) + 1)]
+    lines = [head, "|---|---|---:|" + "---:|" * (len(RANGES) + 1)]
     for name, m in models.items():
-        curve = m.get("curves", {}) and m["curves"][max(m["curves"])]
-        cells = [f"{v:.3f}" if (v := range_loss(curve, a, b)) is not None else "—" for a, b in RANGES] \
-            if curve else ["—"] * len(RANGES)
         ruler = m.get("ruler")
         avg = np.mean([v for s in ruler.values() for v in s.values()]) if ruler else None
         wall = stages.get(f"train-{name}", {}).get("wall_s")
-        lines.append(f"| {name} | {f'{wall:.0f} s' if wall else '—'} | " + " | ".join(cells)
-                     + f" | {f'{avg:.3f}' if avg is not None else '—'} |")
+        for n, curve in sorted(m.get("curves", {}).items()):
+            if n <= RANGES[0][1] and len(m["curves"]) > 1:
+                continue
+            cells = [f"{v:.3f}" if (v := range_loss(curve, a, b)) is not None else "—" for a, b in RANGES]
+            lines.append(f"| {name} | {curve['windows']} × {length_label(n)} | {f'{wall:.0f} s' if wall else '—'} | "
+                         + " | ".join(cells) + f" | {f'{avg:.3f}' if avg is not None else '—'} |")
     return "\n".join(lines)
 
 
@@ -76,8 +78,8 @@ def gain_table(models: dict[str, dict[str, Any]]) -> str:
     """Each model's loss over each position range minus the parent's on the same tokens (read through its own
     256-token sliding window): negative where the longer context helps."""
     parent = models.get("parent", {}).get("curves", {})
-    lines = ["| model | " + " | ".join(f"Δ positions {a}–{b - 1}" for a, b in RANGES[1:]) + " |",
-             "|---|" + "---:|" * (len(RANGES) - 1)]
+    lines = ["| model | " + " | ".join(f"Δ positions {a}–{b - 1}" for a, b in RANGES) + " |",
+             "|---|" + "---:|" * len(RANGES)]
     for name, m in models.items():
         if name == "parent" or not m.get("curves"):
             continue
@@ -85,7 +87,7 @@ def gain_table(models: dict[str, dict[str, Any]]) -> str:
         if n not in parent:
             continue
         cells = []
-        for a, b in RANGES[1:]:
+        for a, b in RANGES:
             mine, base = range_loss(m["curves"][n], a, b), range_loss(parent[n], a, b)
             cells.append(f"{mine - base:+.3f}" if mine is not None and base is not None else "—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

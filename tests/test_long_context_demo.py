@@ -80,8 +80,8 @@ def test_the_report_averages_position_ranges_and_tabulates_the_ruler_by_length(t
     report.write_report(out, tmp_path / "rep")
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "| parent | 1.00 | — | 1.00 |" in text and "| yarn-4k | 0.00 | 1.00 | 0.50 |" in text
-    assert "| yarn-4k | — | 4.500 | 6.000 | 7.000 | 0.500 |" in text
-    assert "| yarn-4k | -0.500 | -0.250 |" in text  # against the parent on the same tokens
+    assert "| yarn-4k | 1 × 4K | — | 4.500 | 6.000 | 7.000 | 0.500 |" in text
+    assert "| yarn-4k | +0.000 | -0.500 | -0.250 |" in text  # against the parent on the same tokens
     assert "| positions | parent | yarn-4k |" in text and (tmp_path / "rep" / "position_4096.png").is_file()
 
 

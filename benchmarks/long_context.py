@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=1, help="training steps per stage (default 1: a CPU demonstration)")
     p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of each stage (default 5e-4)")
-    p.add_argument("--windows", type=int, default=1, help="position loss: validation windows per length")
+    p.add_argument("--window-tokens", type=int, default=16384,
+                   help="position loss: validation tokens per length (default 16,384: 8 windows of 2K, 4 of 4K)")
     p.add_argument("--ruler-tasks", default="passkey")
     p.add_argument("--ruler-lengths", default="256,512,1k,2k,4k")
     p.add_argument("--per-length", type=int, default=1, help="ruler: samples per task and length")
@@ -83,22 +84,24 @@ def trained(run: Path) -> bool:
 
 
 def eval_commands(args: argparse.Namespace, run: str, name: str) -> list[tuple[Path, list[str]]]:
-    """(results folder, command) of the position-loss evaluation of ``run`` at its own context (a 4K window's first
-    2K positions are the 2K window: windows start at the split's first token) and the ruler suite's (the parent's
-    and the last stage's only)."""
+    """(results folder, command) of the position-loss evaluations of ``run`` — at its own context, on the first
+    ``--window-tokens`` of the validation split; the parent also at 2K and 4K, read through a sliding window of its
+    own 256 tokens (the same tokens without any longer context: the baseline an extension has to beat) — and of
+    the ruler suite (the parent's and the last stage's only)."""
     root = Path(args.out) / "eval" / name
-    # the parent also at 2K and 4K, read through a sliding window of its own 256 tokens: the loss on the same tokens
-    # without any longer context, the baseline an extension has to beat
-    lengths = {"parent": "256,2k,4k", "2k": "2k", "4k": "4k"}[name.rsplit("-", 1)[-1]]
+    lengths = {"parent": (256, 2048, 4096), "2k": (2048,), "4k": (4096,)}[name.rsplit("-", 1)[-1]]
     common = ["--checkpoint", run, "--no-progress"]
-    ruler = name == "parent" or name.endswith(STAGES[-1][1])
-    return [
-        (root / "position", [*kunlun(), "eval", *common, "--task", "position-loss", "--data", args.data, "--lengths",
-                lengths, "--per-length", str(args.windows), "--out", str(root / "position")]),
-        (root / "ruler", [*kunlun(), "eval", *common, "--task", f"ruler={args.ruler_tasks}", "--lengths",
-                args.ruler_lengths, "--per-length", str(args.per_length), "--max-new-tokens", "8", "--out",
-                str(root / "ruler")]),
-    ][:2 if ruler else 1]
+    jobs = []
+    for n in lengths:
+        folder = root / ("position" if len(lengths) == 1 else f"position-{n}")
+        jobs.append((folder, [*kunlun(), "eval", *common, "--task", "position-loss", "--data", args.data,
+                              "--lengths", str(n), "--per-length", str(max(1, args.window_tokens // n)),
+                              "--out", str(folder)]))
+    if name == "parent" or name.endswith(STAGES[-1][1]):
+        jobs.append((root / "ruler", [*kunlun(), "eval", *common, "--task", f"ruler={args.ruler_tasks}",
+                                      "--lengths", args.ruler_lengths, "--per-length", str(args.per_length),
+                                      "--max-new-tokens", "8", "--out", str(root / "ruler")]))
+    return jobs
 
 
 def run_stage(args: argparse.Namespace, name: str, cmd: list[str], log_dir: Path) -> bool:
@@ -162,7 +165,7 @@ def plan_jobs(args: argparse.Namespace, methods: list[str]) -> list[Job]:
 def eval_jobs(args: argparse.Namespace, run: str, name: str, which: str) -> list[Job]:
     needs = () if name == "parent" else (f"train-{name}",)
     return [Job(f"eval-{name}-{folder.name}", cmd, folder / "summary.json", needs)
-            for folder, cmd in eval_commands(args, run, name) if folder.name == which]
+            for folder, cmd in eval_commands(args, run, name) if folder.name.startswith(which)]
 
 
 def run_jobs(args: argparse.Namespace, jobs: list[Job], log_dir: Path) -> None:

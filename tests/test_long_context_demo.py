@@ -43,7 +43,10 @@ def test_the_plan_extends_each_method_to_2k_then_4k_from_the_previous_stage(lc, 
     assert cmd[cmd.index("--seq-len") + 1] == "4096" and cmd[cmd.index("--tokens") + 1] == str(2 * 4096)
     assert jobs["train-none-2k"].cmd[jobs["train-none-2k"].cmd.index("--init-from") + 1] == "P"
     position = jobs["eval-yarn-4k-position"].cmd
-    assert position[position.index("--lengths") + 1] == "4k" and "eval-yarn-2k-ruler" not in jobs  # last stage only
+    assert position[position.index("--lengths") + 1] == "4096" and "eval-yarn-2k-ruler" not in jobs  # last stage only
+    assert position[position.index("--per-length") + 1] == "4"  # 16K tokens of 4K windows
+    parent = jobs["eval-parent-position-2048"].cmd
+    assert parent[parent.index("--per-length") + 1] == "8" and "eval-parent-position-256" in jobs
 
 
 def test_the_queue_drops_the_jobs_whose_need_failed_and_runs_the_rest(lc, tmp_path):

@@ -55,6 +55,11 @@ PARSE_ONLY = {
                          "else they need); test_eval_harness.py checks the error that names it",
     r"--task ruler\b": "the long-context suite on a context-extended model (minutes a length); "
                         "test_eval_ruler.py runs `kunlun eval --task ruler=…` end to end on a tiny checkpoint",
+    r"--task position-loss\b": "loss by position on a context-extended model's long windows; "
+                                "test_eval_position_loss.py runs `kunlun eval --task position-loss` end to end on a "
+                                "tiny checkpoint",
+    r"benchmarks/long_context\.py": "the long-context demonstration: ten training stages and their evaluations "
+                                     "(about an hour on 2 shared CPU cores); its parts are tested on their own",
     r"setup-vllm\.sh|\.venv-vllm|\bvllm\b": "vLLM in its own environment (scripts/setup-vllm.sh: ~3.5 GB, "
                                             "minutes); tests/test_vllm.py runs vLLM offline and its OpenAI server "
                                             "on tiny exports",

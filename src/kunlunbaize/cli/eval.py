@@ -30,6 +30,8 @@ def task_spec(spec: str) -> str:
         except RulerError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
         return spec
+    if name == "position-loss":  # position-loss=DIR: a prepared dataset, checked when the task is made
+        return spec
     if path is None and name in KINDS and name != "bpb":
         raise argparse.ArgumentTypeError(f"{name} needs a file: {name}=PATH (or {name}=arith, {name}=humaneval for "
                                          "a built-in set)")
@@ -110,6 +112,8 @@ def run(args: argparse.Namespace) -> None:
     for task in summary["tasks"]:
         if "ruler" in task:
             print(f"\n{task['task']}: score by length\n{task['ruler']['table']}")
+        if "position_loss" in task:
+            print(f"\n{task['task']}: {task['position_loss']['table']}")
     print(f"\nrecords and summary: {summary['out']}", file=sys.stderr)
 
 
@@ -121,8 +125,9 @@ def add_parser(sub: Any) -> None:
                                                               "`kunlun export --hf` folder")
     e.add_argument("--task", action="append", type=task_spec, metavar="NAME[=PATH]",
                    help="built in: bpb, arith, arith-mc, humaneval, ruler (the long-context suite; ruler=TASK,… "
-                        "some of its tasks); a file: KIND=PATH (KIND: mc, gen, math-avg, "
-                        "code, bpb) or LAYOUT=PATH (gsm8k, mmlu, …); repeatable (default: "
+                        "some of its tasks), position-loss (loss by position on validation windows of each "
+                        "--lengths; position-loss=DIR another prepared dataset); a file: KIND=PATH (KIND: mc, "
+                        "gen, math-avg, code, bpb) or LAYOUT=PATH (gsm8k, mmlu, …); repeatable (default: "
                         f"{' and '.join(DEFAULT_TASKS)})")
     e.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks, run through the "
                                                      "transformers integration")
@@ -144,14 +149,18 @@ def add_parser(sub: Any) -> None:
                         "to the room the context leaves")
     e.add_argument("--stop", action="append", help="stop string, repeatable (replaces the kind's defaults)")
     e.add_argument("--seed", type=SEED, default=0, help="few-shot draws and sampling (default 0)")
-    e.add_argument("--data", help="bpb: a `kunlun prepare` folder (default: the data the checkpoint was trained on)")
-    e.add_argument("--split", default="val", choices=["val", "train"], help="bpb: the split (default val)")
+    e.add_argument("--data", help="bpb, position-loss: a `kunlun prepare` folder (default: the data the checkpoint "
+                                  "was trained on)")
+    e.add_argument("--split", default="val", choices=["val", "train"],
+                   help="bpb, position-loss: the split (default val)")
     e.add_argument("--bpb-tokens", type=int_at_least(1), help="bpb: score only the split's first N tokens")
     e.add_argument("--lengths", type=lengths_list, metavar="L,L,…",
                    help="ruler: total tokens per sample, e.g. 1k,2k,4k (k = 1024; default 4k,8k,16k,32k,64k,128k), "
-                        "clipped with a warning to the model's context")
+                        "clipped with a warning to the model's context; position-loss: window lengths (default: the "
+                        "model's context), those beyond the context read through a sliding window of it")
     e.add_argument("--per-length", type=int_at_least(1), metavar="N",
-                   help="ruler: samples per task and length (default 25; --limit caps it too)")
+                   help="ruler: samples per task and length (default 25; --limit caps it too); position-loss: "
+                        "windows per length (default: every whole window of the split)")
     e.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"],
                    help="wrap prompts in the checkpoint's chat template (auto: when it has one)")
     e.add_argument("--workers", type=int_at_least(1), help="code: programs run in parallel (default: CPU count)")

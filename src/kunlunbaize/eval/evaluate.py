@@ -79,6 +79,8 @@ def evaluate(checkpoint: str | Path, tasks: list[Task], *, out: str | Path | Non
                "out": str(folder)}
     _write_json(folder / "summary.json", summary)
     ruler = "".join(f"\n## {t['task']}: score by length\n\n{t['ruler']['table']}\n" for t in summaries if "ruler" in t)
+    ruler += "".join(f"\n## {t['task']}\n\n{t['position_loss']['table']}\n" for t in summaries
+                     if "position_loss" in t)
     (folder / "results.md").write_text(markdown_table(rows) + "\n" + ruler, encoding="utf-8")
     return summary
 

@@ -16,6 +16,7 @@ from ..data.tokenizer import CHAT_TOKENS
 from ..infer.sampling import SamplingParams
 from ..progress import Progress
 from .model import EvalModel
+from .position_loss import PositionLossRun
 from .records import Log, Records, _stderr, _write_json, records_digest, row, training_data
 from .ruler_run import RulerRun
 from .scoring import exact_match, extract_answer, has_math_verify, math_equal
@@ -47,6 +48,8 @@ class TaskRunner:
             rows, extra = self._bpb()
         elif kind == "ruler":
             rows, extra = RulerRun(self).run()
+        elif kind == "position-loss":
+            rows, extra = PositionLossRun(self).run()
         else:
             per_unit = 1 if kind in ("mc", "gen") else self.task.samples
             self.records = Records(self.folder, self.fingerprint, per_unit, self.fresh)

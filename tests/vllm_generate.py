@@ -4,6 +4,7 @@
 
 JOB: {"prompts": [[ids] …], "max_tokens": N,
       "runs": [{"name": NAME, "model": EXPORT, "engine": {LLM keyword arguments}, "repeat": R}, …]}
+A run with "refused": true expects the engine to refuse the model: OUT holds [{"error": MESSAGE}] for it.
 OUT: {NAME: [{"tokens": [[ids] …], "cached": [num_cached_tokens …], "spec": {speculative decoding counters}}
       per repeat]}
 Every prompt of a run goes to vLLM in one call (continuous batching); float32, greedy, end-of-text ignored. "spec"
@@ -48,8 +49,15 @@ def main(job_path: str, out_path: str) -> None:
     results = {}
     for run in job["runs"]:
         spec = "speculative_config" in run["engine"]
-        llm = LLM(model=run["model"], dtype="float32", enforce_eager=True, seed=0, disable_log_stats=not spec,
-                  **run["engine"])
+        try:
+            llm = LLM(model=run["model"], dtype="float32", enforce_eager=True, seed=0, disable_log_stats=not spec,
+                      **run["engine"])
+        except Exception as e:  # a run that the model must refuse ("refused": true) records why
+            if not run.get("refused"):
+                raise
+            results[run["name"]] = [{"error": f"{type(e).__name__}: {e}"}]
+            gc.collect()
+            continue
         passes = []
         for _ in range(run.get("repeat", 1)):
             before = spec_counters(llm) if spec else {}

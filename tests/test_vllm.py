@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from .helpers import build
 
@@ -26,6 +27,7 @@ MAX_TOKENS = 16
 MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "ffn_hidden": 128, "conv_kernel_sizes": (3, 5),
          "mtp_depth": 1, "max_seq_len": 128}
 ENGINE = {"max_model_len": 128, "block_size": 32}
+SPEC_K = (1, 2)  # num_speculative_tokens: 1 and the drafting export's MTP depth count
 SWITCHES = [  # dense residual, TransformerX, MTP depth, kernel sizes, per-channel eSwish, tied embeddings
     (True, True, 2, (3, 4, 9), True, False),
     (True, False, 0, (3,), False, True),
@@ -64,6 +66,33 @@ def _reference(export: Path, prompts: list[list[int]]) -> list[list[int]]:
     return loaded.generate(loaded.model, prompts, MAX_TOKENS, eos_id=None).tokens
 
 
+def _spec_reference(export: Path, prompts: list[list[int]], k: int) -> dict:
+    """What vLLM's ``mtp`` speculative decoding must give with the project's own drafting: the tokens (those of
+    ``kunlun generate``) and vLLM's counters — every step drafts ``k`` tokens with the MTP depths
+    (:func:`kunlunbaize.infer.speculative.speculative_round`), the trunk verifies them, a request stops once it has
+    ``MAX_TOKENS`` tokens."""
+    from kunlunbaize.infer.generator import load_for_generation
+    from kunlunbaize.infer.sampling import GREEDY
+    from kunlunbaize.infer.speculative import speculative_round
+    from kunlunbaize.model import prefill
+
+    model = load_for_generation(export).model
+    tokens, accepted = [], [0] * k
+    drafts = 0
+    with torch.inference_mode():
+        for prompt in prompts:
+            cache = model.new_cache(1, len(prompt) + MAX_TOKENS + k + 1)
+            out = prefill(model, torch.tensor([prompt]), cache, None)
+            result, hidden = [int(out.logits[0, -1].argmax())], out.hidden[:, -1:]
+            while len(result) < MAX_TOKENS:
+                new, hidden = speculative_round(model, cache, hidden, result[-1], k, GREEDY, None)
+                drafts += 1
+                accepted = [a + (i < len(new) - 1) for i, a in enumerate(accepted)]
+                result += new
+            tokens.append(result[:MAX_TOKENS])
+    return {"tokens": tokens, "drafts": drafts, "accepted_per_pos": accepted}
+
+
 def _train_export(dataset: Path, out: Path, arch: str) -> Path:
     from kunlunbaize.checkpoint import checkpoint_arch, resolve_checkpoint
     from kunlunbaize.train.trainer import TrainConfig, train
@@ -76,9 +105,12 @@ def _train_export(dataset: Path, out: Path, arch: str) -> Path:
     return checkpoint_arch(ckpt).hook("export")(ckpt, out / f"export-{arch}", log=lambda _: None, **kwargs)
 
 
-def _random_export(template: Path, out: Path, switches: tuple) -> Path:
+def _random_export(template: Path, out: Path, switches: tuple, drafting: bool = False) -> Path:
     """A random-init export with ``switches`` (and non-trivial eSwish β and dense weights), with the tokenizer of
-    the export ``template``; init_std 0.1 makes the logits decisive enough for greedy comparisons."""
+    the export ``template``; init_std 0.1 makes the logits decisive enough for greedy comparisons. ``drafting``
+    gives the MTP depths the trunk's head and output norm and halves their attention output, so that they draft
+    roughly the trunk's last prediction again: accepted where the output repeats a token, a mix of accepted and
+    rejected drafts that exercises speculative decoding (random depths' drafts are all rejected)."""
     from transformers import AutoTokenizer
 
     from kunlunbaize import ModelConfig
@@ -89,7 +121,14 @@ def _random_export(template: Path, out: Path, switches: tuple) -> Path:
     cfg = ModelConfig(**{**MODEL, "vocab_size": len(tokenizer), "dense_residual": dense, "transformerx": tx,
                          "mtp_depth": mtp, "conv_kernel_sizes": kernels, "eswish_per_channel": per_channel,
                          "tie_embeddings": tied, "init_std": 0.1})
-    hf = KunlunBaizeForCausalLM.from_kunlunbaize(build(cfg), eos_token_id=tokenizer.eos_token_id,
+    model = build(cfg)
+    if drafting:
+        with torch.no_grad():
+            for depth in model.mtp.depths:
+                depth.head.weight.copy_(model.head_weight)
+                depth.out_norm.weight.copy_(model.norm.weight)
+                depth.cross_attn.wo.weight.mul_(0.5)
+    hf = KunlunBaizeForCausalLM.from_kunlunbaize(model, eos_token_id=tokenizer.eos_token_id,
                                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     hf.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
@@ -108,6 +147,7 @@ def exports(dataset, tmp_path_factory) -> dict[str, Path]:
     found = {"kunlunbaize": _train_export(dataset, out, "kunlunbaize"), "llama": _train_export(dataset, out, "llama")}
     for switches in SWITCHES:
         found[_switch_id(switches)] = _random_export(found["kunlunbaize"], out / _switch_id(switches), switches)
+    found["drafting"] = _random_export(found["kunlunbaize"], out / "drafting", SWITCHES[0], drafting=True)
     return found
 
 
@@ -126,15 +166,20 @@ def runs(exports, tmp_path_factory) -> dict:
                                                              "max_num_batched_tokens": 32, "max_num_seqs": 8}},
         {"name": "llama", "model": str(exports["llama"]), "engine": {**ENGINE, "enable_prefix_caching": True}},
     ] + [{"name": name, "model": str(path), "engine": dict(ENGINE)} for name, path in exports.items()
-         if name not in ("kunlunbaize", "llama")]
+         if name not in ("kunlunbaize", "llama")] + [
+        {"name": f"mtp-k{k}", "model": str(exports["drafting"]),
+         "engine": {**ENGINE, "speculative_config": {"method": "mtp", "num_speculative_tokens": k}}}
+        for k in SPEC_K] + [
+        {"name": "fp8-kv-cache", "model": kb, "engine": {**ENGINE, "kv_cache_dtype": "fp8"}, "refused": True}]
     (tmp / "job.json").write_text(json.dumps({"prompts": prompts, "max_tokens": MAX_TOKENS, "runs": job_runs}))
     proc = subprocess.run([str(VLLM_PYTHON), str(ROOT / "tests" / "vllm_generate.py"), str(tmp / "job.json"),
                            str(tmp / "out.json")], env=_vllm_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((tmp / "out.json").read_text())
     by_model = {model: _reference(Path(model), prompts) for model in {run["model"] for run in job_runs}}
-    references = {run["name"]: by_model[run["model"]] for run in job_runs}
-    return {"results": results, "references": references, "prompts": prompts}
+    references = {run["name"]: by_model[run["model"]] for run in job_runs if not run.get("refused")}
+    spec = {k: _spec_reference(exports["drafting"], prompts, k) for k in SPEC_K}
+    return {"results": results, "references": references, "prompts": prompts, "spec": spec}
 
 
 def _mismatches(got: list[list[int]], want: list[list[int]]) -> list[int]:
@@ -160,6 +205,27 @@ def test_engine_settings_and_the_llama_baseline_are_token_identical(runs, name):
 def test_every_switch_combination_is_token_identical(runs, switches):
     (only,) = runs["results"][_switch_id(switches)]
     assert _mismatches(only["tokens"], runs["references"][_switch_id(switches)]) == []
+
+
+@pytest.mark.parametrize("k", SPEC_K)
+def test_mtp_speculative_decoding_is_token_identical_and_drafts_as_the_project(runs, k):
+    """vLLM's ``mtp`` method with the MTP depths as draft: the plain run's tokens (= ``kunlun generate``), and the
+    very drafts of the project's own self-speculative decoding: vLLM's acceptance counters per draft position equal
+    those of :func:`_spec_reference` (a depth that drafted differently would change them)."""
+    (only,) = runs["results"][f"mtp-k{k}"]
+    assert _mismatches(only["tokens"], runs["references"][f"mtp-k{k}"]) == []
+    want = runs["spec"][k]
+    assert want["tokens"] == runs["references"][f"mtp-k{k}"]
+    assert only["spec"]["drafts"] == want["drafts"] and only["spec"]["draft_tokens"] == k * want["drafts"]
+    assert only["spec"]["accepted_per_pos"] == want["accepted_per_pos"]
+    assert 0 < want["accepted_per_pos"][0] < want["drafts"]  # a mix of accepted and rejected drafts
+
+
+def test_fp8_kv_cache_is_refused_for_the_conv_history(runs):
+    """A quantized KV cache would round the conv history kept in its pages: refused at model construction."""
+    (only,) = runs["results"]["fp8-kv-cache"]
+    assert "kv_cache_dtype='fp8' is not supported by KunlunBaize on vLLM" in only["error"]
+    assert "conv history is stored in the KV-cache pages" in only["error"]
 
 
 def _free_port() -> int:

@@ -1,11 +1,11 @@
 """``KunlunBaizeForCausalLM`` written with vLLM's layers: serves a ``kunlun export --hf`` folder on vLLM.
 
-The same network as :class:`kunlunbaize.model.KunlunBaize` (trunk and main head; the MTP depths' weights are not
-loaded), arranged for vLLM: tensor-parallel linear layers, vLLM's ``Attention`` with its paged KV cache for the
-self-attention and for every scale's cross-attention (keys/values from the same positions' conv features, so an
-ordinary causal decoder attention with a KV cache of its own), vLLM's rotary embedding and RMSNorm. The conv history
-lives in KV-cache pages too (:mod:`.conv_history`). The dense residual, eSwish and the per-scale MLPs' gating are
-plain tensor code.
+The same network as :class:`kunlunbaize.model.KunlunBaize` (trunk and main head; the MTP depths are the draft
+model of vLLM's ``mtp`` speculative decoding, :mod:`.mtp`), arranged for vLLM: tensor-parallel linear layers, vLLM's
+``Attention`` with its paged KV cache for the self-attention and for every scale's cross-attention (keys/values from
+the same positions' conv features, so an ordinary causal decoder attention with a KV cache of its own), vLLM's rotary
+embedding and RMSNorm. The conv history lives in KV-cache pages too (:mod:`.conv_history`). The dense residual,
+eSwish and the per-scale MLPs' gating are plain tensor code.
 """
 
 from __future__ import annotations
@@ -218,7 +218,8 @@ class DenseResidual(nn.Module):
 
 
 class KunlunBaizeModel(nn.Module):
-    """Embedding → blocks with dense residuals (or identity skips) → output norm."""
+    """Embedding → blocks with dense residuals (or identity skips); the output norm is applied by
+    :meth:`KunlunBaizeForCausalLM.compute_logits`."""
 
     def __init__(self, cfg: ModelConfig, cache_config, quant_config, prefix: str) -> None:
         super().__init__()
@@ -229,7 +230,13 @@ class KunlunBaizeModel(nn.Module):
         self.dense = DenseResidual(cfg.n_layers) if cfg.dense_residual else None
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
+    @property
+    def embed_tokens(self) -> VocabParallelEmbedding:
+        """The embedding under the name vLLM's speculative proposers look for (to share it with a draft)."""
+        return self.embed
+
     def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The final hidden state H_L before the output norm (g^0 of the MTP depths)."""
         states = [h]
         for layer, block in enumerate(self.blocks):
             delta = block(positions, h)
@@ -238,7 +245,15 @@ class KunlunBaizeModel(nn.Module):
                 states.append(h)
             else:
                 h = h + delta
-        return self.norm(h)
+        return h
+
+
+def check_kv_cache_dtype(cfg: ModelConfig, cache_dtype: str) -> None:
+    """Refuse a quantized KV cache (``kv_cache_dtype="fp8"`` …) for a TransformerX model: its conv history lives in
+    KV-cache pages (:mod:`.conv_history`) and must stay exact."""
+    if cfg.transformerx and cache_dtype not in ("auto", "float32", "bfloat16", "float16", "half", "float"):
+        raise ValueError(f"kv_cache_dtype={cache_dtype!r} is not supported by KunlunBaize on vLLM: its TransformerX "
+                         "conv history is stored in the KV-cache pages and must stay exact; use kv_cache_dtype='auto'")
 
 
 class KunlunBaizeForCausalLM(nn.Module):
@@ -248,6 +263,7 @@ class KunlunBaizeForCausalLM(nn.Module):
         super().__init__()
         hf = vllm_config.model_config.hf_config
         cfg = hf.to_model_config()
+        check_kv_cache_dtype(cfg, vllm_config.cache_config.cache_dtype)
         self.arch = cfg
         self.model = KunlunBaizeModel(cfg, vllm_config.cache_config, vllm_config.quant_config,
                                       f"{prefix}model" if not prefix else f"{prefix}.model")
@@ -267,10 +283,12 @@ class KunlunBaizeForCausalLM(nn.Module):
         return self.model(positions, h)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+        """Logits of the final hidden states H_L (output norm, then the head)."""
+        return self.logits_processor(self.lm_head, self.model.norm(hidden_states))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load an export's tensors (the MTP depths' are skipped; a tied head shares the embedding)."""
+        """Load an export's tensors (the MTP depths' are the draft model's, :mod:`.mtp`; a tied head shares the
+        embedding)."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:

@@ -1,5 +1,5 @@
 """A torchrun worker for ``tests/test_parallel_layouts.py``: per run of its spec (a model config, a layout and a
-mode), a one-process reference and a copy placed on the layout by the trainer's own ``_place_model`` (tensor plan,
+mode), a one-process reference and a copy placed on the layout by the trainer's own ``runner.place`` (tensor plan,
 compiled blocks, FSDP2/HSDP, precision) train side by side on the same global batches, dealt as the trainer deals
 them under a batch ramp with gradient accumulation; rank 0 writes the largest differences (losses, gradients
 before every optimiser step, gradient norms, parameters) and each step's batch size and accumulation as JSON.
@@ -25,8 +25,8 @@ from kunlunbaize.train.distributed import DistEnv, init_distributed
 from kunlunbaize.train.optim import build_optimizer
 from kunlunbaize.train.parallel.layout import resolve_layout
 from kunlunbaize.train.plan import BatchPlan, plan_batches
+from kunlunbaize.train.runner import place
 from kunlunbaize.train.step import train_step
-from kunlunbaize.train.trainer import _place_model
 
 from .helpers import build, tiny
 
@@ -73,7 +73,8 @@ def compare(run: dict, spec: dict, env: DistEnv) -> dict:
     SPEC.set_activation_checkpointing(ref, tcfg.activation_checkpointing)
     par = copy.deepcopy(ref)
     layout = resolve_layout(env.world_size, "auto", *run["layout"])
-    wrapped, kwargs, ctx = _place_model(tcfg, env, par, SPEC, layout, tcfg.dtype)
+    runner = place(tcfg, env, par, SPEC, layout, tcfg.dtype)  # its optimiser is left unused: ours records grads
+    wrapped, kwargs, ctx = runner.wrapped, runner.loss_kwargs, runner.autocast
     plan, one = plan_batches(tcfg, layout.dp), plan_batches(tcfg, 1)
     opt_ref, opt_par = build_optimizer(ref, LR), build_optimizer(par, LR)
     seen_ref, seen_par = {}, {}

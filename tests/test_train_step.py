@@ -128,6 +128,7 @@ def _load(path: Path, name: str) -> ModuleType:
 
 @pytest.mark.slow
 def test_kunlun_train_runs_train_step_once_per_step(dataset, tmp_path, monkeypatch):
+    import kunlunbaize.train.runner as runner
     import kunlunbaize.train.trainer as trainer
 
     counted: list[int] = []
@@ -136,7 +137,7 @@ def test_kunlun_train_runs_train_step_once_per_step(dataset, tmp_path, monkeypat
         counted.append(len(args[2]))
         return step_module.train_step(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "train_step", counting)
+    monkeypatch.setattr(runner, "train_step", counting)  # the runner of a whole model steps through it
     summary = trainer.train(trainer.TrainConfig(
         data=str(dataset), out=str(tmp_path / "r"), preset="tiny", model_overrides=dict(TRAIN_MODEL), seq_len=32,
         tokens=32 * 4 * 3, batch_size=4, batch_size_start=4, micro_batch_size=2, eval_every=1000, progress=False))

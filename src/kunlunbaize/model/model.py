@@ -366,8 +366,9 @@ def run_mtp(module: MultiTokenPrediction | None, trunk: TrunkOutput, rope: Rotar
                              "the MTP depths cannot run on it; make the cache with mtp=True")
         return []
     if logits:
+        extra = () if trunk.documents is None else (trunk.documents,)  # the default call stays as it was
         return module(trunk.hidden, trunk.embeddings, rope, head_weight, trunk.start,
-                      cache.mtp if cache is not None else None, trunk.positions, trunk.mask, trunk.documents)
+                      cache.mtp if cache is not None else None, trunk.positions, trunk.mask, *extra)
     if cache is not None:
         module.write_keys(trunk.embeddings, rope, trunk.start, cache.mtp, trunk.positions)
     return []

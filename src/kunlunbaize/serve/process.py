@@ -142,14 +142,14 @@ class EngineProcess:
         with self._lock:
             self._accepting = False
         self._send(("shutdown", timeout))
-        self._process.join(None if timeout is None else timeout + 15)
-        clean = self._process.exitcode == 0 and not self._handles
-        if self._process.is_alive():
+        # only the reader thread reaps the child: two threads waiting on one process race (the loser reads no exit
+        # code); the reader ends once it has
+        self._reader.join(None if timeout is None else timeout + 15)
+        clean = not self._reader.is_alive() and self._process.exitcode == 0 and not self._handles
+        if self._reader.is_alive():
             self._process.kill()
-            self._process.join(5)
-            clean = False
+            self._reader.join(15)
         self._commands.close()
-        self._reader.join(5)
         return clean
 
     # -------------------------------------------------------------------------------------------------- inside
@@ -176,7 +176,7 @@ class EngineProcess:
                     self._deliver(ident, event)
         except (EOFError, OSError):
             pass
-        self._process.join(10)
+        self._process.join()  # the pipe closes as the child ends (shutdown kills one that does not)
         code = self._process.exitcode
         if code == 0 and not self._handles:
             return  # a clean shutdown

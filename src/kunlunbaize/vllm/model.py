@@ -301,10 +301,16 @@ class KunlunBaizeForCausalLM(nn.Module):
                     loaded.add(name.replace(old, new))
                     break
             else:
-                if name not in params:
-                    raise ValueError(f"the export holds {name}, which KunlunBaize on vLLM does not know: "
-                                     "export it again with this version of kunlunbaize")
-                param = params[name]
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-                loaded.add(name)
+                loaded.add(load_tensor(params, name, tensor, "KunlunBaize on vLLM"))
         return loaded
+
+
+def load_tensor(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor, who: str) -> str:
+    """Load ``tensor`` into the parameter ``name`` (its own weight loader, if it has one); a name ``who`` does
+    not know is a ValueError saying to export again."""
+    if name not in params:
+        raise ValueError(f"the export holds a tensor {who} does not know ({name}): export it again with this "
+                         "version of kunlunbaize")
+    param = params[name]
+    getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+    return name

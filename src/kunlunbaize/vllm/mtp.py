@@ -36,10 +36,9 @@ from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelL
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
 from ..config import ModelConfig
-from .model import KBAttention, Shape
+from .model import KBAttention, Shape, load_tensor
 from .paged import PagedStore
 from .plugin import start_draft_rounds
 
@@ -183,11 +182,6 @@ class KunlunBaizeMTP(nn.Module):
                 continue
             if int(name.split(".")[2]) >= self.n_depths:
                 continue
-            target = "model." + name.removeprefix("mtp.")
-            if target not in params:
-                raise ValueError(f"the export holds {name}, which KunlunBaize's MTP draft on vLLM does not know: "
-                                 "export it again with this version of kunlunbaize")
-            param = params[target]
-            getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-            loaded.add(target)
+            loaded.add(load_tensor(params, "model." + name.removeprefix("mtp."), tensor,
+                                   "KunlunBaize's MTP draft on vLLM"))
         return loaded

@@ -19,29 +19,11 @@ from kunlunbaize.serve.engine import EngineClosed, Finished, Params
 from kunlunbaize.serve.process import EngineDied, EngineOptions, EngineProcess
 
 from .helpers import build, tiny
-from .test_serve import CharTokenizer, _alive, _all_gone, _free_port, _http, _jobs, _open_stream
+from .test_serve import CharTokenizer, _alive, _all_gone, _free_port, _http, _jobs, _open_stream, _run
 
 
 def _children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-def _collect(engine: EngineProcess, jobs: list[tuple[list[int], Params]]) -> list[Finished]:
-    results: dict[int, Finished] = {}
-    done = threading.Event()
-
-    def sink_for(i: int):
-        def sink(event):
-            if isinstance(event, Finished):
-                results[i] = event
-                if len(results) == len(jobs):
-                    done.set()
-        return sink
-
-    for i, (prompt, params) in enumerate(jobs):
-        engine.submit(prompt, params, sink_for(i))
-    assert done.wait(120), f"only {len(results)} of {len(jobs)} finished"
-    return [results[i] for i in range(len(jobs))]
 
 
 def test_the_engine_process_gives_every_request_its_greedy_tokens_and_leaves_nothing_behind():
@@ -52,7 +34,7 @@ def test_the_engine_process_gives_every_request_its_greedy_tokens_and_leaves_not
     engine = EngineProcess(model, CharTokenizer(), EngineOptions(max_batch=4, threads=1))
     pid = engine.pid
     try:
-        got = _collect(engine, jobs)
+        got = _run(engine, jobs)
         assert [r.tokens for r in got] == alone  # submitted together: they shared the batch in the child
         assert [r.text for r in got] == [CharTokenizer().decode(t) for t in alone]
         with pytest.raises(ValueError, match="context"):
@@ -141,7 +123,7 @@ def test_a_request_is_token_identical_through_the_engine_process_with_stop_ids()
     cut = alone[:alone.index(stop)]
     engine = EngineProcess(model, CharTokenizer(), EngineOptions(threads=1))
     try:
-        got = _collect(engine, [(prompt, Params(max_tokens=20, stop_ids=frozenset({stop})))])[0]
+        got = _run(engine, [(prompt, Params(max_tokens=20, stop_ids=frozenset({stop})))])[0]
     finally:
         engine.shutdown(30)
     assert got.reason == "stop" and got.tokens == cut

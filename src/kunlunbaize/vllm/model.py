@@ -11,6 +11,7 @@ eSwish and the per-scale MLPs' gating are plain tensor code.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,6 +79,15 @@ class ESwish(nn.Module):
         return x * torch.sigmoid(self.beta.to(x.dtype) * x)
 
 
+def separate_projections(cfg: ModelConfig, quant_config: Any, prefix: str) -> tuple[ColumnParallelLinear, ...]:
+    """Query, key and value projections of their own (wq, wk, wv), heads split over tensor-parallel ranks: the
+    attentions whose keys and values come from other inputs than their queries."""
+    head_dim = Shape(cfg).head_dim
+    return tuple(ColumnParallelLinear(cfg.d_model, heads * head_dim, bias=False, quant_config=quant_config,
+                                      prefix=f"{prefix}.{name}")
+                 for name, heads in (("wq", cfg.n_heads), ("wk", cfg.n_kv_heads), ("wv", cfg.n_kv_heads)))
+
+
 class KBAttention(nn.Module):
     """Grouped-query attention with rotary positions: self-attention (fused ``qkv``) or the TransformerX
     cross-attention (``wq`` on the stream, ``wk``/``wv`` on a scale's conv features at the same positions)."""
@@ -89,12 +99,7 @@ class KBAttention(nn.Module):
         d, s = cfg.d_model, Shape(cfg)
         self.shape, self.cross = s, cross
         if cross:
-            self.wq = ColumnParallelLinear(d, cfg.n_heads * s.head_dim, bias=False, quant_config=quant_config,
-                                           prefix=f"{prefix}.wq")
-            self.wk = ColumnParallelLinear(d, cfg.n_kv_heads * s.head_dim, bias=False, quant_config=quant_config,
-                                           prefix=f"{prefix}.wk")
-            self.wv = ColumnParallelLinear(d, cfg.n_kv_heads * s.head_dim, bias=False, quant_config=quant_config,
-                                           prefix=f"{prefix}.wv")
+            self.wq, self.wk, self.wv = separate_projections(cfg, quant_config, prefix)
         else:
             self.qkv = QKVParallelLinear(d, s.head_dim, cfg.n_heads, cfg.n_kv_heads, bias=False,
                                          quant_config=quant_config, prefix=f"{prefix}.qkv")

@@ -32,13 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.linear import RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from ..config import ModelConfig
-from .model import KBAttention, Shape, load_tensor
+from .model import KBAttention, Shape, load_tensor, separate_projections
 from .paged import PagedStore
 from .plugin import start_draft_rounds
 
@@ -51,12 +51,7 @@ class PagedCrossAttention(nn.Module):
         super().__init__()
         d, s = cfg.d_model, Shape(cfg)
         self.shape, self.shift = s, shift
-        self.wq = ColumnParallelLinear(d, cfg.n_heads * s.head_dim, bias=False, quant_config=quant_config,
-                                       prefix=f"{prefix}.wq")
-        self.wk = ColumnParallelLinear(d, cfg.n_kv_heads * s.head_dim, bias=False, quant_config=quant_config,
-                                       prefix=f"{prefix}.wk")
-        self.wv = ColumnParallelLinear(d, cfg.n_kv_heads * s.head_dim, bias=False, quant_config=quant_config,
-                                       prefix=f"{prefix}.wv")
+        self.wq, self.wk, self.wv = separate_projections(cfg, quant_config, prefix)
         self.wo = RowParallelLinear(cfg.n_heads * s.head_dim, d, bias=False, quant_config=quant_config,
                                     prefix=f"{prefix}.wo")
         self.rotary = get_rope(s.head_dim, max_position=cfg.max_seq_len, is_neox_style=True,

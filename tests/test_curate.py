@@ -362,14 +362,14 @@ def _slurm_partition() -> str:
 
 
 @pytest.mark.slow  # real Slurm jobs: five chained job arrays, minutes on two loaded cores
-def test_slurm_executor_gives_the_local_result(curated, tmp_path):
+def test_slurm_executor_gives_the_local_result(request, tmp_path):
     import time
 
     from kunlunbaize.data.curate import ExecutorOptions
     from kunlunbaize.data.curate.slurm import JOBS_FILE, check_queue
 
-    partition = _slurm_partition()
-    _docs, _removed, _report, local_out, _mix = curated
+    partition = _slurm_partition()  # before the local curation: where there is no Slurm, the skip costs nothing
+    _docs, _removed, _report, local_out, _mix = request.getfixturevalue("curated")
     options = ExecutorOptions("slurm", partition=partition, time="00:30:00")
     work = tmp_path / "data.curate"
     assert _curate(local_out.parent, tmp_path / "data", options) is None  # submitted

@@ -239,7 +239,9 @@ def test_closed_stdout_stops_nothing(trained_run, tmp_path):
     src.mkdir()
     (src / "a.py").write_text("def f(x):\n    return x + 1\n" * 50)
     out = tmp_path / "ds"
-    commands = [["info"], ["generate", "def ", "--checkpoint", str(trained_run), "--max-new-tokens", "20"],
+    # info on the tiny preset: the paper preset's meta build costs seconds and prints the same lines
+    commands = [["info", "--preset", "tiny"],
+                ["generate", "def ", "--checkpoint", str(trained_run), "--max-new-tokens", "20"],
                 ["prepare", str(src), "--out", str(out), "--vocab-size", "300", "--workers", "1"]]
     for args in commands:
         p = kunlun(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

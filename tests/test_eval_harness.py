@@ -67,6 +67,15 @@ def at_root(monkeypatch):
         monkeypatch.setenv(k, v)
 
 
+def test_tasks_of_the_include_path_alone_skip_lm_evals_own_index():
+    """Indexing lm-eval's own ~15,000 task YAMLs costs seconds: tasks all found in --include-path are run without."""
+    pytest.importorskip("lm_eval")
+    from kunlunbaize.eval.harness import task_manager
+
+    manager = task_manager(["kunlun_arith_mc", "kunlun_arith_gen"], TASKS)
+    assert set(manager.all_tasks) == {"kunlun_arith_mc", "kunlun_arith_gen"}
+
+
 @pytest.mark.slow
 def test_run_lm_eval_on_a_training_run_and_on_its_export(trained_run, exported, at_root):
     from kunlunbaize.eval.harness import run_lm_eval

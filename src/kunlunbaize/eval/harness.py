@@ -60,6 +60,21 @@ def sizes_by_tokenizer(manager: Any, tasks: list[str]) -> bool:
     return any(e is not None and e.yaml_path is not None and "ruler" in Path(e.yaml_path).parts for e in entries)
 
 
+def task_manager(tasks: list[str], include_path: str | Path | None = None,
+                 metadata: dict[str, Any] | None = None) -> Any:
+    """lm-eval's ``TaskManager`` for ``tasks``: the YAMLs of ``include_path`` alone when every one of ``tasks`` is a
+    task defined there, else those and lm-eval's own (indexing its ~15,000 YAMLs takes seconds of CPU)."""
+    from lm_eval.tasks import TaskManager
+
+    path = str(include_path) if include_path is not None else None
+    if path is not None:
+        local = TaskManager(include_path=path, include_defaults=False, metadata=metadata)
+        entries = [local.task_index.get(t) for t in tasks]
+        if all(e is not None and e.kind.name in ("TASK", "PY_TASK") for e in entries):  # not a group or a tag
+            return local
+    return TaskManager(include_path=path, metadata=metadata)
+
+
 def run_lm_eval(checkpoint: str | Path, tasks: list[str], *, include_path: str | Path | None = None,
                 limit: int | None = None, batch_size: int = 8, device: str = "cpu", num_fewshot: int | None = None,
                 seed: int = 0, apply_chat_template: bool = False, log_samples: bool = False,
@@ -74,14 +89,13 @@ def run_lm_eval(checkpoint: str | Path, tasks: list[str], *, include_path: str |
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise ValueError(f"--lm-eval needs lm-evaluation-harness ({e}): pip install -e '.[eval]'") from None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: local tasks and files only
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if include_path is not None and not Path(include_path).is_dir():
         raise ValueError(f"--include-path {include_path} is not a folder of lm-eval task YAMLs")
-    manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    manager = task_manager(tasks, include_path)
     known = set(manager.all_tasks)
     for task in tasks:
         if task not in known:
@@ -94,8 +108,7 @@ def run_lm_eval(checkpoint: str | Path, tasks: list[str], *, include_path: str |
     with tempfile.TemporaryDirectory(prefix="kunlun-lm-eval-") as tmp:
         folder = _export_folder(ckpt, tmp)
         if metadata or sizes_by_tokenizer(manager, tasks):
-            manager = TaskManager(include_path=str(include_path) if include_path is not None else None,
-                                  metadata={"pretrained": str(folder), **(metadata or {})})
+            manager = task_manager(tasks, include_path, metadata={"pretrained": str(folder), **(metadata or {})})
         lm = HFLM(pretrained=str(folder), backend="causal", batch_size=batch_size, device=device)
         try:
             raw = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,

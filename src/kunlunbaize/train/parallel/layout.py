@@ -93,9 +93,6 @@ def resolve_layout(world_size: int, parallel: str = "auto", dp_replicate: int | 
     if explicit and parallel in ("none", "ddp"):
         raise LayoutError(f"--parallel {parallel} gives every rank to data parallelism; drop it when giving "
                           "--dp-replicate/--dp-shard/--cp/--tp/--pp (or use --parallel fsdp or auto with them)")
-    if cp > 1 and pp > 1:
-        raise LayoutError(f"--cp {cp} with --pp {pp} is not supported yet (the pipeline stages do not apply the "
-                          "context-parallel plan); use --cp or --pp, not both")
     if not explicit:
         if parallel == "fsdp":
             return Layout(dp_shard=world_size, wrap="fsdp" if world_size > 1 else "none")

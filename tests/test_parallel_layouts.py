@@ -86,12 +86,14 @@ def test_cp2_tp2_equals_one_process_under_the_batch_ramp_and_resumes_in_one_proc
     """4 ranks, cp2 x tp2 (FSDP2 over cp, the tensor-parallel plan inside each cp rank's part, the loss vocabulary-
     parallel per cp rank): the full model and the everything-else switch (tied/shared heads, per-channel eSwish,
     kernels 1 and 4, identity dense start, activation checkpointing) under the batch ramp (2, 3, 4, 4 micro-batches)
-    equal one process; the full model's checkpoint resumed in one process takes the one-process next step."""
+    equal one process, and so do the full model's validation losses; its checkpoint resumed in one process takes
+    the one-process next step."""
     results = _worker(tmp_path, 4, [_run(FULL, [1, 1, 2, 2], resume=True), _run(ABLATIONS[-1], [1, 1, 2, 2])])
     assert len(results) == 2
     _assert_equal(results, [[4, 2], [6, 3], [8, 4], [8, 4]])
-    (resumed,) = (r["resume"]["None"] for r in results.values() if "resume" in r)
-    assert resumed["loss"] < 1e-5 and resumed["param"] < 1e-4, resumed
+    (full,) = (r for r in results.values() if "resume" in r)
+    assert full["val"] < 1e-5, full  # the validation losses (a forward without gradients) too
+    assert full["resume"]["None"]["loss"] < 1e-5 and full["resume"]["None"]["param"] < 1e-4, full["resume"]
 
 
 # --- bad layouts: one line, a non-zero exit, nothing written ----------------------------------------------------

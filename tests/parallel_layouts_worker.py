@@ -26,9 +26,10 @@ from kunlunbaize.train.optim import build_optimizer
 from kunlunbaize.train.parallel.layout import resolve_layout
 from kunlunbaize.train.plan import BatchPlan, plan_batches
 from kunlunbaize.train.runner import place
-from kunlunbaize.train.step import train_step
+from kunlunbaize.train.step import evaluate, train_step
 
 from .helpers import build, tiny
+from .parallel_worker import resume_elsewhere
 
 SPEC = get_arch("kunlunbaize")
 LR = 1e-2
@@ -65,11 +66,14 @@ def train_config(spec: dict, run: dict) -> TrainConfig:
                        "fp32", activation_checkpointing=run.get("activation_checkpointing", False))
 
 
-def compare(run: dict, spec: dict, env: DistEnv) -> dict:
-    """Train the reference and the placed copy until the spec's samples are spent; the largest differences."""
+def compare(run: dict, spec: dict, env: DistEnv, tmp: Path) -> dict:
+    """Train the reference and the placed copy until the spec's samples are spent; the largest differences (and with
+    the run's ``resume``, those of the validation losses and of the next step after the placed copy's checkpoint is
+    resumed in one process)."""
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in run["config"].items()}
     tcfg = train_config(spec, run)
-    ref = build(tiny(**overrides), seed=0).train()
+    cfg = tiny(**overrides)
+    ref = build(cfg, seed=0).train()
     SPEC.set_activation_checkpointing(ref, tcfg.activation_checkpointing)
     par = copy.deepcopy(ref)
     layout = resolve_layout(env.world_size, "auto", *run["layout"])
@@ -102,6 +106,12 @@ def compare(run: dict, spec: dict, env: DistEnv) -> dict:
             out["first_grad"], out["first_grad_norm"] = grad, abs(a.grad_norm.item() - b.grad_norm.item())
         out["param"] = max(out["param"], max((p - full(q).detach()).abs().max().item()
                                              for p, q in zip(ref.parameters(), par.parameters(), strict=True)))
+    if run.get("resume"):  # validation losses too, then the checkpoint's next step in one process
+        val_ref, val_par = evaluate(ref, [samples[:spec["batch"]]], ref.embed.weight.device,
+                                    loss_kwargs=SPEC.train_kwargs()), runner.evaluate([samples[:spec["batch"]]])
+        out["val"] = max(abs(val_ref[k] - val_par[k]) for k in val_ref)
+        out["resume"] = resume_elsewhere(cfg, {"steps": len(out["steps"]), "resume_on": [None], "accum": 1}, env, tmp,
+                                         par, opt_par, ref, opt_ref, samples[:spec["batch"]])
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out
 
@@ -112,10 +122,10 @@ def main() -> None:
     spec = json.loads(path.read_text())
     env = init_distributed("cpu")
     results = {}
-    for run in spec["runs"]:
+    for i, run in enumerate(spec["runs"]):
         key = f"{json.dumps(run['config'])} {run['layout']} {run.get('mode', 'fp32')}" + (
             " recompute" if run.get("activation_checkpointing") else "")
-        results[key] = compare(run, spec, env)
+        results[key] = compare(run, spec, env, path.parent / f"ckpt{i}")
     if env.rank == 0:
         (path.parent / "result.json").write_text(json.dumps(results, indent=1))
     dist.barrier()

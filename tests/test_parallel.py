@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
     (2, {"cp": 2}, Layout(1, 1, 1, "fsdp", cp=2)),  # cp is folded into FSDP2's sharding group
     (4, {"cp": 2}, Layout(1, 2, 1, "fsdp", cp=2)),
     (4, {"dp_replicate": 2, "cp": 2}, Layout(2, 1, 1, "fsdp", cp=2)),
+    (4, {"cp": 2, "tp": 2}, Layout(1, 1, 2, "fsdp", cp=2)),  # FSDP2 over dp_shard x cp, the plan over tp
+    (8, {"cp": 2, "tp": 2}, Layout(1, 2, 2, "fsdp", cp=2)),
 ])
 def test_layout_from_the_options(world, kw, want):
     assert resolve_layout(world, **kw) == want
@@ -88,7 +90,6 @@ def test_context_parallel_ranks_share_a_data_parallel_rank():
     (2, {"tp": 0}, "--tp must be a whole number >= 1"),
     (4, {"cp": 3}, "--dp-replicate 1 x --cp 3 x --tp 1 = 3 does not divide the 4 ranks"),
     (4, {"dp_shard": 4, "cp": 2}, "--dp-replicate 1 x --dp-shard 4 x --cp 2 x --tp 1 = 8 ranks, but 4 were"),
-    (4, {"cp": 2, "tp": 2}, "--cp 2 with --tp 2 is not supported yet"),
     (2, {"parallel": "ddp", "cp": 2}, "--parallel ddp gives every rank to data parallelism"),
     (2, {"cp": 0}, "--cp must be a whole number >= 1"),
 ])
@@ -120,14 +121,20 @@ def test_a_sequence_that_does_not_split_over_cp_is_refused():
     check_model(Layout(1, 1, 1, "fsdp", cp=2), cfg, 28)
 
 
+def test_a_cp_rank_part_that_does_not_split_over_tp_is_refused():
+    """Sequence parallelism shards each cp rank's part of the sequence (seq_len / cp), not the whole sequence."""
+    cfg = ModelConfig(vocab_size=256, d_model=64, n_heads=8, n_kv_heads=4, ffn_hidden=128)
+    with pytest.raises(LayoutError, match=r"--tp 4 does not divide --seq-len 20 / --cp 2 = 10 .*divisible by 8"):
+        check_model(Layout(1, 1, 4, "fsdp", cp=2), cfg, 20)
+    check_model(Layout(1, 1, 4, "fsdp", cp=2), cfg, 24)
+
+
 def test_kunlun_train_refuses_a_layout_before_starting(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     code, _, err = run_main(capsys, "train", "--tp", "3")
     assert code == 2 and "--tp 3 = 3 does not divide the 4 ranks" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_main(capsys, "train", "--cp", "2", "--seq-len", "30")
     assert code == 2 and "--cp 2 needs --seq-len divisible by 2 x 2 = 4" in err and len(err.strip().splitlines()) == 1
-    code, _, err = run_main(capsys, "train", "--cp", "2", "--tp", "2")
-    assert code == 2 and "--cp 2 with --tp 2 is not supported yet" in err
 
 
 def test_an_architecture_without_a_plan_is_refused_tensor_parallelism():

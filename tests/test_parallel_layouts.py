@@ -1,7 +1,7 @@
 """The parallel layouts beyond ``tests/test_parallel.py`` (issue 29): every single-switch ablation on dp2×tp2 and
-tp2 under the batch ramp with gradient accumulation, HSDP without tensor parallelism, bf16 and compiled blocks
-under tensor parallelism, a killed tp2 run that resumes, and every layout error ``kunlun train`` can meet refused
-in one line before anything is written."""
+tp2 under the batch ramp with gradient accumulation, cp2×tp2 (and its checkpoint resumed in one process), HSDP
+without tensor parallelism, bf16 and compiled blocks under tensor parallelism, a killed tp2 run that resumes, and
+every layout error ``kunlun train`` can meet refused in one line before anything is written."""
 
 from __future__ import annotations
 
@@ -78,6 +78,22 @@ def test_tp2_under_the_batch_ramp_in_fp32_and_bf16(tmp_path):
     (bf16,) = (v for k, v in results.items() if k.endswith("bf16"))
     assert all(math.isfinite(v) for v in bf16["losses"]) and len(bf16["losses"]) == 4
     assert all(abs(a - b) < 0.02 * b for a, b in zip(bf16["losses"], bf16["ref_losses"], strict=True)), bf16
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_cp2_tp2_equals_one_process_under_the_batch_ramp_and_resumes_in_one_process(tmp_path):
+    """4 ranks, cp2 x tp2 (FSDP2 over cp, the tensor-parallel plan inside each cp rank's part, the loss vocabulary-
+    parallel per cp rank): the full model and the everything-else switch (tied/shared heads, per-channel eSwish,
+    kernels 1 and 4, identity dense start, activation checkpointing) under the batch ramp (2, 3, 4, 4 micro-batches)
+    equal one process, and so do the full model's validation losses; its checkpoint resumed in one process takes
+    the one-process next step."""
+    results = _worker(tmp_path, 4, [_run(FULL, [1, 1, 2, 2], resume=True), _run(ABLATIONS[-1], [1, 1, 2, 2])])
+    assert len(results) == 2
+    _assert_equal(results, [[4, 2], [6, 3], [8, 4], [8, 4]])
+    (full,) = (r for r in results.values() if "resume" in r)
+    assert full["val"] < 1e-5, full  # the validation losses (a forward without gradients) too
+    assert full["resume"]["None"]["loss"] < 1e-5 and full["resume"]["None"]["param"] < 1e-4, full["resume"]
 
 
 # --- bad layouts: one line, a non-zero exit, nothing written ----------------------------------------------------

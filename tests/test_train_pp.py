@@ -26,8 +26,7 @@ def test_pipeline_layouts_and_their_mesh():
     assert resolve_layout(8, pp=2, tp=2) == Layout(1, 2, 2, "fsdp", pp=2)  # the ranks left over shard the data
     assert resolve_layout(2, pp=2) == Layout(1, 1, 1, "none", pp=2)
     assert resolve_layout(4, pp=2, dp_replicate=2) == Layout(2, 1, 1, "fsdp", pp=2)  # FSDP2 per stage, never DDP
-    with pytest.raises(LayoutError, match="--cp 2 with --pp 2 is not supported yet"):
-        resolve_layout(4, cp=2, pp=2)
+    assert resolve_layout(4, cp=2, pp=2) == Layout(1, 1, 1, "fsdp", cp=2, pp=2)  # FSDP2 per stage over cp
     layout = Layout(1, 2, 2, "fsdp", pp=2)
     assert layout.shape == (2, 1, 2, 1, 2) and layout.world_size == 8 and layout.dp == 2
     # pp is the outermost dimension: ranks 0-3 are stage 0, 4-7 stage 1, each with the same data-parallel ranks
@@ -158,3 +157,20 @@ def test_kunlun_train_pp2_tp2_and_pp2_dp2_tp2_equal_one_process(dataset, tmp_pat
         run = _run(_torchrun(n, *_args(dataset, out, *extra, "--sample-tokens", "0")), timeout=900)
         assert run.returncode == 0, run.stdout + run.stderr
         _close(losses(out), want, range(1, 6))
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.distributed
+def test_kunlun_train_pp2_cp2_equals_one_process(dataset, tmp_path, one_process):
+    """pp2 × cp2 (4 ranks, 1F1B): every micro-batch's sequences enter the first stage whole, each cp rank keeps its
+    part, the boundaries carry it and the last stage's loss terms are the global means: the one-process losses under
+    the batch ramp (2, then 4 micro-batches a step)."""
+    from .test_train import _run, _torchrun, losses
+
+    _, want = one_process
+    out = tmp_path / "pp_cp"
+    run = _run(_torchrun(4, *_args(dataset, out, "--pp", "2", "--cp", "2", "--sample-tokens", "0")), timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "pp 2 x dp_replicate 1 x dp_shard 1 x cp 2 x tp 1 (fsdp)" in run.stdout + run.stderr
+    _close(losses(out), want, range(1, 6))

@@ -141,6 +141,7 @@ def _place_pipeline(cfg: TrainConfig, env: DistEnv, model: nn.Module, layout: La
                     autocast: AbstractContextManager) -> PipelineRunner:
     """This rank's stages of ``model`` (tensor-parallel already, if asked), each sharded over the data-parallel
     sub-mesh, with an optimiser each."""
+    from .parallel.context import ContextGroup
     from .parallel.pipeline import build_pipeline, require_pipelining
     from .parallel.pipeline_state import PipelineState, StageOptimizers
 
@@ -152,6 +153,8 @@ def _place_pipeline(cfg: TrainConfig, env: DistEnv, model: nn.Module, layout: La
                           stages_per_rank=cfg.pp_stages_per_rank,
                           layers_per_stage=cfg.pp_layers, device=env.device)
     pipe.set_tensor_parallel(layout.tp)
+    if layout.cp > 1:
+        pipe.set_context_parallel(ContextGroup.of(mesh))
     for stage in pipe.stages:
         blocks = list(stage.blocks.values())
         if cfg.compile:

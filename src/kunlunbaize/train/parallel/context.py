@@ -12,7 +12,7 @@ convolutions and the model itself are replaced on the instances (gpt-fast's way)
 - attention (self, every per-scale cross-attention, every MTP depth's): queries local, keys and values (rotated)
   all-gathered in one collective and put in global order, the causal mask by global position; GQA as in one process;
 - causal convolutions: each chunk gets its k−1-token halo (the inputs before it) from one small all-gather of
-  every chunk's last min(k−1, C) inputs;
+  every chunk's last min(k−1, C) inputs, and one call runs both (halo, chunk) pairs;
 - dense residual, norms, MLPs: per position, local;
 - MTP: depth j's key slot s holds E(t_{s+j}); every rank has the whole sequence's token ids (the data loader gives
   it), so each embeds the tokens of its own slots and the keys are gathered as above (slots s ≥ T−j masked);
@@ -20,6 +20,11 @@ convolutions and the model itself are replaced on the instances (gpt-fast's way)
   all-reduced with the target count, so every rank returns the exact global mean. The sum's all-reduce carries
   autograd: each rank's gradients are N times its share, and averaging them over the cp ranks (FSDP2 shards over
   ``dp_shard × cp``) gives the one-process gradient.
+
+Under tensor parallelism (the model's plan applied first) the cp split is outer: sequence parallelism shards each
+cp rank's part, the plan's modules gather it over ``tp`` before these forwards run on their tp-local heads and
+channels, the MTP depths gather it themselves, and each head's sum comes from vocabulary-parallel logits through
+``loss_parallel``. Under pipeline parallelism the stages call :func:`loss_terms` and :meth:`ContextGroup.rope`.
 """
 
 from __future__ import annotations
@@ -34,11 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.nn.functional import all_reduce
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ...model import KunlunBaize
 from ...model.attention import Attention
 from ...model.fused_loss import linear_cross_entropy
-from ...model.layers import CausalDSConv, apply_rotary
+from ...model.layers import DIRECT_CONV_MAX_TOKENS, CausalDSConv, apply_rotary
 from ...model.loss import IGNORE_INDEX, LossTerms
 from ...model.model import ModelOutput
 
@@ -95,6 +101,10 @@ class ContextGroup:
         return torch.cat((torch.arange(a * c, (a + 1) * c, device=device),
                           torch.arange(b * c, (b + 1) * c, device=device)))
 
+    def rope(self, rope: Any, seq_len: int) -> Rope:
+        """The rotary tables of this rank's tokens (``rope``: the model's :class:`RotaryEmbedding`)."""
+        return rope(self.positions(seq_len, rope.inv_freq.device), seq_len)
+
     def shard(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's part [B, 2C, …] of a whole sequence ``x`` [B, T, …]: its two chunks, in order."""
         return x.index_select(1, self.positions(x.shape[1], x.device))
@@ -147,23 +157,37 @@ def attention_forward(attn: Attention, cp: ContextGroup, x: torch.Tensor, kv_inp
 
 def conv_forward(conv: CausalDSConv, forward: Any, cp: ContextGroup, x: torch.Tensor,
                  history: torch.Tensor | None = None) -> torch.Tensor:
-    """:meth:`CausalDSConv.forward` (``forward``) on each of a rank's two chunks, with the k−1 inputs before the
-    chunk, wherever they live, as its history: every chunk's last min(k−1, C) inputs are all-gathered (one small
-    collective), and a chunk's halo is the last k−1 of those before it (several chunks when C < k−1)."""
+    """:meth:`CausalDSConv.forward` (``forward``) on a rank's two chunks, each preceded by the k−1 inputs before it,
+    wherever they live (zeros before the sequence start): every chunk's last min(k−1, C) inputs are all-gathered
+    (one small collective), a chunk's halo is the last k−1 of those before it (several chunks when C < k−1), and
+    one call runs ``[halo, chunk, halo, chunk]``, the halos' outputs dropped."""
     if history is not None:
         raise ValueError("context parallelism splits a training forward: no convolution history")
     h = conv.kernel_size - 1
     if h == 0:
-        return forward(x)
+        return _long_call(conv, forward, x)
     first, second = x.chunk(2, dim=1)
-    tail = min(h, first.shape[1])
+    c = first.shape[1]
+    tail = min(h, c)
     tails = cp.gather(torch.cat((first[:, -tail:], second[:, -tail:]), dim=1), dim=1)  # chunk g's: g·tail …
 
-    def run(part: torch.Tensor, chunk: int) -> torch.Tensor:
-        return forward(part, tails[:, max(0, chunk * tail - h):chunk * tail] if chunk > 0 else None)
+    def halo(chunk: int) -> torch.Tensor:
+        before = tails[:, max(0, chunk * tail - h):chunk * tail]
+        return F.pad(before, (0, 0, h - before.shape[1], 0))  # zeros before the sequence start
 
     a, b = cp.chunks()
-    return torch.cat((run(first, a), run(second, b)), dim=1)
+    out = _long_call(conv, forward, torch.cat((halo(a), first, halo(b), second), dim=1))
+    return torch.cat((out[:, h:h + c], out[:, 2 * h + c:]), dim=1)
+
+
+def _long_call(conv: CausalDSConv, forward: Any, x: torch.Tensor) -> torch.Tensor:
+    """``forward(x)``; under tensor parallelism on at least ``DIRECT_CONV_MAX_TOKENS`` + 1 inputs (zeros
+    prepended, their outputs dropped): the few-token path multiplies by the depthwise weight directly, which the
+    plan replicates as a DTensor, so only the convolution module's call takes it."""
+    lead = DIRECT_CONV_MAX_TOKENS + 1 - x.shape[1]
+    if lead <= 0 or not isinstance(conv.depthwise.weight, DTensor):
+        return forward(x)
+    return forward(F.pad(x, (0, 0, lead, 0)))[:, lead:]
 
 
 def training_forward(model: KunlunBaize, cp: ContextGroup, input_ids: torch.Tensor,
@@ -171,7 +195,9 @@ def training_forward(model: KunlunBaize, cp: ContextGroup, input_ids: torch.Tens
                      attention_mask: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
                      mtp: bool = True, logits: bool = False) -> ModelOutput:
     """:meth:`KunlunBaize.forward`'s joint loss (eq. 22) of whole sequences ``input_ids`` [B, T] (every cp rank
-    gives the same), computed on this rank's part; the losses are the global means, the same on every rank."""
+    gives the same), computed on this rank's part; the losses are the global means, the same on every rank. Under
+    tensor parallelism too (the model's plan applied first): the trunk's residual stream is then this rank's part
+    sharded again over ``tp`` (:func:`_tensor_parallel_mesh`)."""
     if labels is None or cache is not None or attention_mask is not None or not mtp:
         raise ValueError("under context parallelism the model computes the training loss only: give labels, and no "
                          "cache, attention_mask or mtp=False")
@@ -179,30 +205,57 @@ def training_forward(model: KunlunBaize, cp: ContextGroup, input_ids: torch.Tens
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
     model._check_input(input_ids, 0, None)
     T = input_ids.shape[1]
-    pos = cp.positions(T, input_ids.device)
-    rope = model.rope(pos, T)
-    hidden = model.run_blocks(model.embed(cp.shard(input_ids)), rope, 0, None, None, None)
-    heads = [(model.norm(hidden), model.head_weight)]
-    if model.mtp is not None:
-        heads += _mtp_heads(model, hidden, input_ids, pos, rope)
-    means = _global_means(cp, heads, [_targets(labels, pos, j + 1, ignore_index) for j in range(len(heads))],
-                          ignore_index)
-    terms = LossTerms.joint(means[0], list(means[1:]), model.config.gammas)
+    hidden = model.run_blocks(model.embed(cp.shard(input_ids)), cp.rope(model.rope, T), 0, None, None, None)
+    terms = loss_terms(model, cp, hidden, input_ids, labels, ignore_index)
     return ModelOutput(logits=None, hidden=hidden, loss=terms.total, main_loss=terms.main, mtp_losses=terms.mtp)
 
 
-def _mtp_heads(model: KunlunBaize, hidden: torch.Tensor, input_ids: torch.Tensor, pos: torch.Tensor,
+def loss_terms(model: Any, cp: ContextGroup, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
+               ignore_index: int = IGNORE_INDEX) -> LossTerms:
+    """The joint loss's terms (eq. 22–23), each the global mean over every cp rank's targets, from this rank's
+    part of H_L (``hidden``) and the whole sequences' ids and labels. ``model`` has the heads: a
+    :class:`KunlunBaize`, or the last pipeline stage (``norm``, ``head_weight``, ``mtp``, ``embed``, ``rope``)."""
+    T = input_ids.shape[1]
+    pos = cp.positions(T, input_ids.device)
+    heads = [(model.norm(hidden), model.head_weight)]
+    if model.mtp is not None:
+        heads += _mtp_heads(model, hidden, input_ids, pos, cp.rope(model.rope, T))
+    means = _global_means(cp, heads, [_targets(labels, pos, j + 1, ignore_index) for j in range(len(heads))],
+                          ignore_index)
+    return LossTerms.joint(means[0], list(means[1:]), model.config.gammas)
+
+
+def _tensor_parallel_mesh(model: Any) -> DeviceMesh | None:
+    """The ``tp`` mesh when the model's tensor-parallel plan was applied (its head is vocabulary-parallel), else
+    None. Under it the trunk's residual stream is sequence-sharded within this cp rank's part (the cp split is
+    outer, Megatron's sequence parallelism inner), its heads are sharded on the vocabulary and every module that
+    needs the whole part (attention, convolutions, MLPs, the MTP depths) gathers it over ``tp`` first."""
+    weight = model.head_weight
+    return weight.device_mesh if isinstance(weight, DTensor) else None
+
+
+def _whole_part(t: torch.Tensor, tp: DeviceMesh | None) -> torch.Tensor:
+    """This cp rank's whole part [B, 2C, …] of a tensor sequence-sharded over ``tp`` (autograd: the gradient of the
+    replicated computation after it is sliced back)."""
+    if tp is None:
+        return t
+    return DTensor.from_local(t, tp, [Shard(1)], run_check=False).redistribute(tp, [Replicate()]).to_local()
+
+
+def _mtp_heads(model: Any, hidden: torch.Tensor, input_ids: torch.Tensor, pos: torch.Tensor,
                rope: Rope) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every MTP depth's head (input, weight) at this rank's positions (:meth:`MultiTokenPrediction.head_inputs`):
-    depth j's key slot s holds E(t_{s+j}), embedded here from the whole sequence's ids for this rank's slots."""
+    depth j's key slot s holds E(t_{s+j}), embedded here from the whole sequence's ids for this rank's slots. Under
+    tensor parallelism the depths run on this rank's whole part, as the plan runs them on the whole sequence."""
     T = input_ids.shape[1]
+    tp = _tensor_parallel_mesh(model)
     slots = torch.arange(T, device=pos.device)
-    g, out = hidden, []
+    g, out = _whole_part(hidden, tp), []
     for j, depth in enumerate(model.mtp.depths, start=1):
         if j < T:  # else no slot exists: no update, as in one process
-            emb = model.embed(input_ids[:, (pos + j).clamp(max=T - 1)])
+            emb = _whole_part(model.embed(input_ids[:, (pos + j).clamp(max=T - 1)]), tp)
             mask = (slots[None, :] <= pos[:, None]) & (slots < T - j)[None, :]
-            g = g + depth.cross_attn(depth.hidden_norm(g), depth.embed_norm(emb), rope, rope, mask=mask)
+            g = g + depth.cross_attn(depth.hidden_norm(g), depth.embed_norm(emb), rope, rope, 0, 0, None, mask)
         out.append(model.mtp.head_input(j, g, model.head_weight))
     return out
 
@@ -220,9 +273,19 @@ def _global_means(cp: ContextGroup, heads: list[tuple[torch.Tensor, torch.Tensor
     """Each head's mean cross-entropy over the targets of every cp rank: local sums and counts all-reduced."""
     sums, counts = [], []
     for (h, w), t in zip(heads, targets, strict=True):
-        count = (t != ignore_index).sum()
-        sums.append(linear_cross_entropy(h, w, t, ignore_index=ignore_index) * count)
-        counts.append(count)
+        sums.append(_local_sum(h, w, t, ignore_index))
+        counts.append((t != ignore_index).sum())
     n = torch.stack(counts).float()
     dist.all_reduce(n, group=cp.group)
     return cp.sum(torch.stack(sums)) / n.clamp(min=1)
+
+
+def _local_sum(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The summed cross-entropy of the head ``w`` on ``h`` against this rank's targets ``t``: chunked over the
+    whole vocabulary (:mod:`~kunlunbaize.model.fused_loss`), or under tensor parallelism from the logits sharded
+    on the vocabulary by ``loss_parallel`` (in force around the step, :mod:`.mesh`), never gathered."""
+    if not isinstance(w, DTensor):
+        return linear_cross_entropy(h, w, t, ignore_index=ignore_index) * (t != ignore_index).sum()
+    logits = F.linear(h, w)  # [B, 2C, V/tp] per rank
+    loss = F.cross_entropy(logits.flatten(0, -2).float(), t.flatten(), ignore_index=ignore_index, reduction="sum")
+    return loss.to_local()

@@ -93,12 +93,6 @@ def resolve_layout(world_size: int, parallel: str = "auto", dp_replicate: int | 
     if explicit and parallel in ("none", "ddp"):
         raise LayoutError(f"--parallel {parallel} gives every rank to data parallelism; drop it when giving "
                           "--dp-replicate/--dp-shard/--cp/--tp/--pp (or use --parallel fsdp or auto with them)")
-    if cp > 1 and tp > 1:
-        raise LayoutError(f"--cp {cp} with --tp {tp} is not supported yet (the context-parallel loss needs whole-"
-                          "vocabulary heads, tensor parallelism splits them); use --cp or --tp, not both")
-    if cp > 1 and pp > 1:
-        raise LayoutError(f"--cp {cp} with --pp {pp} is not supported yet (the pipeline stages do not apply the "
-                          "context-parallel plan); use --cp or --pp, not both")
     if not explicit:
         if parallel == "fsdp":
             return Layout(dp_shard=world_size, wrap="fsdp" if world_size > 1 else "none")
@@ -177,8 +171,8 @@ def check_microbatches(schedule: str, pp: int, counts: list[int]) -> None:
 def check_model(layout: Layout, model: Any, seq_len: int) -> None:
     """LayoutError when the model (a :class:`~kunlunbaize.config.ModelConfig`) or the sequence length does not
     split over ``layout.tp`` and ``layout.cp``: heads, KV heads, widths and vocabulary must be divisible by tp (no
-    uneven shards), and so must the sequence (sequence parallelism shards it); the sequence must split into 2·cp
-    equal chunks (the load-balanced causal split)."""
+    uneven shards), and so must each cp rank's part of the sequence (sequence parallelism shards it); the sequence
+    must split into 2·cp equal chunks (the load-balanced causal split)."""
     check_sequence(layout, seq_len)
     tp = layout.tp
     if tp == 1:
@@ -193,9 +187,12 @@ def check_model(layout: Layout, model: Any, seq_len: int) -> None:
     for name, value, what in sizes:
         if value % tp:
             raise LayoutError(f"--tp {tp} does not divide {name} = {value} ({what}); choose a --tp that divides it")
-    if seq_len % tp:
-        raise LayoutError(f"--tp {tp} does not divide --seq-len {seq_len} (sequence parallelism shards the "
-                          "sequence); choose a --seq-len divisible by it")
+    part = seq_len // layout.cp  # each cp rank's part of the sequence, which sequence parallelism shards
+    if part % tp:
+        what = f"--seq-len {seq_len}" if layout.cp == 1 else f"--seq-len {seq_len} / --cp {layout.cp} = {part}"
+        raise LayoutError(f"--tp {tp} does not divide {what} (sequence parallelism shards the sequence"
+                          f"{'' if layout.cp == 1 else ' part of each cp rank'}); choose a --seq-len divisible by "
+                          f"{tp * layout.cp}")
 
 
 def check_sequence(layout: Layout, seq_len: int) -> None:

@@ -1,6 +1,6 @@
-"""The run's device mesh and the model placed on it: the architecture's tensor-parallel plan over ``tp`` or its
-context-parallel plan over ``cp``, then data parallelism over ``dp_replicate`` × ``dp_shard`` (DDP, FSDP2 or HSDP,
-each block sharded on its own, then the root: torchtitan's order; with ``cp`` the sharding group is
+"""The run's device mesh and the model placed on it: the architecture's tensor-parallel plan over ``tp`` and its
+context-parallel plan over ``cp`` (in that order), then data parallelism over ``dp_replicate`` × ``dp_shard`` (DDP,
+FSDP2 or HSDP, each block sharded on its own, then the root: torchtitan's order; with ``cp`` the sharding group is
 ``dp_shard × cp``, torchtitan's ``dp_shard_cp``; under pipeline parallelism each stage is a root)."""
 
 from __future__ import annotations

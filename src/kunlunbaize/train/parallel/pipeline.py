@@ -19,6 +19,7 @@ from torch import nn
 
 from ...model.loss import IGNORE_INDEX
 from ...model.model import KunlunBaize
+from .context import ContextGroup
 from .pipeline_stages import (
     PipelineStageModule,
     build_stage_modules,
@@ -130,6 +131,13 @@ class Pipeline:
         steps under ``loss_parallel``)."""
         for m in self.stages:
             m.seq_shards = tp
+
+    def set_context_parallel(self, cp: ContextGroup) -> None:
+        """Say that the stages run under the model's context-parallel plan over ``cp`` (applied before they were
+        cut): each micro-batch's sequences enter whole, the first stage keeps this rank's part of them, the
+        boundaries carry that part and the last stage's loss terms are the global means over the cp ranks."""
+        for m in self.stages:
+            m.context = cp
 
     # ------------------------------------------------------------------ one step
     def step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,

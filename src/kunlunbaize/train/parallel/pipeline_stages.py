@@ -33,6 +33,8 @@ from ...model.layers import linear
 from ...model.loss import IGNORE_INDEX, LossTerms, multi_token_loss
 from ...model.model import KunlunBaize, TrunkOutput, _chunked_loss_terms, run_mtp
 from ...plan.boundary import PLAIN, RAW, boundary_form, boundary_tensors
+from .context import ContextGroup
+from .context import loss_terms as context_loss_terms
 
 
 def split_layers(n_layers: int, n_stages: int, layers_per_stage: list[int] | None = None) -> list[range]:
@@ -165,6 +167,10 @@ class PipelineStageModule(nn.Module):
         self.seq_shards = 1
         """Tensor-parallel ranks the residual stream's sequence is sharded over (1: none); more than 1: the
         model's tensor-parallel plan is applied and the loss comes from vocabulary-parallel logits."""
+        self.context: ContextGroup | None = None
+        """This rank's context-parallel group when each sequence is split over cp ranks (the model's context-parallel
+        plan applied before the cut): the first stage embeds this rank's part, the boundaries carry it, the last
+        stage computes the global means of the loss terms (:func:`.context.loss_terms`)."""
         if spec.is_last:
             self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
 
@@ -178,7 +184,7 @@ class PipelineStageModule(nn.Module):
     def _receive(self, x: torch.Tensor) -> _Flow:
         spec = self.spec
         if spec.is_first:
-            h = self.embed(x)  # H_0
+            h = self.embed(x if self.context is None else self.context.shard(x))  # H_0 (of this cp rank's part)
             return _Flow(h, [h], 0, None)
         form, s = spec.input_form, spec.layers.start
         if form == PLAIN:
@@ -207,7 +213,10 @@ class PipelineStageModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flow = self._receive(x)
         T = flow.current.shape[1] * self.seq_shards  # the whole sequence (its shard under sequence parallelism)
-        rope = self.rope(torch.arange(T, device=flow.current.device))
+        if self.context is None:
+            rope = self.rope(torch.arange(T, device=flow.current.device))
+        else:  # this cp rank's part: its tokens' global positions
+            rope = self.context.rope(self.rope, T * self.context.size)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.spec.layers:
             block = self.blocks[str(layer)]
@@ -229,6 +238,8 @@ class PipelineStageModule(nn.Module):
         """The joint loss's terms (eq. 22–23) from H_L, as the whole model computes them (last stage only)."""
         if not self.spec.is_last:
             raise RuntimeError(f"stage {self.spec.index} is not the last stage: only the last one has the heads")
+        if self.context is not None:
+            return context_loss_terms(self, self.context, hidden, input_ids, labels, ignore_index)
         emb = self.embed(input_ids) if self.mtp is not None else None  # E(t) for the MTP depths (eq. 13, 15)
         trunk = TrunkOutput(hidden, emb, 0)
         if self.seq_shards == 1:

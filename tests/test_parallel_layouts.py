@@ -84,12 +84,12 @@ def test_tp2_under_the_batch_ramp_in_fp32_and_bf16(tmp_path):
 @pytest.mark.distributed
 def test_cp2_tp2_equals_one_process_under_the_batch_ramp_and_resumes_in_one_process(tmp_path):
     """4 ranks, cp2 x tp2 (FSDP2 over cp, the tensor-parallel plan inside each cp rank's part, the loss vocabulary-
-    parallel per cp rank): the full model and the everything-else switch (tied/shared heads, per-channel eSwish,
-    kernels 1 and 4, identity dense start, activation checkpointing) under the batch ramp (2, 3, 4, 4 micro-batches)
-    equal one process, and so do the full model's validation losses; its checkpoint resumed in one process takes
-    the one-process next step."""
-    results = _worker(tmp_path, 4, [_run(FULL, [1, 1, 2, 2], resume=True), _run(ABLATIONS[-1], [1, 1, 2, 2])])
-    assert len(results) == 2
+    parallel per cp rank): the full model under the batch ramp (2, 3, 4, 4 micro-batches) equals one process, and so
+    do its validation losses; its checkpoint resumed in one process takes the one-process next step. (The
+    single-switch ablations under cp2 x tp2 were checked once by hand, docs/guide-parallel.md; they are left out here
+    for the suite's time.)"""
+    results = _worker(tmp_path, 4, [_run(FULL, [1, 1, 2, 2], resume=True)])
+    assert len(results) == 1
     _assert_equal(results, [[4, 2], [6, 3], [8, 4], [8, 4]])
     (full,) = (r for r in results.values() if "resume" in r)
     assert full["val"] < 1e-5, full  # the validation losses (a forward without gradients) too

@@ -54,6 +54,7 @@ def pair(dataset, tmp_path_factory) -> tuple[Path, Path]:
     return runs[0], runs[1]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_full_weights_reads_the_same_weights_from_dcp(pair):
     full, dcp_only = pair
     assert (full / "model.safetensors").is_file() and not (dcp_only / "model.safetensors").exists()
@@ -90,6 +91,7 @@ def check_same_export(a: Path, b: Path) -> None:
             assert (a / name).read_text() == (b / name).read_text(), name
 
 
+@pytest.mark.slow
 def test_streamed_export_equals_the_full_weights_export_sharded_or_not(pair, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -113,6 +115,7 @@ def test_streamed_export_equals_the_full_weights_export_sharded_or_not(pair, tmp
     assert (tmp_path / "one" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_the_streamed_export_reads_one_requested_model_tensor_per_call(pair, tmp_path, capsys, monkeypatch):
     """The peak memory of the streamed read is one tensor: each DCP read asks for exactly one model tensor (never
     the optimiser state), each tensor is read once, and ``.metadata`` once."""
@@ -140,6 +143,7 @@ def test_the_streamed_export_reads_one_requested_model_tensor_per_call(pair, tmp
     assert len(metadata_reads) == 2  # the export's reader, and the check above
 
 
+@pytest.mark.slow
 def test_generate_and_init_from_read_a_checkpoint_without_full_weights(pair, dataset, tmp_path, capsys):
     from .test_extend import setup_model, stage
 
@@ -155,6 +159,7 @@ def test_generate_and_init_from_read_a_checkpoint_without_full_weights(pair, dat
     assert all(torch.equal(own[k], want[k]) for k in want)
 
 
+@pytest.mark.slow
 def test_a_damaged_or_missing_dcp_shard_is_one_clear_line(pair, tmp_path):
     _, dcp_only = pair
     ckpt = tmp_path / "step_00000003"
@@ -174,6 +179,21 @@ def test_a_damaged_or_missing_dcp_shard_is_one_clear_line(pair, tmp_path):
     with pytest.raises(CheckpointDamaged, match=r"cannot read .*\.metadata .*damaged"):
         DcpWeights(ckpt)
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow
+def test_a_llama_baseline_checkpoint_without_full_weights_exports_whole(dataset, tmp_path, capsys):
+    """The Llama baseline's export loads the checkpoint whole: from the DCP shards when there is no
+    model.safetensors, with the logits check."""
+    out = tmp_path / "llama"
+    train(TrainConfig(data=str(dataset), out=str(out), preset="tiny", seq_len=32, tokens=32 * 4 * 2, batch_size=4,
+                      lr=3e-3, eval_every=1000, eval_batches=0, progress=False, full_weights="never", arch="llama",
+                      model_overrides=dict(TRAIN_MODEL)))
+    ckpt = latest_checkpoint(out / "checkpoints")
+    assert not has_full_weights(ckpt)
+    said = export(capsys, ckpt, tmp_path / "hf", "--max-shard-size", "20KB")
+    assert "LlamaForCausalLM" in said and "reloaded logits identical" in said
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
 
 
 # --- real ranks through `kunlun train` ---------------------------------------------------------------------------
@@ -229,3 +249,4 @@ def test_pp2_run_without_full_weights_reads_under_one_process_names_and_exports(
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = torch.randint(0, ours.config.vocab_size, (2, 16))
     assert torch.equal(hf(ids, mtp=True).logits, ours(ids, mtp=True).logits)
+

@@ -211,7 +211,7 @@ def test_fsdp2_run_without_full_weights_exports_as_the_run_with_them(dataset, tm
     for policy in ("always", "never"):
         out = tmp_path / policy
         run = _run(_torchrun(2, *_common(dataset, out, 32 * 4 * 3, "--parallel", "fsdp", "--full-weights", policy,
-                                         "--sample-tokens", "0")))
+                                         "--sample-tokens", "0")), timeout=900)
         assert run.returncode == 0, run.stdout + run.stderr
         ckpts[policy] = latest_checkpoint(out / "checkpoints")
     assert (ckpts["always"] / "model.safetensors").is_file()
@@ -238,7 +238,7 @@ def test_pp2_run_without_full_weights_reads_under_one_process_names_and_exports(
 
     out = tmp_path / "pp"
     run = _run(_torchrun(2, *_common(dataset, out, 32 * 4 * 2, "--pp", "2", "--micro-batch-size", "2",
-                                     "--full-weights", "never", "--sample-tokens", "0")))
+                                     "--full-weights", "never", "--sample-tokens", "0")), timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
     ckpt = latest_checkpoint(out / "checkpoints")
     assert not (ckpt / "model.safetensors").exists()

@@ -1,9 +1,10 @@
 """The on-disk layout of runs, checkpoints and exports, and reading it.
 
 A run folder ``runs/NAME/`` holds ``checkpoints/step_00000100/`` folders (see :mod:`.state` for their files); a
-checkpoint is complete once its ``trainer_state.json`` exists. An export (``kunlun export --hf``, a post-trained
-model) is a transformers folder: ``config.json`` with a ``model_type`` and ``model.safetensors`` (or shards listed in
-``model.safetensors.index.json``). Every command that takes a model takes any of the three.
+checkpoint is complete once its ``trainer_state.json`` exists. Its full weights (``model.safetensors``) are optional:
+without them the weights are read from its DCP files (:mod:`.dcp_weights`). An export (``kunlun export --hf``, a
+post-trained model) is a transformers folder: ``config.json`` with a ``model_type`` and ``model.safetensors`` (or
+shards listed in ``model.safetensors.index.json``). Every command that takes a model takes any of the three.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from ..arch import ARCHS, DEFAULT, ArchSpec
+from .dcp_weights import METADATA_FILE, DcpWeights
 from .errors import CheckpointDamaged, CheckpointError
 
 STATE_FILE = "trainer_state.json"
@@ -24,7 +26,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
-DCP_METADATA = ".metadata"  # the model and optimiser state of a training checkpoint (see .state)
+DCP_METADATA = METADATA_FILE  # the model and optimiser state of a training checkpoint (see .state)
 _STEP_DIR = re.compile(r"step_\d+$")
 
 
@@ -49,9 +51,15 @@ def is_training_checkpoint(path: Path) -> bool:
 def is_export(path: Path) -> bool:
     """Whether ``path`` is a transformers folder: a config.json and its weights, and no training state (complete
     or, in a save interrupted part-way, without its ``trainer_state.json``)."""
-    has_weights = (path / WEIGHTS_FILE).is_file() or (path / WEIGHTS_INDEX).is_file()
+    has_weights = has_full_weights(path)
     training = is_training_checkpoint(path) or (path / DCP_METADATA).is_file()
     return has_weights and (path / CONFIG_FILE).is_file() and not training
+
+
+def has_full_weights(path: Path) -> bool:
+    """Whether ``path`` holds its weights as safetensors (``model.safetensors`` or an index of shards); a training
+    checkpoint saved without them has its weights only in its DCP files."""
+    return (path / WEIGHTS_FILE).is_file() or (path / WEIGHTS_INDEX).is_file()
 
 
 def resolve_checkpoint(path: str | Path, *, resumable: bool = False) -> Path:
@@ -157,11 +165,14 @@ def checkpoint_arch(ckpt: Path, config: dict[str, Any] | None = None) -> ArchSpe
 
 
 def weight_names(ckpt: Path) -> list[str]:
-    """Tensor names of the checkpoint's safetensors files (headers only); empty when they cannot be read."""
+    """Tensor names of the checkpoint's safetensors files, else of its DCP files (headers and metadata only); empty
+    when they cannot be read."""
     from safetensors import safe_open
 
     index = ckpt / WEIGHTS_INDEX
     try:
+        if not has_full_weights(ckpt) and (ckpt / DCP_METADATA).is_file():
+            return DcpWeights(ckpt).names()
         if index.is_file():
             return list(json.loads(index.read_text())["weight_map"])
         with safe_open(str(ckpt / WEIGHTS_FILE), framework="pt") as f:
@@ -171,10 +182,13 @@ def weight_names(ckpt: Path) -> list[str]:
 
 
 def read_weights(ckpt: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """``model.safetensors``, or every shard listed in ``model.safetensors.index.json``."""
+    """``model.safetensors``, or every shard listed in ``model.safetensors.index.json``; a training checkpoint
+    saved without them: every model tensor of its DCP files (a whole-model load, in one process)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if not has_full_weights(ckpt) and (ckpt / DCP_METADATA).is_file():
+        return DcpWeights(ckpt).read_all(device)
     index = ckpt / WEIGHTS_INDEX
     try:
         if index.is_file():

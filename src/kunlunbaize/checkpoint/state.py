@@ -3,7 +3,7 @@
 One folder per checkpoint, ``<run>/checkpoints/step_00000100/``:
 
     .metadata, __*_*.distcp    model and optimiser state (DCP; sharded under FSDP2, re-shardable on load)
-    model.safetensors          full model weights (rank 0), for inference and export
+    model.safetensors          full model weights (rank 0), for inference and export — optional (see below)
     config.json                the model config
     tokenizer.json, …          the dataset's tokenizer (a PreTrainedTokenizerFast folder)
     rng_<rank>.pt              each rank's RNG states
@@ -12,6 +12,10 @@ One folder per checkpoint, ``<run>/checkpoints/step_00000100/``:
 Everything is written into ``step_…tmp`` and renamed into place, so a run killed mid-save leaves no
 folder that looks complete; a checkpoint without ``trainer_state.json`` is never resumed from. Files get the
 usual permissions (``0666`` less the umask), ``model.safetensors`` included.
+
+``model.safetensors`` gathers the whole model onto rank 0's CPU: ``kunlun train --full-weights`` decides whether a
+run writes it (``auto``: up to :data:`FULL_WEIGHTS_AUTO_MAX` parameters), and ``trainer_state.json`` records the
+choice (``full_weights``). Without it every reader takes the weights from the DCP files (:mod:`.dcp_weights`).
 """
 
 from __future__ import annotations
@@ -81,6 +85,20 @@ def honour_umask(path: Path) -> None:
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
     for f in files:
         os.chmod(f, 0o666 & ~mask)
+
+
+FULL_WEIGHTS_POLICIES = ("auto", "always", "never")
+FULL_WEIGHTS_AUTO_MAX = 2_000_000_000
+"""The most parameters for which ``--full-weights auto`` writes ``model.safetensors`` (8 GB in fp32 on rank 0's
+CPU at each checkpoint); a larger model's weights stay in the DCP files only."""
+
+
+def writes_full_weights(policy: str, n_params: int) -> bool:
+    """Whether a checkpoint of a model of ``n_params`` parameters gets ``model.safetensors`` under ``policy``
+    (one of :data:`FULL_WEIGHTS_POLICIES`)."""
+    if policy not in FULL_WEIGHTS_POLICIES:
+        raise ValueError(f"full weights policy {policy!r}: use one of {', '.join(FULL_WEIGHTS_POLICIES)}")
+    return policy == "always" or (policy == "auto" and n_params <= FULL_WEIGHTS_AUTO_MAX)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -160,11 +178,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(root: Path, step: int, model: nn.Module | TrainState, optimizer: torch.optim.Optimizer | None,
                     trainer_state: dict[str, Any], model_config: dict[str, Any] | None, keep_last: int,
-                    extra_files: list[Path] = ()) -> Path:
+                    extra_files: list[Path] = (), full_weights: bool = True) -> Path:
     """Save atomically to ``root/step_<step>`` on every rank; prune to the newest ``keep_last``.
 
     ``extra_files`` (the tokenizer) are copied in, so a checkpoint folder is self-contained. ``model`` may be a
-    :class:`TrainState` (then ``optimizer`` is its own).
+    :class:`TrainState` (then ``optimizer`` is its own). ``full_weights``: also gather the whole model onto rank 0
+    and write ``model.safetensors`` (the same on every rank: it is a collective).
     """
     state = train_state(model, optimizer)
     final = root / f"step_{step:08d}"
@@ -177,9 +196,10 @@ def save_checkpoint(root: Path, step: int, model: nn.Module | TrainState, optimi
     _barrier()
     _quiet(dcp.save, state.checkpoint_state(), checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / f"rng_{_rank()}.pt")
-    weights = state.full_weights()
+    weights = state.full_weights() if full_weights else {}
     if _rank() == 0:
-        save_safetensors(weights, tmp / "model.safetensors", {"format": "pt"})
+        if full_weights:
+            save_safetensors(weights, tmp / "model.safetensors", {"format": "pt"})
         if model_config is not None:
             (tmp / "config.json").write_text(json.dumps(model_config, indent=2))
         for f in extra_files:

@@ -20,8 +20,27 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     e.add_argument("--no-verify", action="store_true", help="skip reloading the export and comparing logits")
+    e.add_argument("--max-shard-size", dest="max_shard_size", type=_shard_size, metavar="SIZE",
+                   help="largest safetensors file, e.g. 5GB, 500MB or bytes (default: 5GB when the checkpoint has no "
+                        "model.safetensors and is streamed from its DCP shards; else transformers' own)")
     e.add_argument("--chat-template", action="store_true",
                    help="add KunlunBaize's chat template (chat_template.jinja) for chat use; off for a base model")
+
+
+def _shard_size(text: str) -> int | str:
+    """A ``--max-shard-size``: bytes, or a size with a unit huggingface_hub reads (KB, MB, GB, TB)."""
+    if text.strip().isdigit():
+        if int(text) < 1:
+            raise argparse.ArgumentTypeError(f"{text} bytes: give at least 1 byte, e.g. 5GB")
+        return int(text)
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    try:
+        split_torch_state_dict_into_shards({}, max_shard_size=text)  # the library's own reading of the size
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes or a number with KB, MB, GB or TB "
+                                         "(e.g. 5GB)") from None
+    return text
 
 
 def run(args: argparse.Namespace) -> None:
@@ -45,6 +64,8 @@ def run(args: argparse.Namespace) -> None:
         spec = checkpoint_arch(ckpt)
         export = spec.hook("export")
         extra = {"chat_template": True} if args.chat_template else {}
+        if args.max_shard_size is not None:
+            extra["max_shard_size"] = args.max_shard_size
         if args.chat_template and spec is not DEFAULT:
             raise ExportError(f"--chat-template is for KunlunBaize checkpoints (the {spec.note} has no role tokens)")
         export(ckpt, args.hf, dtype=dtype, overwrite=args.overwrite, verify=not args.no_verify,

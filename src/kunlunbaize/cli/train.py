@@ -57,6 +57,10 @@ def add_parser(sub: Any) -> None:
     tr.add_argument("--eval-batches", dest="eval_batches", type=NONNEGATIVE)
     tr.add_argument("--ckpt-every", dest="ckpt_every", type=POSITIVE)
     tr.add_argument("--keep-last", dest="keep_last", type=NONNEGATIVE)
+    tr.add_argument("--full-weights", dest="full_weights", choices=["auto", "always", "never"],
+                    help="write model.safetensors (the whole model, gathered on rank 0) into each checkpoint: auto "
+                         "(default) up to 2B parameters; without it readers take the weights from the DCP shards "
+                         "(docs/guide-train.md, 'Checkpoints and their full weights')")
     tr.add_argument("--resume", help="auto (default): newest checkpoint in --out; none; or a checkpoint folder")
     tr.add_argument("--parallel", choices=["auto", "none", "ddp", "fsdp"],
                     help="every rank data-parallel: ddp (auto under torchrun) = --dp-replicate N, fsdp = --dp-shard N")

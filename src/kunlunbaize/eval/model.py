@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_tokenizer
+from ..checkpoint import has_full_weights, load_tokenizer
 from ..infer.generate import GenerationResult
 from ..infer.generator import load_for_generation
 from ..infer.sampling import SamplingParams
@@ -147,12 +147,15 @@ def read_chat_template(ckpt: Path) -> str | None:
 
 
 def checkpoint_hash(ckpt: Path) -> str:
-    """SHA-256 over the checkpoint's config and weight files (names and bytes), hex."""
+    """SHA-256 over the checkpoint's config and weight files (names and bytes), hex; a training checkpoint saved
+    without ``model.safetensors``: over its DCP files (model and optimiser state) instead."""
     h = hashlib.sha256()
     names = ["config.json", "model.safetensors", "model.safetensors.index.json"]
     index = ckpt / "model.safetensors.index.json"
     if index.is_file():
         names += sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if not has_full_weights(ckpt):
+        names += [".metadata", *sorted(p.name for p in ckpt.glob("*.distcp"))]
     for name in names:
         f = ckpt / name
         if not f.is_file():

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, has_full_weights, resolve_checkpoint
 from ..checkpoint.state import honour_umask
+from ..config import ModelConfig
 from ..data.chat import CHAT_TEMPLATE, missing_chat_tokens
-from ..infer.load import load_model
+from ..infer.load import checkpoint_model_config, load_model
 
 PROBE_TOKENS = 16
 
@@ -23,7 +24,7 @@ class ExportError(RuntimeError):
 
 def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float32,
               overwrite: bool = False, verify: bool = True, chat_template: bool = False,
-              log: Callable[[str], None] = print) -> Path:
+              max_shard_size: int | str | None = None, log: Callable[[str], None] = print) -> Path:
     """Write ``checkpoint`` (a run or checkpoint folder) as a transformers model folder at ``out``.
 
     ``chat_template`` adds KunlunBaize's chat template (``chat_template.jinja``; the tokenizer must have the role
@@ -33,29 +34,33 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = t
     The folder loads with ``AutoModelForCausalLM.from_pretrained(out)`` and ``AutoTokenizer`` once
     :mod:`kunlunbaize` is imported. With ``verify`` it is loaded back and must give logits identical to the
     checkpoint's. Written to a temporary sibling and renamed, so ``out`` is either complete or untouched.
+
+    A checkpoint saved without ``model.safetensors`` (``kunlun train --full-weights never``) is streamed from its
+    DCP files tensor by tensor into transformers' sharded layout (:mod:`.export_stream`; ``max_shard_size``,
+    default 5GB), and verified tensor by tensor instead. ``max_shard_size`` otherwise goes to ``save_pretrained``
+    (default: transformers' own).
     """
     from transformers import AutoModelForCausalLM
 
     from .modeling import KunlunBaizeForCausalLM
 
     out = check_out(out, overwrite)
-    model, ckpt = load_model(checkpoint)
-    tokenizer = _export_tokenizer(ckpt, model.config.vocab_size, model.config.max_seq_len)
-    if chat_template:
+    ckpt = resolve_checkpoint(checkpoint)
+    if not has_full_weights(ckpt):
+        from .export_stream import export_streaming
 
-        missing = missing_chat_tokens(tokenizer)
-        if missing:
-            raise ExportError(f"the tokenizer of {ckpt} lacks the role tokens {', '.join(missing)}: a chat template "
-                              "needs them — add them with `kunlun posttrain sft` (it resizes the embeddings)")
-        tokenizer.chat_template = CHAT_TEMPLATE
-
+        return export_streaming(ckpt, out, checkpoint_model_config(ckpt), dtype=dtype, verify=verify,
+                                chat_template=chat_template, max_shard_size=max_shard_size, log=log)
+    model, ckpt = load_model(ckpt)
+    tokenizer = export_tokenizer(ckpt, model.config, chat_template)
     hf = KunlunBaizeForCausalLM.from_kunlunbaize(model, eos_token_id=tokenizer.eos_token_id,
                                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=None).to(dtype)
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
 
     def write(tmp: Path) -> None:
-        hf.save_pretrained(str(tmp))
+        hf.save_pretrained(str(tmp), **shards)
         tokenizer.save_pretrained(str(tmp))
-        _verify_tokenizer(tmp, tokenizer)
+        verify_tokenizer(tmp, tokenizer)
         if verify:
             _verify(model.to(dtype), tmp, AutoModelForCausalLM, dtype)
 
@@ -63,6 +68,19 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = t
     log(f"exported {ckpt} → {out} ({sum(p.numel() for p in hf.parameters()):,} parameters, {dtype})"
         + (": reloaded logits identical" if verify else ""))
     return out
+
+
+def export_tokenizer(ckpt: Path, cfg: ModelConfig, chat_template: bool):
+    """The checkpoint's tokenizer as the export writes it (:func:`_export_tokenizer`), with KunlunBaize's chat
+    template when asked (an ExportError when the tokenizer lacks the role tokens)."""
+    tokenizer = _export_tokenizer(ckpt, cfg.vocab_size, cfg.max_seq_len)
+    if chat_template:
+        missing = missing_chat_tokens(tokenizer)
+        if missing:
+            raise ExportError(f"the tokenizer of {ckpt} lacks the role tokens {', '.join(missing)}: a chat template "
+                              "needs them — add them with `kunlun posttrain sft` (it resizes the embeddings)")
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def check_out(out: str | Path, overwrite: bool) -> Path:
@@ -131,7 +149,7 @@ def _export_tokenizer(ckpt: Path, vocab_size: int, context: int):
     return tokenizer
 
 
-def _verify_tokenizer(folder: Path, tokenizer) -> None:
+def verify_tokenizer(folder: Path, tokenizer) -> None:
     """``AutoTokenizer`` on ``folder`` must come back with the settings of ``tokenizer`` (padding, context, tokens)."""
     from transformers import AutoTokenizer
 

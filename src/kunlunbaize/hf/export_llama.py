@@ -9,12 +9,16 @@ from pathlib import Path
 import torch
 
 from ..infer.llama import load_llama
-from .export import PROBE_TOKENS, ExportError, _export_tokenizer, _verify_tokenizer, check_out, write_folder
+from .export import PROBE_TOKENS, ExportError, _export_tokenizer, check_out, verify_tokenizer, write_folder
 
 
 def export_llama(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float32,
-                 overwrite: bool = False, verify: bool = True, log: Callable[[str], None] = print) -> Path:
+                 overwrite: bool = False, verify: bool = True, max_shard_size: int | str | None = None,
+                 log: Callable[[str], None] = print) -> Path:
     """Write the Llama baseline ``checkpoint`` as a ``LlamaForCausalLM`` folder at ``out``.
+
+    A checkpoint saved without ``model.safetensors`` is read whole from its DCP files (the baseline is exported by
+    loading it; ``max_shard_size`` goes to ``save_pretrained``, default transformers' own).
 
     With ``verify`` the folder is loaded back with ``AutoModelForCausalLM`` and must give logits identical to
     the checkpoint's. Written to a temporary sibling and renamed, so ``out`` is either complete or untouched.
@@ -31,10 +35,12 @@ def export_llama(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype 
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
 
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+
     def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), **shards)
         tokenizer.save_pretrained(str(tmp))
-        _verify_tokenizer(tmp, tokenizer)
+        verify_tokenizer(tmp, tokenizer)
         if verify:
             _verify(model, tmp, AutoModelForCausalLM, dtype)
 

@@ -16,7 +16,8 @@ from ..model import KunlunBaize
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[KunlunBaize, Path]:
-    """The model of a checkpoint folder (``config.json`` + ``model.safetensors``), in eval mode.
+    """The model of a checkpoint folder (``config.json`` + ``model.safetensors``, or a training checkpoint's DCP
+    files when it was saved without them: a whole-model load), in eval mode.
 
     Reads both our training checkpoints and folders written by ``kunlun export --hf`` (transformers
     layout, possibly sharded), without needing transformers for either. A checkpoint of another architecture
@@ -25,6 +26,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     """
     ckpt = resolve_checkpoint(path)
     raw = read_config(ckpt)
+    cfg = checkpoint_model_config(ckpt, raw)
+    hf = raw.get("model_type") == DEFAULT.hf_model_type
+    return _build(ckpt, cfg, _model_state(ckpt, read_weights(ckpt, device), hf, cfg), device, dtype), ckpt
+
+
+def checkpoint_model_config(ckpt: Path, raw: dict | None = None) -> ModelConfig:
+    """The :class:`ModelConfig` of a KunlunBaize checkpoint or export (``raw``: its ``config.json``, read when
+    None); a CheckpointError for another architecture or a config that does not describe a KunlunBaize model."""
+    raw = read_config(ckpt) if raw is None else raw
     spec = checkpoint_arch(ckpt, raw)
     if spec is not DEFAULT:
         raise CheckpointError(f"{ckpt} is a {spec.note} checkpoint (`kunlun train --arch {spec.name}`), not a "
@@ -32,11 +42,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
                               "`kunlun generate` and `kunlun export --hf` take it as it is")
     hf = raw.get("model_type") == DEFAULT.hf_model_type
     try:
-        cfg = ModelConfig.from_dict(_model_config_dict(raw) if hf else raw)
+        return ModelConfig.from_dict(_model_config_dict(raw) if hf else raw)
     except (ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{ckpt / 'config.json'} does not describe a KunlunBaize model ({e}) — "
                               "use a checkpoint written by `kunlun train` or `kunlun export --hf`") from None
-    return _build(ckpt, cfg, _model_state(ckpt, read_weights(ckpt, device), hf, cfg), device, dtype), ckpt
 
 
 def load_as_kunlunbaize(path: str | Path, device: str | torch.device = "cpu",

@@ -47,6 +47,7 @@ class TrainConfig:
     eval_batches: int = 8
     ckpt_every: int = 100
     keep_last: int = 2
+    full_weights: str = "auto"  # model.safetensors in each checkpoint: auto (<= 2B parameters), always or never
     resume: str = "auto"  # "auto": newest checkpoint in <out> if any; "none": fresh; or a checkpoint path
     parallel: str = "auto"  # none | ddp | fsdp; auto: ddp under torchrun, none otherwise (all ranks data-parallel)
     dp_replicate: int | None = None  # data-parallel replicas (None: 1, or every rank under --parallel ddp/auto)
@@ -103,6 +104,7 @@ class TrainConfig:
             ("log_every", self.log_every >= 1, ">= 1"), ("eval_every", self.eval_every >= 1, ">= 1"),
             ("eval_batches", self.eval_batches >= 0, ">= 0 (0: no validation)"),
             ("ckpt_every", self.ckpt_every >= 1, ">= 1"), ("keep_last", self.keep_last >= 0, ">= 0 (0: keep all)"),
+            ("full_weights", self.full_weights in ("auto", "always", "never"), "auto, always or never"),
             ("resume", bool(self.resume), "auto, none or a checkpoint path"),
             ("parallel", self.parallel in ("auto", "none", "ddp", "fsdp"), "auto, none, ddp or fsdp"),
             ("dp_replicate", opt(self.dp_replicate, lambda v: v >= 1), "None or >= 1"),

@@ -23,7 +23,7 @@ from ..checkpoint import (
     resolve_checkpoint,
     tokenizer_digest,
 )
-from ..checkpoint.state import TrainState, load_checkpoint, save_checkpoint
+from ..checkpoint.state import TrainState, load_checkpoint, save_checkpoint, writes_full_weights
 from ..config import ModelConfig
 from .config import TrainConfig
 from .distributed import DistEnv, any_rank
@@ -59,17 +59,20 @@ class CheckpointContext:
     data: dict[str, Any]
     """The dataset's identity: path, tokenizer digest, train tokens."""
     tokenizer_files: list[Path]
+    n_params: int = 0
+    """The model's parameters (``--full-weights auto`` decides by them)."""
 
 
 def save_training_checkpoint(ctx: CheckpointContext, progress: RunProgress, model: nn.Module | TrainState,
                              optimizer: torch.optim.Optimizer | None) -> Path:
     """Save model, optimiser, RNG and trainer state at ``progress.step`` (every rank); return the folder. ``model``
     may be a pipeline rank's :class:`TrainState` (with its own optimisers)."""
+    full = writes_full_weights(ctx.cfg.full_weights, ctx.n_params)
     state = {"step": progress.step, "consumed_samples": progress.consumed, "tokens": progress.tokens,
              "world_size": ctx.world_size, "train_config": dataclasses.asdict(ctx.cfg),
-             "data_meta_vocab": ctx.vocab_size, "data": ctx.data}
+             "data_meta_vocab": ctx.vocab_size, "data": ctx.data, "full_weights": full}
     return save_checkpoint(ctx.root, progress.step, model, optimizer, state, ctx.model_config, ctx.cfg.keep_last,
-                           ctx.tokenizer_files)
+                           ctx.tokenizer_files, full_weights=full)
 
 
 def _check_resumable(path: Path, data_path: Path, meta: dict[str, Any], mcfg: ModelConfig,

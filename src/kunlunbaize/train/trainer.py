@@ -323,15 +323,15 @@ def _setup(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Trainer:
         val_sets=validation_batches(data.val, EVAL_BATCH, cfg.eval_batches) if data.val is not None else [],
         logger=logger, window=MetricsWindow(spec.loss_terms(mcfg), flops_per_token, peak, env.world_size,
                                             env.device),
-        stop=stop, ckpt=_checkpoint_context(cfg, env, data, spec.checkpoint_config(mcfg)), progress=progress,
+        stop=stop, ckpt=_checkpoint_context(cfg, env, data, spec.checkpoint_config(mcfg), n_params), progress=progress,
         n_params=n_params, resumed=resumed)
 
 
 def _checkpoint_context(cfg: TrainConfig, env: DistEnv, data: RunData,
-                        model_config: dict[str, Any]) -> CheckpointContext:
+                        model_config: dict[str, Any], n_params: int) -> CheckpointContext:
     return CheckpointContext(root=Path(cfg.out) / "checkpoints", cfg=cfg, world_size=env.world_size,
                              model_config=model_config, vocab_size=data.meta["vocab_size"],
-                             data=data.identity, tokenizer_files=data.tokenizer_files)
+                             data=data.identity, tokenizer_files=data.tokenizer_files, n_params=n_params)
 
 
 def _headline(cfg: TrainConfig, env: DistEnv, data: RunData, plan: BatchPlan, n_params: int, how: str,

@@ -13,6 +13,10 @@ rows share; a finished row's place is taken by the last row.
 A prompt is prefilled ``prefill_chunk`` tokens at a time (:func:`~kunlunbaize.model.prefill`), so a long one needs
 the working memory of one chunk, not of the whole prompt.
 
+With ``static`` options the running batch steps through a :class:`~kunlunbaize.infer.static.BatchDecoder`: the
+static-shape step, compiled once per bucket of rows (powers of two up to ``max_batch``) while the engine is made,
+before it takes requests; the tokens are the eager step's.
+
 A lone greedy request (nothing else running or waiting) decodes with MTP self-speculative rounds when the engine is
 made with ``speculative=True``: the same tokens, fewer trunk forwards.
 """
@@ -32,6 +36,7 @@ import torch
 
 from ..infer.sampling import GREEDY, SamplingParams, sample
 from ..infer.speculative import SpecStats, speculative_round
+from ..infer.static import BatchDecoder, CompileOptions
 from ..infer.text import TextStream
 from ..model import DEFAULT_PREFILL_CHUNK, KunlunBaize, check_prefill_chunk, prefill
 
@@ -128,7 +133,7 @@ class Engine:
     def __init__(self, model: KunlunBaize, tokenizer: Any, max_batch: int = 16, max_queue: int = 256,
                  speculative: bool = False, draft_len: int | None = None,
                  prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
-                 after_step: Callable[[], None] | None = None) -> None:
+                 after_step: Callable[[], None] | None = None, static: CompileOptions | None = None) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.prefill_chunk = check_prefill_chunk(prefill_chunk)
@@ -143,6 +148,9 @@ class Engine:
         self.draft_len = draft_len or model.config.mtp_depth
         self.batch = model.new_cache(max_batch, self.context, mtp=speculative)
         self.batch.padded = True
+        self.decoder = None if static is None else BatchDecoder(model, self.batch, static)
+        if self.decoder is not None:
+            self.decoder.warm_up()  # compiles every bucket now, not while the first requests wait
         self.active: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self.spec_stats = SpecStats(drafted=[0] * model.config.mtp_depth, accepted=[0] * model.config.mtp_depth)
@@ -277,21 +285,28 @@ class Engine:
             rows = len(self.active)
             if self.batch.length >= self.context:  # out of slots: drop the padding every row has
                 self.batch.shift(-min(self.batch.length - s.length for s in self.active), rows)
-            view = self.batch.rows(rows)
             feed = torch.tensor([[s.next_token] for s in self.active], device=self.model.embed.weight.device)
-            out = self.model(feed, cache=view, mtp=False)
-            self.batch.length = view.length
-            logits = out.logits[:, -1]
+            logits, hidden = self._forward(feed)
+            logits = logits[:, -1]
             greedy = logits.argmax(-1).tolist()
             for b, seq in enumerate(self.active):
                 seq.length += 1
                 if self.speculative:
-                    seq.hidden = out.hidden[b:b + 1, -1:]
+                    seq.hidden = hidden[b:b + 1, -1:]
                 p = seq.params.sampling
                 tok = greedy[b] if p.greedy else int(sample(logits[b:b + 1], p, seq.generator)[0])
                 self._emit(seq, tok, logits[b])
         self.steps += 1
         self._remove_done()
+
+    def _forward(self, feed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and final hidden states of the running rows' next tokens ``feed`` [rows, 1], cached."""
+        if self.decoder is not None:
+            return self.decoder.step(feed)
+        view = self.batch.rows(feed.shape[0])
+        out = self.model(feed, cache=view, mtp=False)
+        self.batch.length = view.length
+        return out.logits, out.hidden
 
     def _lone_greedy(self) -> bool:
         if not self.speculative or len(self.active) != 1 or self.waiting:

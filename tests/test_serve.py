@@ -152,6 +152,50 @@ def test_the_engine_compiles_each_bucket_once_before_it_takes_requests():
         engine.shutdown(10)
 
 
+def test_requests_waiting_together_are_prefilled_together_and_get_their_answers_alone(monkeypatch):
+    """Prompts admitted at one step are prefilled in left-padded groups (one forward each), and every request still
+    gets its tokens alone; a group whose prefill fails is prefilled again one by one."""
+    import kunlunbaize.serve.engine as engine_module
+
+    cfg = tiny(dense_residual=False, mtp_depth=0)
+    model = build(cfg)
+    g = torch.Generator().manual_seed(5)
+    jobs = [(torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist(), Params(max_tokens=8))
+            for n in (30, 7, 6, 5, 2)]
+    alone = [generate(model, [p], params.max_tokens).tokens[0] for p, params in jobs]
+    batches: list[int] = []
+    real = engine_module.prefill
+
+    def spy(model, ids, *args, **kw):
+        batches.append(ids.shape[0])
+        if fail and ids.shape[0] > 1:
+            raise RuntimeError("out of memory")
+        return real(model, ids, *args, **kw)
+
+    monkeypatch.setattr(engine_module, "prefill", spy)
+    for fail in (False, True):
+        batches.clear()
+        engine = Engine(model, CharTokenizer(), max_batch=8)
+        started, gate = threading.Event(), threading.Event()
+        try:  # a first request holds the engine at its first token while the others queue
+            engine.submit([1, 2, 3], Params(max_tokens=2), lambda e, s=started, g=gate: (s.set(), g.wait(30)))
+            assert started.wait(30)
+            threading.Timer(0.5, gate.set).start()
+            got = _run(engine, jobs)
+        finally:
+            engine.shutdown(10)
+        assert [r.tokens for r in got] == alone
+        assert batches == ([1, 2, 1, 1, 3, 1, 1, 1] if fail else [1, 2, 3])  # groups (30, 7) and (6, 5, 2)
+
+
+def test_prefill_groups_keep_padding_below_half_of_their_slots():
+    from kunlunbaize.serve.engine import Sequence, _groups
+
+    seqs = [Sequence(prompt=[1] * n, params=Params(max_tokens=1), sink=print) for n in (5, 30, 2, 7, 6, 1, 1)]
+    assert [[len(s.prompt) for s in group] for group in _groups(seqs)] == [[30, 7], [6, 5, 2, 1, 1]]
+    assert _groups([]) == []
+
+
 @pytest.mark.parametrize("exported", [False, True], ids=["checkpoint", "export"])
 def test_a_llama_baseline_is_served_with_the_greedy_tokens_kunlun_generate_gives(llama_run, tmp_path, exported):
     """The baseline serves as the KunlunBaize it equals (all three switches off, the matched FFN): every request

@@ -1,7 +1,8 @@
 """The serving engine: continuous batching of concurrent requests on one model, in a thread of its own.
 
-Requests wait in a bounded queue. Between decoding steps the engine admits waiting requests (each prompt is
-prefilled alone, then its cache row joins the batch) and drops finished, cancelled and timed-out ones, so requests
+Requests wait in a bounded queue. Between decoding steps the engine admits waiting requests (prompts of similar
+lengths are prefilled together, left-padded, then their cache rows join the batch, and their first tokens are sent
+before the next step) and drops finished, cancelled and timed-out ones, so requests
 join and leave while others decode. Every step feeds one token per running request through one cached forward.
 
 The batch lives in one preallocated :class:`~kunlunbaize.model.cache.InferenceCache` of ``max_batch`` rows and the
@@ -38,7 +39,7 @@ from ..infer.sampling import GREEDY, SamplingParams, sample
 from ..infer.speculative import SpecStats, speculative_round
 from ..infer.static import BatchDecoder, CompileOptions
 from ..infer.text import TextStream
-from ..model import DEFAULT_PREFILL_CHUNK, KunlunBaize, check_prefill_chunk, prefill
+from ..model import DEFAULT_PREFILL_CHUNK, InferenceCache, KunlunBaize, check_prefill_chunk, prefill
 
 log = logging.getLogger("kunlunbaize.serve")
 
@@ -223,13 +224,9 @@ class Engine:
                     admitted.append(self.waiting.popleft())
             try:
                 with torch.inference_mode():
-                    for seq in admitted:
-                        try:
-                            self._admit(seq)
-                        except Exception as e:  # this request alone fails; the batch is untouched
-                            log.exception("prefill failed")
-                            if not seq.done:
-                                self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+                    self._admit_all(admitted)
+                    if admitted and self.active and self.after_step is not None:
+                        self.after_step()  # the first tokens go out now, not after the step
                     self._expire()
                     if self.active:
                         self._step()
@@ -243,38 +240,71 @@ class Engine:
             if self.after_step is not None:
                 self.after_step()
 
-    def _admit(self, seq: Sequence) -> None:
-        """Prefill ``seq`` alone, choose its first token, and place its cache row into the batch."""
-        if self._expired(seq):
-            return
+    def _admit_all(self, seqs: list[Sequence]) -> None:
+        """Prefill the admitted sequences, those of similar lengths together (left-padded, one forward), and place
+        them into the batch; a group that fails is retried one by one, so only the failing request fails."""
+        ready = [seq for seq in seqs if not self._expired(seq)]
+        every = [[seq] for seq in ready if seq.params.prompt_logprobs is not None]  # need every position's logits
+        for group in every + _groups([seq for seq in ready if seq.params.prompt_logprobs is None]):
+            self._admit_group(group)
+
+    def _admit_group(self, group: list[Sequence]) -> None:
+        try:
+            self._admit(group)
+        except Exception as e:  # these requests alone fail; the batch is untouched
+            left = [seq for seq in group if not seq.done and seq not in self.active]
+            if len(group) > 1 and not any(seq.tokens for seq in left):
+                log.warning("prefilling %d requests together failed (%s); one by one", len(group), e)
+                for seq in left:
+                    self._admit_group([seq])
+                return
+            log.exception("prefill failed")
+            for seq in left:
+                self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+
+    def _admit(self, group: list[Sequence]) -> None:
+        """Prefill ``group``'s prompts in one left-padded batch, choose each one's first token, and place their
+        cache rows into the batch (padding and all: each row computes what it would alone)."""
         device = self.model.embed.weight.device
-        if seq.params.seed is not None:
-            seq.generator = torch.Generator(device=device).manual_seed(seq.params.seed)
-        seq.stream = TextStream(self.tokenizer, 1, list(seq.params.stop))
-        if seq.params.logprobs is not None:
-            seq.logprobs = []
-        n = len(seq.prompt)
-        alone = self.model.new_cache(1, n, mtp=bool(self.batch.mtp))
-        every = seq.params.prompt_logprobs is not None  # logits of every prompt position, else of the last
-        out = prefill(self.model, torch.tensor([seq.prompt], device=device), alone, self.prefill_chunk,
-                      keep=None if every else 1)
-        if seq.params.prompt_logprobs is not None:
-            seq.prompt_logprobs = [None, *_logprobs(out.logits[0, :-1], seq.prompt[1:], seq.params.prompt_logprobs)]
-            _deliver(seq, Delta(text="", tokens=[], logprobs=None, prompt_logprobs=seq.prompt_logprobs))
-        if seq.params.max_tokens == 0:
-            self._finish(seq, "length")
-            return
-        logits = out.logits[:, -1]
-        seq.hidden = out.hidden[:, -1:]
-        if self._emit(seq, int(sample(logits, seq.params.sampling, seq.generator)[0]), logits[0]):
-            return
-        rows = len(self.active)
+        for seq in group:
+            if seq.params.seed is not None:
+                seq.generator = torch.Generator(device=device).manual_seed(seq.params.seed)
+            seq.stream = TextStream(self.tokenizer, 1, list(seq.params.stop))
+            if seq.params.logprobs is not None:
+                seq.logprobs = []
+        n = max(len(seq.prompt) for seq in group)
+        ids = torch.tensor([[0] * (n - len(seq.prompt)) + seq.prompt for seq in group], device=device)
+        mask = None
+        if any(len(seq.prompt) < n for seq in group):
+            mask = torch.tensor([[0] * (n - len(seq.prompt)) + [1] * len(seq.prompt) for seq in group],
+                                device=device)
+        cache = self.model.new_cache(len(group), n, mtp=bool(self.batch.mtp))
+        every = group[0].params.prompt_logprobs is not None  # (then alone) logits of every prompt position
+        out = prefill(self.model, ids, cache, self.prefill_chunk, mask, keep=None if every else 1)
+        for i, seq in enumerate(group):
+            if every:
+                seq.prompt_logprobs = [None, *_logprobs(out.logits[0, :-1], seq.prompt[1:],
+                                                        seq.params.prompt_logprobs)]
+                _deliver(seq, Delta(text="", tokens=[], logprobs=None, prompt_logprobs=seq.prompt_logprobs))
+            if seq.params.max_tokens == 0:
+                self._finish(seq, "length")
+                continue
+            logits = out.logits[i:i + 1, -1]
+            seq.hidden = out.hidden[i:i + 1, -1:]
+            if not self._emit(seq, int(sample(logits, seq.params.sampling, seq.generator)[0]), logits[0]):
+                self._join(seq, cache, i)
+
+    def _join(self, seq: Sequence, cache: InferenceCache, row: int) -> None:
+        """Place row ``row`` of a prefilled ``cache`` into the batch as its last running row."""
+        rows, n = len(self.active), cache.length
         if rows == 0:
             self.batch.length = n
         elif n > self.batch.length:
             self.batch.shift(n - self.batch.length, rows)
-        self.batch.place_row(rows, alone)
-        seq.length = n
+        self.batch.place_row(rows, cache, row)
+        end = self.batch.length
+        self.batch.valid[rows, end - n:end] = cache.valid[row, :n]  # the prompt's own left padding stays padding
+        seq.length = len(seq.prompt)
         self.active.append(seq)
 
     def _step(self) -> None:
@@ -413,6 +443,22 @@ def check_fits(prompt: list[int], params: Params, context: int) -> None:
     if len(prompt) + max(params.max_tokens, 1) > context:
         raise ValueError(f"the prompt has {len(prompt)} tokens and {params.max_tokens} more were asked for, "
                          f"but the model's context is {context} tokens")
+
+
+def _groups(seqs: list[Sequence]) -> list[list[Sequence]]:
+    """``seqs`` in groups to prefill together: longest first, a group grows while its padding stays below half of
+    its slots (a long prompt is not padded to with many short ones)."""
+    groups: list[list[Sequence]] = []
+    real = 0
+    for seq in sorted(seqs, key=lambda s: -len(s.prompt)):
+        n = len(seq.prompt)
+        if groups and (len(groups[-1]) + 1) * len(groups[-1][0].prompt) <= 2 * (real + n):
+            groups[-1].append(seq)
+            real += n
+        else:
+            groups.append([seq])
+            real = n
+    return groups
 
 
 def _deliver(seq: Sequence, event: Delta | Finished) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
@@ -143,7 +144,7 @@ def kunlun_server(folder: str, extra: list[str]) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "kunlunbaize.cli", "serve", "--checkpoint", folder, "--port", str(port),
            "--model-name", "bench", "--log-level", "warning", "--max-batch", "16", *extra]
-    return Server(cmd, port, {**os.environ, "PYTHONUNBUFFERED": "1"}, 300)
+    return Server(cmd, port, {**os.environ, "PYTHONUNBUFFERED": "1"}, 1800)  # it compiles its step at start
 
 
 def vllm_server(python: str, export: str, kv_gib: int) -> Server:
@@ -239,6 +240,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--concurrency", default="1,4,16", help="client threads, comma-separated (default: %(default)s)")
     ap.add_argument("--engines", default="process", help="kunlun serve --engine values, comma-separated, each with "
                     "an optional :THREADS (process:2) (default: %(default)s; empty: none)")
+    ap.add_argument("--serve-flags", default="",
+                    help="more flags for every kunlun serve, e.g. '--no-compile' (the eager step) or '--compile-mode "
+                         "max-autotune' (default: none: the static step compiled in the default mode)")
     ap.add_argument("--server-threads", type=int, default=None,
                     help="the engine's torch threads (kunlun serve --threads; default: kunlun serve's)")
     ap.add_argument("--no-sequential", action="store_true",
@@ -278,17 +282,20 @@ def main() -> None:
         base = Row("sequential `generate`, one at a time", 0, stats, len(jobs), len(jobs))
     rows: list[Row] = []
     threads = ["--threads", str(args.server_threads)] if args.server_threads else []
+    threads += shlex.split(args.serve_flags)  # (every kunlun serve gets them)
+    suffix = f" {args.serve_flags.strip()}" if args.serve_flags.strip() else ""
     for spec in [e for e in args.engines.split(",") if e]:
         engine, _, count = spec.partition(":")  # process:2: the engine's process with 2 torch threads
         label = "kunlun serve" if engine == "process" else f"kunlun serve --engine {engine}"
-        flags = ["--engine", engine, *(["--threads", count] if count else threads)]
+        flags = ["--engine", engine, *(["--threads", count, *shlex.split(args.serve_flags)] if count else threads)]
         if count:
             label += f" --threads {count}"
+        label += suffix
         server = kunlun_server(folder, flags)
         rows += measure(label, server, jobs, args.max_tokens, levels, reference)
     if not args.no_speculative:
         server = kunlun_server(folder, ["--speculative", *threads])
-        rows += measure("kunlun serve --speculative", server, jobs, args.max_tokens, [1], reference)
+        rows += measure(f"kunlun serve --speculative{suffix}", server, jobs, args.max_tokens, [1], reference)
     if use_vllm:
         rows += measure("vLLM", vllm_server(args.vllm_python, str(export), args.kv_cache_gib), jobs,
                         args.max_tokens, levels, reference)

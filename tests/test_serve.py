@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from kunlunbaize.infer.generate import generate
+from kunlunbaize.infer.static import CompileOptions
 from kunlunbaize.model.cache import InferenceCache
 from kunlunbaize.serve.engine import Engine, EngineClosed, Finished, Params, QueueFull
 
@@ -106,6 +107,93 @@ def test_every_request_in_a_changing_batch_gets_its_greedy_answer_alone(cfg, shi
     assert all(r.reason == "length" and len(r.tokens) == p.max_tokens for r, (_, p) in zip(got, jobs, strict=True))
     assert engine.steps < sum(p.max_tokens for _, p in jobs)  # requests really shared steps
     assert shifts["right"] > 0 and shifts["left"] > 0  # rows joined longer than the batch; the slots were recycled
+
+
+@pytest.mark.parametrize("cfg", [tiny(dense_residual=False, transformerx=False, mtp_depth=0),
+                                 pytest.param(tiny(), marks=pytest.mark.slow),
+                                 pytest.param(tiny(dense_residual=False, mtp_depth=1), marks=pytest.mark.slow)],
+                         ids=config_id)
+def test_the_static_batch_step_gives_every_request_its_greedy_answer_alone(cfg, shifts):
+    """The running batch stepped through the static step (run eagerly here; compiled it traces the same code),
+    padded to buckets of 1, 2 and 4 rows: rows join longer than the batch, outgrow the slots and leave, and each
+    request still gets its tokens alone."""
+    model = build(cfg)
+    g = torch.Generator().manual_seed(1)
+    jobs = [(torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist(), Params(max_tokens=m))
+            for n, m in ((2, 60), (25, 20))] + _jobs(cfg, 5, seed=0)
+    alone = [generate(model, [p], params.max_tokens).tokens[0] for p, params in jobs]
+    engine = Engine(model, CharTokenizer(), max_batch=4, static=CompileOptions(compile=False),
+                    speculative=cfg.mtp_depth > 0)
+    assert engine.decoder is not None and engine.decoder.buckets == (1, 2, 4)
+    try:
+        got = _run(engine, jobs, stagger=0.002, hold_first=True)
+    finally:
+        engine.shutdown(10)
+    assert [r.tokens for r in got] == alone
+    assert engine.steps < sum(p.max_tokens for _, p in jobs)
+    assert shifts["right"] > 0 and shifts["left"] > 0
+
+
+def test_the_engine_compiles_each_bucket_once_before_it_takes_requests():
+    """Warm-up traces every bucket's step while the engine is made; serving a changing batch then traces none."""
+    from torch._dynamo.testing import CompileCounter
+
+    cfg = tiny(dense_residual=False, transformerx=False, mtp_depth=0)
+    model = build(cfg)
+    counter = CompileCounter()
+    engine = Engine(model, CharTokenizer(), max_batch=5, static=CompileOptions(backend=counter))
+    try:
+        assert engine.decoder.buckets == (1, 2, 4, 5) and counter.frame_count == 4
+        jobs = _jobs(cfg, 7, seed=4)
+        got = _run(engine, jobs, stagger=0.002)
+        assert [r.tokens for r in got] == [generate(model, [p], params.max_tokens).tokens[0] for p, params in jobs]
+        assert counter.frame_count == 4
+    finally:
+        engine.shutdown(10)
+
+
+def test_requests_waiting_together_are_prefilled_together_and_get_their_answers_alone(monkeypatch):
+    """Prompts admitted at one step are prefilled in left-padded groups (one forward each), and every request still
+    gets its tokens alone; a group whose prefill fails is prefilled again one by one."""
+    import kunlunbaize.serve.engine as engine_module
+
+    cfg = tiny(dense_residual=False, mtp_depth=0)
+    model = build(cfg)
+    g = torch.Generator().manual_seed(5)
+    jobs = [(torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist(), Params(max_tokens=8))
+            for n in (30, 7, 6, 5, 2)]
+    alone = [generate(model, [p], params.max_tokens).tokens[0] for p, params in jobs]
+    batches: list[int] = []
+    real = engine_module.prefill
+
+    def spy(model, ids, *args, **kw):
+        batches.append(ids.shape[0])
+        if fail and ids.shape[0] > 1:
+            raise RuntimeError("out of memory")
+        return real(model, ids, *args, **kw)
+
+    monkeypatch.setattr(engine_module, "prefill", spy)
+    for fail in (False, True):
+        batches.clear()
+        engine = Engine(model, CharTokenizer(), max_batch=8)
+        started, gate = threading.Event(), threading.Event()
+        try:  # a first request holds the engine at its first token while the others queue
+            engine.submit([1, 2, 3], Params(max_tokens=2), lambda e, s=started, g=gate: (s.set(), g.wait(30)))
+            assert started.wait(30)
+            threading.Timer(0.5, gate.set).start()
+            got = _run(engine, jobs)
+        finally:
+            engine.shutdown(10)
+        assert [r.tokens for r in got] == alone
+        assert batches == ([1, 2, 1, 1, 3, 1, 1, 1] if fail else [1, 2, 3])  # groups (30, 7) and (6, 5, 2)
+
+
+def test_prefill_groups_keep_padding_below_half_of_their_slots():
+    from kunlunbaize.serve.engine import Sequence, _groups
+
+    seqs = [Sequence(prompt=[1] * n, params=Params(max_tokens=1), sink=print) for n in (5, 30, 2, 7, 6, 1, 1)]
+    assert [[len(s.prompt) for s in group] for group in _groups(seqs)] == [[30, 7], [6, 5, 2, 1, 1]]
+    assert _groups([]) == []
 
 
 @pytest.mark.parametrize("exported", [False, True], ids=["checkpoint", "export"])
@@ -613,7 +701,7 @@ def test_kunlun_serve_finishes_requests_in_flight_on_sigterm_and_refuses_new_one
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "kunlunbaize.cli", "serve", "--checkpoint", str(trained_run),
-                             "--port", str(port), "--log-level", "warning"], stdout=subprocess.PIPE,
+                             "--port", str(port), "--log-level", "warning", "--no-compile"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     try:
         banner = proc.stdout.readline()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kunlunbaize.infer.generate import generate
+from kunlunbaize.infer.static import CompileOptions
 from kunlunbaize.serve.engine import EngineClosed, Finished, Params
 from kunlunbaize.serve.process import EngineDied, EngineOptions, EngineProcess
 
@@ -26,12 +27,13 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def test_the_engine_process_gives_every_request_its_greedy_tokens_and_leaves_nothing_behind():
+@pytest.mark.parametrize("static", [None, CompileOptions(compile=False)], ids=["eager", "static"])
+def test_the_engine_process_gives_every_request_its_greedy_tokens_and_leaves_nothing_behind(static):
     cfg = tiny()
     model = build(cfg)
     jobs = _jobs(cfg, 6, seed=3)
     alone = [generate(model, [p], params.max_tokens).tokens[0] for p, params in jobs]
-    engine = EngineProcess(model, CharTokenizer(), EngineOptions(max_batch=4, threads=1))
+    engine = EngineProcess(model, CharTokenizer(), EngineOptions(max_batch=4, threads=1, static=static))
     pid = engine.pid
     try:
         got = _run(engine, jobs)
@@ -80,7 +82,8 @@ def test_kunlun_serve_exits_with_a_clear_error_when_its_engine_process_dies(trai
     pytest.importorskip("fastapi")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "kunlunbaize.cli", "serve", "--checkpoint", str(trained_run),
-                             "--port", str(port), "--log-level", "warning", "--engine", "process"],
+                             "--port", str(port), "--log-level", "warning", "--engine", "process",
+                             "--no-compile"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

@@ -11,6 +11,7 @@ from torch._dynamo.testing import CompileCounter
 from kunlunbaize.infer import DraftVocab, StaticDecoder, frequent_tokens, generate, speculative_generate
 from kunlunbaize.infer.sampling import SamplingParams
 from kunlunbaize.infer.speculative import draft
+from kunlunbaize.infer.static import BatchDecoder, CompileOptions, row_buckets
 from kunlunbaize.model.cache import CacheOverflowError
 
 from .helpers import build, tiny
@@ -204,3 +205,60 @@ def test_cpu_max_autotune_uses_cpp_gemm_templates():
     assert not dec._clone  # no CUDA graphs on a CPU: outputs need no copy
     with pytest.raises(ValueError, match="not both"):
         StaticDecoder(model, 1, mode="max-autotune", options={"freezing": True})
+
+
+def test_row_buckets_are_powers_of_two_and_the_batch():
+    assert row_buckets(1) == (1,)
+    assert row_buckets(16) == (1, 2, 4, 8, 16)
+    assert row_buckets(5) == (1, 2, 4, 5)
+    with pytest.raises(ValueError, match="max_batch"):
+        row_buckets(0)
+
+
+@torch.inference_mode()
+def test_batch_decoder_steps_the_first_rows_as_the_eager_forward_does():
+    """Running rows of a padded batch cache, padded with dummy rows to their bucket: logits, hidden states and the
+    running rows' cache equal the eager forward on those rows alone."""
+    model = model64()
+    V = model.config.vocab_size
+    ids = torch.randint(1, V, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    prompts = model.new_cache(3, 9)
+    model(ids, cache=prompts, attention_mask=mask, mtp=False)
+    batch, eager = model.new_cache(4, 40), model.new_cache(4, 40)
+    for cache in (batch, eager):
+        cache.length = 9
+        for r in range(3):
+            cache.place_row(r, prompts, r)
+            cache.valid[r, :9] = prompts.valid[r]
+    dec = BatchDecoder(model, batch, CompileOptions(compile=False))
+    assert dec.buckets == (1, 2, 4) and dec.bucket(3) == 4 and dec.bucket(1) == 1
+    feed = torch.randint(1, V, (3, 1))
+    for rows in (3, 3, 2, 1):
+        feed = feed[:rows]
+        view = eager.rows(rows)
+        ref = model(feed, cache=view, mtp=False)
+        eager.length = view.length
+        logits, hidden = dec.step(feed)
+        torch.testing.assert_close(logits, ref.logits)
+        torch.testing.assert_close(hidden, ref.hidden)
+        feed = logits[:, -1:].argmax(-1)
+    assert batch.length == eager.length == 13
+    for (a, dim), (b, _) in zip(batch.slot_tensors(), eager.slot_tensors(), strict=True):
+        torch.testing.assert_close(a[:1].narrow(dim, 0, 13), b[:1].narrow(dim, 0, 13))
+
+
+def test_batch_decoder_errors():
+    model = model64(mtp_depth=0)
+    with pytest.raises(ValueError, match="at most 128"):
+        BatchDecoder(model, model.new_cache(200, 8), CompileOptions(compile=False))
+    dec = BatchDecoder(model, model.new_cache(4, 8), CompileOptions(compile=False))
+    for rows in (0, 5):
+        with pytest.raises(ValueError, match="do not fit a batch of 4"):
+            dec.bucket(rows)
+    dec.warm_up()
+    assert dec.cache.length == 0 and bool(dec.cache.valid.all())
+    dec.step(torch.ones(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="before its cache holds tokens"):
+        dec.warm_up()

@@ -43,6 +43,12 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--draft-len", type=int_at_least(1), default=None,
                    help="drafts per speculative round (default: every MTP depth)")
     add_prefill_chunk_arg(s)
+    s.add_argument("--no-compile", action="store_true",
+                   help="decode the running batch with the eager step, not the static step compiled per batch-size "
+                        "bucket (compiling takes a minute or more at start; the tokens are the same)")
+    s.add_argument("--compile-mode", choices=["default", "max-autotune", "reduce-overhead"], default="default",
+                   help="torch.compile mode of the batch step (default: %(default)s): max-autotune on a CPU picks C++ "
+                        "GEMM kernels per matrix shape (minutes to compile per bucket); reduce-overhead: CUDA graphs")
     s.add_argument("--chat-template", default=None,
                    help="a Jinja chat template file (default: the checkpoint's chat_template.jinja, if any)")
     s.add_argument("--engine", choices=("auto", "process", "thread"), default="auto",
@@ -125,15 +131,19 @@ def _start_engine(args: argparse.Namespace, served: Any, device: str, threads: i
     """The engine: in a process of its own (``--engine process``, the default on CPU) or in a thread of this one."""
     import torch
 
+    from ..infer.static import CompileOptions
     from ..serve.engine import Engine
     from ..serve.process import EngineOptions, EngineProcess
 
+    static = None if args.no_compile else CompileOptions(mode=args.compile_mode)
     if args.engine == "process" or (args.engine == "auto" and device == "cpu"):
         options = EngineOptions(max_batch=args.max_batch, max_queue=args.max_queue, speculative=args.speculative,
-                                draft_len=args.draft_len, prefill_chunk=args.prefill_chunk, threads=threads)
+                                draft_len=args.draft_len, prefill_chunk=args.prefill_chunk, threads=threads,
+                                static=static)
         torch.set_num_threads(1)  # this process only serves HTTP; the model's threads are the engine's
         return EngineProcess(served.model, served.tokenizer, options, on_death=on_death)
     if threads:
         torch.set_num_threads(threads)
     return Engine(served.model, served.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                  speculative=args.speculative, draft_len=args.draft_len, prefill_chunk=args.prefill_chunk)
+                  speculative=args.speculative, draft_len=args.draft_len, prefill_chunk=args.prefill_chunk,
+                  static=static)

@@ -15,6 +15,7 @@ import itertools
 import types
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -101,6 +102,9 @@ class StaticDecoder:
     static step eagerly (for tests and debugging); ``mode`` and ``backend`` are ``torch.compile``'s
     (``mode="reduce-overhead"``: CUDA graphs on a GPU).
 
+    ``cache`` makes the decoder step through that cache instead of one of its own (``batch_size``, ``max_len`` and
+    ``mtp`` are then the cache's): :class:`BatchDecoder` gives each of its buckets the first rows of one batch cache.
+
     ``mode="max-autotune"`` on a CPU compiles with inductor's C++ GEMM templates (:data:`CPU_MAX_AUTOTUNE`): the
     weights are frozen into the compiled step as constants, prepacked, and each matrix product gets the kernel that
     measured fastest for its shape. On a 2-core CPU that makes the step about 1.8× faster than the default compile
@@ -113,11 +117,12 @@ class StaticDecoder:
 
     def __init__(self, model: KunlunBaize, batch_size: int = 1, max_len: int | None = None, mtp: bool = False,
                  compile: bool = True, mode: str | None = None, backend: str | Callable = "inductor",
-                 options: dict | None = None) -> None:
+                 options: dict | None = None, cache: InferenceCache | None = None) -> None:
         if mtp and model.mtp is None:
             raise ValueError("mtp=True needs a model with MTP depths (mtp_depth >= 1)")
         self.model = model
-        self.cache = model.new_cache(batch_size, max_len, mtp=mtp)
+        # a given cache (e.g. the first rows of a larger one, InferenceCache.rows) replaces batch_size, max_len, mtp
+        self.cache = model.new_cache(batch_size, max_len, mtp=mtp) if cache is None else cache
         self._start = torch.zeros((), dtype=torch.long, device=model.embed.weight.device)
         on_cpu = self._start.device.type == "cpu"
         self._clone = mode in ("reduce-overhead", "max-autotune") and not on_cpu  # modes that replay CUDA graphs
@@ -206,3 +211,76 @@ class StaticDecoder:
         if self._clone:  # a CUDA graph's outputs are overwritten by its next replay
             out = tuple(t.clone() for t in out)
         return out
+
+
+MAX_BUCKETS = 8
+"""Row buckets a :class:`BatchDecoder` may have: Dynamo keeps at most 8 graphs per compiled function by default."""
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How a :class:`BatchDecoder` runs its static step: ``compile=False`` runs it eagerly (tests, debugging);
+    ``mode`` and ``backend`` are ``torch.compile``'s, as for :class:`StaticDecoder` (``"max-autotune"`` on a CPU:
+    :data:`CPU_MAX_AUTOTUNE`)."""
+
+    compile: bool = True
+    mode: str | None = None
+    backend: str | Callable = "inductor"
+
+
+def row_buckets(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes a :class:`BatchDecoder` of ``max_batch`` rows compiles: the powers of two below it, and it."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    return (*(1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch), max_batch)
+
+
+class BatchDecoder:
+    """Static decoding steps for a batch whose rows come and go (a server's running batch) in one padded cache.
+
+    Each step feeds the cache's first ``rows`` rows, padded with dummy rows up to the next of :func:`row_buckets`
+    (their outputs are dropped; what they write lands in rows that are not running, whose slots a row placed there
+    later overwrites). Every bucket is a :class:`StaticDecoder` over that many first rows of the cache, so the step
+    is traced once per bucket; :meth:`warm_up` traces them all at once. The rows' tokens are the eager path's
+    (``tests/test_static_decode.py``); the cache's ``length`` and padding are the caller's, as with the eager
+    forward."""
+
+    def __init__(self, model: KunlunBaize, cache: InferenceCache, options: CompileOptions = CompileOptions()) -> None:
+        self.cache = cache
+        self.buckets = row_buckets(cache.batch_size)
+        if len(self.buckets) > MAX_BUCKETS:
+            raise ValueError(f"a batch of {cache.batch_size} rows needs {len(self.buckets)} compiled steps, more "
+                             f"than {MAX_BUCKETS}: use a max batch of at most {1 << (MAX_BUCKETS - 1)}")
+        self.decoders = {b: StaticDecoder(model, compile=options.compile, mode=options.mode, backend=options.backend,
+                                          cache=cache.rows(b)) for b in self.buckets}
+
+    def bucket(self, rows: int) -> int:
+        """The bucket that ``rows`` running rows are padded to."""
+        if not 1 <= rows <= self.cache.batch_size:
+            raise ValueError(f"{rows} rows do not fit a batch of {self.cache.batch_size}")
+        return next(b for b in self.buckets if b >= rows)
+
+    def step(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [rows, n, V] and final hidden states [rows, n, d] of ``ids`` [rows, n] fed to the first rows at
+        slot ``cache.length`` on; the cache's ``length`` moves by n."""
+        rows, n = ids.shape
+        size = self.bucket(rows)
+        if size > rows:
+            ids = torch.cat([ids, ids.new_zeros(size - rows, n)])
+        decoder = self.decoders[size]
+        view = decoder.cache
+        view.length, view.padded = self.cache.length, self.cache.padded
+        logits, hidden = decoder.step(ids)
+        self.cache.length = view.length
+        return logits[:rows], hidden[:rows]
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Trace (compile) every bucket's one-token step now, in inference mode (step in it too: Dynamo guards on
+        the grad mode); an empty cache stays empty."""
+        if self.cache.length:
+            raise ValueError("warm up a BatchDecoder before its cache holds tokens")
+        for size, decoder in self.decoders.items():
+            decoder.cache.length = len(self.cache.mtp)  # the first slot the compiled step writes the MTP keys at
+            decoder.step(torch.zeros(size, 1, dtype=torch.long, device=self.cache.valid.device))
+        self.cache.valid.fill_(True)

@@ -1,7 +1,8 @@
 """The serving engine: continuous batching of concurrent requests on one model, in a thread of its own.
 
-Requests wait in a bounded queue. Between decoding steps the engine admits waiting requests (each prompt is
-prefilled alone, then its cache row joins the batch) and drops finished, cancelled and timed-out ones, so requests
+Requests wait in a bounded queue. Between decoding steps the engine admits waiting requests (prompts of similar
+lengths are prefilled together, left-padded, then their cache rows join the batch, and their first tokens are sent
+before the next step) and drops finished, cancelled and timed-out ones, so requests
 join and leave while others decode. Every step feeds one token per running request through one cached forward.
 
 The batch lives in one preallocated :class:`~kunlunbaize.model.cache.InferenceCache` of ``max_batch`` rows and the
@@ -12,6 +13,10 @@ rows share; a finished row's place is taken by the last row.
 
 A prompt is prefilled ``prefill_chunk`` tokens at a time (:func:`~kunlunbaize.model.prefill`), so a long one needs
 the working memory of one chunk, not of the whole prompt.
+
+With ``static`` options the running batch steps through a :class:`~kunlunbaize.infer.static.BatchDecoder`: the
+static-shape step, compiled once per bucket of rows (powers of two up to ``max_batch``) while the engine is made,
+before it takes requests; the tokens are the eager step's.
 
 A lone greedy request (nothing else running or waiting) decodes with MTP self-speculative rounds when the engine is
 made with ``speculative=True``: the same tokens, fewer trunk forwards.
@@ -32,8 +37,9 @@ import torch
 
 from ..infer.sampling import GREEDY, SamplingParams, sample
 from ..infer.speculative import SpecStats, speculative_round
+from ..infer.static import BatchDecoder, CompileOptions
 from ..infer.text import TextStream
-from ..model import DEFAULT_PREFILL_CHUNK, KunlunBaize, check_prefill_chunk, prefill
+from ..model import DEFAULT_PREFILL_CHUNK, InferenceCache, KunlunBaize, check_prefill_chunk, prefill
 
 log = logging.getLogger("kunlunbaize.serve")
 
@@ -128,7 +134,7 @@ class Engine:
     def __init__(self, model: KunlunBaize, tokenizer: Any, max_batch: int = 16, max_queue: int = 256,
                  speculative: bool = False, draft_len: int | None = None,
                  prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
-                 after_step: Callable[[], None] | None = None) -> None:
+                 after_step: Callable[[], None] | None = None, static: CompileOptions | None = None) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.prefill_chunk = check_prefill_chunk(prefill_chunk)
@@ -143,6 +149,9 @@ class Engine:
         self.draft_len = draft_len or model.config.mtp_depth
         self.batch = model.new_cache(max_batch, self.context, mtp=speculative)
         self.batch.padded = True
+        self.decoder = None if static is None else BatchDecoder(model, self.batch, static)
+        if self.decoder is not None:
+            self.decoder.warm_up()  # compiles every bucket now, not while the first requests wait
         self.active: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self.spec_stats = SpecStats(drafted=[0] * model.config.mtp_depth, accepted=[0] * model.config.mtp_depth)
@@ -215,13 +224,9 @@ class Engine:
                     admitted.append(self.waiting.popleft())
             try:
                 with torch.inference_mode():
-                    for seq in admitted:
-                        try:
-                            self._admit(seq)
-                        except Exception as e:  # this request alone fails; the batch is untouched
-                            log.exception("prefill failed")
-                            if not seq.done:
-                                self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+                    self._admit_all(admitted)
+                    if admitted and self.active and self.after_step is not None:
+                        self.after_step()  # the first tokens go out now, not after the step
                     self._expire()
                     if self.active:
                         self._step()
@@ -235,38 +240,71 @@ class Engine:
             if self.after_step is not None:
                 self.after_step()
 
-    def _admit(self, seq: Sequence) -> None:
-        """Prefill ``seq`` alone, choose its first token, and place its cache row into the batch."""
-        if self._expired(seq):
-            return
+    def _admit_all(self, seqs: list[Sequence]) -> None:
+        """Prefill the admitted sequences, those of similar lengths together (left-padded, one forward), and place
+        them into the batch; a group that fails is retried one by one, so only the failing request fails."""
+        ready = [seq for seq in seqs if not self._expired(seq)]
+        every = [[seq] for seq in ready if seq.params.prompt_logprobs is not None]  # need every position's logits
+        for group in every + _groups([seq for seq in ready if seq.params.prompt_logprobs is None]):
+            self._admit_group(group)
+
+    def _admit_group(self, group: list[Sequence]) -> None:
+        try:
+            self._admit(group)
+        except Exception as e:  # these requests alone fail; the batch is untouched
+            left = [seq for seq in group if not seq.done and seq not in self.active]
+            if len(group) > 1 and not any(seq.tokens for seq in left):
+                log.warning("prefilling %d requests together failed (%s); one by one", len(group), e)
+                for seq in left:
+                    self._admit_group([seq])
+                return
+            log.exception("prefill failed")
+            for seq in left:
+                self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+
+    def _admit(self, group: list[Sequence]) -> None:
+        """Prefill ``group``'s prompts in one left-padded batch, choose each one's first token, and place their
+        cache rows into the batch (padding and all: each row computes what it would alone)."""
         device = self.model.embed.weight.device
-        if seq.params.seed is not None:
-            seq.generator = torch.Generator(device=device).manual_seed(seq.params.seed)
-        seq.stream = TextStream(self.tokenizer, 1, list(seq.params.stop))
-        if seq.params.logprobs is not None:
-            seq.logprobs = []
-        n = len(seq.prompt)
-        alone = self.model.new_cache(1, n, mtp=bool(self.batch.mtp))
-        every = seq.params.prompt_logprobs is not None  # logits of every prompt position, else of the last
-        out = prefill(self.model, torch.tensor([seq.prompt], device=device), alone, self.prefill_chunk,
-                      keep=None if every else 1)
-        if seq.params.prompt_logprobs is not None:
-            seq.prompt_logprobs = [None, *_logprobs(out.logits[0, :-1], seq.prompt[1:], seq.params.prompt_logprobs)]
-            _deliver(seq, Delta(text="", tokens=[], logprobs=None, prompt_logprobs=seq.prompt_logprobs))
-        if seq.params.max_tokens == 0:
-            self._finish(seq, "length")
-            return
-        logits = out.logits[:, -1]
-        seq.hidden = out.hidden[:, -1:]
-        if self._emit(seq, int(sample(logits, seq.params.sampling, seq.generator)[0]), logits[0]):
-            return
-        rows = len(self.active)
+        for seq in group:
+            if seq.params.seed is not None:
+                seq.generator = torch.Generator(device=device).manual_seed(seq.params.seed)
+            seq.stream = TextStream(self.tokenizer, 1, list(seq.params.stop))
+            if seq.params.logprobs is not None:
+                seq.logprobs = []
+        n = max(len(seq.prompt) for seq in group)
+        ids = torch.tensor([[0] * (n - len(seq.prompt)) + seq.prompt for seq in group], device=device)
+        mask = None
+        if any(len(seq.prompt) < n for seq in group):
+            mask = torch.tensor([[0] * (n - len(seq.prompt)) + [1] * len(seq.prompt) for seq in group],
+                                device=device)
+        cache = self.model.new_cache(len(group), n, mtp=bool(self.batch.mtp))
+        every = group[0].params.prompt_logprobs is not None  # (then alone) logits of every prompt position
+        out = prefill(self.model, ids, cache, self.prefill_chunk, mask, keep=None if every else 1)
+        for i, seq in enumerate(group):
+            if every:
+                seq.prompt_logprobs = [None, *_logprobs(out.logits[0, :-1], seq.prompt[1:],
+                                                        seq.params.prompt_logprobs)]
+                _deliver(seq, Delta(text="", tokens=[], logprobs=None, prompt_logprobs=seq.prompt_logprobs))
+            if seq.params.max_tokens == 0:
+                self._finish(seq, "length")
+                continue
+            logits = out.logits[i:i + 1, -1]
+            seq.hidden = out.hidden[i:i + 1, -1:]
+            if not self._emit(seq, int(sample(logits, seq.params.sampling, seq.generator)[0]), logits[0]):
+                self._join(seq, cache, i)
+
+    def _join(self, seq: Sequence, cache: InferenceCache, row: int) -> None:
+        """Place row ``row`` of a prefilled ``cache`` into the batch as its last running row."""
+        rows, n = len(self.active), cache.length
         if rows == 0:
             self.batch.length = n
         elif n > self.batch.length:
             self.batch.shift(n - self.batch.length, rows)
-        self.batch.place_row(rows, alone)
-        seq.length = n
+        self.batch.place_row(rows, cache, row)
+        end = self.batch.length
+        self.batch.valid[rows, end - n:end] = cache.valid[row, :n]  # the prompt's own left padding stays padding
+        seq.length = len(seq.prompt)
         self.active.append(seq)
 
     def _step(self) -> None:
@@ -277,21 +315,28 @@ class Engine:
             rows = len(self.active)
             if self.batch.length >= self.context:  # out of slots: drop the padding every row has
                 self.batch.shift(-min(self.batch.length - s.length for s in self.active), rows)
-            view = self.batch.rows(rows)
             feed = torch.tensor([[s.next_token] for s in self.active], device=self.model.embed.weight.device)
-            out = self.model(feed, cache=view, mtp=False)
-            self.batch.length = view.length
-            logits = out.logits[:, -1]
+            logits, hidden = self._forward(feed)
+            logits = logits[:, -1]
             greedy = logits.argmax(-1).tolist()
             for b, seq in enumerate(self.active):
                 seq.length += 1
                 if self.speculative:
-                    seq.hidden = out.hidden[b:b + 1, -1:]
+                    seq.hidden = hidden[b:b + 1, -1:]
                 p = seq.params.sampling
                 tok = greedy[b] if p.greedy else int(sample(logits[b:b + 1], p, seq.generator)[0])
                 self._emit(seq, tok, logits[b])
         self.steps += 1
         self._remove_done()
+
+    def _forward(self, feed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and final hidden states of the running rows' next tokens ``feed`` [rows, 1], cached."""
+        if self.decoder is not None:
+            return self.decoder.step(feed)
+        view = self.batch.rows(feed.shape[0])
+        out = self.model(feed, cache=view, mtp=False)
+        self.batch.length = view.length
+        return out.logits, out.hidden
 
     def _lone_greedy(self) -> bool:
         if not self.speculative or len(self.active) != 1 or self.waiting:
@@ -398,6 +443,22 @@ def check_fits(prompt: list[int], params: Params, context: int) -> None:
     if len(prompt) + max(params.max_tokens, 1) > context:
         raise ValueError(f"the prompt has {len(prompt)} tokens and {params.max_tokens} more were asked for, "
                          f"but the model's context is {context} tokens")
+
+
+def _groups(seqs: list[Sequence]) -> list[list[Sequence]]:
+    """``seqs`` in groups to prefill together: longest first, a group grows while its padding stays below half of
+    its slots (a long prompt is not padded to with many short ones)."""
+    groups: list[list[Sequence]] = []
+    real = 0
+    for seq in sorted(seqs, key=lambda s: -len(s.prompt)):
+        n = len(seq.prompt)
+        if groups and (len(groups[-1]) + 1) * len(groups[-1][0].prompt) <= 2 * (real + n):
+            groups[-1].append(seq)
+            real += n
+        else:
+            groups.append([seq])
+            real = n
+    return groups
 
 
 def _deliver(seq: Sequence, event: Delta | Finished) -> None:

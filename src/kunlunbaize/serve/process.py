@@ -31,12 +31,13 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from ..infer.static import CompileOptions
 from ..model import DEFAULT_PREFILL_CHUNK, KunlunBaize
 from .engine import Delta, Engine, EngineClosed, Finished, Params, QueueFull, Sink, check_fits
 
 log = logging.getLogger("kunlunbaize.serve")
 
-_START_TIMEOUT = 120.0
+_START_TIMEOUT = 1800.0  # compiling the static step's buckets takes minutes on a small CPU (a dead child ends it)
 
 
 class EngineDied(EngineClosed):
@@ -63,6 +64,7 @@ class EngineOptions:
     draft_len: int | None = None
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
     threads: int | None = None  # torch threads of the engine process (None: torch's default there)
+    static: CompileOptions | None = None  # the compiled static batch step (None: the eager step)
 
 
 class EngineProcess:
@@ -238,7 +240,7 @@ def _child_main(model: KunlunBaize, tokenizer: Any, options: EngineOptions,
         outbox = _Outbox(events)
         engine = Engine(model, tokenizer, max_batch=options.max_batch, max_queue=options.max_queue,
                         speculative=options.speculative, draft_len=options.draft_len,
-                        prefill_chunk=options.prefill_chunk, after_step=outbox.flush)
+                        prefill_chunk=options.prefill_chunk, after_step=outbox.flush, static=options.static)
         outbox.engine = engine
     except Exception as e:
         events.send(("error", f"{type(e).__name__}: {e}"))

@@ -80,6 +80,39 @@ def test_tp2_under_the_batch_ramp_in_fp32_and_bf16(tmp_path):
     assert all(abs(a - b) < 0.02 * b for a, b in zip(bf16["losses"], bf16["ref_losses"], strict=True)), bf16
 
 
+# --- packed documents (--doc-mask) under tensor and pipeline parallelism ------------------------------------------
+STAGED = {**FULL, "n_layers": 4}  # four layers: two stages a rank for interleaved 1F1B
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_doc_mask_under_tp2_and_pp2_equals_one_process_doc_mask(tmp_path):
+    """2 ranks, windows of several documents each (some shorter than an MTP depth), ``--doc-mask`` on both sides:
+    tp2 (sequence parallel: masks and per-document positions over the whole sequence), the same with activation
+    checkpointing and without TransformerX, and pp2 under 1F1B, GPipe and interleaved 1F1B (two stages a rank; every
+    stage computes its micro-batch's documents) give one process's losses, gradients and parameters under the batch
+    ramp with gradient accumulation (2, 3, 4, 4 micro-batches)."""
+    pp = [1, 1, 1, 1, 2]
+    runs = [_run(FULL, [1, 1, 2], doc_mask=True),
+            _run({**FULL, "activation_checkpointing": True}, [1, 1, 2], doc_mask=True),
+            _run({"transformerx": False}, [1, 1, 2], doc_mask=True),
+            _run(STAGED, pp, doc_mask=True, schedule="1f1b"),
+            _run(STAGED, pp, doc_mask=True, schedule="gpipe"),
+            _run(STAGED, pp, doc_mask=True, schedule="interleaved1f1b", stages_per_rank=2)]
+    results = _worker(tmp_path, 2, runs)
+    assert len(results) == len(runs)
+    _assert_equal(results, [[4, 2], [6, 3], [8, 4], [8, 4]])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_doc_mask_under_pp2_tp2_equals_one_process_doc_mask(tmp_path):
+    """4 ranks, pp2 x tp2 with ``--doc-mask``: the stages under the tensor plan (vocabulary-parallel loss, whole-
+    sequence MTP) give one process's losses, gradients and parameters on windows of several documents."""
+    results = _worker(tmp_path, 4, [_run(STAGED, [1, 1, 2, 1, 2], doc_mask=True)])
+    _assert_equal(results, [[4, 2], [6, 3], [8, 4], [8, 4]])
+
+
 # --- bad layouts: one line, a non-zero exit, nothing written ----------------------------------------------------
 
 @pytest.mark.parametrize(("world", "args", "message"), [

@@ -136,6 +136,7 @@ def compare(run: dict, spec: dict, env: DistEnv) -> dict:
         out["loss"] = max(out["loss"], (a.losses - b.losses).abs().max().item())
         grad_norm = abs(a.grad_norm.item() - b.grad_norm.item())
         out["grad_norm"] = max(out["grad_norm"], grad_norm)
+        out["grad_norm_rel"] = max(out.get("grad_norm_rel", 0.0), grad_norm / a.grad_norm.item())
         grad, param = largest([
             max((seen_ref["grads"][n] - g).abs().max().item() for n, g in seen_par["grads"].items()),
             max((reference[n].detach() - full(p).detach()).abs().max().item()

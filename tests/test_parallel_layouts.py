@@ -47,12 +47,15 @@ def _run(config: dict, layout: list[int], mode: str = "fp32", **kw) -> dict:
     return {"config": config, "layout": layout, "mode": mode, "activation_checkpointing": recompute, **kw}
 
 
-def _assert_equal(results: dict, steps: list[list[int]]) -> None:
+def _assert_equal(results: dict, steps: list[list[int]], relative_norm: bool = False) -> None:
+    """Every run's ramp, losses, gradients, gradient norms (``relative_norm``: relative to the reference's, for runs
+    whose norm grows large) and parameters equal to the one-process reference's up to float rounding."""
     for name, r in results.items():
         assert r["steps"] == steps, (name, r["steps"])  # the ramp and the accumulation as the trainer plans them
         assert r["first_grad"] < 1e-6 and r["first_grad_norm"] < 1e-5, (name, r)  # the same parameters
+        norm = r["grad_norm_rel"] < 1e-5 if relative_norm else r["grad_norm"] < 1e-4
         # AdamW at lr 1e-2 moves a parameter whose gradient is ~0 by up to lr: float rounding, amplified over steps
-        assert r["loss"] < 1e-5 and r["grad"] < 1e-4 and r["grad_norm"] < 1e-4 and r["param"] < 1e-4, (name, r)
+        assert r["loss"] < 1e-5 and r["grad"] < 1e-4 and norm and r["param"] < 1e-4, (name, r)
 
 
 @pytest.mark.slow
@@ -101,7 +104,7 @@ def test_doc_mask_under_tp2_and_pp2_equals_one_process_doc_mask(tmp_path):
             _run(STAGED, pp, doc_mask=True, schedule="interleaved1f1b", stages_per_rank=2)]
     results = _worker(tmp_path, 2, runs)
     assert len(results) == len(runs)
-    _assert_equal(results, [[4, 2], [6, 3], [8, 4], [8, 4]])
+    _assert_equal(results, [[4, 2], [6, 3], [8, 4], [8, 4]], relative_norm=True)  # pp2's last norms reach ~50
 
 
 @pytest.mark.slow
@@ -110,7 +113,7 @@ def test_doc_mask_under_pp2_tp2_equals_one_process_doc_mask(tmp_path):
     """4 ranks, pp2 x tp2 with ``--doc-mask``: the stages under the tensor plan (vocabulary-parallel loss, whole-
     sequence MTP) give one process's losses, gradients and parameters on windows of several documents."""
     results = _worker(tmp_path, 4, [_run(STAGED, [1, 1, 2, 1, 2], doc_mask=True)])
-    _assert_equal(results, [[4, 2], [6, 3], [8, 4], [8, 4]])
+    _assert_equal(results, [[4, 2], [6, 3], [8, 4], [8, 4]], relative_norm=True)
 
 
 # --- bad layouts: one line, a non-zero exit, nothing written ----------------------------------------------------

@@ -66,8 +66,9 @@ def train_config(spec: dict, run: dict) -> TrainConfig:
     return TrainConfig(seq_len=spec["seq"], tokens=spec["seq"] * spec["samples"], batch_size=spec["batch"],
                        batch_size_start=spec["batch_start"], batch_ramp=spec["ramp"],
                        micro_batch_size=run.get("micro", spec["micro"]),
-                       lr=LR, compile=run.get("mode") == "compile", dtype="bf16" if run.get("mode") == "bf16" else
-                       "fp32", activation_checkpointing=run.get("activation_checkpointing", False),
+                       lr=run.get("lr", LR), compile=run.get("mode") == "compile",
+                       dtype="bf16" if run.get("mode") == "bf16" else "fp32",
+                       activation_checkpointing=run.get("activation_checkpointing", False),
                        doc_mask=run.get("doc_mask", False), pp_schedule=run.get("schedule", "1f1b"),
                        pp_stages_per_rank=run.get("stages_per_rank", 1))
 
@@ -86,10 +87,10 @@ def placed(tcfg: TrainConfig, env: DistEnv, par: torch.nn.Module, layout, seen: 
     """The copy placed by ``runner.place``: its step on this rank's micro-batches and the modules whose parameters
     this rank holds (the whole model, or its pipeline stages); their gradients are recorded in ``seen``."""
     runner = place(tcfg, env, par, SPEC, layout, tcfg.dtype, eot)
-    if layout.pp > 1:  # the runner's own stage optimisers (lr = LR, the defaults otherwise)
+    if layout.pp > 1:  # the runner's own stage optimisers (the run's lr, the defaults otherwise)
         record_grads(runner.optimizer, runner.pipe.stages, seen)
         return (lambda batches: runner.step(batches, 1.0)), runner.pipe.stages
-    optimizer = build_optimizer(par, LR)  # the runner's is left unused: this one records the gradients
+    optimizer = build_optimizer(par, tcfg.lr)  # the runner's is left unused: this one records the gradients
 
     def step(batches):
         return train_step(runner.wrapped, optimizer, batches, grad_clip=1.0, autocast=runner.autocast,
@@ -118,11 +119,12 @@ def compare(run: dict, spec: dict, env: DistEnv) -> dict:
     seen_ref, seen_par = {}, {}
     step_par, held = placed(tcfg, env, par, layout, seen_par, eot)
     plan, one = plan_batches(tcfg, layout.dp), plan_batches(tcfg, 1)
-    opt_ref = build_optimizer(ref, LR)
+    opt_ref = build_optimizer(ref, tcfg.lr)
     record_grads(opt_ref, [ref], seen_ref)
     reference = dict(ref.named_parameters())
     samples = windows(spec["samples"] + spec["batch"], spec["seq"], ref.config.vocab_size, tcfg.doc_mask)
-    out = {"loss": 0.0, "grad": 0.0, "grad_norm": 0.0, "param": 0.0, "steps": [], "losses": [], "ref_losses": []}
+    out = {"loss": 0.0, "grad": 0.0, "grad_norm": 0.0, "param": 0.0, "steps": [], "losses": [], "ref_losses": [],
+           "norms": []}
     consumed, start = 0, time.perf_counter()
     while consumed < spec["samples"]:
         global_batch = plan.ramp(consumed / spec["samples"])  # the parallel run's ramp: both train on its batches
@@ -136,7 +138,7 @@ def compare(run: dict, spec: dict, env: DistEnv) -> dict:
         out["loss"] = max(out["loss"], (a.losses - b.losses).abs().max().item())
         grad_norm = abs(a.grad_norm.item() - b.grad_norm.item())
         out["grad_norm"] = max(out["grad_norm"], grad_norm)
-        out["grad_norm_rel"] = max(out.get("grad_norm_rel", 0.0), grad_norm / a.grad_norm.item())
+        out["norms"].append(a.grad_norm.item())
         grad, param = largest([
             max((seen_ref["grads"][n] - g).abs().max().item() for n, g in seen_par["grads"].items()),
             max((reference[n].detach() - full(p).detach()).abs().max().item()

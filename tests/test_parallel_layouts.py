@@ -47,15 +47,12 @@ def _run(config: dict, layout: list[int], mode: str = "fp32", **kw) -> dict:
     return {"config": config, "layout": layout, "mode": mode, "activation_checkpointing": recompute, **kw}
 
 
-def _assert_equal(results: dict, steps: list[list[int]], relative_norm: bool = False) -> None:
-    """Every run's ramp, losses, gradients, gradient norms (``relative_norm``: relative to the reference's, for runs
-    whose norm grows large) and parameters equal to the one-process reference's up to float rounding."""
+def _assert_equal(results: dict, steps: list[list[int]]) -> None:
     for name, r in results.items():
         assert r["steps"] == steps, (name, r["steps"])  # the ramp and the accumulation as the trainer plans them
         assert r["first_grad"] < 1e-6 and r["first_grad_norm"] < 1e-5, (name, r)  # the same parameters
-        norm = r["grad_norm_rel"] < 1e-5 if relative_norm else r["grad_norm"] < 1e-4
         # AdamW at lr 1e-2 moves a parameter whose gradient is ~0 by up to lr: float rounding, amplified over steps
-        assert r["loss"] < 1e-5 and r["grad"] < 1e-4 and norm and r["param"] < 1e-4, (name, r)
+        assert r["loss"] < 1e-5 and r["grad"] < 1e-4 and r["grad_norm"] < 1e-4 and r["param"] < 1e-4, (name, r)
 
 
 @pytest.mark.slow
@@ -85,6 +82,7 @@ def test_tp2_under_the_batch_ramp_in_fp32_and_bf16(tmp_path):
 
 # --- packed documents (--doc-mask) under tensor and pipeline parallelism ------------------------------------------
 STAGED = {**FULL, "n_layers": 4}  # four layers: two stages a rank for interleaved 1F1B
+DOC_LR = 3e-3  # lr 1e-2 drives these runs' 4th gradient norm to ~50, where fp32 rounding grows past the tolerances
 
 
 @pytest.mark.slow
@@ -96,15 +94,15 @@ def test_doc_mask_under_tp2_and_pp2_equals_one_process_doc_mask(tmp_path):
     stage computes its micro-batch's documents) give one process's losses, gradients and parameters under the batch
     ramp with gradient accumulation (2, 3, 4, 4 micro-batches)."""
     pp = [1, 1, 1, 1, 2]
-    runs = [_run(FULL, [1, 1, 2], doc_mask=True),
-            _run({**FULL, "activation_checkpointing": True}, [1, 1, 2], doc_mask=True),
-            _run({"transformerx": False}, [1, 1, 2], doc_mask=True),
-            _run(STAGED, pp, doc_mask=True, schedule="1f1b"),
-            _run(STAGED, pp, doc_mask=True, schedule="gpipe"),
-            _run(STAGED, pp, doc_mask=True, schedule="interleaved1f1b", stages_per_rank=2)]
+    runs = [_run(FULL, [1, 1, 2], doc_mask=True, lr=DOC_LR),
+            _run({**FULL, "activation_checkpointing": True}, [1, 1, 2], doc_mask=True, lr=DOC_LR),
+            _run({"transformerx": False}, [1, 1, 2], doc_mask=True, lr=DOC_LR),
+            _run(STAGED, pp, doc_mask=True, lr=DOC_LR, schedule="1f1b"),
+            _run(STAGED, pp, doc_mask=True, lr=DOC_LR, schedule="gpipe"),
+            _run(STAGED, pp, doc_mask=True, lr=DOC_LR, schedule="interleaved1f1b", stages_per_rank=2)]
     results = _worker(tmp_path, 2, runs)
     assert len(results) == len(runs)
-    _assert_equal(results, [[4, 2], [6, 3], [8, 4], [8, 4]], relative_norm=True)  # pp2's last norms reach ~50
+    _assert_equal(results, [[4, 2], [6, 3], [8, 4], [8, 4]])
 
 
 @pytest.mark.slow
@@ -112,8 +110,8 @@ def test_doc_mask_under_tp2_and_pp2_equals_one_process_doc_mask(tmp_path):
 def test_doc_mask_under_pp2_tp2_equals_one_process_doc_mask(tmp_path):
     """4 ranks, pp2 x tp2 with ``--doc-mask``: the stages under the tensor plan (vocabulary-parallel loss, whole-
     sequence MTP) give one process's losses, gradients and parameters on windows of several documents."""
-    results = _worker(tmp_path, 4, [_run(STAGED, [1, 1, 2, 1, 2], doc_mask=True)])
-    _assert_equal(results, [[4, 2], [6, 3], [8, 4], [8, 4]], relative_norm=True)
+    results = _worker(tmp_path, 4, [_run(STAGED, [1, 1, 2, 1, 2], doc_mask=True, lr=DOC_LR)])
+    _assert_equal(results, [[4, 2], [6, 3], [8, 4], [8, 4]])
 
 
 # --- bad layouts: one line, a non-zero exit, nothing written ----------------------------------------------------

@@ -220,6 +220,31 @@ def test_two_stages_on_one_rank_equal_the_model(one_rank):
         torch.testing.assert_close(_grad(p), _grad(expected[name]), rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_two_stages_on_one_rank_with_document_ids_equal_accumulated_micro_batches(one_rank):
+    """``Pipeline.step(…, document_ids=…)``: every stage gets its micro-batch's document ids (the schedule splits
+    them with the ids); the losses are the mean of the micro-batches' packed-document means and the gradients those
+    of one process accumulating the two micro-batches, as ``train_step`` does."""
+    from kunlunbaize.model.documents import document_ids
+
+    model = _model("full")
+    ref = copy.deepcopy(model)
+    pipe = build_pipeline(model, one_rank, "interleaved1f1b", n_microbatches=2, stages_per_rank=2,
+                          layers_per_stage=[3, 1])
+    ids, _ = _batch(1)
+    ids[0, [2, 3]] = ids[2, 7] = 0  # end-of-text 0: the micro-batches have different numbers of documents
+    docs = document_ids(ids, 0)
+    with pytest.raises(ValueError, match=r"document_ids must have the shape of input_ids \(4, 12\), got \(4, 11\)"):
+        pipe.step(ids, ids, document_ids=docs[:, 1:])
+    losses = pipe.step(ids, ids, document_ids=docs)
+    outs = [ref(ids[i:i + 2], labels=ids[i:i + 2], logits=False, document_ids=docs[i:i + 2]) for i in (0, 2)]
+    (sum(o.loss for o in outs) / 2).backward()
+    want = sum(torch.stack([o.loss, o.main_loss, *o.mtp_losses]).detach() for o in outs) / 2
+    torch.testing.assert_close(losses, want, rtol=1e-5, atol=1e-6)
+    expected = dict(ref.named_parameters())
+    for _, name, p in pipe.named_parameters():
+        torch.testing.assert_close(_grad(p), _grad(expected[name]), rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_bad_pipeline_requests_are_refused(one_rank):
     model = _model("full")
     with pytest.raises(ValueError, match="unknown pipeline schedule 'zb'; choose one of gpipe, 1f1b"):

@@ -87,17 +87,26 @@ DOC_LR = 3e-3  # lr 1e-2 drives these runs' 4th gradient norm to ~50, where fp32
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_doc_mask_under_tp2_and_pp2_equals_one_process_doc_mask(tmp_path):
+def test_doc_mask_under_tp2_equals_one_process_doc_mask(tmp_path):
     """2 ranks, windows of several documents each (some shorter than an MTP depth), ``--doc-mask`` on both sides:
-    tp2 (sequence parallel: masks and per-document positions over the whole sequence), the same with activation
-    checkpointing and without TransformerX, and pp2 under 1F1B, GPipe and interleaved 1F1B (two stages a rank; every
-    stage computes its micro-batch's documents) give one process's losses, gradients and parameters under the batch
-    ramp with gradient accumulation (2, 3, 4, 4 micro-batches)."""
-    pp = [1, 1, 1, 1, 2]
+    tp2 (sequence parallel: masks and per-document positions over the whole sequence) for the full model, with
+    activation checkpointing and without TransformerX, gives one process's losses, gradients and parameters under the
+    batch ramp with gradient accumulation (2, 3, 4, 4 micro-batches)."""
     runs = [_run(FULL, [1, 1, 2], doc_mask=True, lr=DOC_LR),
             _run({**FULL, "activation_checkpointing": True}, [1, 1, 2], doc_mask=True, lr=DOC_LR),
-            _run({"transformerx": False}, [1, 1, 2], doc_mask=True, lr=DOC_LR),
-            _run(STAGED, pp, doc_mask=True, lr=DOC_LR, schedule="1f1b"),
+            _run({"transformerx": False}, [1, 1, 2], doc_mask=True, lr=DOC_LR)]
+    results = _worker(tmp_path, 2, runs)
+    assert len(results) == len(runs)
+    _assert_equal(results, [[4, 2], [6, 3], [8, 4], [8, 4]])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_doc_mask_under_pp2_equals_one_process_doc_mask(tmp_path):
+    """The same under pp2 with 1F1B, GPipe and interleaved 1F1B (two stages a rank): every stage computes its
+    micro-batch's documents; the losses, gradients and parameters are one process's."""
+    pp = [1, 1, 1, 1, 2]
+    runs = [_run(STAGED, pp, doc_mask=True, lr=DOC_LR, schedule="1f1b"),
             _run(STAGED, pp, doc_mask=True, lr=DOC_LR, schedule="gpipe"),
             _run(STAGED, pp, doc_mask=True, lr=DOC_LR, schedule="interleaved1f1b", stages_per_rank=2)]
     results = _worker(tmp_path, 2, runs)

@@ -1,8 +1,10 @@
 """A torchrun worker for ``tests/test_parallel_layouts.py``: per run of its spec (a model config, a layout and a
 mode), a one-process reference and a copy placed on the layout by the trainer's own ``runner.place`` (tensor plan,
-compiled blocks, FSDP2/HSDP, precision) train side by side on the same global batches, dealt as the trainer deals
-them under a batch ramp with gradient accumulation; rank 0 writes the largest differences (losses, gradients
-before every optimiser step, gradient norms, parameters) and each step's batch size and accumulation as JSON.
+compiled blocks, FSDP2/HSDP, pipeline stages, precision) train side by side on the same global batches, dealt as the
+trainer deals them under a batch ramp with gradient accumulation; rank 0 writes the largest differences (losses,
+gradients before every optimiser step, gradient norms, parameters) and each step's batch size and accumulation as
+JSON. A run with ``doc_mask`` trains on windows of several documents each (end-of-text id :data:`EOT`) with
+``--doc-mask`` on both sides.
 
 Run as ``python -m torch.distributed.run --nproc-per-node N -m tests.parallel_layouts_worker SPEC.json``.
 """
@@ -33,19 +35,22 @@ from .parallel_worker import resume_elsewhere
 
 SPEC = get_arch("kunlunbaize")
 LR = 1e-2
+EOT = 0
+"""The end-of-text id of a ``doc_mask`` run's windows."""
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def record_grads(optimizer: torch.optim.Optimizer, model: torch.nn.Module, into: dict) -> None:
-    """Make ``optimizer.step`` first store the full gradients of ``model`` (clipped, accumulated) in ``into``."""
+def record_grads(optimizer, modules: list[torch.nn.Module], into: dict) -> None:
+    """Make ``optimizer.step`` first store the full gradients (clipped, accumulated) of the parameters of ``modules``
+    (a model, or a rank's pipeline stages) by name in ``into``."""
     step = optimizer.step
 
     def recorded(*args, **kwargs):
-        into["grads"] = [torch.zeros_like(full(p.detach())) if p.grad is None else full(p.grad).detach().clone()
-                         for p in model.parameters()]
+        into["grads"] = {name: torch.zeros_like(full(p.detach())) if p.grad is None else full(p.grad).detach().clone()
+                         for m in modules for name, p in m.named_parameters()}
         return step(*args, **kwargs)
 
     optimizer.step = recorded
@@ -62,8 +67,46 @@ def train_config(spec: dict, run: dict) -> TrainConfig:
     return TrainConfig(seq_len=spec["seq"], tokens=spec["seq"] * spec["samples"], batch_size=spec["batch"],
                        batch_size_start=spec["batch_start"], batch_ramp=spec["ramp"],
                        micro_batch_size=run.get("micro", spec["micro"]),
-                       lr=LR, compile=run.get("mode") == "compile", dtype="bf16" if run.get("mode") == "bf16" else
-                       "fp32", activation_checkpointing=run.get("activation_checkpointing", False))
+                       lr=run.get("lr", LR), compile=run.get("mode") == "compile",
+                       dtype="bf16" if run.get("mode") == "bf16" else "fp32",
+                       activation_checkpointing=run.get("activation_checkpointing", False),
+                       doc_mask=run.get("doc_mask", False), pp_schedule=run.get("schedule", "1f1b"),
+                       pp_stages_per_rank=run.get("stages_per_rank", 1))
+
+
+def windows(n: int, seq: int, vocab: int, doc_mask: bool) -> torch.Tensor:
+    """``n`` training windows of random tokens; with ``doc_mask`` about one token in five is :data:`EOT`, so a
+    window holds several documents (some shorter than an MTP depth) and none of them other end-of-text ids."""
+    g = torch.Generator().manual_seed(1)
+    if not doc_mask:
+        return torch.randint(0, vocab, (n, seq), generator=g)
+    out = torch.randint(1, vocab, (n, seq), generator=g)
+    return out.masked_fill(torch.rand(n, seq, generator=g) < 0.2, EOT)
+
+
+def placed(tcfg: TrainConfig, env: DistEnv, par: torch.nn.Module, layout, seen: dict, eot: int | None):
+    """The copy placed by ``runner.place``: its step on this rank's micro-batches, the modules whose parameters this
+    rank holds (the whole model, or its pipeline stages), the runner and the optimiser whose gradients are recorded
+    in ``seen``."""
+    runner = place(tcfg, env, par, SPEC, layout, tcfg.dtype, eot)
+    if layout.pp > 1:  # the runner's own stage optimisers (the run's lr, the defaults otherwise)
+        record_grads(runner.optimizer, runner.pipe.stages, seen)
+        return (lambda batches: runner.step(batches, 1.0)), runner.pipe.stages, runner, runner.optimizer
+    optimizer = build_optimizer(par, tcfg.lr)  # the runner's is left unused: this one records the gradients
+
+    def step(batches):
+        return train_step(runner.wrapped, optimizer, batches, grad_clip=1.0, autocast=runner.autocast,
+                          loss_kwargs=runner.loss_kwargs, env=env, document_eot=eot)
+
+    record_grads(optimizer, [par], seen)
+    return step, [par], runner, optimizer
+
+
+def largest(values: list[float]) -> list[float]:
+    """The largest of each value over the ranks (a pipeline rank sees only its own stages' parameters)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def compare(run: dict, spec: dict, env: DistEnv, tmp: Path) -> dict:
@@ -72,40 +115,42 @@ def compare(run: dict, spec: dict, env: DistEnv, tmp: Path) -> dict:
     resumed in one process)."""
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in run["config"].items()}
     tcfg = train_config(spec, run)
+    eot = EOT if tcfg.doc_mask else None
     cfg = tiny(**overrides)
     ref = build(cfg, seed=0).train()
     SPEC.set_activation_checkpointing(ref, tcfg.activation_checkpointing)
     par = copy.deepcopy(ref)
     layout = resolve_layout(env.world_size, "auto", *run["layout"])
-    runner = place(tcfg, env, par, SPEC, layout, tcfg.dtype)  # its optimiser is left unused: ours records grads
-    wrapped, kwargs, ctx = runner.wrapped, runner.loss_kwargs, runner.autocast
-    plan, one = plan_batches(tcfg, layout.dp), plan_batches(tcfg, 1)
-    opt_ref, opt_par = build_optimizer(ref, LR), build_optimizer(par, LR)
     seen_ref, seen_par = {}, {}
-    record_grads(opt_ref, ref, seen_ref)
-    record_grads(opt_par, par, seen_par)
-    samples = torch.randint(0, ref.config.vocab_size, (spec["samples"] + spec["batch"], spec["seq"]),
-                            generator=torch.Generator().manual_seed(1))
-    out = {"loss": 0.0, "grad": 0.0, "grad_norm": 0.0, "param": 0.0, "steps": [], "losses": [], "ref_losses": []}
+    step_par, held, runner, opt_par = placed(tcfg, env, par, layout, seen_par, eot)
+    plan, one = plan_batches(tcfg, layout.dp), plan_batches(tcfg, 1)
+    opt_ref = build_optimizer(ref, tcfg.lr)
+    record_grads(opt_ref, [ref], seen_ref)
+    reference = dict(ref.named_parameters())
+    samples = windows(spec["samples"] + spec["batch"], spec["seq"], ref.config.vocab_size, tcfg.doc_mask)
+    out = {"loss": 0.0, "grad": 0.0, "grad_norm": 0.0, "param": 0.0, "steps": [], "losses": [], "ref_losses": [],
+           "norms": []}
     consumed, start = 0, time.perf_counter()
     while consumed < spec["samples"]:
         global_batch = plan.ramp(consumed / spec["samples"])  # the parallel run's ramp: both train on its batches
         a = train_step(ref, opt_ref, deal(one, samples, consumed, global_batch, 0), grad_clip=1.0,
-                       loss_kwargs=SPEC.train_kwargs())
-        b = train_step(wrapped, opt_par, deal(plan, samples, consumed, global_batch, layout.dp_rank(env.rank)),
-                       grad_clip=1.0, autocast=ctx, loss_kwargs=kwargs, env=env)
+                       loss_kwargs=SPEC.train_kwargs(), document_eot=eot)
+        b = step_par(deal(plan, samples, consumed, global_batch, layout.dp_rank(env.rank)))
         consumed += global_batch
         out["steps"].append([global_batch, plan.accumulation(global_batch)])
         out["losses"].append(b.losses[0].item())
         out["ref_losses"].append(a.losses[0].item())
         out["loss"] = max(out["loss"], (a.losses - b.losses).abs().max().item())
-        out["grad_norm"] = max(out["grad_norm"], abs(a.grad_norm.item() - b.grad_norm.item()))
-        grad = max((g - h).abs().max().item() for g, h in zip(seen_ref["grads"], seen_par["grads"], strict=True))
-        out["grad"] = max(out["grad"], grad)
+        grad_norm = abs(a.grad_norm.item() - b.grad_norm.item())
+        out["grad_norm"] = max(out["grad_norm"], grad_norm)
+        out["norms"].append(a.grad_norm.item())
+        grad, param = largest([
+            max((seen_ref["grads"][n] - g).abs().max().item() for n, g in seen_par["grads"].items()),
+            max((reference[n].detach() - full(p).detach()).abs().max().item()
+                for m in held for n, p in m.named_parameters())])
+        out["grad"], out["param"] = max(out["grad"], grad), max(out["param"], param)
         if len(out["steps"]) == 1:  # the same parameters: the gradients differ only by float rounding
-            out["first_grad"], out["first_grad_norm"] = grad, abs(a.grad_norm.item() - b.grad_norm.item())
-        out["param"] = max(out["param"], max((p - full(q).detach()).abs().max().item()
-                                             for p, q in zip(ref.parameters(), par.parameters(), strict=True)))
+            out["first_grad"], out["first_grad_norm"] = grad, grad_norm
     if run.get("resume"):  # validation losses too, then the checkpoint's next step in one process
         val_ref, val_par = evaluate(ref, [samples[:spec["batch"]]], ref.embed.weight.device,
                                     loss_kwargs=SPEC.train_kwargs()), runner.evaluate([samples[:spec["batch"]]])
@@ -124,7 +169,8 @@ def main() -> None:
     results = {}
     for i, run in enumerate(spec["runs"]):
         key = f"{json.dumps(run['config'])} {run['layout']} {run.get('mode', 'fp32')}" + (
-            " recompute" if run.get("activation_checkpointing") else "")
+            " recompute" if run.get("activation_checkpointing") else "") + (
+            f" {run['schedule']}" if "schedule" in run else "") + (" doc-mask" if run.get("doc_mask") else "")
         results[key] = compare(run, spec, env, path.parent / f"ckpt{i}")
     if env.rank == 0:
         (path.parent / "result.json").write_text(json.dumps(results, indent=1))

@@ -87,6 +87,40 @@ def test_stages_run_in_sequence_equal_the_whole_model(variant, split):
     assert seen == set(expected)  # every parameter lives on some stage
 
 
+@pytest.mark.parametrize(("variant", "split", "recompute"), [
+    ("full", [1] * 6, False), ("full", [4, 2], True), ("untied", [2, 3, 1], False), ("no_conv", [3, 3], False),
+    ("no_mtp", [3, 3], False),
+])
+def test_stages_with_document_ids_equal_the_whole_models_packed_documents(variant, split, recompute):
+    """``--doc-mask`` through the stages: every stage given the micro-batch's document ids (several documents a
+    window, some shorter than an MTP depth) gives the whole model's packed-document loss and every gradient."""
+    from kunlunbaize.model.documents import document_ids
+
+    model = _model(variant, n_layers=6)
+    ref = copy.deepcopy(model)
+    ids, labels = _batch(0)
+    ids[:, [2, 3, 7]] = 0  # end-of-text 0: documents of 3, 1, 4 and the rest of the window (and any random 0s)
+    docs = document_ids(ids, 0)
+    assert (docs[:, -1] >= 3).all()
+    loss = ref(ids, labels=labels, logits=False, document_ids=docs).loss
+    loss.backward()
+    stages = build_stage_modules(model, len(split), split)
+    x = ids
+    for stage in stages:
+        stage.gradient_checkpointing = recompute
+        x = stage(x, document_ids=docs)
+    terms = stages[-1].loss_terms(x, ids, labels, document_ids=docs)
+    terms.total.backward()
+    names = list(shared_parameter_names(model.config, len(split)))
+    set_shared_grads(stages, names, sum_local_shared_grads(stages, names))
+    torch.testing.assert_close(terms.total, loss, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(terms.total, ref(ids, labels=labels, logits=False).loss)  # the masks matter here
+    expected = dict(ref.named_parameters())
+    for stage in stages:
+        for name, p in stage.named_parameters():
+            torch.testing.assert_close(_grad(p), _grad(expected[name]), rtol=1e-5, atol=1e-7, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------- real ranks
 def _free_port() -> int:
     with socket.socket() as s:
@@ -181,6 +215,31 @@ def test_two_stages_on_one_rank_equal_the_model(one_rank):
     out.loss.backward()
     torch.testing.assert_close(losses, torch.stack([out.loss, out.main_loss, *out.mtp_losses]).detach(),
                                rtol=1e-5, atol=1e-6)
+    expected = dict(ref.named_parameters())
+    for _, name, p in pipe.named_parameters():
+        torch.testing.assert_close(_grad(p), _grad(expected[name]), rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_two_stages_on_one_rank_with_document_ids_equal_accumulated_micro_batches(one_rank):
+    """``Pipeline.step(…, document_ids=…)``: every stage gets its micro-batch's document ids (the schedule splits
+    them with the ids); the losses are the mean of the micro-batches' packed-document means and the gradients those
+    of one process accumulating the two micro-batches, as ``train_step`` does."""
+    from kunlunbaize.model.documents import document_ids
+
+    model = _model("full")
+    ref = copy.deepcopy(model)
+    pipe = build_pipeline(model, one_rank, "interleaved1f1b", n_microbatches=2, stages_per_rank=2,
+                          layers_per_stage=[3, 1])
+    ids, _ = _batch(1)
+    ids[0, [2, 3]] = ids[2, 7] = 0  # end-of-text 0: the micro-batches have different numbers of documents
+    docs = document_ids(ids, 0)
+    with pytest.raises(ValueError, match=r"document_ids must have the shape of input_ids \(4, 12\), got \(4, 11\)"):
+        pipe.step(ids, ids, document_ids=docs[:, 1:])
+    losses = pipe.step(ids, ids, document_ids=docs)
+    outs = [ref(ids[i:i + 2], labels=ids[i:i + 2], logits=False, document_ids=docs[i:i + 2]) for i in (0, 2)]
+    (sum(o.loss for o in outs) / 2).backward()
+    want = sum(torch.stack([o.loss, o.main_loss, *o.mtp_losses]).detach() for o in outs) / 2
+    torch.testing.assert_close(losses, want, rtol=1e-5, atol=1e-6)
     expected = dict(ref.named_parameters())
     for _, name, p in pipe.named_parameters():
         torch.testing.assert_close(_grad(p), _grad(expected[name]), rtol=1e-4, atol=1e-6, msg=name)

@@ -74,8 +74,10 @@ class TransformerXBlock(nn.Module):
         if cache is not None and cache.conv_history is not None:
             history = cache.conv_history.read(start, self.history_window)
             cache.conv_history.write(start, c)
-        extra = () if doc_positions is None else (doc_positions,)  # the default call stays exactly as it was
-        features = [conv(c, history, *extra) for conv in self.convs]
+        # a keyword, and only when given: the default call stays exactly as it was (a tensor-parallel plan counts
+        # the positional arguments)
+        extra = {} if doc_positions is None else {"doc_positions": doc_positions}
+        features = [conv(c, history, **extra) for conv in self.convs]
 
         for j, h in enumerate(features):
             kv_cache = cache.cross_attn[j] if cache is not None else None

@@ -197,7 +197,10 @@ class CausalDSConv(nn.Module):
         ``s`` tokens back kept only where the token is at least ``s`` into its document."""
         k, T = self.kernel_size, x.shape[1]
         padded = F.pad(x, (0, 0, k - 1, 0))
-        weight = self.depthwise.weight[:, 0].to(x.dtype)  # [d, k]; tap k−1 reads the token itself
+        weight = self.depthwise.weight
+        if hasattr(weight, "to_local"):  # replicated on every tensor-parallel rank (the whole kernel)
+            weight = weight.to_local()
+        weight = weight[:, 0].to(x.dtype)  # [d, k]; tap k−1 reads the token itself
         y = x * weight[:, k - 1]
         for s in range(1, k):
             y = y + padded[:, k - 1 - s:k - 1 - s + T] * weight[:, k - 1 - s] * (doc_positions >= s)[..., None]

@@ -366,9 +366,11 @@ def run_mtp(module: MultiTokenPrediction | None, trunk: TrunkOutput, rope: Rotar
                              "the MTP depths cannot run on it; make the cache with mtp=True")
         return []
     if logits:
-        extra = () if trunk.documents is None else (trunk.documents,)  # the default call stays as it was
+        # a keyword, and only when given: the default call stays as it was (a tensor-parallel plan counts the
+        # positional arguments)
+        extra = {} if trunk.documents is None else {"documents": trunk.documents}
         return module(trunk.hidden, trunk.embeddings, rope, head_weight, trunk.start,
-                      cache.mtp if cache is not None else None, trunk.positions, trunk.mask, *extra)
+                      cache.mtp if cache is not None else None, trunk.positions, trunk.mask, **extra)
     if cache is not None:
         module.write_keys(trunk.embeddings, rope, trunk.start, cache.mtp, trunk.positions)
     return []

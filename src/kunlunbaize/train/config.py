@@ -125,10 +125,7 @@ class TrainConfig:
              "left out unless a RoPE scaling type is given (rope)"),
             ("doc_mask", not self.doc_mask or self.arch == DEFAULT.name,
              f"left out with arch {self.arch} (document masking is built into the {DEFAULT.name} model)"),
-            ("doc_mask", not self.doc_mask or self.tp == 1, "left out with tp > 1 (no sequence-parallel masks)"),
             ("doc_mask", not self.doc_mask or self.cp == 1, "left out with cp > 1 (no context-parallel masks)"),
-            ("doc_mask", not self.doc_mask or self.pp == 1, "left out with pp > 1 (the pipeline stages pass no "
-             "document masks)"),
         ]
         for name, ok, need in checks:
             if not ok:

@@ -90,6 +90,8 @@ class PipelineRunner:
     state: TrainState
     autocast: AbstractContextManager
     env: DistEnv
+    document_eot: int | None = None
+    """The end-of-text id separating a window's documents under ``--doc-mask`` (None: no document masks)."""
 
     def train(self) -> None:
         for m in self.pipe.modules:
@@ -97,10 +99,11 @@ class PipelineRunner:
 
     def step(self, batches: Sequence[torch.Tensor], grad_clip: float) -> StepResult:
         return pipeline_step(self.pipe, self.optimizer, batches, grad_clip=grad_clip, autocast=self.autocast,
-                             env=self.env)
+                             env=self.env, document_eot=self.document_eot)
 
     def evaluate(self, batches: Sequence[torch.Tensor]) -> dict[str, float]:
-        return pipeline_evaluate(self.pipe, batches, self.env.device, autocast=self.autocast)
+        return pipeline_evaluate(self.pipe, batches, self.env.device, autocast=self.autocast,
+                                 document_eot=self.document_eot)
 
     def checkpoint_model(self) -> TrainState:
         return self.state
@@ -125,7 +128,7 @@ def place(cfg: TrainConfig, env: DistEnv, model: nn.Module, spec: ArchSpec, layo
     if placed.loss_contexts:
         autocast = StepContext(lambda: precision(env.device, dtype), *placed.loss_contexts)
     if layout.pp > 1:
-        return _place_pipeline(cfg, env, model, layout, mesh, autocast)
+        return _place_pipeline(cfg, env, model, layout, mesh, autocast, document_eot)
     blocks = list(model.blocks)
     if cfg.compile:
         for block in blocks:
@@ -138,7 +141,7 @@ def place(cfg: TrainConfig, env: DistEnv, model: nn.Module, spec: ArchSpec, layo
 
 
 def _place_pipeline(cfg: TrainConfig, env: DistEnv, model: nn.Module, layout: Layout, mesh: Any,
-                    autocast: AbstractContextManager) -> PipelineRunner:
+                    autocast: AbstractContextManager, document_eot: int | None = None) -> PipelineRunner:
     """This rank's stages of ``model`` (tensor-parallel already, if asked), each sharded over the data-parallel
     sub-mesh, with an optimiser each."""
     from .parallel.context import ContextGroup
@@ -166,4 +169,5 @@ def _place_pipeline(cfg: TrainConfig, env: DistEnv, model: nn.Module, layout: La
                                                  dense_lr_mult=cfg.dense_lr_mult) for stage in pipe.stages])
     state = PipelineState(pipe.stages, optimizer.optimizers, pipe.group,
                           representative=env.rank % (layout.world_size // layout.pp) == 0)
-    return PipelineRunner(pipe=pipe, optimizer=optimizer, state=state, autocast=autocast, env=env)
+    return PipelineRunner(pipe=pipe, optimizer=optimizer, state=state, autocast=autocast, env=env,
+                          document_eot=document_eot)

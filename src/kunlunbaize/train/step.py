@@ -99,28 +99,33 @@ def _documents(x: torch.Tensor, eot_id: int | None) -> dict[str, torch.Tensor]:
 
 
 def pipeline_step(pipe: Any, optimizer: Any, micro_batches: Sequence[torch.Tensor], *, grad_clip: float,
-                  autocast: AbstractContextManager | None = None, env: DistEnv | None = None) -> StepResult:
+                  autocast: AbstractContextManager | None = None, env: DistEnv | None = None,
+                  document_eot: int | None = None) -> StepResult:
     """:func:`train_step` for this rank's stages of a pipeline (:class:`~.parallel.pipeline.Pipeline`): the
     micro-batches go through the pipeline schedule as its micro-batches (the last stage's losses, on every rank),
     the gradients of shared parameters are summed over their copies, the norm is clipped over every stage (sharded
-    gradients included) and every stage's optimiser steps, unless the loss or the norm is not finite."""
+    gradients included) and every stage's optimiser steps, unless the loss or the norm is not finite. With
+    ``document_eot`` every stage computes each window's documents as if alone, as :func:`train_step` does."""
     x = torch.cat(list(micro_batches))
     with autocast if autocast is not None else nullcontext():
-        sums = pipe.step(x, x, n_microbatches=len(micro_batches))
+        sums = pipe.step(x, x, n_microbatches=len(micro_batches), **_documents(x, document_eot))
     if env is not None:  # every stage and every tensor-parallel rank holds its data-parallel rank's losses
         sums = all_reduce_mean(sums, env)
     return _update(optimizer, sums, pipe.clip_grad_norm_(grad_clip))
 
 
 def pipeline_evaluate(pipe: Any, batches: Sequence[torch.Tensor], device: torch.device, *,
-                      autocast: AbstractContextManager | None = None) -> dict[str, float]:
-    """:func:`evaluate` through a pipeline's stages (forward only, each batch as one micro-batch)."""
+                      autocast: AbstractContextManager | None = None,
+                      document_eot: int | None = None) -> dict[str, float]:
+    """:func:`evaluate` through a pipeline's stages (forward only, each batch as one micro-batch; documents
+    masked with ``document_eot``)."""
     for m in pipe.modules:
         m.eval()
     sums: torch.Tensor | None = None
     with torch.no_grad(), (autocast if autocast is not None else nullcontext()):
         for x in batches:
-            terms = pipe.evaluate(x.to(device), x.to(device), n_microbatches=1)[1:]  # main, MTP depths
+            x = x.to(device)
+            terms = pipe.evaluate(x, x, n_microbatches=1, **_documents(x, document_eot))[1:]  # main, MTP depths
             sums = terms if sums is None else sums + terms
     for m in pipe.modules:
         m.train()

@@ -80,6 +80,7 @@ class Pipeline:
         self._schedules = {n_microbatches: self._schedule(schedule_name, device)}
         self._eval_schedules: dict[int, object] = {}
         self._totals: torch.Tensor | None = None
+        """Each loss term's valid targets over the batch (None: every micro-batch's mean counts once)."""
         self._parts: list[torch.Tensor] = []
 
     @property
@@ -141,14 +142,19 @@ class Pipeline:
 
     # ------------------------------------------------------------------ one step
     def step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-             n_microbatches: int | None = None) -> torch.Tensor:
+             n_microbatches: int | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Forward and backward of one batch [B, T] (``labels`` default to the ids, shifted inside) in
         ``n_microbatches`` (default: the pipeline's): accumulates the whole model's gradient of the batch's mean
         joint loss into this rank's parameters and returns [joint, main, MTP depth 1, …] (float32, the batch
-        means) on every pipeline rank."""
+        means) on every pipeline rank.
+
+        ``document_ids`` [B, T] (packed documents, ``--doc-mask``; given on every pipeline rank) go to every stage
+        with its micro-batch, each document computed as if alone. The loss is then the mean of the micro-batches'
+        mean losses, as one process accumulating them computes it (:func:`..step.train_step`): the targets a
+        document boundary removes differ between micro-batches."""
         self._use(self._schedules, self._schedule_name, n_microbatches)
-        args, target = self._prepare(input_ids, labels)
-        self.schedule.step(*args, target=target, return_outputs=False)
+        args, target, kwargs = self._prepare(input_ids, labels, document_ids)
+        self.schedule.step(*args, target=target, return_outputs=False, **kwargs)
         self._sync_shared_grads()
         return self._batch_losses(input_ids.device)
 
@@ -164,9 +170,9 @@ class Pipeline:
         return cache[n]
 
     def evaluate(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                 n_microbatches: int | None = None) -> torch.Tensor:
+                 n_microbatches: int | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """[joint, main, MTP depth 1, …] of one batch without gradients (forward only, in ``n_microbatches``), on
-        every pipeline rank."""
+        every pipeline rank (``document_ids``: as in :meth:`step`)."""
         if len(self.stages) > 1 and self.pp_size == 1:
             raise ValueError("forward-only evaluation needs the stages on at least 2 pipeline ranks: torch's "
                              "interleaved schedules cannot evaluate with neighbouring stages on one rank")
@@ -174,25 +180,33 @@ class Pipeline:
         # as good as any single-stage schedule's and takes any micro-batch count
         name = self._schedule_name if len(self.stages) > 1 else "gpipe"
         schedule = self._use(self._eval_schedules, name, n_microbatches)
-        args, target = self._prepare(input_ids, labels)
+        args, target, kwargs = self._prepare(input_ids, labels, document_ids)
         with torch.no_grad():
-            schedule.eval(*args, target=target)
+            schedule.eval(*args, target=target, **kwargs)
         return self._batch_losses(input_ids.device)
 
-    def _prepare(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> tuple[tuple, torch.Tensor | None]:
-        """Checks the batch, counts its targets; the schedule's inputs (first stage) and target (last stage)."""
+    def _prepare(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
+                 document_ids: torch.Tensor | None = None) -> tuple[tuple, torch.Tensor | None, dict]:
+        """Checks the batch, counts its targets; the schedule's inputs (first stage), target (last stage: ids,
+        labels and any document ids) and keyword inputs (every stage: the document ids)."""
         labels = input_ids if labels is None else labels
         if input_ids.dim() != 2 or labels.shape != input_ids.shape:
             raise ValueError(f"input_ids and labels must be [batch, seq] of one shape, got {tuple(input_ids.shape)} "
                              f"and {tuple(labels.shape)}")
+        if document_ids is not None and document_ids.shape != input_ids.shape:
+            raise ValueError(f"document_ids must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                             f"{tuple(document_ids.shape)}")
         if input_ids.shape[0] % self.n_microbatches:
             raise ValueError(f"batch of {input_ids.shape[0]} sequences does not split into {self.n_microbatches} "
                              "micro-batches: make the batch a multiple of the micro-batch count")
-        self._totals = self._target_counts(labels)
+        self._totals = self._target_counts(labels) if document_ids is None else None
         self._parts = []
         args = (input_ids,) if self.has_first else ()
-        target = torch.stack([input_ids, labels.to(input_ids.dtype)], dim=1) if self.has_last else None
-        return args, target
+        rows = [input_ids, labels.to(input_ids.dtype)]
+        if document_ids is not None:
+            rows.append(document_ids.to(input_ids.device, input_ids.dtype))
+        target = torch.stack(rows, dim=1) if self.has_last else None
+        return args, target, {} if document_ids is None else {"document_ids": document_ids}
 
     def _batch_losses(self, device: torch.device) -> torch.Tensor:
         """The batch's loss terms from the last stage's micro-batches, on every pipeline rank."""
@@ -209,14 +223,19 @@ class Pipeline:
 
     def _loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """One micro-batch's share of the batch's joint loss, times the micro-batch count (the schedule divides
-        the gradients by it): term t weighted by this micro-batch's valid targets over the batch's."""
+        the gradients by it): term t weighted by this micro-batch's valid targets over the batch's (packed
+        documents: by 1, each micro-batch's mean counts once)."""
         stage = next(m for m in self.stages if m.spec.is_last)
         ids, labels = target[:, 0], target[:, 1]
-        terms = stage.loss_terms(hidden, ids, labels, self.ignore_index)
+        documents = target[:, 2] if target.shape[1] > 2 else None
+        terms = stage.loss_terms(hidden, ids, labels, self.ignore_index, documents)
         values = [_local(t) for t in (terms.main, *terms.mtp)]  # loss_parallel's are replicated DTensors
-        counts = self._target_counts(labels).to(hidden.device)
-        scale = torch.where(self._totals > 0, counts / self._totals.clamp(min=1), torch.zeros_like(counts))
-        scale = scale * self.n_microbatches
+        if self._totals is None:  # packed documents: every micro-batch's mean counts once (see :meth:`step`)
+            scale = torch.ones(len(values), device=hidden.device)
+        else:
+            counts = self._target_counts(labels).to(hidden.device)
+            scale = torch.where(self._totals > 0, counts / self._totals.clamp(min=1), torch.zeros_like(counts))
+            scale = scale * self.n_microbatches
         gammas = (1.0, *self.config.gammas)
         total = sum(g * s * v for g, s, v in zip(gammas, scale, values, strict=True))
         parts = torch.stack([total.detach().float(), *(s * v.detach().float() for s, v in zip(scale, values,

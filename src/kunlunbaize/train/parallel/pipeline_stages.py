@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ...config import ModelConfig
+from ...model.documents import Documents
 from ...model.layers import linear
 from ...model.loss import IGNORE_INDEX, LossTerms, multi_token_loss
 from ...model.model import KunlunBaize, TrunkOutput, _chunked_loss_terms, run_mtp
@@ -210,20 +211,25 @@ class PipelineStageModule(nn.Module):
             sums = sums + torch.stack([flow.partial[m] for m in later])
         return torch.cat([flow.current[None], sums])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The stage's output for its input ``x``; ``document_ids`` [B, T] (packed documents, ``--doc-mask``): the
+        micro-batch's per-token document ids, every document computed as if alone (:mod:`...model.documents`)."""
         flow = self._receive(x)
         T = flow.current.shape[1] * self.seq_shards  # the whole sequence (its shard under sequence parallelism)
-        if self.context is None:
-            rope = self.rope(torch.arange(T, device=flow.current.device))
+        docs = _documents(document_ids, flow.current.device)
+        if docs is not None:  # the model's own packed-document forward: per-document positions, a block mask
+            rope, mask, extra = self.rope(docs.positions, _rope_length(self.rope, docs)), docs.mask, (docs.positions,)
+        elif self.context is None:
+            rope, mask, extra = self.rope(torch.arange(T, device=flow.current.device)), None, ()
         else:  # this cp rank's part: its tokens' global positions
-            rope = self.context.rope(self.rope, T * self.context.size)
+            rope, mask, extra = self.context.rope(self.rope, T * self.context.size), None, ()
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.spec.layers:
             block = self.blocks[str(layer)]
             if recompute:
-                delta = checkpoint(block, flow.current, rope, 0, None, None, None, use_reentrant=False)
+                delta = checkpoint(block, flow.current, rope, 0, None, mask, None, *extra, use_reentrant=False)
             else:
-                delta = block(flow.current, rope, 0, None, None, None)  # F_l(H_l)
+                delta = block(flow.current, rope, 0, None, mask, None, *extra)  # F_l(H_l)
             if self.dense is not None:
                 h = delta + flow.mix(self._weights(layer, flow.current.dtype), layer)  # eq. 1–2
                 if layer + 1 < self.spec.n_layers:
@@ -234,20 +240,33 @@ class PipelineStageModule(nn.Module):
         return flow.current if self.spec.is_last else self._send(flow)
 
     def loss_terms(self, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
-                   ignore_index: int = IGNORE_INDEX) -> LossTerms:
-        """The joint loss's terms (eq. 22–23) from H_L, as the whole model computes them (last stage only)."""
+                   ignore_index: int = IGNORE_INDEX, document_ids: torch.Tensor | None = None) -> LossTerms:
+        """The joint loss's terms (eq. 22–23) from H_L, as the whole model computes them (last stage only; with
+        ``document_ids`` as its packed-document forward does)."""
         if not self.spec.is_last:
             raise RuntimeError(f"stage {self.spec.index} is not the last stage: only the last one has the heads")
         if self.context is not None:
             return context_loss_terms(self, self.context, hidden, input_ids, labels, ignore_index)
         emb = self.embed(input_ids) if self.mtp is not None else None  # E(t) for the MTP depths (eq. 13, 15)
-        trunk = TrunkOutput(hidden, emb, 0)
+        docs = _documents(document_ids, hidden.device)
+        trunk = (TrunkOutput(hidden, emb, 0) if docs is None else
+                 TrunkOutput(hidden, emb, 0, docs.positions, docs.mask, None, _rope_length(self.rope, docs), docs))
         if self.seq_shards == 1:
             return _chunked_loss_terms(self, trunk, labels, ignore_index)
         # tensor-parallel: vocabulary-parallel logits, never gathered, and loss_parallel's cross-entropy
         logits = linear(self.norm(hidden), self.head_weight)
         mtp_logits = run_mtp(self.mtp, trunk, self.rope, self.head_weight, None, True)
-        return multi_token_loss(logits, mtp_logits, labels, self.config.gammas, ignore_index)
+        return multi_token_loss(logits, mtp_logits, labels, self.config.gammas, ignore_index, docs)
+
+
+def _documents(document_ids: torch.Tensor | None, device: torch.device) -> Documents | None:
+    """The packed documents of a micro-batch's ``document_ids`` (None: none given)."""
+    return None if document_ids is None else Documents(document_ids.to(device))
+
+
+def _rope_length(rope: nn.Module, docs: Documents) -> torch.Tensor | None:
+    """The rotary length of a packed-document forward (dynamic NTK only), as the whole model computes it."""
+    return docs.positions.max() + 1 if rope.dynamic else None
 
 
 def build_stage_modules(model: KunlunBaize, n_stages: int, layers_per_stage: list[int] | None = None,

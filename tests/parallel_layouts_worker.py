@@ -9,11 +9,13 @@ Run as ``python -m torch.distributed.run --nproc-per-node N -m tests.parallel_la
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -61,8 +63,19 @@ def train_config(spec: dict, run: dict) -> TrainConfig:
     return TrainConfig(seq_len=spec["seq"], tokens=spec["seq"] * spec["samples"], batch_size=spec["batch"],
                        batch_size_start=spec["batch_start"], batch_ramp=spec["ramp"],
                        micro_batch_size=run.get("micro", spec["micro"]),
-                       lr=LR, compile=run.get("mode") == "compile", dtype="bf16" if run.get("mode") == "bf16" else
-                       "fp32", activation_checkpointing=run.get("activation_checkpointing", False))
+                       lr=LR, compile=run.get("mode", "").startswith("compile"),
+                       dtype="bf16" if run.get("mode") == "bf16" else "fp32",
+                       activation_checkpointing=run.get("activation_checkpointing", False))
+
+
+def compile_backend(mode: str) -> contextlib.AbstractContextManager:
+    """Mode ``compile-BACKEND``: the blocks the trainer compiles use ``torch.compile``'s BACKEND (``aot_eager``:
+    Dynamo and AOTAutograd without inductor's code generation, minutes faster on a CPU); ``compile``: inductor."""
+    if not mode.startswith("compile-"):
+        return contextlib.nullcontext()
+    compile_module = torch.nn.Module.compile
+    return mock.patch.object(torch.nn.Module, "compile",
+                             lambda self, *args, **kw: compile_module(self, *args, **{**kw, "backend": mode[8:]}))
 
 
 def compare(run: dict, spec: dict, env: DistEnv) -> dict:
@@ -73,7 +86,8 @@ def compare(run: dict, spec: dict, env: DistEnv) -> dict:
     SPEC.set_activation_checkpointing(ref, tcfg.activation_checkpointing)
     par = copy.deepcopy(ref)
     layout = resolve_layout(env.world_size, "auto", *run["layout"])
-    runner = place(tcfg, env, par, SPEC, layout, tcfg.dtype)  # its optimiser is left unused: ours records grads
+    with compile_backend(run.get("mode", "")):
+        runner = place(tcfg, env, par, SPEC, layout, tcfg.dtype)  # its optimiser is left unused: ours records grads
     wrapped, kwargs, ctx = runner.wrapped, runner.loss_kwargs, runner.autocast
     plan, one = plan_batches(tcfg, layout.dp), plan_batches(tcfg, 1)
     opt_ref, opt_par = build_optimizer(ref, LR), build_optimizer(par, LR)

@@ -13,14 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from . import test_train_pp
 from .test_parallel import FULL
-from .test_train_pp import _args, _close
 
 ROOT = Path(__file__).resolve().parents[1]
 # two steps of two accumulated micro-batches of 2 sequences of 16 tokens, on one data-parallel rank
 SPEC = {"samples": 8, "batch": 4, "batch_start": 4, "ramp": 0.0, "micro": 2, "seq": 16}
-one_process = test_train_pp.one_process  # the fixture: the eager one-process run of tests/test_train_pp.py
 
 
 def _worker(tmp_path: Path, nproc: int, runs: list[dict]) -> dict:
@@ -36,7 +33,7 @@ def _worker(tmp_path: Path, nproc: int, runs: list[dict]) -> dict:
 
 
 def test_compile_with_tp_passes_the_layout_checks(dataset):
-    """``--tp 2 --compile`` is no longer refused; ``--compile`` with ``--cp`` still is."""
+    """``--tp 2 --compile`` is no longer refused; ``--compile`` with ``--cp`` or ``--pp`` still is."""
     import torch
 
     from kunlunbaize.train.config import TrainConfig
@@ -48,33 +45,22 @@ def test_compile_with_tp_passes_the_layout_checks(dataset):
     model = {"d_model": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 64, "mtp_depth": 1}
     cfg = TrainConfig(data=str(dataset), preset="tiny", model_overrides=model, seq_len=16, tp=2, compile=True)
     assert _check_runnable(cfg, env, dataset).tp == 2
-    with pytest.raises(LayoutError, match="--compile with --cp 2 is not supported"):
-        _check_runnable(TrainConfig(data=str(dataset), preset="tiny", model_overrides=model, seq_len=16, cp=2,
-                                    compile=True), env, dataset)
+    for flag in ("cp", "pp"):
+        with pytest.raises(LayoutError, match=f"--compile with --{flag} 2 is not supported"):
+            _check_runnable(TrainConfig(data=str(dataset), preset="tiny", model_overrides=model, seq_len=16,
+                                        compile=True, **{flag: 2}), env, dataset)
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_compiled_blocks_under_tp2_equal_one_process(tmp_path):
-    """2 ranks, tp2, the full model (dense residual, TransformerX, MTP depth 2) with compiled blocks: two steps of
-    two accumulated micro-batches give one eager process's losses, gradients before every step, gradient norms
-    and parameters (fp32)."""
-    (r,) = _worker(tmp_path, 2, [{"config": FULL, "layout": [1, 1, 2], "mode": "compile"}]).values()
+    """2 ranks, tp2, the full model (dense residual, TransformerX, MTP depth 2) with its blocks compiled as the
+    trainer compiles them: two steps of two accumulated micro-batches give one eager process's losses, gradients
+    before every step, gradient norms and parameters (fp32). The backend is ``aot_eager``: the fault was in
+    AOTAutograd (inductor gave the same wrong gradient), and inductor's code generation takes tens of minutes
+    on a loaded 2-core machine."""
+    (r,) = _worker(tmp_path, 2, [{"config": FULL, "layout": [1, 1, 2], "mode": "compile-aot_eager"}]).values()
     assert r["steps"] == [[4, 2], [4, 2]], r
     assert r["first_grad"] < 1e-6 and r["first_grad_norm"] < 1e-5, r  # the same parameters: float rounding
     assert r["loss"] < 1e-5 and r["grad"] < 1e-5 and r["grad_norm"] < 1e-5 and r["param"] < 1e-5, r
 
-
-@pytest.mark.slow
-@pytest.mark.subprocess
-@pytest.mark.distributed
-def test_kunlun_train_pp2_with_compiled_blocks_equals_one_process(dataset, tmp_path, one_process):
-    """``kunlun train --pp 2 --compile`` (1F1B, the batch ramp with gradient accumulation) gives the eager
-    one-process run's loss at every step."""
-    from .test_train import _run, _torchrun, losses
-
-    _, want = one_process
-    out = tmp_path / "pp_compiled"
-    run = _run(_torchrun(2, *_args(dataset, out, "--pp", "2", "--compile", "--sample-tokens", "0")), timeout=1800)
-    assert run.returncode == 0, run.stdout + run.stderr
-    _close(losses(out), want, range(1, 6))

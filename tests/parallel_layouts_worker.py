@@ -11,11 +11,13 @@ Run as ``python -m torch.distributed.run --nproc-per-node N -m tests.parallel_la
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -67,11 +69,21 @@ def train_config(spec: dict, run: dict) -> TrainConfig:
     return TrainConfig(seq_len=spec["seq"], tokens=spec["seq"] * spec["samples"], batch_size=spec["batch"],
                        batch_size_start=spec["batch_start"], batch_ramp=spec["ramp"],
                        micro_batch_size=run.get("micro", spec["micro"]),
-                       lr=run.get("lr", LR), compile=run.get("mode") == "compile",
+                       lr=run.get("lr", LR), compile=run.get("mode", "").startswith("compile"),
                        dtype="bf16" if run.get("mode") == "bf16" else "fp32",
                        activation_checkpointing=run.get("activation_checkpointing", False),
                        doc_mask=run.get("doc_mask", False), pp_schedule=run.get("schedule", "1f1b"),
                        pp_stages_per_rank=run.get("stages_per_rank", 1))
+
+
+def compile_backend(mode: str) -> contextlib.AbstractContextManager:
+    """Mode ``compile-BACKEND``: the blocks the trainer compiles use ``torch.compile``'s BACKEND (``aot_eager``:
+    Dynamo and AOTAutograd without inductor's code generation, minutes faster on a CPU); ``compile``: inductor."""
+    if not mode.startswith("compile-"):
+        return contextlib.nullcontext()
+    compile_module = torch.nn.Module.compile
+    return mock.patch.object(torch.nn.Module, "compile",
+                             lambda self, *args, **kw: compile_module(self, *args, **{**kw, "backend": mode[8:]}))
 
 
 def windows(n: int, seq: int, vocab: int, doc_mask: bool) -> torch.Tensor:
@@ -122,7 +134,8 @@ def compare(run: dict, spec: dict, env: DistEnv, tmp: Path) -> dict:
     par = copy.deepcopy(ref)
     layout = resolve_layout(env.world_size, "auto", *run["layout"])
     seen_ref, seen_par = {}, {}
-    step_par, held, runner, opt_par = placed(tcfg, env, par, layout, seen_par, eot)
+    with compile_backend(run.get("mode", "")):
+        step_par, held, runner, opt_par = placed(tcfg, env, par, layout, seen_par, eot)
     plan, one = plan_batches(tcfg, layout.dp), plan_batches(tcfg, 1)
     opt_ref = build_optimizer(ref, tcfg.lr)
     record_grads(opt_ref, [ref], seen_ref)

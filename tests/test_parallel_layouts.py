@@ -156,9 +156,8 @@ MODEL = ["d_model=32", "n_layers=1", "n_heads=4", "n_kv_heads=2", "ffn_hidden=64
     ("--tp", ["--set", *MODEL, "transformerx=false", "ffn_hidden=33"], "--tp 2 does not divide ffn_hidden = 33"),
     ("--tp", ["--seq-len", "33", "--set", *MODEL], "--tp 2 does not divide --seq-len 33"),
     ("--tp", ["--arch", "llama", "--set", *MODEL], "--arch llama has no tensor-parallel plan; train it with --tp 1"),
-    ("--tp", ["--compile", "--set", *MODEL], "--compile with --tp 2 is not supported"),
     ("--cp", ["--arch", "llama", "--set", *MODEL], "--arch llama has no context-parallel plan; train it with --cp 1"),
-    ("--cp", ["--compile", "--set", *MODEL], "--compile with --cp 2 is not supported"),
+    ("--pp", ["--compile", "--set", *MODEL, "n_layers=2"], "--compile with --pp 2 is not supported"),
 ])
 def test_layouts_that_do_not_fit_the_model_are_refused_before_the_run_folder_is_touched(flag, args, message, dataset,
                                                                                          capsys, monkeypatch,

@@ -12,7 +12,8 @@ code stays single-device. Between modules the residual stream is a plain tensor 
 - causal depthwise-separable convolutions: the input gathered over the whole sequence (so the k−1 history across
   sequence shards is exact), the depthwise kernel run in full on every rank (replicated: d·k weights, T·d·k
   FLOPs), the pointwise linear colwise, eSwish on the channel shard; the cross-attention gathers the channels;
-- the embedding vocabulary-parallel (rowwise, output reduce-scattered onto the sequence);
+- the embedding vocabulary-parallel (rowwise, output reduce-scattered onto the sequence, the collective waited on
+  before the blocks see it: an asynchronous collective's output entering a compiled block lost its gradient);
 - the MTP depths gather the hidden state and the embeddings over the sequence and run on the whole sequence (their
   shift is by whole tokens of it), heads still split, norms replicated;
 - dense-residual logits replicated, each rank mixing its own sequence shard; their gradients are summed;
@@ -37,7 +38,14 @@ from torch.distributed.tensor.parallel import (
 
 from ...model import KunlunBaize
 from ...model.block import PlainBlock, TransformerXBlock
-from .styles import ChannelShardedESwish, GatheredSequenceParallel, PartialGradOutput, ReplicateCompute, ShardedWeight
+from .styles import (
+    ChannelShardedESwish,
+    GatheredSequenceParallel,
+    PartialGradOutput,
+    ReplicateCompute,
+    ShardedWeight,
+    WaitedRowwiseParallel,
+)
 
 ATTENTION_ARGS = 8  # x, kv_input, rope_q, rope_k, q_start, kv_start, cache, mask
 MTP_ARGS = 8  # hidden, token_emb, rope, head_weight, start, caches, positions, mask
@@ -51,7 +59,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, tp_dim: str = "tp") -> dict[
     tp = mesh[tp_dim] if mesh.mesh_dim_names and len(mesh.mesh_dim_names) > 1 else mesh
     size = tp.size()
     parallelize_module(model, tp, {
-        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        # waited: the embedding's output is the first (possibly compiled) block's input
+        "embed": WaitedRowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": GatheredSequenceParallel(),
     })
     if model.head is not None:

@@ -1,7 +1,7 @@
 """Parallel styles beyond ``torch.distributed.tensor.parallel``'s own, for the modules a plain colwise/rowwise
 split does not cover: a computation repeated on every tensor-parallel rank, eSwish on a channel-sharded input,
-mixing weights whose gradient is a partial sum over sequence shards, and a sequence-parallel norm whose output is
-gathered for a vocabulary-parallel head."""
+mixing weights whose gradient is a partial sum over sequence shards, a sequence-parallel norm whose output is
+gathered for a vocabulary-parallel head, and a rowwise split whose output may enter a compiled region."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
-from torch.distributed.tensor.parallel import ParallelStyle, SequenceParallel
+from torch.distributed.tensor.parallel import ParallelStyle, RowwiseParallel, SequenceParallel
 
 
 def _replicate_params(_name: str, module: nn.Module, mesh: DeviceMesh) -> None:
@@ -78,6 +78,21 @@ class GatheredSequenceParallel(SequenceParallel):
     @staticmethod
     def _prepare_output_fn(use_local_output, mod, outputs, device_mesh):
         return outputs.redistribute(placements=[Replicate()])
+
+
+class WaitedRowwiseParallel(RowwiseParallel):
+    """``RowwiseParallel`` whose output collective has completed when the output is handed on: a plain tensor,
+    never the ``AsyncCollectiveTensor`` that ``RowwiseParallel``'s asynchronous reduce-scatter leaves. For a module
+    run eagerly whose output is the input of a ``torch.compile``'d region (the embedding, the first block's
+    input): AOTAutograd (torch 2.13) waits on such an input before tracing and traces the waited tensor, which
+    does not require grad, so the compiled backward returned no gradient for it (``--compile`` under ``--tp``
+    lost the first block's share of the embedding's gradient)."""
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        if outputs.placements != output_layouts:
+            outputs = outputs.redistribute(placements=output_layouts, async_op=False)
+        return outputs.to_local() if use_local_output else outputs
 
 
 class ShardedWeight(ParallelStyle):

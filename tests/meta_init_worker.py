@@ -1,0 +1,56 @@
+"""A torchrun worker for ``tests/test_meta_init.py``: per layout, the tiny model built on the meta device and placed
+by the trainer's own ``runner.place`` (which materialises only what this rank holds); rank 0 saves the step-0 full
+state dict of each layout, and every rank records which of the one-process model's parameters it allocated. Run as
+``python -m torch.distributed.run --nproc-per-node N -m tests.meta_init_worker SPEC.json``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from kunlunbaize.arch import get_arch
+from kunlunbaize.config import ModelConfig
+from kunlunbaize.train.config import TrainConfig
+from kunlunbaize.train.distributed import init_distributed
+from kunlunbaize.train.models import build
+from kunlunbaize.train.parallel.layout import resolve_layout
+from kunlunbaize.train.runner import ModelRunner, place
+
+SPEC = get_arch("kunlunbaize")
+
+
+def step0_weights(runner) -> dict[str, torch.Tensor]:
+    """The whole model's weights under one-process names (on rank 0; a collective)."""
+    if isinstance(runner, ModelRunner):
+        sd = get_model_state_dict(runner.model, options=StateDictOptions(full_state_dict=True))
+        return {k: v.detach().cpu() for k, v in sd.items()}
+    return runner.state.full_weights()
+
+
+def main() -> None:
+    path = Path(sys.argv[1])
+    spec = json.loads(path.read_text())
+    env = init_distributed("cpu")
+    cfg = ModelConfig.from_dict(spec["model"])
+    held = {}
+    for name, sizes in spec["layouts"].items():
+        tcfg = TrainConfig(seed=spec["seed"], seq_len=16, micro_batch_size=2, batch_size=4, tokens=64)
+        model = build(SPEC, cfg, meta=True)
+        layout = resolve_layout(env.world_size, "auto", *sizes)
+        runner = place(tcfg, env, model, SPEC, layout, "fp32")
+        held[name] = sorted(n for n, p in model.named_parameters() if not p.is_meta)
+        weights = step0_weights(runner)
+        if env.rank == 0:
+            torch.save(weights, path.parent / f"{name}.pt")
+    (path.parent / f"held{env.rank}.json").write_text(json.dumps(held))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 """A torchrun worker for ``tests/test_meta_init.py``: per layout, the tiny model built on the meta device and placed
 by the trainer's own ``runner.place`` (which materialises only what this rank holds); rank 0 saves the step-0 full
-state dict of each layout, and every rank records which of the one-process model's parameters it allocated. Run as
+state dict of each layout and the one after loading whole weights into it (``Runner.load_weights``, what
+``--init-from`` does), and every rank records which of the one-process model's parameters it allocated. Run as
 ``python -m torch.distributed.run --nproc-per-node N -m tests.meta_init_worker SPEC.json``."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from kunlunbaize.arch import get_arch
 from kunlunbaize.config import ModelConfig
 from kunlunbaize.train.config import TrainConfig
 from kunlunbaize.train.distributed import init_distributed
-from kunlunbaize.train.models import build
+from kunlunbaize.train.models import build, materialize
 from kunlunbaize.train.parallel.layout import resolve_layout
 from kunlunbaize.train.runner import ModelRunner, place
 
@@ -45,8 +46,13 @@ def main() -> None:
         runner = place(tcfg, env, model, SPEC, layout, "fp32")
         held[name] = sorted(n for n, p in model.named_parameters() if not p.is_meta)
         weights = step0_weights(runner)
+        other = build(SPEC, cfg, meta=True)  # what an --init-from stage loads: whole weights, here another seed's
+        materialize(other, torch.device("cpu"), spec["seed"] + 1)
+        runner.load_weights(other.state_dict())
+        loaded = step0_weights(runner)
         if env.rank == 0:
             torch.save(weights, path.parent / f"{name}.pt")
+            torch.save(loaded, path.parent / f"{name}_loaded.pt")
     (path.parent / f"held{env.rank}.json").write_text(json.dumps(held))
     dist.barrier()
     dist.destroy_process_group()

@@ -97,11 +97,14 @@ def _worker(tmp_path: Path, nproc: int, layouts: dict[str, list]) -> None:
 
 
 def _assert_same_weights(tmp_path: Path, names: list[str]) -> None:
-    weights = one_process(tiny(**MODEL))
-    for name in names:
-        placed = torch.load(tmp_path / f"{name}.pt")
-        assert placed.keys() == weights.keys(), name
-        assert all(torch.equal(placed[k], v) for k, v in weights.items()), name
+    """Each layout's step-0 weights are the one-process run's, and whole weights loaded into it (another seed's)
+    come back exactly."""
+    for suffix, seed in (("", SEED), ("_loaded", SEED + 1)):
+        weights = one_process(tiny(**MODEL), seed)
+        for name in names:
+            placed = torch.load(tmp_path / f"{name}{suffix}.pt")
+            assert placed.keys() == weights.keys(), name
+            assert all(torch.equal(placed[k], v) for k, v in weights.items()), name + suffix
 
 
 @pytest.mark.slow
@@ -109,7 +112,8 @@ def _assert_same_weights(tmp_path: Path, names: list[str]) -> None:
 def test_step0_weights_are_the_one_process_ones_under_fsdp2_tp2_and_pp2_and_pp_ranks_hold_only_their_stage(
         tmp_path):
     """Two real ranks: FSDP2 dp2, tp2 and pp2 runs built on the meta device start from exactly the one-process
-    weights (full state dicts compared); under pp2 each rank allocated only its own stage's parameters."""
+    weights (full state dicts compared), and load whole weights exactly (``--init-from``); under pp2 each rank
+    allocated only its own stage's parameters."""
     _worker(tmp_path, 2, {"dp2": [None, 2], "tp2": [None, None, 2], "pp2": [None, None, 1, 1, 2]})
     _assert_same_weights(tmp_path, ["dp2", "tp2", "pp2"])
     names = one_process(tiny(**MODEL)).keys()
@@ -125,6 +129,6 @@ def test_step0_weights_are_the_one_process_ones_under_fsdp2_tp2_and_pp2_and_pp_r
 @pytest.mark.distributed
 def test_step0_weights_are_the_one_process_ones_under_fsdp2_over_tp2_and_pp2_dp2(tmp_path):
     """Four real ranks: FSDP2 over tensor-parallel shards (dp2 x tp2) and FSDP2-sharded pipeline stages (pp2 x dp2)
-    start from exactly the one-process weights."""
+    start from exactly the one-process weights, and load whole weights exactly."""
     _worker(tmp_path, 4, {"dp2tp2": [None, 2, 2], "pp2dp2": [None, 2, 1, 1, 2]})
     _assert_same_weights(tmp_path, ["dp2tp2", "pp2dp2"])

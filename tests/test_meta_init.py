@@ -31,14 +31,20 @@ SEED = 7
 MODEL = {"n_layers": 4, "dense_init": "identity", "conv_init": "fan_in", "eswish_per_channel": True}
 
 
-def one_process(cfg, seed: int = SEED) -> dict[str, torch.Tensor]:
-    """The step-0 weights of a one-process run: the trainer's own path (meta build, ``place``)."""
+def one_process(cfg, seed: int = SEED, steps: int = 0) -> dict[str, torch.Tensor]:
+    """The step-0 weights of a one-process run: the trainer's own path (meta build, ``place``); with ``steps``,
+    also the losses of that many training steps on the worker's batches (under ``"steps"``)."""
+    from .meta_init_worker import batches
+
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     model = build(SPEC, cfg, meta=True)
     assert is_meta(model)
-    place(TrainConfig(seed=seed), env, model, SPEC, resolve_layout(1), "fp32")
+    runner = place(TrainConfig(seed=seed), env, model, SPEC, resolve_layout(1), "fp32")
     assert not is_meta(model)
-    return model.state_dict()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    if steps:
+        weights["steps"] = [runner.step(batches(cfg), grad_clip=1.0).losses.tolist() for _ in range(steps)]
+    return weights
 
 
 def test_one_process_training_initialises_every_parameter_by_its_name():
@@ -92,13 +98,18 @@ def _worker(tmp_path: Path, nproc: int, layouts: dict[str, list]) -> None:
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
            "-m", "tests.meta_init_worker", str(tmp_path / "spec.json")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
 def _assert_same_weights(tmp_path: Path, names: list[str]) -> None:
-    """Each layout's step-0 weights are the one-process run's, and whole weights loaded into it (another seed's)
-    come back exactly."""
+    """Each layout's step-0 weights are the one-process run's, its first two training steps give the one-process
+    losses, and whole weights loaded into it (another seed's) come back exactly."""
+    want = one_process(tiny(**MODEL), steps=2)["steps"]
+    for name in names:
+        got = json.loads((tmp_path / "held0.json").read_text())["steps"][name]
+        assert max(abs(a - b) for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True)) < 1e-5, \
+            (name, got, want)
     for suffix, seed in (("", SEED), ("_loaded", SEED + 1)):
         weights = one_process(tiny(**MODEL), seed)
         for name in names:
@@ -112,16 +123,17 @@ def _assert_same_weights(tmp_path: Path, names: list[str]) -> None:
 def test_step0_weights_are_the_one_process_ones_under_fsdp2_tp2_and_pp2_and_pp_ranks_hold_only_their_stage(
         tmp_path):
     """Two real ranks: FSDP2 dp2, tp2 and pp2 runs built on the meta device start from exactly the one-process
-    weights (full state dicts compared), and load whole weights exactly (``--init-from``); under pp2 each rank
+    weights (full state dicts compared), train their first steps with the one-process losses, and load whole weights
+    exactly (``--init-from``); under pp2 each rank
     allocated only its own stage's parameters."""
     _worker(tmp_path, 2, {"dp2": [None, 2], "tp2": [None, None, 2], "pp2": [None, None, 1, 1, 2]})
     _assert_same_weights(tmp_path, ["dp2", "tp2", "pp2"])
     names = one_process(tiny(**MODEL)).keys()
-    first, last = (set(json.loads((tmp_path / f"held{r}.json").read_text())["pp2"]) for r in (0, 1))
+    first, last = (set(json.loads((tmp_path / f"held{r}.json").read_text())["held"]["pp2"]) for r in (0, 1))
     assert first == {n for n in names if n.startswith(("embed.", "dense.", "blocks.0.", "blocks.1."))}
     assert last == {n for n in names if n.startswith(("blocks.2.", "blocks.3.", "norm.", "mtp.", "head."))}
     for rank in (0, 1):  # FSDP2 and tensor parallelism: every parameter is allocated (as a shard)
-        held = json.loads((tmp_path / f"held{rank}.json").read_text())
+        held = json.loads((tmp_path / f"held{rank}.json").read_text())["held"]
         assert set(held["dp2"]) == set(held["tp2"]) == set(names)
 
 

@@ -27,11 +27,11 @@ SPEC = get_arch("kunlunbaize")
 
 
 def step0_weights(runner) -> dict[str, torch.Tensor]:
-    """The whole model's weights under one-process names (on rank 0; a collective)."""
+    """A copy of the whole model's weights under one-process names (on rank 0; a collective)."""
     if isinstance(runner, ModelRunner):
         sd = get_model_state_dict(runner.model, options=StateDictOptions(full_state_dict=True))
-        return {k: v.detach().cpu() for k, v in sd.items()}
-    return runner.state.full_weights()
+        return {k: v.detach().cpu().clone() for k, v in sd.items()}  # a replicated tensor's is the parameter itself
+    return {k: v.clone() for k, v in runner.state.full_weights().items()}
 
 
 def batches(cfg: ModelConfig) -> list[torch.Tensor]:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..arch import ArchSpec
 from ..checkpoint.state import TrainState
+from ..model.init import fill_full
 from .config import TrainConfig
 from .distributed import DistEnv
 from .models import dense_residual_weights, is_meta, materialize
@@ -121,16 +122,17 @@ class PipelineRunner:
 
 
 def load_full_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Copy full tensors by name into ``module``, whose parameters may be shards (DTensors: FSDP2, tensor parallel):
-    each rank keeps its part (a collective over the module's mesh then)."""
-    from torch.distributed.tensor import DTensor
-
-    if any(isinstance(p, DTensor) for p in module.parameters()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True, strict=True))
-    else:
-        module.load_state_dict(weights, strict=True)
+    """Copy full tensors by name into ``module``, whose parameters may be shards (DTensors: FSDP2, tensor parallel,
+    FSDP2 over tensor parallel): each rank keeps its part, cut locally (:func:`~kunlunbaize.model.init.fill_full`)."""
+    own = module.state_dict()
+    if own.keys() != weights.keys():
+        raise KeyError(f"the weights do not name the model's tensors: missing {sorted(own.keys() - weights.keys())}, "
+                       f"unexpected {sorted(weights.keys() - own.keys())}")
+    tensors = dict(module.named_parameters())
+    tensors.update((n, b) for n, b in module.named_buffers() if n in own)
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            fill_full(tensor, weights[name].to(tensor.dtype))
 
 
 def place(cfg: TrainConfig, env: DistEnv, model: nn.Module, spec: ArchSpec, layout: Layout, dtype: str,

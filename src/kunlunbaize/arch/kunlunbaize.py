@@ -27,6 +27,7 @@ KUNLUNBAIZE = ArchSpec(
     mtp=True,
     fused_loss=True,
     hf_model_type="kunlunbaize",
+    meta_init=True,
     hooks={"generator": "kunlunbaize.infer.generator:kunlunbaize_generator",
            "export": "kunlunbaize.hf.export:export_hf",
            "parallelize": "kunlunbaize.train.parallel.kunlunbaize:parallelize",

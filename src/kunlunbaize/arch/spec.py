@@ -46,6 +46,9 @@ class ArchSpec:
     """(config.json, weights) of its checkpoint or export → the KunlunBaize that computes the same logits and its
     weights (ValueError if it cannot), for what runs only KunlunBaize (``kunlun serve``); None: no such view."""
     hooks: dict[str, str] = field(default_factory=dict)
+    meta_init: bool = False
+    """Whether training builds it on the meta device and initialises, after placement, only what each rank holds, each
+    parameter by its name (``kunlunbaize.model.init.init_weights``); else it is built whole on the CPU."""
     shape_config: Callable[[ModelConfig], ModelConfig] | None = None
     """The KunlunBaize config with this architecture's parameters, activations and layer shapes (what ``kunlun plan``
     sizes); None: the config itself."""

@@ -13,10 +13,11 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 from .block import make_block
 from .cache import InferenceCache
-from .dense_residual import DenseLogits, DenseResidual, initial_logits
+from .dense_residual import DenseResidual
 from .documents import Documents
 from .fused_loss import shifted_linear_cross_entropy
-from .layers import ESwish, Linear, RotaryEmbedding, linear
+from .init import init_module
+from .layers import Linear, RotaryEmbedding, linear
 from .loss import IGNORE_INDEX, LossTerms, multi_token_loss
 from .mtp import MultiTokenPrediction
 
@@ -58,28 +59,6 @@ class TrunkOutput:
     documents: Documents | None = None
     """The packed documents of the window when ``document_ids`` were given (then ``positions`` and ``mask`` are
     theirs), else None."""
-
-
-@torch.no_grad()
-def init_module(module: nn.Module, std: float, init=nn.init) -> None:
-    """Initialise one module's own tensors: weights ~ N(0, std) (or the module's own ``init_std``, set by
-    ``conv_init="fan_in"``); norms at 1; eSwish β at its ``beta_init``;
-    dense-residual logits as its ``init`` says (0: uniform); rotary tables recomputed. ``init`` supplies
-    ``normal_``/``ones_``/``zeros_``/``constant_`` (transformers' versions skip tensors loaded from a checkpoint)."""
-    if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d)):
-        init.normal_(module.weight, mean=0.0, std=getattr(module, "init_std", std))
-    elif isinstance(module, nn.RMSNorm):
-        init.ones_(module.weight)
-    elif isinstance(module, ESwish):
-        init.constant_(module.beta, module.beta_init)
-    elif isinstance(module, DenseLogits):
-        for layer, p in enumerate(module):
-            init.zeros_(p)
-            if module.init != "uniform" and not getattr(p, "_is_hf_initialized", False):
-                with torch.no_grad():
-                    p.copy_(initial_logits(layer, module.init))
-    elif isinstance(module, RotaryEmbedding):
-        module.reset_parameters()
 
 
 class KunlunBaizeTrunk:

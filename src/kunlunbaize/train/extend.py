@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..arch import ArchSpec, get_arch
@@ -31,6 +32,7 @@ from ..checkpoint import (
 from ..config import ModelConfig
 from ..rope_scaling import ORIGINAL
 from .config import TrainConfig
+from .models import build
 
 PARENT_FILE = "parent.json"
 """In the run folder of an extension stage: the parent checkpoint, its step and its model config."""
@@ -89,8 +91,9 @@ def check_parent_tokenizer(parent: Path, data_path: Path) -> None:
                               "prepared with the parent's tokenizer (kunlun prepare --tokenizer <parent run>)")
 
 
-def load_parent_weights(model: nn.Module, parent: Path) -> None:
-    """Copy the parent's weights into ``model`` exactly; CheckpointError when names or shapes do not fit."""
+def parent_weights(model: nn.Module, parent: Path) -> dict[str, torch.Tensor]:
+    """The parent's weights, checked to fit ``model`` (its names and shapes: a model on the meta device will do);
+    CheckpointError when they do not."""
     state = read_weights(parent)
     own = model.state_dict()
     check_keys(parent, own.keys(), state.keys())
@@ -99,11 +102,14 @@ def load_parent_weights(model: nn.Module, parent: Path) -> None:
         raise CheckpointError(f"--init-from {parent}: its weights do not fit the model ({wrong[0]}"
                               + (f", and {len(wrong) - 1} more" if len(wrong) > 1 else "")
                               + "); an extension keeps the parent's shapes, so drop the --set that changes them")
-    model.load_state_dict(state, strict=True)
+    return state
 
 
-def build_extension(cfg: TrainConfig, vocab_size: int, data_path: Path) -> tuple[nn.Module, ModelConfig, ArchSpec]:
-    """The stage's model holding the parent's weights exactly, its config and its architecture's spec."""
+def build_extension(cfg: TrainConfig, vocab_size: int, data_path: Path,
+                    meta: bool = False) -> tuple[nn.Module, ModelConfig, ArchSpec, dict[str, torch.Tensor]]:
+    """The stage's model (as :func:`.models.build` makes it: ``meta`` asks for the meta device), its config, its
+    architecture's spec and the parent's weights, checked to fit it: load them into the placed model
+    (``Runner.load_weights``)."""
     parent = parent_checkpoint(cfg)
     if parent.resolve().is_relative_to((Path(cfg.out) / "checkpoints").resolve()):
         raise CheckpointError(f"--init-from {cfg.init_from} is a checkpoint of --out {cfg.out} itself; an extension "
@@ -112,9 +118,8 @@ def build_extension(cfg: TrainConfig, vocab_size: int, data_path: Path) -> tuple
     parent_cfg = parent_model_config(parent, cfg.arch)
     mcfg = extension_config(cfg, parent_cfg, vocab_size)
     spec = get_arch(cfg.arch)
-    model = spec.build(mcfg)
-    load_parent_weights(model, parent)
-    return model, mcfg, spec
+    model = build(spec, mcfg, meta)
+    return model, mcfg, spec, parent_weights(model, parent)
 
 
 def write_parent_record(cfg: TrainConfig) -> str:

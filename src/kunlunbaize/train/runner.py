@@ -14,9 +14,10 @@ from torch import nn
 
 from ..arch import ArchSpec
 from ..checkpoint.state import TrainState
+from ..model.init import fill_full
 from .config import TrainConfig
 from .distributed import DistEnv
-from .models import dense_residual_weights
+from .models import dense_residual_weights, is_meta, materialize
 from .optim import build_optimizer
 from .parallel.layout import Layout, LayoutError
 from .parallel.mesh import StepContext, build_mesh, context_parallel, data_parallel, shard_stage, tensor_parallel
@@ -43,6 +44,9 @@ class Runner(Protocol):
 
     def dense_residual_weights(self) -> torch.Tensor | None:
         """The [L, L] dense-residual weights (a collective: every rank), or None."""
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy the whole model's ``weights`` (one-process names, full tensors) into what this rank holds."""
 
 
 @dataclass
@@ -76,6 +80,9 @@ class ModelRunner:
 
     def dense_residual_weights(self) -> torch.Tensor | None:
         return dense_residual_weights(self.model)
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        load_full_weights(self.model, weights)
 
 
 @dataclass
@@ -112,13 +119,34 @@ class PipelineRunner:
         dense = self.pipe.stages[0].dense  # every stage holds the dense-residual logits
         return dense.weight_matrix() if dense is not None else None
 
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        for stage in self.pipe.stages:
+            load_full_weights(stage, {name: weights[name] for name in stage.state_dict()})
+
+
+def load_full_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors by name into ``module``, whose parameters may be shards (DTensors: FSDP2, tensor parallel,
+    FSDP2 over tensor parallel): each rank keeps its part, cut locally (:func:`~kunlunbaize.model.init.fill_full`)."""
+    own = module.state_dict()
+    if own.keys() != weights.keys():
+        raise KeyError(f"the weights do not name the model's tensors: missing {sorted(own.keys() - weights.keys())}, "
+                       f"unexpected {sorted(weights.keys() - own.keys())}")
+    tensors = dict(module.named_parameters())
+    tensors.update((n, b) for n, b in module.named_buffers() if n in own)
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            fill_full(tensor, weights[name].to(tensor.dtype))
+
 
 def place(cfg: TrainConfig, env: DistEnv, model: nn.Module, spec: ArchSpec, layout: Layout, dtype: str,
           document_eot: int | None = None) -> Runner:
     """Move the model to the device, with activation checkpointing and compiled blocks if asked for, place it on
     the layout's mesh and build its optimiser: the runner of the run's steps (``document_eot``: masked documents,
-    ``--doc-mask``)."""
-    model.to(env.device)
+    ``--doc-mask``). A model built on the meta device is placed there (sharded, cut into stages), then only what
+    this rank holds is allocated and initialised by name from ``cfg.seed`` (:func:`.models.materialize`)."""
+    meta = is_meta(model)
+    if not meta:
+        model.to(env.device)
     if cfg.activation_checkpointing:
         spec.set_activation_checkpointing(model, True)
     mesh = build_mesh(layout, env)
@@ -133,7 +161,13 @@ def place(cfg: TrainConfig, env: DistEnv, model: nn.Module, spec: ArchSpec, layo
     if cfg.compile:
         for block in blocks:
             block.compile()
-    data_parallel(placed, blocks, layout, mesh, env)
+    shard_first = layout.wrap == "fsdp"  # FSDP2 shards meta parameters; DDP broadcasts rank 0's real ones
+    if shard_first:
+        data_parallel(placed, blocks, layout, mesh, env)
+    if meta:
+        materialize(model, env.device, cfg.seed)
+    if not shard_first:
+        data_parallel(placed, blocks, layout, mesh, env)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                 dense_lr_mult=cfg.dense_lr_mult)
     return ModelRunner(model=model, wrapped=placed.wrapped, optimizer=optimizer, autocast=autocast,
@@ -165,6 +199,8 @@ def _place_pipeline(cfg: TrainConfig, env: DistEnv, model: nn.Module, layout: La
                 block.compile()
         if layout.wrap == "fsdp":
             shard_stage(stage, blocks, layout, mesh)
+        if is_meta(stage):  # only this rank's stages are ever allocated
+            materialize(stage, env.device, cfg.seed)
     optimizer = StageOptimizers([build_optimizer(stage, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                                  dense_lr_mult=cfg.dense_lr_mult) for stage in pipe.stages])
     state = PipelineState(pipe.stages, optimizer.optimizers, pipe.group,

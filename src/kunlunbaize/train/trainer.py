@@ -274,20 +274,17 @@ def _check_runnable(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Layout:
 
 def _setup(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Trainer:
     layout = _check_runnable(cfg, env, data_path)
-    torch.manual_seed(cfg.seed)  # every rank builds the same model: its shards are the one-process model's
     data = open_run_data(cfg, data_path)
     plan = plan_batches(cfg, layout.dp)
-    if cfg.init_from is None:
-        model, mcfg, spec = build_model(cfg, data.meta["vocab_size"])
-    else:  # a context-extension stage: the parent's model and weights at the new context
-        model, mcfg, spec = build_extension(cfg, data.meta["vocab_size"], data.path)
-        _check_layout(cfg, layout, mcfg, plan)
+    model, mcfg, spec, parent = _build(cfg, data, layout, plan)
     if env.distributed:
         torch.manual_seed(cfg.seed + env.rank)
     n_params = sum(p.numel() for p in model.parameters())
     dtype = resolve_dtype(cfg.dtype, env.device)
     document_eot = int(data.meta["eot_id"]) if cfg.doc_mask else None
-    runner = place(cfg, env, model, spec, layout, dtype, document_eot)
+    runner = place(cfg, env, model, spec, layout, dtype, document_eot)  # allocates only what this rank holds
+    if parent is not None:
+        runner.load_weights(parent)
     run_dir = Path(cfg.out)
     notes: list[str] = []
     resumed, state = resume_run(cfg, env, run_dir / "checkpoints", data.path, data.meta, mcfg,
@@ -318,6 +315,19 @@ def _setup(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Trainer:
                                             env.device),
         stop=stop, ckpt=_checkpoint_context(cfg, env, data, spec.checkpoint_config(mcfg), n_params), progress=progress,
         n_params=n_params, resumed=resumed)
+
+
+def _build(cfg: TrainConfig, data: RunData, layout: Layout,
+           plan: BatchPlan) -> tuple[nn.Module, Any, ArchSpec, dict[str, torch.Tensor] | None]:
+    """The run's model (on the meta device when its architecture initialises by name: :func:`.runner.place`
+    materialises it), its config, its spec and, for a context-extension stage, the parent's weights to load."""
+    torch.manual_seed(cfg.seed)  # an architecture built whole on the CPU: every rank builds the same model
+    if cfg.init_from is None:
+        return (*build_model(cfg, data.meta["vocab_size"], meta=True), None)
+    # a context-extension stage: the parent's model and weights at the new context
+    model, mcfg, spec, parent = build_extension(cfg, data.meta["vocab_size"], data.path, meta=True)
+    _check_layout(cfg, layout, mcfg, plan)
+    return model, mcfg, spec, parent
 
 
 def _checkpoint_context(cfg: TrainConfig, env: DistEnv, data: RunData,

@@ -92,3 +92,34 @@ def test_skipping_a_stage_drops_what_needs_it(lc, tmp_path):
     args = lc.parse_args(["--out", str(tmp_path), "--skip", "train-yarn-2k"])
     names = [j.name for j in lc.plan_jobs(args, ["none", "yarn"])]
     assert not [n for n in names if "yarn" in n] and "train-none-4k" in names and "eval-none-4k-ruler" in names
+
+
+def test_token_budgets_and_the_control_stage_train_the_parent_at_its_own_context_for_the_same_tokens(lc, tmp_path):
+    args = lc.parse_args(["--parent", "P", "--out", str(tmp_path), "--tokens-2k", "49152", "--tokens-4k", "49152",
+                          "--warmup-steps", "2", "--control", "--nice", "0"])
+    jobs = {j.name: j for j in lc.plan_jobs(args, ["yarn"])}
+
+    def flag(job: str, name: str) -> str:
+        cmd = jobs[job].cmd
+        return cmd[cmd.index(name) + 1]
+
+    assert [flag("train-yarn-2k", f) for f in ("--seq-len", "--tokens", "--batch-size", "--warmup-steps")] == \
+        ["2048", "49152", "1", "2"]
+    assert [flag("train-control-2k", f) for f in ("--seq-len", "--rope", "--tokens", "--batch-size", "--init-from")] \
+        == ["256", "none", "49152", "8", "P"]  # 8 × 256 tokens a step: the 2K stage's steps and tokens
+    assert flag("train-control-4k", "--batch-size") == "16" and jobs["train-control-4k"].needs == ("train-control-2k",)
+    assert flag("train-control-4k", "--init-from") == str(tmp_path / "control-2k")
+    assert flag("eval-control-2k-position-2048", "--lengths") == "2048" and "eval-control-2k-position-256" in jobs
+    assert "eval-control-4k-position-4096" in jobs and "eval-control-4k-ruler" in jobs
+    names = list(jobs)  # the 2K stages, the control's and the parent's evaluations before any 4K stage
+    assert names.index("eval-parent-position-2048") < names.index("train-yarn-4k")
+    assert names.index("eval-control-2k-position-2048") < names.index("train-yarn-4k")
+    assert "train-control-2k" not in {j.name for j in lc.plan_jobs(lc.parse_args(["--out", str(tmp_path)]), ["yarn"])}
+
+
+def test_stages_run_at_the_niceness_asked_for(lc, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(lc.subprocess, "run", lambda cmd, **kw: seen.append(cmd) or type("R", (), {"returncode": 0}))
+    lc.run_stage(lc.parse_args(["--nice", "0"]), "train-x", ["true"], tmp_path)
+    lc.run_stage(lc.parse_args([]), "train-y", ["true"], tmp_path)
+    assert seen == [["nice", "-n", "0", "true"], ["nice", "-n", "5", "true"]]

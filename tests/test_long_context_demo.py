@@ -123,3 +123,27 @@ def test_stages_run_at_the_niceness_asked_for(lc, tmp_path, monkeypatch):
     lc.run_stage(lc.parse_args(["--nice", "0"]), "train-x", ["true"], tmp_path)
     lc.run_stage(lc.parse_args([]), "train-y", ["true"], tmp_path)
     assert seen == [["nice", "-n", "0", "true"], ["nice", "-n", "5", "true"]]
+
+
+def test_the_report_sets_each_extension_against_its_control_range_by_range_and_bucket_by_bucket(tmp_path):
+    report = _module("long_context_report")
+    assert report.control_of("yarn-4k") == "control-4k" and report.control_of("control-2k") is None
+    assert report.control_of("parent") is None
+    out = tmp_path / "runs"
+    starts, ends = [0, 128, 256, 2048], [128, 256, 2048, 4096]
+    for name, loss in (("parent", [4.0, 5.0, 6.5, 7.25]), ("control-4k", [3.5, 4.5, 6.25, 7.0]),
+                       ("yarn-4k", [4.0, 5.0, 6.0, 7.0])):
+        (out / "eval" / name / "position").mkdir(parents=True)
+        (out / "eval" / name / "position" / "summary.json").write_text(json.dumps({"tasks": [{"position_loss": {
+            "curves": {"4096": {"starts": starts, "ends": ends, "loss": loss, "windows": 1}}}}]}))
+    (out / "yarn-4k").mkdir()
+    (out / "yarn-4k" / "metrics.jsonl").write_text("\n".join(json.dumps(
+        {"step": i, "loss": 6.0, "main_loss": v, "tokens_per_s": 100.0}) for i, v in enumerate((5.5, 5.0), 1)))
+    report.write_report(out, tmp_path / "rep")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    control = text.split("## Against the control")[1].split("##")[0]
+    assert "| yarn-4k | +0.500 | -0.250 | +0.000 |" in control and "| control-4k |" not in control
+    assert "| control-4k | -0.500 | -0.250 | -0.250 |" in text.split("## Against the parent")[1]
+    assert "| 256–2047 | -0.250 |" in text.split("## Against control-4k by position")[1]
+    assert "| yarn-4k | 2 | 5.500 | 5.000 | 100 |" in text
+    assert (tmp_path / "rep" / "position_control_gain_4096.png").is_file()

@@ -39,6 +39,7 @@ def collect(out: Path) -> dict[str, dict[str, Any]]:
             for n, c in (position or {}).get("position_loss", {}).get("curves", {}).items():
                 if c["windows"] > entry.setdefault("curves", {}).get(int(n), {}).get("windows", 0):
                     entry["curves"][int(n)] = c
+                    entry.setdefault("windows", {})[int(n)] = window_curves(sub, int(n))
         if ruler:
             entry["ruler"] = {t: {int(n): v for n, v in s.items()} for t, s in ruler["ruler"]["scores"].items()}
         metrics = out / folder.name / "metrics.jsonl"
@@ -49,6 +50,27 @@ def collect(out: Path) -> dict[str, dict[str, Any]]:
                               "tokens_per_s": [s.get("tokens_per_s") for s in steps]}
         models[folder.name] = entry
     return models
+
+
+def window_curves(folder: Path, n: int) -> list[dict[str, Any]]:
+    """The curve of each ``n``-token window of a position-loss evaluation (its ``records.jsonl``), in order."""
+    path = folder / "position-loss" / "records.jsonl"
+    rows = [json.loads(ln) for ln in path.read_text().splitlines()] if path.is_file() else []
+    return [{"starts": r["edges"][:-1], "ends": r["edges"][1:], "loss": r["loss"]}
+            for r in sorted(rows, key=lambda r: r["window"]) if r["length"] == n]
+
+
+def paired_gain(mine: dict[str, Any], base: dict[str, Any], n: int, lo: int, hi: int) -> str:
+    """``mine`` − ``base`` over positions lo … hi−1 at window length ``n``, ± the standard error of the mean over
+    the windows (each window read by both: a paired difference); the plain difference without per-window data."""
+    a, b = range_loss(mine["curves"][n], lo, hi), range_loss(base["curves"][n], lo, hi)
+    if a is None or b is None:
+        return "—"
+    wa, wb = mine.get("windows", {}).get(n, []), base.get("windows", {}).get(n, [])
+    if len(wa) < 2 or len(wa) != len(wb):
+        return f"{a - b:+.3f}"
+    d = [range_loss(x, lo, hi) - range_loss(y, lo, hi) for x, y in zip(wa, wb, strict=True)]
+    return f"{a - b:+.3f} ± {np.std(d, ddof=1) / np.sqrt(len(d)):.3f}"
 
 
 def range_loss(curve: dict[str, Any], lo: int, hi: int) -> float | None:
@@ -100,6 +122,9 @@ def gain_table(models: dict[str, dict[str, Any]], against: str = "parent") -> st
             continue
         cells = []
         for a, b in RANGES:
+            if against == "control":
+                cells.append(paired_gain(m, models[base_name], n, a, b))
+                continue
             mine, base = range_loss(m["curves"][n], a, b), range_loss(base_curves[n], a, b)
             cells.append(f"{mine - base:+.3f}" if mine is not None and base is not None else "—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -188,7 +213,9 @@ def write_report(out: Path, report: Path, args: argparse.Namespace | None = None
              "## Against the parent on the same tokens (its 256-token sliding window)", "", gain_table(models), ""]
     if any(name.startswith("control-") for name in models):
         parts += ["## Against the control on the same tokens (the parent trained on as many tokens at its own "
-                  "context, read through its 256-token sliding window)", "", gain_table(models, "control"), ""]
+                  "context, read through its 256-token sliding window)", "", gain_table(models, "control"), "",
+                  "(± the standard error of the mean difference over the windows: each window is read by both "
+                  "models, so the difference is paired)", ""]
     for n in sorted({n for m in models.values() for n in m.get("curves", {}) if n > 256}):
         curves = {name: {n: m["curves"][n]} for name, m in models.items() if n in m.get("curves", {})}
         parts += [f"## Loss by position, {n}-token windows", "", curves_markdown(curves), ""]

@@ -136,13 +136,19 @@ def test_the_report_sets_each_extension_against_its_control_range_by_range_and_b
         (out / "eval" / name / "position").mkdir(parents=True)
         (out / "eval" / name / "position" / "summary.json").write_text(json.dumps({"tasks": [{"position_loss": {
             "curves": {"4096": {"starts": starts, "ends": ends, "loss": loss, "windows": 1}}}}]}))
+    for name, windows in (("control-4k", ([6.0] * 4, [6.5] * 4)), ("yarn-4k", ([5.75] * 4, [6.0] * 4))):
+        (out / "eval" / name / "position" / "position-loss").mkdir()  # per window: paired differences -0.25, -0.5
+        (out / "eval" / name / "position" / "position-loss" / "records.jsonl").write_text("\n".join(json.dumps(
+            {"window": w, "length": 4096, "edges": [*starts, 4096], "loss": loss}) for w, loss in enumerate(windows)))
     (out / "yarn-4k").mkdir()
     (out / "yarn-4k" / "metrics.jsonl").write_text("\n".join(json.dumps(
         {"step": i, "loss": 6.0, "main_loss": v, "tokens_per_s": 100.0}) for i, v in enumerate((5.5, 5.0), 1)))
     report.write_report(out, tmp_path / "rep")
     text = (tmp_path / "rep" / "report.md").read_text()
     control = text.split("## Against the control")[1].split("##")[0]
-    assert "| yarn-4k | +0.500 | -0.250 | +0.000 |" in control and "| control-4k |" not in control
+    assert "| yarn-4k | +0.500 | -0.250 | +0.000 |" not in control  # the curves' difference, ± the windows' spread
+    assert "| yarn-4k | +0.500 ± 0.125 | -0.250 ± 0.125 | +0.000 ± 0.125 |" in control
+    assert "| control-4k |" not in control
     assert "| control-4k | -0.500 | -0.250 | -0.250 |" in text.split("## Against the parent")[1]
     assert "| 256–2047 | -0.250 |" in text.split("## Against control-4k by position")[1]
     assert "| yarn-4k | 2 | 5.500 | 5.000 | 100 |" in text

@@ -7,10 +7,15 @@ suite per length.
 Stages (each skipped when its result exists, each training resumable, so the same command continues after an
 interruption): for every method, ``kunlun train --init-from`` the parent at 2K, then from that run at 4K (the staged
 recipe: the original context stays the parent's, so both stages scale from it); then ``kunlun eval --task
-position-loss`` and ``--task ruler=…`` of the parent and every stage. ``--lanes N`` runs N stages at a time (one
-torch thread each by default: on a shared machine, one thread per process is much faster than several threads
-fighting over the cores). Every stage's command, wall time and the machine's load go to ``OUT/stages.jsonl``;
-``--report DIR`` gathers the results into small files (tables, plots) to commit.
+position-loss`` and ``--task ruler=…`` of the parent and every stage. With ``--control``, the parent is also
+continued at its own context (``--parent-context``, no scaling) for the same tokens and optimizer steps as each
+stage (control-2k from the parent, control-4k from control-2k; a longer context's tokens as more sequences per
+step) and evaluated exactly like the parent: what training more, without the longer context, buys.
+``--tokens-2k``/``--tokens-4k`` give each stage a token budget (else ``--steps`` steps of ``--batch`` sequences).
+``--lanes N`` runs N stages at a time (one torch thread each by default: on a shared machine, one thread per
+process is much faster than several threads fighting over the cores). Every stage's command, wall time and the
+machine's load go to ``OUT/stages.jsonl``; ``--report DIR`` gathers the results into small files (tables, plots)
+to commit.
 """
 
 from __future__ import annotations
@@ -36,10 +41,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parent", default="runs/small", help="the trained run to extend (default runs/small)")
     p.add_argument("--out", default="runs/lc", help="folder of the stages' runs and evaluations")
     p.add_argument("--data", default="data/stdlib", help="the parent's `kunlun prepare` folder")
-    p.add_argument("--methods", default=",".join(METHODS), help="RoPE scalings to extend with (none = no scaling)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="RoPE scalings to extend with, in queue order (none = no scaling; control: as --control)")
     p.add_argument("--steps", type=int, default=1, help="training steps per stage (default 1: a CPU demonstration)")
     p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    for _, label in STAGES:
+        p.add_argument(f"--tokens-{label}", type=int, metavar="N",
+                       help=f"training tokens of the {label.upper()} stage (default --steps × --batch sequences)")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of each stage (default 5e-4)")
+    p.add_argument("--warmup-steps", type=int, default=1, help="linear warm-up steps of each stage (default 1)")
+    p.add_argument("--control", action="store_true",
+                   help="also continue the parent at its own context for the same tokens (control-2k, control-4k)")
+    p.add_argument("--parent-context", type=int, default=256, help="the parent's context (default 256)")
     p.add_argument("--window-tokens", type=int, default=16384,
                    help="position loss: validation tokens per length (default 16,384: 8 windows of 2K, 4 of 4K)")
     p.add_argument("--ruler-tasks", default="passkey")
@@ -47,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-length", type=int, default=1, help="ruler: samples per task and length")
     p.add_argument("--lanes", type=int, default=2, help="stages run at a time (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per stage (default 1)")
+    p.add_argument("--nice", type=int, default=5, help="niceness of every stage (default 5)")
     p.add_argument("--only", choices=("train", "eval"), help="run only the trainings or only the evaluations")
     p.add_argument("--skip", default="", metavar="STAGE,…",
                    help="stages left out (as stages.jsonl names them, e.g. train-llama3-4k; what needs them goes too)")
@@ -65,14 +79,19 @@ def run_name(method: str, label: str) -> str:
 
 
 def train_stage(args: argparse.Namespace, method: str, index: int) -> tuple[Path, list[str]]:
-    """The run folder and command of ``method``'s stage ``index`` (0: parent → 2K, 1: 2K → 4K)."""
-    seq_len, label = STAGES[index]
+    """The run folder and command of ``method``'s stage ``index`` (0: parent → 2K, 1: 2K → 4K). ``control``:
+    the same tokens and steps at the parent's context with no scaling (more sequences per step)."""
+    stage_len, label = STAGES[index]
     init = args.parent if index == 0 else str(Path(args.out) / run_name(method, STAGES[index - 1][1]))
     out = Path(args.out) / run_name(method, label)
-    batch, tokens = args.batch, args.steps * args.batch * seq_len
+    tokens = getattr(args, f"tokens_{label}") or args.steps * args.batch * stage_len
+    seq_len, batch = stage_len, args.batch
+    if method == "control":
+        seq_len, batch = args.parent_context, args.batch * stage_len // args.parent_context
     cmd = [*kunlun(), "train", "--data", args.data, "--init-from", init, "--out", str(out), "--seq-len",
-            str(seq_len), "--rope", method, "--tokens", str(tokens), "--batch-size", str(batch),
-            "--batch-size-start", str(batch), "--lr", str(args.lr), "--warmup-steps", "1", "--eval-every", "1000000",
+            str(seq_len), "--rope", "none" if method == "control" else method, "--tokens", str(tokens),
+            "--batch-size", str(batch), "--batch-size-start", str(batch), "--lr", str(args.lr),
+            "--warmup-steps", str(args.warmup_steps), "--eval-every", "1000000",
             "--eval-batches", "0", "--ckpt-every", "1000000", "--keep-last", "1", "--log-every", "1",
             "--no-progress", "--sample-tokens", "0"]
     return out, cmd
@@ -86,10 +105,13 @@ def trained(run: Path) -> bool:
 def eval_commands(args: argparse.Namespace, run: str, name: str) -> list[tuple[Path, list[str]]]:
     """(results folder, command) of the position-loss evaluations of ``run`` — at its own context, on the first
     ``--window-tokens`` of the validation split; the parent also at 2K and 4K, read through a sliding window of its
-    own 256 tokens (the same tokens without any longer context: the baseline an extension has to beat) — and of
-    the ruler suite (the parent's and the last stage's only)."""
+    own 256 tokens (the same tokens without any longer context: the baseline an extension has to beat); a control
+    like the parent, at its own context and its stage's length — and of the ruler suite (the parent's and the last
+    stage's only)."""
     root = Path(args.out) / "eval" / name
-    lengths = {"parent": (256, 2048, 4096), "2k": (2048,), "4k": (4096,)}[name.rsplit("-", 1)[-1]]
+    stage_len = {label: n for n, label in STAGES}.get(name.rsplit("-", 1)[-1])
+    lengths = ((args.parent_context, *(n for n, _ in STAGES)) if name == "parent"
+               else (args.parent_context, stage_len) if name.startswith("control-") else (stage_len,))
     common = ["--checkpoint", run, "--no-progress"]
     jobs = []
     for n in lengths:
@@ -110,7 +132,8 @@ def run_stage(args: argparse.Namespace, name: str, cmd: list[str], log_dir: Path
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     load0, start = os.getloadavg()[0], time.time()
     with open(log_dir / f"{name}.log", "ab") as f:
-        rc = subprocess.run(["nice", "-n", "5", *cmd], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        rc = subprocess.run(["nice", "-n", str(args.nice), *cmd], stdout=f, stderr=subprocess.STDOUT,
+                            env=env).returncode
     record = {"stage": name, "command": shlex.join(cmd), "rc": rc, "started": time.strftime(
         "%Y-%m-%d %H:%M:%S", time.gmtime(start)), "wall_s": round(time.time() - start, 1),
         "load_start": round(load0, 2), "load_end": round(os.getloadavg()[0], 2), "threads": args.threads}
@@ -137,9 +160,10 @@ class Job:
 
 
 def plan_jobs(args: argparse.Namespace, methods: list[str]) -> list[Job]:
-    """Every stage in priority order: the 2K trainings, their position losses, the 4K trainings, theirs, the
-    parent's, then the ruler suite (the slowest and, for a small model, the least informative)."""
+    """Every stage in priority order: the 2K trainings (and control's), their position losses, the parent's,
+    the 4K trainings, theirs, then the ruler suite (the slowest and, for a small model, the least informative)."""
     jobs: list[Job] = []
+    methods = [*methods, *(["control"] if args.control and "control" not in methods else [])]
     for index in range(len(STAGES)):
         label = STAGES[index][1]
         for m in methods:
@@ -148,7 +172,9 @@ def plan_jobs(args: argparse.Namespace, methods: list[str]) -> list[Job]:
             jobs.append(Job(f"train-{out.name}", cmd, out / "summary.json", needs))
         for m in methods:
             jobs += eval_jobs(args, str(Path(args.out) / run_name(m, label)), run_name(m, label), "position")
-    jobs += eval_jobs(args, args.parent, "parent", "position") + eval_jobs(args, args.parent, "parent", "ruler")
+        if index == 0:
+            jobs += eval_jobs(args, args.parent, "parent", "position")
+    jobs += eval_jobs(args, args.parent, "parent", "ruler")
     for m in methods:
         jobs += eval_jobs(args, str(Path(args.out) / run_name(m, STAGES[-1][1])), run_name(m, STAGES[-1][1]), "ruler")
     if args.only:
@@ -216,9 +242,9 @@ def main(argv: list[str] | None = None) -> None:
         write_report(Path(args.out), Path(args.report), args)
         return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - {*METHODS, "control"})
     if unknown:
-        sys.exit(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        sys.exit(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}, control")
     log_dir = Path(args.out)
     log_dir.mkdir(parents=True, exist_ok=True)
     run_jobs(args, plan_jobs(args, methods), log_dir)

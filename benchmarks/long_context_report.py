@@ -1,6 +1,8 @@
 """The report of ``benchmarks/long_context.py --report DIR``: the stages' commands and wall times, the loss by
-position of every model side by side (a table and a plot per window length), the loss over position ranges, and
-the ruler suite's score by length in Table 3's shape — small files meant to be committed (results/long_context/).
+position of every model side by side (a table and a plot per window length), the loss over position ranges, each
+extension against the parent and against its control (the parent trained on as many tokens at its own context),
+range by range and bucket by bucket, and the ruler suite's score by length in Table 3's shape — small files meant
+to be committed (results/long_context/).
 
 Also usable on its own: ``python benchmarks/long_context_report.py --out runs/lc --report results/long_context``.
 """
@@ -37,6 +39,7 @@ def collect(out: Path) -> dict[str, dict[str, Any]]:
             for n, c in (position or {}).get("position_loss", {}).get("curves", {}).items():
                 if c["windows"] > entry.setdefault("curves", {}).get(int(n), {}).get("windows", 0):
                     entry["curves"][int(n)] = c
+                    entry.setdefault("windows", {})[int(n)] = window_curves(sub, int(n))
         if ruler:
             entry["ruler"] = {t: {int(n): v for n, v in s.items()} for t, s in ruler["ruler"]["scores"].items()}
         metrics = out / folder.name / "metrics.jsonl"
@@ -47,6 +50,27 @@ def collect(out: Path) -> dict[str, dict[str, Any]]:
                               "tokens_per_s": [s.get("tokens_per_s") for s in steps]}
         models[folder.name] = entry
     return models
+
+
+def window_curves(folder: Path, n: int) -> list[dict[str, Any]]:
+    """The curve of each ``n``-token window of a position-loss evaluation (its ``records.jsonl``), in order."""
+    path = folder / "position-loss" / "records.jsonl"
+    rows = [json.loads(ln) for ln in path.read_text().splitlines()] if path.is_file() else []
+    return [{"starts": r["edges"][:-1], "ends": r["edges"][1:], "loss": r["loss"]}
+            for r in sorted(rows, key=lambda r: r["window"]) if r["length"] == n]
+
+
+def paired_gain(mine: dict[str, Any], base: dict[str, Any], n: int, lo: int, hi: int) -> str:
+    """``mine`` − ``base`` over positions lo … hi−1 at window length ``n``, ± the standard error of the mean over
+    the windows (each window read by both: a paired difference); the plain difference without per-window data."""
+    a, b = range_loss(mine["curves"][n], lo, hi), range_loss(base["curves"][n], lo, hi)
+    if a is None or b is None:
+        return "—"
+    wa, wb = mine.get("windows", {}).get(n, []), base.get("windows", {}).get(n, [])
+    if len(wa) < 2 or len(wa) != len(wb):
+        return f"{a - b:+.3f}"
+    d = [range_loss(x, lo, hi) - range_loss(y, lo, hi) for x, y in zip(wa, wb, strict=True)]
+    return f"{a - b:+.3f} ± {np.std(d, ddof=1) / np.sqrt(len(d)):.3f}"
 
 
 def range_loss(curve: dict[str, Any], lo: int, hi: int) -> float | None:
@@ -74,23 +98,59 @@ def ranges_table(models: dict[str, dict[str, Any]], stages: dict[str, dict[str, 
     return "\n".join(lines)
 
 
-def gain_table(models: dict[str, dict[str, Any]]) -> str:
-    """Each model's loss over each position range minus the parent's on the same tokens (read through its own
-    256-token sliding window): negative where the longer context helps."""
-    parent = models.get("parent", {}).get("curves", {})
+def control_of(name: str) -> str | None:
+    """The control of an extension (``yarn-2k`` → ``control-2k``: the parent trained on as many tokens at its own
+    context); None for the parent and the controls."""
+    if name == "parent" or name.startswith("control-") or "-" not in name:
+        return None
+    return "control-" + name.rsplit("-", 1)[1]
+
+
+def gain_table(models: dict[str, dict[str, Any]], against: str = "parent") -> str:
+    """Each model's loss over each position range minus a baseline's on the same tokens (both read at the model's
+    longest window length): ``against="parent"``, the parent's (through its own 256-token sliding window), every
+    model; ``"control"``, the matching control's, every extension. Negative where the model does better."""
     lines = ["| model | " + " | ".join(f"Δ positions {a}–{b - 1}" for a, b in RANGES) + " |",
              "|---|" + "---:|" * len(RANGES)]
     for name, m in models.items():
-        if name == "parent" or not m.get("curves"):
+        base_name = "parent" if against == "parent" else control_of(name)
+        base_curves = models.get(base_name or "", {}).get("curves", {})
+        if name == base_name or base_name is None or not m.get("curves"):
             continue
         n = max(m["curves"])
-        if n not in parent:
+        if n not in base_curves:
             continue
         cells = []
         for a, b in RANGES:
-            mine, base = range_loss(m["curves"][n], a, b), range_loss(parent[n], a, b)
+            if against == "control":
+                cells.append(paired_gain(m, models[base_name], n, a, b))
+                continue
+            mine, base = range_loss(m["curves"][n], a, b), range_loss(base_curves[n], a, b)
             cells.append(f"{mine - base:+.3f}" if mine is not None and base is not None else "—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bucket_gains(curves: dict[str, dict[str, Any]], base: str, names: list[str]) -> str:
+    """A row per position bucket, a column per model in ``names``: its loss minus ``base``'s there (nats)."""
+    ref = curves[base]
+    lines = ["| positions | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for b, (a, e) in enumerate(zip(ref["starts"], ref["ends"], strict=True)):
+        lines.append(f"| {a}–{e - 1} | " + " | ".join(f"{curves[m]['loss'][b] - ref['loss'][b]:+.3f}"
+                                                      for m in names) + " |")
+    return "\n".join(lines)
+
+
+def training_table(models: dict[str, dict[str, Any]]) -> str:
+    """Each trained stage: its steps, its main loss at the first and last step (one batch each, so noisy) and
+    the mean training throughput."""
+    lines = ["| stage | steps | main loss, first step | last step | tokens/s (mean) |", "|---|---:|---:|---:|---:|"]
+    for name, m in models.items():
+        t = m.get("train")
+        if t and t["steps"]:
+            rates = [r for r in t["tokens_per_s"] if r]
+            lines.append(f"| {name} | {t['steps']} | {t['main_loss'][0]:.3f} | {t['main_loss'][-1]:.3f} | "
+                         + (f"{np.mean(rates):.0f} |" if rates else "— |"))
     return "\n".join(lines)
 
 
@@ -117,6 +177,28 @@ def stages_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def control_section(curves: dict[str, dict[int, dict[str, Any]]], n: int, report: Path) -> list[str]:
+    """Markdown (a bucket table) and a plot of every extension at window length ``n`` minus its control, when
+    the control was read at that length."""
+    flat = {name: c[n] for name, c in curves.items()}
+    by_control: dict[str, list[str]] = {}
+    for name in flat:
+        if (control := control_of(name)) in flat:
+            by_control.setdefault(control, []).append(name)
+    parts: list[str] = []
+    for control, names in sorted(by_control.items()):
+        gains = {name: {n: {**flat[name], "loss": [v - b for v, b in zip(flat[name]["loss"], flat[control]["loss"],
+                                                                          strict=True)]}} for name in names}
+        path = report / f"position_control_gain_{n}.png"
+        plot_curves(gains, path, marks={"parent's context": 256, **({"2K stage": 2048} if n > 2048 else {})},
+                    ylabel=f"loss − {control}'s (nats)",
+                    title=f"loss − the control's ({control}) on the same tokens, {length_label(n)} windows")
+        parts += [f"## Against {control} by position, {n}-token windows (nats; negative: the longer context helps)",
+                  "", bucket_gains(flat, control, names), "",
+                  f"![against {control} at {length_label(n)}]({path.name})\n"]
+    return parts
+
+
 def write_report(out: Path, report: Path, args: argparse.Namespace | None = None) -> None:
     """Gather ``out``'s results into ``report``: ``report.md`` (every table), ``models.json``, ``stages.jsonl``
     and ``position_<L>.png`` per window length."""
@@ -126,8 +208,14 @@ def write_report(out: Path, report: Path, args: argparse.Namespace | None = None
     last = {r["stage"]: r for r in records if r["rc"] == 0}
     models = collect(out)
     parts = ["# Long-context demonstration: results", "", "## Stages", "", stages_table(records), "",
+             "## Training", "", training_table(models), "",
              "## Loss over position ranges (nats)", "", ranges_table(models, last), "",
              "## Against the parent on the same tokens (its 256-token sliding window)", "", gain_table(models), ""]
+    if any(name.startswith("control-") for name in models):
+        parts += ["## Against the control on the same tokens (the parent trained on as many tokens at its own "
+                  "context, read through its 256-token sliding window)", "", gain_table(models, "control"), "",
+                  "(± the standard error of the mean difference over the windows: each window is read by both "
+                  "models, so the difference is paired)", ""]
     for n in sorted({n for m in models.values() for n in m.get("curves", {}) if n > 256}):
         curves = {name: {n: m["curves"][n]} for name, m in models.items() if n in m.get("curves", {})}
         parts += [f"## Loss by position, {n}-token windows", "", curves_markdown(curves), ""]
@@ -142,6 +230,7 @@ def write_report(out: Path, report: Path, args: argparse.Namespace | None = None
                         **({"2K stage": 2048} if n > 2048 else {})}, ylabel="loss − the parent's (nats)",
                         title=f"loss − the parent's on the same tokens, {length_label(n)} windows")
             parts.append(f"![against the parent at {length_label(n)}](position_gain_{n}.png)\n")
+        parts += control_section(curves, n, report)
     if any("ruler" in m for m in models.values()):
         parts += ["## Ruler suite: score by length", "", ruler_table(models), ""]
     (report / "report.md").write_text("\n".join(parts), encoding="utf-8")

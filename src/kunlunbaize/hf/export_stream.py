@@ -23,7 +23,7 @@ from ..checkpoint import CheckpointError, check_keys
 from ..checkpoint.dcp_weights import DcpWeights
 from ..checkpoint.keys import to_hf
 from ..config import ModelConfig
-from .export import ExportError, export_tokenizer, verify_tokenizer, write_folder
+from .folder import ExportError, export_tokenizer, verify_tokenizer, write_folder
 
 DEFAULT_SHARD_SIZE = "5GB"
 """The largest safetensors file of a streamed export (a single tensor larger than it gets a file of its own)."""

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from ..infer.llama import load_llama
-from .export import PROBE_TOKENS, ExportError, _export_tokenizer, check_out, verify_tokenizer, write_folder
+from .export import PROBE_TOKENS
+from .folder import ExportError, _export_tokenizer, check_out, verify_tokenizer, write_folder
 
 
 def export_llama(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float32,

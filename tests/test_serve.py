@@ -58,7 +58,7 @@ def _run(engine: Engine, jobs: list[tuple[list[int], Params]], stagger: float = 
     for i, (prompt, params) in enumerate(jobs):
         engine.submit(prompt, params, sink_for(i))
         deadline = time.monotonic() + 60
-        while i == 0 and engine.steps < first_steps and time.monotonic() < deadline:
+        while i == 0 and first_steps and engine.steps < first_steps and time.monotonic() < deadline:
             time.sleep(0.001)
         if stagger:
             time.sleep(stagger)

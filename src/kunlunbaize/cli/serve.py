@@ -154,7 +154,7 @@ def compile_options(args: argparse.Namespace, device: str) -> Any:
     """The batch step's :class:`~kunlunbaize.infer.static.CompileOptions` (None: the eager step, ``--no-compile``).
 
     Without ``--compile-mode`` a CPU gets ``max-autotune`` (its C++ GEMM kernels): on the 2-core benchmark machine
-    it served the Llama export 1.16x faster at concurrency 16 and 1.4x at 1 than the default compile
+    it served the Llama export 1.05-1.23x faster at concurrency 16 and 1.16-1.56x at 1 than the default mode
     (docs/reports/BENCHMARKS.md), for a longer start; elsewhere torch.compile's default mode."""
     from ..infer.static import CompileOptions
 

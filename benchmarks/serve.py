@@ -242,7 +242,8 @@ def parse() -> argparse.Namespace:
                     "an optional :THREADS (process:2) (default: %(default)s; empty: none)")
     ap.add_argument("--serve-flags", default="",
                     help="more flags for every kunlun serve, e.g. '--no-compile' (the eager step) or '--compile-mode "
-                         "max-autotune' (default: none: the static step compiled in the default mode)")
+                         "default' (the quicker-starting compile) (default: none: kunlun serve's own default, on a CPU "
+                         "the static step compiled with max-autotune)")
     ap.add_argument("--server-threads", type=int, default=None,
                     help="the engine's torch threads (kunlun serve --threads; default: kunlun serve's)")
     ap.add_argument("--no-sequential", action="store_true",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -155,6 +156,50 @@ def test_the_engine_compiles_each_bucket_once_before_it_takes_requests():
         assert counter.frame_count == 4
     finally:
         engine.shutdown(10)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="inductor's CPU code generation needs a C++ compiler")
+@pytest.mark.slow
+def test_the_max_autotune_batch_step_gives_every_request_its_greedy_answer_alone():
+    """``kunlun serve``'s default on a CPU: each bucket's step compiled with inductor's C++ GEMM kernels (frozen
+    weights); a changing batch still gives each request its tokens alone, and serving traces nothing new."""
+    from torch._dynamo.utils import counters
+
+    cfg = tiny(dense_residual=False, transformerx=False, mtp_depth=0)
+    model = build(cfg)
+    counters.clear()
+    engine = Engine(model, CharTokenizer(), max_batch=2, static=CompileOptions(mode="max-autotune"))
+    try:
+        traced = counters["stats"]["unique_graphs"]
+        assert traced == 2  # buckets 1 and 2, at start
+        jobs = _jobs(cfg, 5, seed=5)
+        got = _run(engine, jobs, stagger=0.002)
+        assert [r.tokens for r in got] == [generate(model, [p], params.max_tokens).tokens[0] for p, params in jobs]
+        assert counters["stats"]["unique_graphs"] == traced
+    finally:
+        engine.shutdown(10)
+
+
+@pytest.mark.parametrize(("flags", "device", "mode"), [
+    ([], "cpu", "max-autotune"), ([], "cuda", "default"), (["--compile-mode", "default"], "cpu", "default"),
+    (["--compile-mode", "reduce-overhead"], "cuda", "reduce-overhead"), (["--no-compile"], "cpu", None)])
+def test_kunlun_serve_compiles_the_batch_step_with_max_autotune_on_a_cpu_by_default(flags, device, mode):
+    """Without --compile-mode: max-autotune on a CPU (measured faster there), torch.compile's default elsewhere."""
+    from kunlunbaize.cli import build_parser
+    from kunlunbaize.cli.serve import compile_options
+
+    options = compile_options(build_parser().parse_args(["serve", *flags]), device)
+    assert (options and options.mode) == mode
+
+
+def test_kunlun_serve_refuses_a_compile_mode_without_the_compiled_step():
+    """--no-compile with --compile-mode contradict each other: a clear error, not a silently ignored flag."""
+    from kunlunbaize.cli import build_parser
+    from kunlunbaize.cli.serve import compile_options
+
+    with pytest.raises(SystemExit, match="leave out --no-compile"):
+        compile_options(build_parser().parse_args(["serve", "--no-compile", "--compile-mode", "default"]), "cpu")
 
 
 def test_requests_waiting_together_are_prefilled_together_and_get_their_answers_alone(monkeypatch):

@@ -19,6 +19,7 @@ from typing import Any
 from .args import add_prefill_chunk_arg, float_in, int_at_least, new_command, resolve_device
 
 NEEDS = ("fastapi", "uvicorn", "prometheus_client", "transformers")
+COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
 
 
 def add_parser(sub: Any) -> None:
@@ -46,9 +47,10 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--no-compile", action="store_true",
                    help="decode the running batch with the eager step, not the static step compiled per batch-size "
                         "bucket (compiling takes a minute or more at start; the tokens are the same)")
-    s.add_argument("--compile-mode", choices=["default", "max-autotune", "reduce-overhead"], default="default",
-                   help="torch.compile mode of the batch step (default: %(default)s): max-autotune on a CPU picks C++ "
-                        "GEMM kernels per matrix shape (minutes to compile per bucket); reduce-overhead: CUDA graphs")
+    s.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="torch.compile mode of the batch step (default: max-autotune on a CPU, default elsewhere): "
+                        "max-autotune on a CPU picks C++ GEMM kernels per matrix shape (a faster step, about half a "
+                        "minute or more to compile per bucket); reduce-overhead: CUDA graphs")
     s.add_argument("--chat-template", default=None,
                    help="a Jinja chat template file (default: the checkpoint's chat_template.jinja, if any)")
     s.add_argument("--engine", choices=("auto", "process", "thread"), default="auto",
@@ -73,6 +75,7 @@ def run(args: argparse.Namespace) -> None:
     from ..serve.server import Draining, create_app
 
     device = resolve_device(args.device)
+    static = compile_options(args, device)
     threads = args.threads
     if threads is None and device == "cpu":  # measured: 2 cores, 2 model threads ran at 0.61x generate, 1 at 0.87x
         threads = max(1, torch.get_num_threads() - 1)
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> None:
     try:
         served = load_served(args.checkpoint, args.model_name, device, getattr(torch, args.dtype),
                              args.chat_template)
-        engine = _start_engine(args, served, device, threads, on_death)
+        engine = _start_engine(args, served, device, threads, static, on_death)
     except (CheckpointError, ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"kunlun serve: {e}") from None
     draining = Draining()
@@ -126,16 +129,14 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
-def _start_engine(args: argparse.Namespace, served: Any, device: str, threads: int | None,
+def _start_engine(args: argparse.Namespace, served: Any, device: str, threads: int | None, static: Any,
                   on_death: Any) -> Any:
     """The engine: in a process of its own (``--engine process``, the default on CPU) or in a thread of this one."""
     import torch
 
-    from ..infer.static import CompileOptions
     from ..serve.engine import Engine
     from ..serve.process import EngineOptions, EngineProcess
 
-    static = None if args.no_compile else CompileOptions(mode=args.compile_mode)
     if args.engine == "process" or (args.engine == "auto" and device == "cpu"):
         options = EngineOptions(max_batch=args.max_batch, max_queue=args.max_queue, speculative=args.speculative,
                                 draft_len=args.draft_len, prefill_chunk=args.prefill_chunk, threads=threads,
@@ -147,3 +148,19 @@ def _start_engine(args: argparse.Namespace, served: Any, device: str, threads: i
     return Engine(served.model, served.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                   speculative=args.speculative, draft_len=args.draft_len, prefill_chunk=args.prefill_chunk,
                   static=static)
+
+
+def compile_options(args: argparse.Namespace, device: str) -> Any:
+    """The batch step's :class:`~kunlunbaize.infer.static.CompileOptions` (None: the eager step, ``--no-compile``).
+
+    Without ``--compile-mode`` a CPU gets ``max-autotune`` (its C++ GEMM kernels): on the 2-core benchmark machine
+    it served the Llama export 1.05-1.23x faster at concurrency 16 and 1.16-1.56x at 1 than the default mode
+    (docs/reports/BENCHMARKS.md), for a longer start; elsewhere torch.compile's default mode."""
+    from ..infer.static import CompileOptions
+
+    if args.no_compile:
+        if args.compile_mode is not None:
+            raise SystemExit("kunlun serve: --compile-mode needs the compiled step; leave out --no-compile")
+        return None
+    mode = args.compile_mode or ("max-autotune" if device == "cpu" else "default")
+    return CompileOptions(mode=mode)

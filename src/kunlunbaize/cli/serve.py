@@ -48,9 +48,9 @@ def add_parser(sub: Any) -> None:
                    help="decode the running batch with the eager step, not the static step compiled per batch-size "
                         "bucket (compiling takes a minute or more at start; the tokens are the same)")
     s.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
-                   help="torch.compile mode of the batch step (default: max-autotune on a CPU, default elsewhere): "
-                        "max-autotune on a CPU picks C++ GEMM kernels per matrix shape (a faster step, about half a "
-                        "minute or more to compile per bucket); reduce-overhead: CUDA graphs")
+                   help="torch.compile mode of the batch step (default: torch.compile's default): max-autotune on a "
+                        "CPU picks C++ GEMM kernels per matrix shape (a 1.05-1.56x faster step measured, minutes more "
+                        "to start: docs/guide-serve.md); reduce-overhead: CUDA graphs")
     s.add_argument("--chat-template", default=None,
                    help="a Jinja chat template file (default: the checkpoint's chat_template.jinja, if any)")
     s.add_argument("--engine", choices=("auto", "process", "thread"), default="auto",
@@ -153,14 +153,13 @@ def _start_engine(args: argparse.Namespace, served: Any, device: str, threads: i
 def compile_options(args: argparse.Namespace, device: str) -> Any:
     """The batch step's :class:`~kunlunbaize.infer.static.CompileOptions` (None: the eager step, ``--no-compile``).
 
-    Without ``--compile-mode`` a CPU gets ``max-autotune`` (its C++ GEMM kernels): on the 2-core benchmark machine
-    it served the Llama export 1.05-1.23x faster at concurrency 16 and 1.16-1.56x at 1 than the default mode
-    (docs/reports/BENCHMARKS.md), for a longer start; elsewhere torch.compile's default mode."""
+    Without ``--compile-mode``: torch.compile's default mode. ``max-autotune`` (a CPU's C++ GEMM kernels) served the
+    Llama export 1.05-1.23x faster at concurrency 16 and 1.16-1.56x at 1 on the 2-core benchmark machine
+    (docs/reports/BENCHMARKS.md) but took 5-13 minutes to start there, so it is asked for, not the default."""
     from ..infer.static import CompileOptions
 
     if args.no_compile:
         if args.compile_mode is not None:
             raise SystemExit("kunlun serve: --compile-mode needs the compiled step; leave out --no-compile")
         return None
-    mode = args.compile_mode or ("max-autotune" if device == "cpu" else "default")
-    return CompileOptions(mode=mode)
+    return CompileOptions(mode=args.compile_mode or "default")

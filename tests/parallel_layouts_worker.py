@@ -4,7 +4,7 @@ compiled blocks, FSDP2/HSDP, pipeline stages, precision) train side by side on t
 trainer deals them under a batch ramp with gradient accumulation; rank 0 writes the largest differences (losses,
 gradients before every optimiser step, gradient norms, parameters) and each step's batch size and accumulation as
 JSON. A run with ``doc_mask`` trains on windows of several documents each (end-of-text id :data:`EOT`) with
-``--doc-mask`` on both sides.
+``--doc-mask`` on both sides; a run's ``seq`` replaces the spec's window length.
 
 Run as ``python -m torch.distributed.run --nproc-per-node N -m tests.parallel_layouts_worker SPEC.json``.
 """
@@ -66,7 +66,8 @@ def deal(plan: BatchPlan, samples: torch.Tensor, consumed: int, global_batch: in
 
 def train_config(spec: dict, run: dict) -> TrainConfig:
     """The training settings of a run: the batch ramp over the spec's token budget, micro-batches of ``micro``."""
-    return TrainConfig(seq_len=spec["seq"], tokens=spec["seq"] * spec["samples"], batch_size=spec["batch"],
+    seq = run.get("seq", spec["seq"])
+    return TrainConfig(seq_len=seq, tokens=seq * spec["samples"], batch_size=spec["batch"],
                        batch_size_start=spec["batch_start"], batch_ramp=spec["ramp"],
                        micro_batch_size=run.get("micro", spec["micro"]),
                        lr=run.get("lr", LR), compile=run.get("mode", "").startswith("compile"),
@@ -88,12 +89,15 @@ def compile_backend(mode: str) -> contextlib.AbstractContextManager:
 
 def windows(n: int, seq: int, vocab: int, doc_mask: bool) -> torch.Tensor:
     """``n`` training windows of random tokens; with ``doc_mask`` about one token in five is :data:`EOT`, so a
-    window holds several documents (some shorter than an MTP depth) and none of them other end-of-text ids."""
+    window holds several documents (some shorter than an MTP depth) and none of them other end-of-text ids; in
+    every other window a document also starts at each quarter of the window (the chunk starts of cp2)."""
     g = torch.Generator().manual_seed(1)
     if not doc_mask:
         return torch.randint(0, vocab, (n, seq), generator=g)
     out = torch.randint(1, vocab, (n, seq), generator=g)
-    return out.masked_fill(torch.rand(n, seq, generator=g) < 0.2, EOT)
+    out = out.masked_fill(torch.rand(n, seq, generator=g) < 0.2, EOT)
+    out[::2, seq // 4 - 1::seq // 4] = EOT
+    return out
 
 
 def placed(tcfg: TrainConfig, env: DistEnv, par: torch.nn.Module, layout, seen: dict, eot: int | None):
@@ -140,7 +144,7 @@ def compare(run: dict, spec: dict, env: DistEnv, tmp: Path) -> dict:
     opt_ref = build_optimizer(ref, tcfg.lr)
     record_grads(opt_ref, [ref], seen_ref)
     reference = dict(ref.named_parameters())
-    samples = windows(spec["samples"] + spec["batch"], spec["seq"], ref.config.vocab_size, tcfg.doc_mask)
+    samples = windows(spec["samples"] + spec["batch"], tcfg.seq_len, ref.config.vocab_size, tcfg.doc_mask)
     out = {"loss": 0.0, "grad": 0.0, "grad_norm": 0.0, "param": 0.0, "steps": [], "losses": [], "ref_losses": [],
            "norms": []}
     consumed, start = 0, time.perf_counter()
@@ -183,7 +187,8 @@ def main() -> None:
     for i, run in enumerate(spec["runs"]):
         key = f"{json.dumps(run['config'])} {run['layout']} {run.get('mode', 'fp32')}" + (
             " recompute" if run.get("activation_checkpointing") else "") + (
-            f" {run['schedule']}" if "schedule" in run else "") + (" doc-mask" if run.get("doc_mask") else "")
+            f" {run['schedule']}" if "schedule" in run else "") + (" doc-mask" if run.get("doc_mask") else "") + (
+            f" seq {run['seq']}" if "seq" in run else "")
         results[key] = compare(run, spec, env, path.parent / f"ckpt{i}")
     if env.rank == 0:
         (path.parent / "result.json").write_text(json.dumps(results, indent=1))

@@ -115,7 +115,7 @@ def cp_units(rank: int, port: int) -> None:
     """Context parallelism's pieces on 2 gloo ranks (a ``torch.multiprocessing.spawn`` target): the sequence split
     and gather, the attention over gathered keys/values (GQA, global causal mask) and the causal convolutions with
     their halos (kernel 7 over chunks of 4 tokens, so a halo spans two earlier chunks; kernel 3; kernel 1) equal
-    the whole-sequence computation, outputs and gradients (inputs' and parameters')."""
+    the whole-sequence computation, outputs and gradients (inputs' and parameters'), also over packed documents."""
     from kunlunbaize.model.attention import Attention
     from kunlunbaize.model.layers import CausalDSConv, RotaryEmbedding
     from kunlunbaize.train.parallel.context import ContextGroup, attention_forward, conv_forward
@@ -136,7 +136,30 @@ def cp_units(rank: int, port: int) -> None:
     for k in (7, 3, 1):
         conv = CausalDSConv(d, k, per_channel=True)
         _same_as_whole(cp, conv, x, lambda m, t: m(t), lambda m, t: conv_forward(m, m.forward, cp, t))
+    _packed_documents(cp, attn, x, rope)
     dist.destroy_process_group()
+
+
+def _packed_documents(cp, attn, x, rope) -> None:
+    """The same with packed documents (``--doc-mask``), documents starting on a chunk start (4, 8) and inside
+    chunks (6, 13; 2, 9): attention under the documents' rows of the mask at positions within each document, and
+    the convolutions' halos cut at document starts."""
+    from kunlunbaize.model.documents import Documents
+    from kunlunbaize.model.layers import CausalDSConv
+    from kunlunbaize.train.parallel.context import attention_forward, conv_forward
+
+    T, d = x.shape[1], x.shape[2]
+    starts = torch.zeros(2, T, dtype=torch.long)
+    starts[0, [4, 6, 13]] = starts[1, [2, 8, 9]] = 1
+    docs = Documents(starts.cumsum(1))
+    pos, dp = cp.positions(T, x.device), docs.positions
+    _same_as_whole(cp, attn, x, lambda m, t: m(t, t, rope(dp), rope(dp), 0, 0, None, docs.mask),
+                   lambda m, t: attention_forward(m, cp, t, t, rope(dp[:, pos]), rope(dp[:, pos]),
+                                                  mask=docs.rows_mask(pos)))
+    for k in (7, 3, 1):
+        conv = CausalDSConv(d, k, per_channel=True)
+        _same_as_whole(cp, conv, x, lambda m, t: m(t, doc_positions=dp),
+                       lambda m, t: conv_forward(m, m.forward, cp, t, doc_positions=dp[:, pos]))
 
 
 def _same_as_whole(cp, module, x, whole, split) -> None:

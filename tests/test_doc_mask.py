@@ -113,6 +113,19 @@ def test_document_ids_from_end_of_text_tokens() -> None:
     assert labels.tolist()[0] == [5, 6, 0, IGNORE_INDEX, 0, IGNORE_INDEX, IGNORE_INDEX]
 
 
+def test_the_masks_of_some_queries_are_those_rows_of_the_whole_masks() -> None:
+    """What a context-parallel rank takes (its tokens' global positions, in any order): the same rows as the whole
+    window's attention mask and each MTP depth's mask and kept queries."""
+    docs = Documents(packed(LAYOUTS, 8)[1])
+    T = docs.shape[1]  # 30
+    rows = torch.cat((torch.arange(0, 8), torch.arange(T - 8, T)))  # two chunks, as a cp rank holds them
+    assert torch.equal(docs.mask, docs.rows_mask()) and docs.mask.shape == (2, 1, T, T)
+    assert torch.equal(docs.rows_mask(rows), docs.mask[:, :, rows])
+    for depth in (1, 2, 3, T):
+        (mask, keep), (part, kept) = docs.mtp_mask(depth), docs.mtp_mask(depth, rows)
+        assert torch.equal(part, mask[:, :, rows]) and torch.equal(kept, keep[:, rows]), depth
+
+
 def test_convolution_restarts_at_each_document() -> None:
     torch.manual_seed(0)
     conv = CausalDSConv(8, 4)

@@ -71,9 +71,13 @@ def test_dp2_tp2_and_hsdp_equal_one_process_for_every_switch_under_the_batch_ram
 @pytest.mark.distributed
 def test_tp2_under_the_batch_ramp_in_fp32_and_bf16(tmp_path):
     """2 ranks, tp2: the full model under the batch ramp (2, 3, 4, 4 accumulated micro-batches) equals one process
-    in fp32; under bf16 autocast its losses are finite and within bf16 rounding of the fp32 reference."""
-    results = _worker(tmp_path, 2, [_run(FULL, [1, 1, 2]), _run(FULL, [1, 1, 2], "bf16")])
-    fp32 = {k: v for k, v in results.items() if k.endswith("fp32")}
+    in fp32, also on windows of 8 tokens (the convolutions' few-token path, which multiplies by the replicated
+    depthwise kernel itself); under bf16 autocast its losses are finite and within bf16 rounding of the fp32
+    reference."""
+    results = _worker(tmp_path, 2, [_run(FULL, [1, 1, 2]), _run(FULL, [1, 1, 2], seq=8),
+                                    _run(FULL, [1, 1, 2], "bf16")])
+    fp32 = {k: v for k, v in results.items() if " fp32" in k}
+    assert len(fp32) == 2
     _assert_equal(fp32, [[4, 2], [6, 3], [8, 4], [8, 4]])
     (bf16,) = (v for k, v in results.items() if k.endswith("bf16"))
     assert all(math.isfinite(v) for v in bf16["losses"]) and len(bf16["losses"]) == 4
@@ -96,7 +100,7 @@ def test_cp2_tp2_equals_one_process_under_the_batch_ramp_and_resumes_in_one_proc
     assert full["resume"]["None"]["loss"] < 1e-5 and full["resume"]["None"]["param"] < 1e-4, full["resume"]
 
 
-# --- packed documents (--doc-mask) under tensor and pipeline parallelism ------------------------------------------
+# --- packed documents (--doc-mask) under tensor, pipeline and context parallelism ---------------------------------
 STAGED = {**FULL, "n_layers": 4}  # four layers: two stages a rank for interleaved 1F1B
 DOC_LR = 3e-3  # lr 1e-2 drives these runs' 4th gradient norm to ~50, where fp32 rounding grows past the tolerances
 
@@ -125,6 +129,18 @@ def test_doc_mask_under_pp2_equals_one_process_doc_mask(tmp_path):
     runs = [_run(STAGED, pp, doc_mask=True, lr=DOC_LR, schedule="interleaved1f1b", stages_per_rank=2)]
     results = _worker(tmp_path, 2, runs)
     assert len(results) == len(runs)
+    _assert_equal(results, [[4, 2], [6, 3], [8, 4], [8, 4]])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_doc_mask_under_cp2_equals_one_process_doc_mask(tmp_path):
+    """2 ranks, cp2 (windows of 16 tokens in 4 chunks of 4): documents that start inside a chunk and, in every other
+    window, at every chunk start; kernel 7, so a halo spans two earlier chunks and crosses document starts; MTP
+    depth 2 with documents shorter than it. The losses, gradients and parameters are one process's ``--doc-mask``
+    run's under the batch ramp with gradient accumulation (2, 3, 4, 4 micro-batches)."""
+    results = _worker(tmp_path, 2, [_run(FULL, [1, 1, 1, 2], doc_mask=True, lr=DOC_LR)])
+    assert len(results) == 1
     _assert_equal(results, [[4, 2], [6, 3], [8, 4], [8, 4]])
 
 

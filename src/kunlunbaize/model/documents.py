@@ -19,6 +19,8 @@ With all of these a document's logits in a packed window equal those of the docu
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -45,23 +47,36 @@ class Documents:
         index = torch.arange(T, device=ids.device).expand_as(ids)
         self.positions = index - torch.where(starts, index, 0).cummax(-1).values
         """[B, T] each token's position within its document (0 at a document start)."""
-        same = self.segments[:, :, None] == self.segments[:, None, :]
-        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
-        self.mask = (same & causal)[:, None]
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
         """[B, 1, T, T] query i may attend to key i' iff i' ≤ i in the same document (True = may attend)."""
+        return self.rows_mask()
+
+    def rows_mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """:attr:`mask`'s rows [B, 1, n, T] of the queries at positions ``rows`` [n] (None: every position; a
+        context-parallel rank's tokens: their global positions)."""
+        seg = self.segments
+        keys = torch.arange(seg.shape[1], device=seg.device)
+        rows = keys if rows is None else rows
+        same = seg[:, rows, None] == seg[:, None, :]
+        return (same & (keys[None, :] <= rows[:, None]))[:, None]
 
     @property
     def shape(self) -> torch.Size:
         return self.segments.shape
 
-    def mtp_mask(self, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def mtp_mask(self, depth: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP depth ``depth``'s mask [B, 1, T, T−depth] over its key slots (slot s holds token s+depth: both must
         lie in the query's document) and which queries [B, T, 1] have any key at all. A query with none (in a
-        document of at most ``depth`` tokens) reads slot 0 to stay finite; its update must be dropped."""
+        document of at most ``depth`` tokens) reads slot 0 to stay finite; its update must be dropped. ``rows``
+        [n]: only the queries at those positions (n rows instead of T, as :meth:`rows_mask`)."""
         seg, T = self.segments, self.shape[1]
+        query = seg if rows is None else seg[:, rows]
+        full = self.mask if rows is None else self.rows_mask(rows)
         if depth >= T:
-            return self.mask[..., :0], torch.zeros(*self.shape, 1, dtype=torch.bool, device=seg.device)
-        mask = self.mask[..., :T - depth] & (seg[:, None, depth:] == seg[:, :, None])[:, None]
+            return full[..., :0], torch.zeros(*query.shape, 1, dtype=torch.bool, device=seg.device)
+        mask = full[..., :T - depth] & (seg[:, None, depth:] == query[:, :, None])[:, None]
         has_key = mask.any(-1)
         mask = mask.clone()
         mask[..., 0] |= ~has_key

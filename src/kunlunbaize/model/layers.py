@@ -187,20 +187,26 @@ class CausalDSConv(nn.Module):
                     past = F.pad(past, (k - 1 - past.shape[-1], 0))
                 xt = torch.cat((past.to(xt.dtype), xt), dim=-1)
         if x.shape[1] <= DIRECT_CONV_MAX_TOKENS:  # decoding: the windows as a view, one multiply-add (eq. 6)
-            y = (xt.unfold(-1, k, 1) * self.depthwise.weight[:, None, 0]).sum(-1).transpose(1, 2)
+            y = (xt.unfold(-1, k, 1) * self._depthwise_kernel()[:, None]).sum(-1).transpose(1, 2)
         else:
             y = self.depthwise(xt).transpose(1, 2)
         return self.act(self.pointwise(y))
+
+    def _depthwise_kernel(self) -> torch.Tensor:
+        """The depthwise kernel K_d (eq. 6) as a plain tensor [d, k], tap k−1 reading the token itself. Under tensor
+        parallelism the plan replicates the weight as a DTensor: its local tensor is the whole kernel, and its
+        gradient flows back as the replicated weight's."""
+        weight = self.depthwise.weight
+        if hasattr(weight, "to_local"):
+            weight = weight.to_local()
+        return weight[:, 0]
 
     def _per_document(self, x: torch.Tensor, doc_positions: torch.Tensor) -> torch.Tensor:
         """The depthwise convolution (eq. 6) of ``x`` [B, T, d] as one multiply-add per tap, the tap reaching
         ``s`` tokens back kept only where the token is at least ``s`` into its document."""
         k, T = self.kernel_size, x.shape[1]
         padded = F.pad(x, (0, 0, k - 1, 0))
-        weight = self.depthwise.weight
-        if hasattr(weight, "to_local"):  # replicated on every tensor-parallel rank (the whole kernel)
-            weight = weight.to_local()
-        weight = weight[:, 0].to(x.dtype)  # [d, k]; tap k−1 reads the token itself
+        weight = self._depthwise_kernel().to(x.dtype)
         y = x * weight[:, k - 1]
         for s in range(1, k):
             y = y + padded[:, k - 1 - s:k - 1 - s + T] * weight[:, k - 1 - s] * (doc_positions >= s)[..., None]

@@ -19,7 +19,13 @@ convolutions and the model itself are replaced on the instances (gpt-fast's way)
 - loss: each head's cross-entropy summed over the rank's targets (label t_{i+j+1} of its global positions) and
   all-reduced with the target count, so every rank returns the exact global mean. The sum's all-reduce carries
   autograd: each rank's gradients are N times its share, and averaging them over the cp ranks (FSDP2 shards over
-  ``dp_shard × cp``) gives the one-process gradient.
+  ``dp_shard × cp``) gives the one-process gradient;
+- packed documents (``document_ids``, ``--doc-mask``): every rank has the whole sequences' ids, so it builds their
+  :class:`~kunlunbaize.model.documents.Documents` and takes its own tokens' rows of what one process's
+  packed-document forward uses: the rotary tables at positions within each document, the attention mask [B, 1, 2C,
+  T] against the gathered keys by global position, each token's position in its document for the convolutions
+  (a halo's taps before the token's document start read zeros), MTP depth j's mask and kept queries, and the
+  targets in another document ignored.
 
 Under tensor parallelism (the model's plan applied first) the cp split is outer: sequence parallelism shards each
 cp rank's part, the plan's modules gather it over ``tp`` before these forwards run on their tp-local heads and
@@ -43,8 +49,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ...model import KunlunBaize
 from ...model.attention import Attention
+from ...model.documents import Documents
 from ...model.fused_loss import linear_cross_entropy
-from ...model.layers import DIRECT_CONV_MAX_TOKENS, CausalDSConv, apply_rotary
+from ...model.layers import CausalDSConv, apply_rotary
 from ...model.loss import IGNORE_INDEX, LossTerms
 from ...model.model import ModelOutput
 
@@ -101,9 +108,15 @@ class ContextGroup:
         return torch.cat((torch.arange(a * c, (a + 1) * c, device=device),
                           torch.arange(b * c, (b + 1) * c, device=device)))
 
-    def rope(self, rope: Any, seq_len: int) -> Rope:
-        """The rotary tables of this rank's tokens (``rope``: the model's :class:`RotaryEmbedding`)."""
-        return rope(self.positions(seq_len, rope.inv_freq.device), seq_len)
+    def rope(self, rope: Any, seq_len: int, documents: Documents | None = None) -> Rope:
+        """The rotary tables of this rank's tokens (``rope``: the model's :class:`RotaryEmbedding`); with
+        ``documents`` (the whole sequences' packed documents) at their positions within their documents, as one
+        process's packed-document forward gives them ([B, 2C, head_dim])."""
+        pos = self.positions(seq_len, rope.inv_freq.device)
+        if documents is None:
+            return rope(pos, seq_len)
+        whole = documents.positions.to(pos.device)
+        return rope(whole[:, pos], whole.max() + 1 if rope.dynamic else None)
 
     def shard(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's part [B, 2C, …] of a whole sequence ``x`` [B, T, …]: its two chunks, in order."""
@@ -156,16 +169,18 @@ def attention_forward(attn: Attention, cp: ContextGroup, x: torch.Tensor, kv_inp
 
 
 def conv_forward(conv: CausalDSConv, forward: Any, cp: ContextGroup, x: torch.Tensor,
-                 history: torch.Tensor | None = None) -> torch.Tensor:
+                 history: torch.Tensor | None = None, doc_positions: torch.Tensor | None = None) -> torch.Tensor:
     """:meth:`CausalDSConv.forward` (``forward``) on a rank's two chunks, each preceded by the k−1 inputs before it,
     wherever they live (zeros before the sequence start): every chunk's last min(k−1, C) inputs are all-gathered
     (one small collective), a chunk's halo is the last k−1 of those before it (several chunks when C < k−1), and
-    one call runs ``[halo, chunk, halo, chunk]``, the halos' outputs dropped."""
+    one call runs ``[halo, chunk, halo, chunk]``, the halos' outputs dropped. ``doc_positions`` [B, 2C] (packed
+    documents): the positions of the rank's tokens within their documents; a chunk token's taps reach into its
+    halo only within its document."""
     if history is not None:
         raise ValueError("context parallelism splits a training forward: no convolution history")
     h = conv.kernel_size - 1
     if h == 0:
-        return _long_call(conv, forward, x)
+        return forward(x) if doc_positions is None else forward(x, doc_positions=doc_positions)
     first, second = x.chunk(2, dim=1)
     c = first.shape[1]
     tail = min(h, c)
@@ -176,52 +191,66 @@ def conv_forward(conv: CausalDSConv, forward: Any, cp: ContextGroup, x: torch.Te
         return F.pad(before, (0, 0, h - before.shape[1], 0))  # zeros before the sequence start
 
     a, b = cp.chunks()
-    out = _long_call(conv, forward, torch.cat((halo(a), first, halo(b), second), dim=1))
+    run = torch.cat((halo(a), first, halo(b), second), dim=1)
+    if doc_positions is None:
+        out = forward(run)
+    else:  # the halos' own positions do not matter: their outputs are dropped
+        pos_a, pos_b = doc_positions.chunk(2, dim=1)
+        lead = pos_a.new_zeros(pos_a.shape[0], h)
+        out = forward(run, doc_positions=torch.cat((lead, pos_a, lead, pos_b), dim=1))
     return torch.cat((out[:, h:h + c], out[:, 2 * h + c:]), dim=1)
-
-
-def _long_call(conv: CausalDSConv, forward: Any, x: torch.Tensor) -> torch.Tensor:
-    """``forward(x)``; under tensor parallelism on at least ``DIRECT_CONV_MAX_TOKENS`` + 1 inputs (zeros
-    prepended, their outputs dropped): the few-token path multiplies by the depthwise weight directly, which the
-    plan replicates as a DTensor, so only the convolution module's call takes it."""
-    lead = DIRECT_CONV_MAX_TOKENS + 1 - x.shape[1]
-    if lead <= 0 or not isinstance(conv.depthwise.weight, DTensor):
-        return forward(x)
-    return forward(F.pad(x, (0, 0, lead, 0)))[:, lead:]
 
 
 def training_forward(model: KunlunBaize, cp: ContextGroup, input_ids: torch.Tensor,
                      labels: torch.Tensor | None = None, cache: Any = None,
                      attention_mask: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
-                     mtp: bool = True, logits: bool = False) -> ModelOutput:
+                     mtp: bool = True, logits: bool = False,
+                     document_ids: torch.Tensor | None = None) -> ModelOutput:
     """:meth:`KunlunBaize.forward`'s joint loss (eq. 22) of whole sequences ``input_ids`` [B, T] (every cp rank
     gives the same), computed on this rank's part; the losses are the global means, the same on every rank. Under
     tensor parallelism too (the model's plan applied first): the trunk's residual stream is then this rank's part
-    sharded again over ``tp`` (:func:`_tensor_parallel_mesh`)."""
+    sharded again over ``tp`` (:func:`_tensor_parallel_mesh`). ``document_ids`` [B, T] (the whole sequences'; packed
+    documents, ``--doc-mask``): every document computed as if alone, as one process's forward does."""
     if labels is None or cache is not None or attention_mask is not None or not mtp:
         raise ValueError("under context parallelism the model computes the training loss only: give labels, and no "
                          "cache, attention_mask or mtp=False")
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+    if document_ids is not None and document_ids.shape != input_ids.shape:
+        raise ValueError(f"document_ids must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                         f"{tuple(document_ids.shape)}")
     model._check_input(input_ids, 0, None)
     T = input_ids.shape[1]
-    hidden = model.run_blocks(model.embed(cp.shard(input_ids)), cp.rope(model.rope, T), 0, None, None, None)
-    terms = loss_terms(model, cp, hidden, input_ids, labels, ignore_index)
+    docs = None if document_ids is None else Documents(document_ids.to(input_ids.device))
+    rope = cp.rope(model.rope, T, docs)
+    if docs is None:
+        hidden = model.run_blocks(model.embed(cp.shard(input_ids)), rope, 0, None, None, None)
+    else:  # this rank's rows of the documents' mask, its tokens' positions within their documents
+        pos = cp.positions(T, input_ids.device)
+        hidden = model.run_blocks(model.embed(cp.shard(input_ids)), rope, 0, None, docs.rows_mask(pos), None, None,
+                                  docs.positions[:, pos])
+    terms = loss_terms(model, cp, hidden, input_ids, labels, ignore_index, docs)
     return ModelOutput(logits=None, hidden=hidden, loss=terms.total, main_loss=terms.main, mtp_losses=terms.mtp)
 
 
 def loss_terms(model: Any, cp: ContextGroup, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
-               ignore_index: int = IGNORE_INDEX) -> LossTerms:
+               ignore_index: int = IGNORE_INDEX, documents: Documents | None = None) -> LossTerms:
     """The joint loss's terms (eq. 22–23), each the global mean over every cp rank's targets, from this rank's
     part of H_L (``hidden``) and the whole sequences' ids and labels. ``model`` has the heads: a
-    :class:`KunlunBaize`, or the last pipeline stage (``norm``, ``head_weight``, ``mtp``, ``embed``, ``rope``)."""
+    :class:`KunlunBaize`, or the last pipeline stage (``norm``, ``head_weight``, ``mtp``, ``embed``, ``rope``).
+    ``documents`` (the whole sequences' packed documents): the MTP depths read only their query's document and
+    the targets in another document are ignored, as in one process."""
     T = input_ids.shape[1]
     pos = cp.positions(T, input_ids.device)
     heads = [(model.norm(hidden), model.head_weight)]
     if model.mtp is not None:
-        heads += _mtp_heads(model, hidden, input_ids, pos, cp.rope(model.rope, T))
-    means = _global_means(cp, heads, [_targets(labels, pos, j + 1, ignore_index) for j in range(len(heads))],
-                          ignore_index)
+        heads += _mtp_heads(model, hidden, input_ids, pos, cp.rope(model.rope, T, documents), documents)
+
+    def targets(shift: int) -> torch.Tensor:
+        kept = labels if documents is None else documents.labels(labels, shift, ignore_index)
+        return _targets(kept, pos, shift, ignore_index)
+
+    means = _global_means(cp, heads, [targets(j + 1) for j in range(len(heads))], ignore_index)
     return LossTerms.joint(means[0], list(means[1:]), model.config.gammas)
 
 
@@ -242,11 +271,13 @@ def _whole_part(t: torch.Tensor, tp: DeviceMesh | None) -> torch.Tensor:
     return DTensor.from_local(t, tp, [Shard(1)], run_check=False).redistribute(tp, [Replicate()]).to_local()
 
 
-def _mtp_heads(model: Any, hidden: torch.Tensor, input_ids: torch.Tensor, pos: torch.Tensor,
-               rope: Rope) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _mtp_heads(model: Any, hidden: torch.Tensor, input_ids: torch.Tensor, pos: torch.Tensor, rope: Rope,
+               documents: Documents | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every MTP depth's head (input, weight) at this rank's positions (:meth:`MultiTokenPrediction.head_inputs`):
     depth j's key slot s holds E(t_{s+j}), embedded here from the whole sequence's ids for this rank's slots. Under
-    tensor parallelism the depths run on this rank's whole part, as the plan runs them on the whole sequence."""
+    tensor parallelism the depths run on this rank's whole part, as the plan runs them on the whole sequence. With
+    ``documents`` each query reads only the slots of its document and a query with none adds nothing
+    (:meth:`Documents.mtp_mask`)."""
     T = input_ids.shape[1]
     tp = _tensor_parallel_mesh(model)
     slots = torch.arange(T, device=pos.device)
@@ -254,8 +285,13 @@ def _mtp_heads(model: Any, hidden: torch.Tensor, input_ids: torch.Tensor, pos: t
     for j, depth in enumerate(model.mtp.depths, start=1):
         if j < T:  # else no slot exists: no update, as in one process
             emb = _whole_part(model.embed(input_ids[:, (pos + j).clamp(max=T - 1)]), tp)
-            mask = (slots[None, :] <= pos[:, None]) & (slots < T - j)[None, :]
-            g = g + depth.cross_attn(depth.hidden_norm(g), depth.embed_norm(emb), rope, rope, 0, 0, None, mask)
+            if documents is None:
+                mask, keep = (slots[None, :] <= pos[:, None]) & (slots < T - j)[None, :], None
+            else:  # [B, 1, 2C, T − j] over the slots that hold a token, padded with the j that hold none
+                mask, keep = documents.mtp_mask(j, pos)
+                mask = F.pad(mask, (0, j), value=False)
+            update = depth.cross_attn(depth.hidden_norm(g), depth.embed_norm(emb), rope, rope, 0, 0, None, mask)
+            g = g + (update if keep is None else update * keep.to(update.dtype))
         out.append(model.mtp.head_input(j, g, model.head_weight))
     return out
 

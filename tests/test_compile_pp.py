@@ -5,6 +5,8 @@ interleaved 1F1B with activation checkpointing."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from .test_compile_tp import _worker
@@ -15,11 +17,12 @@ STAGED = {**FULL, "n_layers": 4}
 
 
 def test_compile_with_pp_passes_the_layout_checks(dataset):
-    """``--compile`` with ``--pp 2`` is no longer refused."""
+    """``--compile`` with ``--pp 2`` is no longer refused; with ``--pp 2 --tp 2`` it is (what failed, with why)."""
     import torch
 
     from kunlunbaize.train.config import TrainConfig
     from kunlunbaize.train.distributed import DistEnv
+    from kunlunbaize.train.parallel.layout import LayoutError
     from kunlunbaize.train.trainer import _check_runnable
 
     env = DistEnv(0, 2, 0, torch.device("cpu"))
@@ -27,6 +30,8 @@ def test_compile_with_pp_passes_the_layout_checks(dataset):
     cfg = TrainConfig(data=str(dataset), preset="tiny", model_overrides=model, seq_len=16, pp=2, compile=True,
                       batch_size=4, batch_size_start=4, micro_batch_size=2)  # 2 micro-batches a step, as 1F1B needs
     assert _check_runnable(cfg, env, dataset).pp == 2
+    with pytest.raises(LayoutError, match="--compile with --pp 2 and --tp 2 is not supported: the first and last"):
+        _check_runnable(replace(cfg, tp=2), DistEnv(0, 4, 0, torch.device("cpu")), dataset)
 
 
 @pytest.mark.slow

@@ -2,9 +2,10 @@
 mode), a one-process reference and a copy placed on the layout by the trainer's own ``runner.place`` (tensor plan,
 compiled blocks, FSDP2/HSDP, pipeline stages, precision) train side by side on the same global batches, dealt as the
 trainer deals them under a batch ramp with gradient accumulation; rank 0 writes the largest differences (losses,
-gradients before every optimiser step, gradient norms, parameters) and each step's batch size and accumulation as
-JSON. A run with ``doc_mask`` trains on windows of several documents each (end-of-text id :data:`EOT`) with
-``--doc-mask`` on both sides; a run's ``seq`` replaces the spec's window length.
+gradients before every optimiser step, gradient norms, parameters), each step's batch size and accumulation, how many
+of rank 0's modules are compiled and how many graphs Dynamo captured so far as JSON. A run with ``doc_mask`` trains
+on windows of several documents each (end-of-text id :data:`EOT`) with ``--doc-mask`` on both sides; a run's ``seq``
+replaces the spec's window length.
 
 Run as ``python -m torch.distributed.run --nproc-per-node N -m tests.parallel_layouts_worker SPEC.json``.
 """
@@ -175,6 +176,8 @@ def compare(run: dict, spec: dict, env: DistEnv, tmp: Path) -> dict:
         out["resume"] = resume_elsewhere(cfg, {"steps": len(out["steps"]), "resume_on": [None], "accum": 1}, env, tmp,
                                          par, opt_par, ref, opt_ref, samples[:spec["batch"]])
     out["seconds"] = round(time.perf_counter() - start, 2)
+    out["compiled"] = sum(getattr(m, "_compiled_call_impl", None) is not None for h in held for m in h.modules())
+    out["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # Dynamo graphs so far in this process
     return out
 
 

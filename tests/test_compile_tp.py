@@ -33,12 +33,11 @@ def _worker(tmp_path: Path, nproc: int, runs: list[dict]) -> dict:
 
 
 def test_compile_with_tp_passes_the_layout_checks(dataset):
-    """``--compile`` with ``--tp 2`` or ``--cp 2`` is no longer refused; with ``--pp`` it still is."""
+    """``--compile`` with ``--tp 2`` or ``--cp 2`` is no longer refused (``--pp``: ``test_compile_pp.py``)."""
     import torch
 
     from kunlunbaize.train.config import TrainConfig
     from kunlunbaize.train.distributed import DistEnv
-    from kunlunbaize.train.parallel.layout import LayoutError
     from kunlunbaize.train.trainer import _check_runnable
 
     env = DistEnv(0, 2, 0, torch.device("cpu"))
@@ -47,9 +46,6 @@ def test_compile_with_tp_passes_the_layout_checks(dataset):
     assert _check_runnable(cfg, env, dataset).tp == 2
     cfg = TrainConfig(data=str(dataset), preset="tiny", model_overrides=model, seq_len=16, cp=2, compile=True)
     assert _check_runnable(cfg, env, dataset).cp == 2
-    with pytest.raises(LayoutError, match="--compile with --pp 2 is not supported"):
-        _check_runnable(TrainConfig(data=str(dataset), preset="tiny", model_overrides=model, seq_len=16, pp=2,
-                                    compile=True), env, dataset)
 
 
 @pytest.mark.slow

@@ -173,7 +173,6 @@ MODEL = ["d_model=32", "n_layers=1", "n_heads=4", "n_kv_heads=2", "ffn_hidden=64
     ("--tp", ["--seq-len", "33", "--set", *MODEL], "--tp 2 does not divide --seq-len 33"),
     ("--tp", ["--arch", "llama", "--set", *MODEL], "--arch llama has no tensor-parallel plan; train it with --tp 1"),
     ("--cp", ["--arch", "llama", "--set", *MODEL], "--arch llama has no context-parallel plan; train it with --cp 1"),
-    ("--pp", ["--compile", "--set", *MODEL, "n_layers=2"], "--compile with --pp 2 is not supported"),
 ])
 def test_layouts_that_do_not_fit_the_model_are_refused_before_the_run_folder_is_touched(flag, args, message, dataset,
                                                                                          capsys, monkeypatch,

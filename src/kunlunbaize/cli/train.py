@@ -85,7 +85,7 @@ def add_parser(sub: Any) -> None:
     tr.add_argument("--activation-checkpointing", dest="activation_checkpointing", action="store_true",
                     default=None)
     tr.add_argument("--compile", action="store_true", default=None,
-                    help="torch.compile each block (not with --pp above 1: refused)")
+                    help="torch.compile each block (under --pp each stage's blocks)")
     tr.add_argument("--max-bad-steps", dest="max_bad_steps", type=POSITIVE)
     tr.add_argument("--peak-tflops", dest="peak_tflops", type=ABOVE_ZERO, help="device peak for MFU")
     tr.add_argument("--stop-at-step", dest="stop_at_step", type=POSITIVE, help="save and stop after this step")

@@ -264,9 +264,6 @@ def _check_runnable(cfg: TrainConfig, env: DistEnv, data_path: Path) -> Layout:
             raise LayoutError(f"--arch {cfg.arch} has no {what}; train it with {flag} 1")
     if layout.pp > 1 and cfg.arch != "kunlunbaize":
         raise LayoutError(f"--arch {cfg.arch} has no pipeline stages; train it with --pp 1")
-    if layout.pp > 1 and cfg.compile:
-        raise LayoutError(f"--compile with --pp {layout.pp} is not supported: compiled blocks in pipeline stages "
-                          "are untested (see docs/guide-parallel.md); drop --compile or train with --pp 1")
     if cfg.init_from is None:
         _check_layout(cfg, layout, model_config(cfg, load_meta(data_path)["vocab_size"]), plan_batches(cfg, layout.dp))
     return layout

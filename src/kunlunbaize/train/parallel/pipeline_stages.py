@@ -282,18 +282,31 @@ def build_stage_modules(model: KunlunBaize, n_stages: int, layers_per_stage: lis
 
 
 def sum_local_shared_grads(stages: list[PipelineStageModule], names: list[str]) -> list[torch.Tensor | None]:
-    """For each shared parameter name, the sum of its gradient over ``stages`` holding it (None when none does)."""
+    """For each shared parameter name, the sum of its gradient over ``stages`` holding it (None when none does), laid
+    out as the parameter (:func:`grad_in_layout`), so every copy's local part has the same shape."""
     out: list[torch.Tensor | None] = []
     for name in names:
         total = None
         for stage in stages:
             p = dict(stage.named_parameters()).get(name)
             if p is not None and p.grad is not None:
-                total = p.grad.clone() if total is None else total + p.grad
+                grad = grad_in_layout(p.grad, p)
+                total = grad.clone() if total is None else total + grad
             elif p is not None and total is None:
                 total = torch.zeros_like(p)
         out.append(total)
     return out
+
+
+def grad_in_layout(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``grad`` with ``param``'s placements (a plain tensor, or one already laid out so, as it is): under tensor
+    parallelism DTensor's embedding backward gives the vocabulary-sharded embedding a replicated gradient, while a
+    copy without a gradient contributes zeros laid out as the parameter, and the copies on two pipeline ranks
+    exchange their local parts, which must have one shape."""
+    placements = getattr(param, "placements", None)
+    if placements is None or getattr(grad, "placements", placements) == placements:
+        return grad
+    return grad.redistribute(param.device_mesh, placements)
 
 
 def set_shared_grads(stages: list[PipelineStageModule], names: list[str], grads: list[torch.Tensor | None]) -> None:

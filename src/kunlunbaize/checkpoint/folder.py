@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from ..arch import ARCHS, DEFAULT, ArchSpec
-from .dcp_weights import METADATA_FILE, DcpWeights
 from .errors import CheckpointDamaged, CheckpointError
 
 STATE_FILE = "trainer_state.json"
@@ -26,7 +25,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
-DCP_METADATA = METADATA_FILE  # the model and optimiser state of a training checkpoint (see .state)
+DCP_METADATA = ".metadata"  # the model and optimiser state of a training checkpoint (see .state, .dcp_weights)
 _STEP_DIR = re.compile(r"step_\d+$")
 
 
@@ -172,6 +171,8 @@ def weight_names(ckpt: Path) -> list[str]:
     index = ckpt / WEIGHTS_INDEX
     try:
         if not has_full_weights(ckpt) and (ckpt / DCP_METADATA).is_file():
+            from .dcp_weights import DcpWeights  # torch.distributed.checkpoint: ~1.7 CPU-s to import, so only here
+
             return DcpWeights(ckpt).names()
         if index.is_file():
             return list(json.loads(index.read_text())["weight_map"])
@@ -188,6 +189,8 @@ def read_weights(ckpt: Path, device: str | torch.device = "cpu") -> dict[str, to
     from safetensors.torch import load_file
 
     if not has_full_weights(ckpt) and (ckpt / DCP_METADATA).is_file():
+        from .dcp_weights import DcpWeights
+
         return DcpWeights(ckpt).read_all(device)
     index = ckpt / WEIGHTS_INDEX
     try:

@@ -157,16 +157,16 @@ def test_the_engine_compiles_each_bucket_once_before_it_takes_requests():
         engine.shutdown(10)
 
 
-@pytest.mark.parametrize(("flags", "device", "mode"), [
-    ([], "cpu", "default"), ([], "cuda", "default"), (["--compile-mode", "max-autotune"], "cpu", "max-autotune"),
-    (["--compile-mode", "reduce-overhead"], "cuda", "reduce-overhead"), (["--no-compile"], "cpu", None)])
-def test_kunlun_serve_compiles_the_batch_step_in_the_mode_asked_for(flags, device, mode):
+@pytest.mark.parametrize(("flags", "mode"), [
+    ([], "default"), (["--compile-mode", "max-autotune"], "max-autotune"),
+    (["--compile-mode", "reduce-overhead"], "reduce-overhead"), (["--no-compile"], None)])
+def test_kunlun_serve_compiles_the_batch_step_in_the_mode_asked_for(flags, mode):
     """Without --compile-mode: torch.compile's default mode everywhere (max-autotune starts minutes later on a CPU);
     the mode asked for otherwise; --no-compile: the eager step."""
     from kunlunbaize.cli import build_parser
     from kunlunbaize.cli.serve import compile_options
 
-    options = compile_options(build_parser().parse_args(["serve", *flags]), device)
+    options = compile_options(build_parser().parse_args(["serve", *flags]))
     assert (options and options.mode) == mode
 
 
@@ -176,7 +176,7 @@ def test_kunlun_serve_refuses_a_compile_mode_without_the_compiled_step():
     from kunlunbaize.cli.serve import compile_options
 
     with pytest.raises(SystemExit, match="leave out --no-compile"):
-        compile_options(build_parser().parse_args(["serve", "--no-compile", "--compile-mode", "default"]), "cpu")
+        compile_options(build_parser().parse_args(["serve", "--no-compile", "--compile-mode", "default"]))
 
 
 def test_requests_waiting_together_are_prefilled_together_and_get_their_answers_alone(monkeypatch):

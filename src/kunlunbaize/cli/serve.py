@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
     from ..serve.server import Draining, create_app
 
     device = resolve_device(args.device)
-    static = compile_options(args, device)
+    static = compile_options(args)
     threads = args.threads
     if threads is None and device == "cpu":  # measured: 2 cores, 2 model threads ran at 0.61x generate, 1 at 0.87x
         threads = max(1, torch.get_num_threads() - 1)
@@ -150,7 +150,7 @@ def _start_engine(args: argparse.Namespace, served: Any, device: str, threads: i
                   static=static)
 
 
-def compile_options(args: argparse.Namespace, device: str) -> Any:
+def compile_options(args: argparse.Namespace) -> Any:
     """The batch step's :class:`~kunlunbaize.infer.static.CompileOptions` (None: the eager step, ``--no-compile``).
 
     Without ``--compile-mode``: torch.compile's default mode. ``max-autotune`` (a CPU's C++ GEMM kernels) served the

@@ -62,6 +62,11 @@ class Documents:
         same = seg[:, rows, None] == seg[:, None, :]
         return (same & (keys[None, :] <= rows[:, None]))[:, None]
 
+    def rope_length(self, rope: torch.nn.Module) -> torch.Tensor | None:
+        """The rotary length of a packed-document forward (largest position within a document + 1): only dynamic NTK
+        scaling (``rope.dynamic``) reads it."""
+        return self.positions.max() + 1 if rope.dynamic else None
+
     @property
     def shape(self) -> torch.Size:
         return self.segments.shape

@@ -207,7 +207,7 @@ class KunlunBaizeTrunk:
         self._check_input(input_ids, 0, None)
         emb = self.embed(input_ids)
         docs = Documents(document_ids.to(emb.device))
-        length = docs.positions.max() + 1 if self.rope.dynamic else None
+        length = docs.rope_length(self.rope)
         rope = self.rope(docs.positions, length)
         layer_inputs = [] if keep_layer_inputs else None
         h = self.run_blocks(emb, rope, 0, None, docs.mask, None, layer_inputs, docs.positions)

@@ -115,8 +115,7 @@ class ContextGroup:
         pos = self.positions(seq_len, rope.inv_freq.device)
         if documents is None:
             return rope(pos, seq_len)
-        whole = documents.positions.to(pos.device)
-        return rope(whole[:, pos], whole.max() + 1 if rope.dynamic else None)
+        return rope(documents.positions.to(pos.device)[:, pos], documents.rope_length(rope))
 
     def shard(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's part [B, 2C, …] of a whole sequence ``x`` [B, T, …]: its two chunks, in order."""
@@ -223,12 +222,11 @@ def training_forward(model: KunlunBaize, cp: ContextGroup, input_ids: torch.Tens
     T = input_ids.shape[1]
     docs = None if document_ids is None else Documents(document_ids.to(input_ids.device))
     rope = cp.rope(model.rope, T, docs)
-    if docs is None:
-        hidden = model.run_blocks(model.embed(cp.shard(input_ids)), rope, 0, None, None, None)
-    else:  # this rank's rows of the documents' mask, its tokens' positions within their documents
+    mask = doc_positions = None
+    if docs is not None:  # this rank's rows of the documents' mask, its tokens' positions within their documents
         pos = cp.positions(T, input_ids.device)
-        hidden = model.run_blocks(model.embed(cp.shard(input_ids)), rope, 0, None, docs.rows_mask(pos), None, None,
-                                  docs.positions[:, pos])
+        mask, doc_positions = docs.rows_mask(pos), docs.positions[:, pos]
+    hidden = model.run_blocks(model.embed(cp.shard(input_ids)), rope, 0, None, mask, None, None, doc_positions)
     terms = loss_terms(model, cp, hidden, input_ids, labels, ignore_index, docs)
     return ModelOutput(logits=None, hidden=hidden, loss=terms.total, main_loss=terms.main, mtp_losses=terms.mtp)
 

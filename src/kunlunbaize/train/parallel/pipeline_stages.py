@@ -218,7 +218,7 @@ class PipelineStageModule(nn.Module):
         T = flow.current.shape[1] * self.seq_shards  # the whole sequence (its shard under sequence parallelism)
         docs = _documents(document_ids, flow.current.device)
         if docs is not None:  # the model's own packed-document forward: per-document positions, a block mask
-            rope, mask, extra = self.rope(docs.positions, _rope_length(self.rope, docs)), docs.mask, (docs.positions,)
+            rope, mask, extra = self.rope(docs.positions, docs.rope_length(self.rope)), docs.mask, (docs.positions,)
         elif self.context is None:
             rope, mask, extra = self.rope(torch.arange(T, device=flow.current.device)), None, ()
         else:  # this cp rank's part: its tokens' global positions
@@ -250,7 +250,7 @@ class PipelineStageModule(nn.Module):
         emb = self.embed(input_ids) if self.mtp is not None else None  # E(t) for the MTP depths (eq. 13, 15)
         docs = _documents(document_ids, hidden.device)
         trunk = (TrunkOutput(hidden, emb, 0) if docs is None else
-                 TrunkOutput(hidden, emb, 0, docs.positions, docs.mask, None, _rope_length(self.rope, docs), docs))
+                 TrunkOutput(hidden, emb, 0, docs.positions, docs.mask, None, docs.rope_length(self.rope), docs))
         if self.seq_shards == 1:
             return _chunked_loss_terms(self, trunk, labels, ignore_index)
         # tensor-parallel: vocabulary-parallel logits, never gathered, and loss_parallel's cross-entropy
@@ -262,11 +262,6 @@ class PipelineStageModule(nn.Module):
 def _documents(document_ids: torch.Tensor | None, device: torch.device) -> Documents | None:
     """The packed documents of a micro-batch's ``document_ids`` (None: none given)."""
     return None if document_ids is None else Documents(document_ids.to(device))
-
-
-def _rope_length(rope: nn.Module, docs: Documents) -> torch.Tensor | None:
-    """The rotary length of a packed-document forward (dynamic NTK only), as the whole model computes it."""
-    return docs.positions.max() + 1 if rope.dynamic else None
 
 
 def build_stage_modules(model: KunlunBaize, n_stages: int, layers_per_stage: list[int] | None = None,

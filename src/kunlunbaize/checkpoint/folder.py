@@ -171,7 +171,7 @@ def weight_names(ckpt: Path) -> list[str]:
     index = ckpt / WEIGHTS_INDEX
     try:
         if not has_full_weights(ckpt) and (ckpt / DCP_METADATA).is_file():
-            from .dcp_weights import DcpWeights  # torch.distributed.checkpoint: ~1.7 CPU-s to import, so only here
+            from .dcp_weights import DcpWeights  # torch.distributed.checkpoint is slow to import: only here
 
             return DcpWeights(ckpt).names()
         if index.is_file():

@@ -97,13 +97,16 @@ class Server:
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (open while the server runs)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.url = f"http://127.0.0.1:{port}/v1"
-        deadline = time.monotonic() + start_timeout
+        began = time.monotonic()
+        deadline = began + start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise SystemExit(f"the server exited ({self.proc.returncode}): {cmd}\n{self.output()}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                     if r.status == 200:
+                        self.start_s = time.monotonic() - began  # until /health answered (compiling included)
+                        print(f"{cmd[2]} answered after {self.start_s:.0f} s", file=sys.stderr, flush=True)
                         return
             except OSError:
                 pass
@@ -240,10 +243,11 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--concurrency", default="1,4,16", help="client threads, comma-separated (default: %(default)s)")
     ap.add_argument("--engines", default="process", help="kunlun serve --engine values, comma-separated, each with "
                     "an optional :THREADS (process:2) (default: %(default)s; empty: none)")
-    ap.add_argument("--serve-flags", default="",
-                    help="more flags for every kunlun serve, e.g. '--no-compile' (the eager step) or '--compile-mode "
-                         "default' (the quicker-starting compile) (default: none: kunlun serve's own default, on a CPU "
-                         "the static step compiled with max-autotune)")
+    ap.add_argument("--serve-flags", action="append", default=None,
+                    help="more flags for kunlun serve, e.g. '--no-compile' (the eager step), '--compile-mode "
+                         "max-autotune' (the slower-starting compile) or '--slot-buckets 1'; given more than once, "
+                         "one kunlun serve per value, side by side in the same run (default: none: kunlun serve's "
+                         "own defaults)")
     ap.add_argument("--server-threads", type=int, default=None,
                     help="the engine's torch threads (kunlun serve --threads; default: kunlun serve's)")
     ap.add_argument("--no-sequential", action="store_true",
@@ -283,20 +287,21 @@ def main() -> None:
         base = Row("sequential `generate`, one at a time", 0, stats, len(jobs), len(jobs))
     rows: list[Row] = []
     threads = ["--threads", str(args.server_threads)] if args.server_threads else []
-    threads += shlex.split(args.serve_flags)  # (every kunlun serve gets them)
-    suffix = f" {args.serve_flags.strip()}" if args.serve_flags.strip() else ""
-    for spec in [e for e in args.engines.split(",") if e]:
+    settings = args.serve_flags or [""]
+    for spec, extra in [(e, f) for e in args.engines.split(",") if e for f in settings]:
         engine, _, count = spec.partition(":")  # process:2: the engine's process with 2 torch threads
         label = "kunlun serve" if engine == "process" else f"kunlun serve --engine {engine}"
-        flags = ["--engine", engine, *(["--threads", count, *shlex.split(args.serve_flags)] if count else threads)]
+        flags = ["--engine", engine, *(["--threads", count] if count else threads), *shlex.split(extra)]
         if count:
             label += f" --threads {count}"
-        label += suffix
+        label += f" {extra.strip()}" if extra.strip() else ""
         server = kunlun_server(folder, flags)
         rows += measure(label, server, jobs, args.max_tokens, levels, reference)
     if not args.no_speculative:
-        server = kunlun_server(folder, ["--speculative", *threads])
-        rows += measure(f"kunlun serve --speculative{suffix}", server, jobs, args.max_tokens, [1], reference)
+        extra = settings[0].strip()
+        server = kunlun_server(folder, ["--speculative", *threads, *shlex.split(extra)])
+        rows += measure(f"kunlun serve --speculative{' ' + extra if extra else ''}", server, jobs, args.max_tokens,
+                        [1], reference)
     if use_vllm:
         rows += measure("vLLM", vllm_server(args.vllm_python, str(export), args.kv_cache_gib), jobs,
                         args.max_tokens, levels, reference)

@@ -51,6 +51,11 @@ def add_parser(sub: Any) -> None:
                    help="torch.compile mode of the batch step (default: torch.compile's default): max-autotune on a "
                         "CPU picks C++ GEMM kernels per matrix shape (a 1.05-1.56x faster step measured, minutes more "
                         "to start: docs/guide-serve.md); reduce-overhead: CUDA graphs")
+    s.add_argument("--slot-buckets", type=int_at_least(1), default=3,
+                   help="key lengths the batch step of at least half --max-batch rows is compiled for: the context, "
+                        "its half, its quarter ... (a batch of short requests then attends over fewer cache slots; "
+                        "each one more is a graph per such bucket to compile at start); 1: every step reads the "
+                        "whole context (default: %(default)s)")
     s.add_argument("--chat-template", default=None,
                    help="a Jinja chat template file (default: the checkpoint's chat_template.jinja, if any)")
     s.add_argument("--engine", choices=("auto", "process", "thread"), default="auto",
@@ -162,4 +167,4 @@ def compile_options(args: argparse.Namespace) -> Any:
         if args.compile_mode is not None:
             raise SystemExit("kunlun serve: --compile-mode needs the compiled step; leave out --no-compile")
         return None
-    return CompileOptions(mode=args.compile_mode or "default")
+    return CompileOptions(mode=args.compile_mode or "default", slot_buckets=args.slot_buckets)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model import DEFAULT_PREFILL_CHUNK, InferenceCache, KunlunBaize, prefill
-from ..model.cache import CacheOverflowError
+from ..model.cache import CacheOverflowError, HistoryBuffer, KVBuffer, LayerCache
 from ..model.layers import linear, small_rows
 from ..model.model import ModelOutput
 
@@ -221,11 +221,15 @@ MAX_BUCKETS = 8
 class CompileOptions:
     """How a :class:`BatchDecoder` runs its static step: ``compile=False`` runs it eagerly (tests, debugging);
     ``mode`` and ``backend`` are ``torch.compile``'s, as for :class:`StaticDecoder` (``"max-autotune"`` on a CPU:
-    :data:`CPU_MAX_AUTOTUNE`)."""
+    :data:`CPU_MAX_AUTOTUNE`); ``slot_buckets``: how many key lengths (the context, its half, its quarter …) the
+    steps of at least half the batch are compiled for."""
 
     compile: bool = True
     mode: str | None = None
     backend: str | Callable = "inductor"
+    slot_buckets: int = 3
+    """Key lengths the larger row buckets' steps are compiled for (:func:`slot_buckets`): 1 reads the whole
+    cache in every step."""
 
 
 def row_buckets(max_batch: int) -> tuple[int, ...]:
@@ -235,13 +239,49 @@ def row_buckets(max_batch: int) -> tuple[int, ...]:
     return (*(1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch), max_batch)
 
 
+def slot_buckets(max_len: int, count: int) -> tuple[int, ...]:
+    """The key lengths a step is compiled for, ascending: ``max_len`` and ``count`` − 1 halvings of it (rounded up;
+    fewer when they reach 1), e.g. (64, 128, 256) for 256 and 3. A step whose tokens end within the first s slots
+    reads only those s: attention's cost grows with the slots it reads, and a batch of short requests uses few."""
+    if count < 1:
+        raise ValueError(f"slot_buckets must be >= 1, got {count}")
+    return tuple(sorted({-(-max_len // (1 << i)) for i in range(count)}))
+
+
+def first_slots(cache: InferenceCache, n: int) -> InferenceCache:
+    """A cache of the first ``n`` slots of every row that shares ``cache``'s storage (same rows, length, padding):
+    what a forward of tokens ending within them writes through it lands in ``cache``."""
+    if n == cache.max_len:
+        return cache
+
+    def kv(b: KVBuffer) -> KVBuffer:
+        view = KVBuffer.__new__(KVBuffer)
+        view.k, view.v = b.k[:, :, :n], b.v[:, :, :n]
+        return view
+
+    def history(h: HistoryBuffer | None) -> HistoryBuffer | None:
+        if h is None:
+            return None
+        view = HistoryBuffer.__new__(HistoryBuffer)
+        view.x = h.x[:, :n]
+        return view
+
+    layers = [LayerCache(kv(lc.self_attn), history(lc.conv_history), [kv(c) for c in lc.cross_attn])
+              for lc in cache.layers]
+    return InferenceCache(layers=layers, mtp=[kv(b) for b in cache.mtp], max_len=n, valid=cache.valid[:, :n],
+                          length=cache.length, padded=cache.padded)
+
+
 class BatchDecoder:
     """Static decoding steps for a batch whose rows come and go (a server's running batch) in one padded cache.
 
     Each step feeds the cache's first ``rows`` rows, padded with dummy rows up to the next of :func:`row_buckets`
     (their outputs are dropped; what they write lands in rows that are not running, whose slots a row placed there
-    later overwrites). Every bucket is a :class:`StaticDecoder` over that many first rows of the cache, so the step
-    is traced once per bucket; :meth:`warm_up` traces them all at once. The rows' tokens are the eager path's
+    later overwrites). A row bucket of at least half the batch also reads only the first slots its tokens need:
+    the fewest of :func:`slot_buckets` (``options.slot_buckets`` key lengths) that hold them, so a batch of short
+    requests does not attend over the whole context; smaller buckets, whose steps cost little attention, read every
+    slot. Every (rows, slots) pair is a :class:`StaticDecoder` over that part of the cache, so the step is traced
+    once per pair; :meth:`warm_up` traces them all at once. The rows' tokens are the eager path's
     (``tests/test_static_decode.py``); the cache's ``length`` and padding are the caller's, as with the eager
     forward."""
 
@@ -251,14 +291,23 @@ class BatchDecoder:
         if len(self.buckets) > MAX_BUCKETS:
             raise ValueError(f"a batch of {cache.batch_size} rows needs {len(self.buckets)} compiled steps, more "
                              f"than {MAX_BUCKETS}: use a max batch of at most {1 << (MAX_BUCKETS - 1)}")
-        self.decoders = {b: StaticDecoder(model, compile=options.compile, mode=options.mode, backend=options.backend,
-                                          cache=cache.rows(b)) for b in self.buckets}
+        keys = slot_buckets(cache.max_len, options.slot_buckets)
+        self.slot_buckets = {b: keys if 2 * b >= cache.batch_size else (cache.max_len,) for b in self.buckets}
+        self.decoders = {(b, n): StaticDecoder(model, compile=options.compile, mode=options.mode,
+                                               backend=options.backend, cache=first_slots(cache.rows(b), n))
+                         for b, lengths in self.slot_buckets.items() for n in lengths}
 
     def bucket(self, rows: int) -> int:
         """The bucket that ``rows`` running rows are padded to."""
         if not 1 <= rows <= self.cache.batch_size:
             raise ValueError(f"{rows} rows do not fit a batch of {self.cache.batch_size}")
         return next(b for b in self.buckets if b >= rows)
+
+    def slots(self, rows: int, end: int) -> int:
+        """How many slots a step of ``rows`` rows whose tokens end before slot ``end`` reads."""
+        if end > self.cache.max_len:
+            raise CacheOverflowError(f"{end} tokens exceed this batch's context of {self.cache.max_len}")
+        return next(n for n in self.slot_buckets[self.bucket(rows)] if n >= end)
 
     def step(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [rows, n, V] and final hidden states [rows, n, d] of ``ids`` [rows, n] fed to the first rows at
@@ -267,7 +316,7 @@ class BatchDecoder:
         size = self.bucket(rows)
         if size > rows:
             ids = torch.cat([ids, ids.new_zeros(size - rows, n)])
-        decoder = self.decoders[size]
+        decoder = self.decoders[size, self.slots(rows, self.cache.length + n)]
         view = decoder.cache
         view.length, view.padded = self.cache.length, self.cache.padded
         logits, hidden = decoder.step(ids)
@@ -280,7 +329,7 @@ class BatchDecoder:
         the grad mode); an empty cache stays empty."""
         if self.cache.length:
             raise ValueError("warm up a BatchDecoder before its cache holds tokens")
-        for size, decoder in self.decoders.items():
+        for (size, _), decoder in self.decoders.items():
             decoder.cache.length = len(self.cache.mtp)  # the first slot the compiled step writes the MTP keys at
             decoder.step(torch.zeros(size, 1, dtype=torch.long, device=self.cache.valid.device))
         self.cache.valid.fill_(True)

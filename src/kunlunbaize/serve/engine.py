@@ -15,8 +15,10 @@ A prompt is prefilled ``prefill_chunk`` tokens at a time (:func:`~kunlunbaize.mo
 the working memory of one chunk, not of the whole prompt.
 
 With ``static`` options the running batch steps through a :class:`~kunlunbaize.infer.static.BatchDecoder`: the
-static-shape step, compiled once per bucket of rows (powers of two up to ``max_batch``) while the engine is made,
-before it takes requests; the tokens are the eager step's.
+static-shape step, compiled once per bucket of rows (powers of two up to ``max_batch``) and, for the larger ones, of
+key slots (the context, its half, its quarter) while the engine is made, before it takes requests; the tokens are the
+eager step's. The step reads the fewest slots that hold the running rows' tokens: when the shared left padding is all
+that keeps the batch in a larger slot bucket, the rows are shifted left first.
 
 A lone greedy request (nothing else running or waiting) decodes with MTP self-speculative rounds when the engine is
 made with ``speculative=True``: the same tokens, fewer trunk forwards.
@@ -312,9 +314,7 @@ class Engine:
         if self._lone_greedy():
             self._speculative_step(self.active[0])
         else:
-            rows = len(self.active)
-            if self.batch.length >= self.context:  # out of slots: drop the padding every row has
-                self.batch.shift(-min(self.batch.length - s.length for s in self.active), rows)
+            self._compact()
             feed = torch.tensor([[s.next_token] for s in self.active], device=self.model.embed.weight.device)
             logits, hidden = self._forward(feed)
             logits = logits[:, -1]
@@ -328,6 +328,15 @@ class Engine:
                 self._emit(seq, tok, logits[b])
         self.steps += 1
         self._remove_done()
+
+    def _compact(self) -> None:
+        """Drop the left padding every running row has (shift them left) when the slots run out, or when without
+        it the compiled step would read more slots than the rows' tokens need (``BatchDecoder.slots``)."""
+        rows, end = len(self.active), self.batch.length + 1
+        lead = min(end - 1 - s.length for s in self.active)
+        if lead and (end > self.context or (self.decoder is not None
+                                            and self.decoder.slots(rows, end) > self.decoder.slots(rows, end - lead))):
+            self.batch.shift(-lead, rows)
 
     def _forward(self, feed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and final hidden states of the running rows' next tokens ``feed`` [rows, 1], cached."""

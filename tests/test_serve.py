@@ -35,19 +35,16 @@ class CharTokenizer:
 
 
 def _run(engine: Engine, jobs: list[tuple[list[int], Params]], stagger: float = 0.0,
-         hold_first: bool = False, first_steps: int = 0) -> list[Finished]:
+         first_steps: int = 0) -> list[Finished]:
     """Submit every job (``stagger`` seconds apart) and wait for them all; their Finished events, in order. With
-    ``hold_first`` the engine waits at the first job's first token until every other job has been submitted; with
     ``first_steps`` the other jobs are submitted once the engine has taken that many decode steps (the first job
     alone in the batch, whatever the machine's speed)."""
     results: dict[int, Finished] = {}
-    done, submitted = threading.Event(), threading.Event()
+    done = threading.Event()
     lock = threading.Lock()
 
     def sink_for(i: int):
         def sink(event):
-            if i == 0 and hold_first:
-                submitted.wait(30)
             if isinstance(event, Finished):
                 with lock:
                     results[i] = event
@@ -62,7 +59,6 @@ def _run(engine: Engine, jobs: list[tuple[list[int], Params]], stagger: float = 
             time.sleep(0.001)
         if stagger:
             time.sleep(stagger)
-    submitted.set()
     assert done.wait(120), f"only {len(results)} of {len(jobs)} finished"
     return [results[i] for i in range(len(jobs))]
 
@@ -131,7 +127,7 @@ def test_the_static_batch_step_gives_every_request_its_greedy_answer_alone(cfg, 
                     speculative=cfg.mtp_depth > 0)
     assert engine.decoder is not None and engine.decoder.buckets == (1, 2, 4)
     try:
-        got = _run(engine, jobs, stagger=0.002, hold_first=True)
+        got = _run(engine, jobs, stagger=0.002, first_steps=2)  # the short prompt decodes alone, then the rest join
     finally:
         engine.shutdown(10)
     assert [r.tokens for r in got] == alone
@@ -139,20 +135,42 @@ def test_the_static_batch_step_gives_every_request_its_greedy_answer_alone(cfg, 
     assert shifts["right"] > 0 and shifts["left"] > 0
 
 
+@pytest.mark.parametrize("slot_buckets", [3, 1])
+def test_the_engine_drops_the_shared_padding_to_step_in_a_smaller_slot_bucket(slot_buckets, shifts):
+    """A request that joined a longer one is left-padded to the batch's slots; once the long one leaves, the engine
+    shifts the request's row left (its padding dropped) rather than step it over 64 slots where 32 hold its
+    tokens. With one slot bucket (every step reads all 64) it shifts only when the slots run out: never here. The
+    tokens are the request's alone either way."""
+    cfg = tiny(dense_residual=False, transformerx=False, mtp_depth=0)
+    model = build(cfg)
+    g = torch.Generator().manual_seed(3)
+    jobs = [(torch.randint(0, cfg.vocab_size, (2,), generator=g).tolist(), Params(max_tokens=m)) for m in (40, 28)]
+    engine = Engine(model, CharTokenizer(), max_batch=2, static=CompileOptions(compile=False,
+                                                                               slot_buckets=slot_buckets))
+    assert engine.decoder.slot_buckets[1] == ((16, 32, 64) if slot_buckets == 3 else (64,))
+    try:
+        got = _run(engine, jobs, first_steps=20)  # the second joins at slot 22 or later, 20 or more pads before it
+    finally:
+        engine.shutdown(10)
+    assert [r.tokens for r in got] == [generate(model, [p], params.max_tokens).tokens[0] for p, params in jobs]
+    assert shifts["right"] == 0 and shifts["left"] == (1 if slot_buckets == 3 else 0)
+
+
 def test_the_engine_compiles_each_bucket_once_before_it_takes_requests():
-    """Warm-up traces every bucket's step while the engine is made; serving a changing batch then traces none."""
+    """Warm-up traces every bucket's step (per slot bucket too) while the engine is made; serving a changing batch
+    then traces none."""
     from torch._dynamo.testing import CompileCounter
 
     cfg = tiny(dense_residual=False, transformerx=False, mtp_depth=0)
     model = build(cfg)
     counter = CompileCounter()
     engine = Engine(model, CharTokenizer(), max_batch=5, static=CompileOptions(backend=counter))
-    try:
-        assert engine.decoder.buckets == (1, 2, 4, 5) and counter.frame_count == 4
+    try:  # buckets of 4 and 5 rows (at least half the batch): a step per key length (16, 32 and 64 slots)
+        assert engine.decoder.buckets == (1, 2, 4, 5) and counter.frame_count == 1 + 1 + 3 + 3
         jobs = _jobs(cfg, 7, seed=4)
         got = _run(engine, jobs, stagger=0.002)
         assert [r.tokens for r in got] == [generate(model, [p], params.max_tokens).tokens[0] for p, params in jobs]
-        assert counter.frame_count == 4
+        assert counter.frame_count == 8
     finally:
         engine.shutdown(10)
 

@@ -11,7 +11,7 @@ from torch._dynamo.testing import CompileCounter
 from kunlunbaize.infer import DraftVocab, StaticDecoder, frequent_tokens, generate, speculative_generate
 from kunlunbaize.infer.sampling import SamplingParams
 from kunlunbaize.infer.speculative import draft
-from kunlunbaize.infer.static import BatchDecoder, CompileOptions, row_buckets
+from kunlunbaize.infer.static import BatchDecoder, CompileOptions, row_buckets, slot_buckets
 from kunlunbaize.model.cache import CacheOverflowError
 
 from .helpers import build, tiny
@@ -262,3 +262,52 @@ def test_batch_decoder_errors():
     dec.step(torch.ones(2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="before its cache holds tokens"):
         dec.warm_up()
+
+
+def test_slot_buckets_halve_the_context():
+    assert slot_buckets(256, 3) == (64, 128, 256)
+    assert slot_buckets(256, 1) == (256,)
+    assert slot_buckets(40, 3) == (10, 20, 40)
+    assert slot_buckets(5, 5) == (1, 2, 3, 5)
+    with pytest.raises(ValueError, match="slot_buckets must be >= 1"):
+        slot_buckets(256, 0)
+
+
+@torch.inference_mode()
+def test_each_slot_bucket_steps_as_the_eager_forward_and_a_row_crosses_them_exactly():
+    """Rows decoding from slot 3 to the end of a 40-slot cache step through the 10-, 20- and 40-slot steps of their
+    bucket in turn (the smallest that holds their tokens); every step's logits and hidden states, and the cache
+    after it, equal the eager forward's on those rows alone. Buckets of under half the batch read every slot."""
+    model = model64(transformerx=True)
+    V = model.config.vocab_size
+    batch, eager = model.new_cache(4, 40), model.new_cache(4, 40)
+    dec = BatchDecoder(model, batch, CompileOptions(compile=False))
+    assert dec.slot_buckets == {1: (40,), 2: (10, 20, 40), 4: (10, 20, 40)}
+    assert set(dec.decoders) == {(1, 40), (2, 10), (2, 20), (2, 40), (4, 10), (4, 20), (4, 40)}
+    ids = torch.randint(1, V, (3, 3))
+    for cache in (batch, eager):
+        model(ids, cache=cache.rows(3), mtp=False)
+        cache.length = 3
+    used = []
+    step = dec.step
+
+    def spy(feed):
+        used.append(dec.slots(feed.shape[0], batch.length + feed.shape[1]))
+        return step(feed)
+
+    dec.step = spy
+    feed = torch.randint(1, V, (3, 1))
+    while batch.length < 40:
+        view = eager.rows(3)
+        ref = model(feed, cache=view, mtp=False)
+        eager.length = view.length
+        logits, hidden = dec.step(feed)
+        torch.testing.assert_close(logits, ref.logits)
+        torch.testing.assert_close(hidden, ref.hidden)
+        feed = logits[:, -1:].argmax(-1)
+    assert used == [10] * 7 + [20] * 10 + [40] * 20
+    for (a, _), (b, _) in zip(batch.slot_tensors(), eager.slot_tensors(), strict=True):
+        torch.testing.assert_close(a[:3], b[:3])
+    assert dec.slots(1, 5) == 40 and dec.slots(2, 20) == 20 and dec.slots(2, 21) == 40
+    with pytest.raises(CacheOverflowError, match="41 tokens exceed"):
+        dec.slots(4, 41)

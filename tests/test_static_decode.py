@@ -194,11 +194,13 @@ def test_many_decoders_each_compile_their_own_steps():
 @torch.inference_mode()
 def test_cpu_max_autotune_uses_cpp_gemm_templates():
     """``mode="max-autotune"`` on a CPU: the step's matrix products run inductor's C++ GEMM templates (frozen,
-    prepacked weights), and greedy decoding still gives the eager tokens."""
+    prepacked weights), and greedy decoding still gives the eager tokens. Every matrix product of the model is
+    32 × 32 (kv heads = heads, each of the 2 FFNs 64 / 2 wide, vocabulary 32): the autotuning (a C++ build per
+    candidate kernel, seconds each) runs for one weight shape (two input layouts), not five."""
     from torch._dynamo.utils import counters
     from torch._inductor.utils import fresh_cache
 
-    model = build(tiny(n_layers=1, mtp_depth=1), 0).eval()
+    model = build(tiny(n_layers=1, mtp_depth=0, n_kv_heads=4, ffn_hidden=64, vocab_size=32), 0).eval()
     prompt = torch.randint(1, model.config.vocab_size, (5,)).tolist()
     counters.clear()
     dec = StaticDecoder(model, 1, mode="max-autotune")

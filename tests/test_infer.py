@@ -144,7 +144,7 @@ def test_speculative_sampling_matches_trunk_distribution(draft_vocab, penalty):
                                   context_mask([[*prompt, a]], V)[0])
                 expected[a] = p1[a] * p2
     # 600 generations: a sampler resampling from p instead of (p - q)+, or accepting every draft, gives chi-square
-    # ~90 / ~140 against the critical ~38 (measured by injecting them); a true one exceeds it with p = 0.001
+    # ~105-130 / ~180-300 against the critical ~38 (measured by planting them); a true one exceeds it with p = 0.001
     n = 600
     counts = torch.zeros(V, V)
     gen_seed = itertools.count()

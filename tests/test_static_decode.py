@@ -169,19 +169,23 @@ def test_decoder_errors():
 @pytest.mark.slow
 @torch.inference_mode()
 def test_many_decoders_each_compile_their_own_steps():
-    """Decoders do not share one compile cache: five speculative decoders (3 step shapes each, 15 graphs) stay
-    within Dynamo's per-function recompile limit (8) and each traces only its own shapes."""
+    """Decoders do not share one compile cache: three speculative decoders (3 step shapes each, 9 step graphs, one
+    more than Dynamo's per-function recompile limit of 8 allows) stay within the limit and each traces only its own
+    shapes."""
+    from torch._dynamo.config import recompile_limit
+
     model = build(tiny(n_layers=1, mtp_depth=2), 0).eval()
     prompt = torch.randint(1, model.config.vocab_size, (6,)).tolist()
     want = generate(model, [prompt], 10).tokens[0]
+    n = recompile_limit // 3 + 1  # shared, their step graphs would exceed the limit
     counts = []
-    for _ in range(5):
+    for _ in range(n):
         counter = CompileCounter()
         dec = StaticDecoder(model, 1, mtp=True, backend=counter)
         assert generate(model, [prompt], 10, decoder=dec).tokens[0] == want
         assert speculative_generate(model, prompt, 10, draft_len=2, decoder=dec).tokens[0] == want
         counts.append(counter.frame_count)
-    assert counts == [5] * 5  # 1 new token; verification of 3 and (the budget's end) 2; drafting at depths 1, 2
+    assert counts == [5] * n  # 1 new token; verification of 3 and (the budget's end) 2; drafting at depths 1, 2
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
@@ -190,11 +194,13 @@ def test_many_decoders_each_compile_their_own_steps():
 @torch.inference_mode()
 def test_cpu_max_autotune_uses_cpp_gemm_templates():
     """``mode="max-autotune"`` on a CPU: the step's matrix products run inductor's C++ GEMM templates (frozen,
-    prepacked weights), and greedy decoding still gives the eager tokens."""
+    prepacked weights), and greedy decoding still gives the eager tokens. Every matrix product of the model is
+    32 × 32 (kv heads = heads, each of the 2 FFNs 64 / 2 wide, vocabulary 32): the autotuning (a C++ build per
+    candidate kernel, seconds each) runs for one weight shape (two input layouts), not five."""
     from torch._dynamo.utils import counters
     from torch._inductor.utils import fresh_cache
 
-    model = build(tiny(n_layers=1, mtp_depth=1), 0).eval()
+    model = build(tiny(n_layers=1, mtp_depth=0, n_kv_heads=4, ffn_hidden=64, vocab_size=32), 0).eval()
     prompt = torch.randint(1, model.config.vocab_size, (5,)).tolist()
     counters.clear()
     dec = StaticDecoder(model, 1, mode="max-autotune")

@@ -7,9 +7,9 @@ the caller's file descriptors, its working folder, environment, ``sys.argv`` and
 fresh ``python -m MODULE …`` / ``python -c CODE`` started there would have, it runs the module as ``__main__``
 and ends the way the interpreter ends (exceptions print their traceback and exit 1, ``SystemExit`` gives its
 status, atexit handlers run). The caller, a small client in the sandbox's ``.venv/bin``, exits with the child's
-status. A command whose environment differs from the server's in anything but the shell's own variables (a
-variable read at import time might matter), or whose arguments are not of these forms, runs as a fresh process
-instead, as does every command when ``KUNLUN_DOCS_FORKSERVER`` is not set.
+status. A command whose environment differs from the server's in anything but the shell's and pytest's own
+variables (a variable read at import time might matter), or whose arguments are not of these forms, runs as a
+fresh process instead, as does every command when ``KUNLUN_DOCS_FORKSERVER`` is not set.
 
     python tests/forkserver.py serve SOCKET              # the server: preloads, listens, forks
     python -I -S tests/forkserver.py client PYTHON ARGS… # the client: ARGS as `python ARGS…` would get them
@@ -24,8 +24,8 @@ import struct
 import sys
 
 SOCKET_VAR = "KUNLUN_DOCS_FORKSERVER"
-# what a shell or the client itself may set differently without changing what an import does
-SHELL_VARS = {"PATH", "PWD", "OLDPWD", "SHLVL", "_"}
+# what a shell or pytest (the test's phase) sets differently without changing what an import does
+IGNORED_VARS = {"PATH", "PWD", "OLDPWD", "SHLVL", "_", "PYTEST_CURRENT_TEST"}
 PRELOAD = ("torch", "torch._dynamo", "numpy", "tokenizers", "transformers", "safetensors.torch",
            "kunlunbaize.cli", "kunlunbaize.model", "kunlunbaize.checkpoint", "kunlunbaize.data", "kunlunbaize.infer",
            "kunlunbaize.infer.generator", "kunlunbaize.eval", "kunlunbaize.hf", "kunlunbaize.posttrain")
@@ -105,7 +105,7 @@ def _handle(conn: socket.socket, base_env: dict, imported_env: dict) -> dict | N
         data += more
     request = json.loads(data[HEADER.size:])
     differs = {k for k in base_env.keys() | request["env"].keys() if base_env.get(k) != request["env"].get(k)}
-    if differs - SHELL_VARS:
+    if differs - IGNORED_VARS:
         conn.sendall(b"fresh")
         return None
     sys.stdout.flush()

@@ -4,7 +4,10 @@ Snippets are read from the Markdown itself: the lines of ```bash blocks, whole `
 ``$ command`` transcripts (whose shown output must appear) and inline `kunlun …` spans in the prose.
 Each guide runs top to bottom in a sandbox folder laid out as the guide assumes (``runs/small`` is a
 trained tiny run, ``data/stdlib`` a prepared dataset, the user's own files of the examples exist), with
-``.venv/bin/kunlun`` being this interpreter's ``kunlun``. Commands whose cost is a full training budget
+``.venv/bin/kunlun`` being this interpreter's ``kunlun``. A ``kunlun`` or ``python -m kunlunbaize…`` command, and
+each guide's Python session, runs in a child forked from an interpreter that has already imported torch and
+kunlunbaize (:mod:`tests.forkserver`), with the command's own arguments, folder, environment and standard streams;
+its exit status and output are checked as a fresh process's would be. Commands whose cost is a full training budget
 or that need hardware this machine lacks are only parsed by the real argument parser; they are named
 in :data:`PARSE_ONLY` with the reason, so nothing is skipped silently.
 """
@@ -16,16 +19,23 @@ import json
 import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from .forkserver import SOCKET_VAR
+
 ROOT = Path(__file__).resolve().parents[1]
+FORKSERVER = ROOT / "tests" / "forkserver.py"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("guide-*.md"))]
 
 # Commands not run here (regex on the snippet → why). They are still parsed by `kunlun`'s parser.
@@ -213,13 +223,14 @@ def user_files(tmp_path_factory) -> Path:
 
 def _sandbox(tmp: Path, user_files: Path, trained_run: Path, dataset: Path) -> Path:
     """A folder laid out as the guides assume: runs/small, data/stdlib, examples/, the user's files,
-    .venv/bin/kunlun."""
+    .venv/bin/kunlun and .venv/bin/python (this interpreter, through :mod:`tests.forkserver`'s client)."""
     (tmp / ".venv" / "bin").mkdir(parents=True)
+    client = f'"{sys.executable}" -I -S "{FORKSERVER}" client "{sys.executable}"'
     kunlun = tmp / ".venv" / "bin" / "kunlun"
-    kunlun.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m kunlunbaize.cli "$@"\n')
+    kunlun.write_text(f'#!/bin/sh\nexec {client} -m kunlunbaize.cli "$@"\n')
     kunlun.chmod(0o755)
     python = tmp / ".venv" / "bin" / "python"  # a script, not a link: a linked venv python loses its venv
-    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.write_text(f'#!/bin/sh\nexec {client} "$@"\n')
     python.chmod(0o755)
     for item in user_files.iterdir():
         (tmp / item.name).symlink_to(item, target_is_directory=item.is_dir())
@@ -239,20 +250,44 @@ def _sandbox(tmp: Path, user_files: Path, trained_run: Path, dataset: Path) -> P
     return tmp
 
 
-def _env(cwd: Path) -> dict[str, str]:
+def _env(cwd: Path, server: Path) -> dict[str, str]:
     return {**os.environ, "PATH": f"{cwd / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}",
-            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+            SOCKET_VAR: str(server)}
 
 
-def _run_shell(s: Snippet, cwd: Path) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="session")
+def kunlun_server() -> Path:
+    """A :mod:`tests.forkserver` for the guides' `kunlun` and `python -m` commands (its socket's path): each runs
+    in a child forked from an interpreter that has imported torch and kunlunbaize once, instead of a fresh one
+    that spends ~7 CPU-s on those imports."""
+    folder = Path(tempfile.mkdtemp(prefix="kfs"))  # short: a socket's path has at most 107 bytes
+    sock = folder / "socket"
+    with open(folder / "log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(FORKSERVER), "serve", str(sock)], cwd=folder,
+                                env=_env(folder, sock), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
+    deadline = time.monotonic() + SNIPPET_TIMEOUT  # its imports take ~10 CPU-s: minutes on a busy machine
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the fork server did not start:\n{(folder / 'log').read_text()}")
+        time.sleep(0.1)
+    yield sock
+    os.killpg(proc.pid, signal.SIGKILL)  # the server and any command still running
+    proc.wait()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run_shell(s: Snippet, cwd: Path, server: Path) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(["bash", "-c", s.text], cwd=cwd, env=_env(cwd), capture_output=True, text=True,
+        return subprocess.run(["bash", "-c", s.text], cwd=cwd, env=_env(cwd, server), capture_output=True, text=True,
                               timeout=SNIPPET_TIMEOUT, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{s}\ntimed out\n{e.stdout}\n{e.stderr}")
 
 
-SNIPPET_TIMEOUT = 240
+SNIPPET_TIMEOUT = 600  # wall seconds: a few CPU-s each, but minutes where other jobs share the cores
 # Runs the Python blocks of one guide in one namespace, as a reader pasting them into one session would.
 NOTEBOOK = r"""
 import contextlib, io, json, sys, traceback
@@ -274,8 +309,9 @@ for line in sys.stdin:
 class Notebook:
     """One Python process per guide; :meth:`run` executes a block in its shared namespace."""
 
-    def __init__(self, cwd: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", NOTEBOOK], cwd=cwd, env=_env(cwd), text=True,
+    def __init__(self, cwd: Path, server: Path) -> None:
+        self.proc = subprocess.Popen([cwd / ".venv" / "bin" / "python", "-c", NOTEBOOK], cwd=cwd,
+                                     env=_env(cwd, server), text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
 
     def run(self, s: Snippet) -> subprocess.CompletedProcess:
@@ -292,6 +328,7 @@ class Notebook:
         return subprocess.CompletedProcess(s.text, 0 if result["ok"] else 1, "", result["out"])
 
     def close(self) -> None:
+        self.proc.stdin.close()  # the interpreter (a fork server's child) ends at the end of its input
         self.proc.kill()
         self.proc.wait()
 
@@ -330,19 +367,19 @@ def test_every_command_parses(doc):
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
-def test_every_snippet_runs_as_written(doc, user_files, trained_run, dataset, tmp_path, request):
+def test_every_snippet_runs_as_written(doc, user_files, trained_run, dataset, kunlun_server, tmp_path, request):
     cwd = _sandbox(tmp_path, user_files, trained_run, dataset)
     snippets = extract(doc)
     for s in snippets:  # the files a guide shows exist before its commands run
         if s.kind == "file":
             (cwd / s.expect[0]).parent.mkdir(parents=True, exist_ok=True)
             (cwd / s.expect[0]).write_text(s.text, encoding="utf-8")
-    notebook = Notebook(cwd)
+    notebook = Notebook(cwd, kunlun_server)
     request.addfinalizer(notebook.close)
     for s in snippets:
         if s.kind in ("mention", "file") or parse_only_reason(s) or (NEEDS_GPU.search(s.text) and not _has_cuda()):
             continue
-        r = notebook.run(s) if s.kind == "python" else _run_shell(s, cwd)
+        r = notebook.run(s) if s.kind == "python" else _run_shell(s, cwd, kunlun_server)
         shown = f"{s}\nexit {r.returncode}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-3000:]}"
         if s.kind == "transcript":
             for line in s.expect:
@@ -385,3 +422,38 @@ def test_every_link_and_path_exists(doc):
         if not (ROOT / path).exists():
             missing.append(path)
     assert not missing, f"{doc.name} refers to what does not exist: {missing}"
+
+
+FIDELITY = r"""
+import os, sys, torch
+print(sys.argv[:-1], repr(sys.path[0]), os.getcwd(), os.environ.get("KUNLUN_DOCS_PROBE"), sys.stdin.read().upper(),
+      sorted(k for k in os.environ if k.startswith("TORCH")), torch.get_num_threads())
+print("to stderr", file=sys.stderr)
+if os.getpid() == int(sys.argv[-1]):  # the shell's pid: the client exec'd the interpreter
+    print("fresh process")
+raise SystemExit(3)
+"""
+
+
+@pytest.mark.subprocess
+def test_a_served_command_is_what_a_fresh_one_would_be(kunlun_server, tmp_path):
+    """Through the fork server, a `python -c` command gets the arguments, folder, environment, standard streams and
+    exit status a fresh interpreter gives it; a changed environment makes it a fresh process."""
+    cwd = tmp_path
+    (cwd / ".venv" / "bin").mkdir(parents=True)
+    shim = cwd / ".venv" / "bin" / "python"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -I -S "{FORKSERVER}" client "{sys.executable}" "$@"\n')
+    shim.chmod(0o755)
+    env = _env(cwd, kunlun_server)
+
+    def run(python, extra_env):
+        cmd = f'exec {shlex.quote(str(python))} -c {shlex.quote(FIDELITY)} a "b c" $$'
+        return subprocess.run(["bash", "-c", cmd], cwd=cwd, env={**env, **extra_env}, input="in", text=True,
+                              capture_output=True, timeout=SNIPPET_TIMEOUT)
+
+    served, fresh = run(shim, {}), run(sys.executable, {})
+    assert fresh.stdout.endswith("fresh process\n")
+    assert (served.returncode, served.stdout, served.stderr) == (fresh.returncode, fresh.stdout[:-14], fresh.stderr)
+    assert served.returncode == 3 and "['-c', 'a', 'b c'] '' " in served.stdout and "IN" in served.stdout
+    assert served.stderr == "to stderr\n" and "fresh process" not in served.stdout
+    assert "fresh process" in run(shim, {"KUNLUN_DOCS_PROBE": "set"}).stdout  # read at import time? run it fresh

@@ -33,8 +33,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 
     def _inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
-        inv_freq, self.attention_factor = inv_freq_and_attention(self.head_dim, self.theta, self.scaling, device)
-        return inv_freq
+        device = torch.get_default_device() if device is None else torch.device(device)
+        # a meta model's table: computed on the CPU (a few numbers), since torch's meta arithmetic imports
+        # torch._dynamo (~3 CPU-s), then placed
+        on = torch.device("cpu") if device.type == "meta" else device
+        with torch.device(on):
+            inv_freq, self.attention_factor = inv_freq_and_attention(self.head_dim, self.theta, self.scaling, on)
+        return inv_freq.to(device)
 
     def reset_parameters(self) -> None:
         self.inv_freq = self._inv_freq(self.inv_freq.device)

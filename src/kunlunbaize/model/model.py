@@ -79,7 +79,7 @@ class KunlunBaizeTrunk:
         config.validate()
         self.arch = config
         d = config.d_model
-        self.embed = nn.Embedding(config.vocab_size, d)  # E(·), shared with the MTP depths (eq. 13, 15)
+        self.embed = _embedding(config.vocab_size, d)  # E(·), shared with the MTP depths (eq. 13, 15)
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.blocks = nn.ModuleList(block_factory(config) for _ in range(config.n_layers))  # eq. 14
         self.dense = DenseResidual(config.n_layers, config.dense_init) if config.dense_residual else None
@@ -241,6 +241,13 @@ class KunlunBaizeTrunk:
         return h
 
 
+def _embedding(n: int, d: int) -> nn.Embedding:
+    """An ``n`` × ``d`` embedding; built on the meta device, without nn.Embedding's own N(0, 1) draw, which there
+    draws nothing and imports torch._dynamo (~3 CPU-s) for a model that is loaded or materialised anyway."""
+    meta = torch.get_default_device().type == "meta"
+    return nn.Embedding(n, d, _weight=torch.empty(n, d) if meta else None)
+
+
 class KunlunBaize(KunlunBaizeTrunk, nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         nn.Module.__init__(self)
@@ -252,7 +259,10 @@ class KunlunBaize(KunlunBaizeTrunk, nn.Module):
 
     # ------------------------------------------------------------------ parameters
     def reset_parameters(self) -> None:
-        """Weights ~ N(0, init_std); norms and eSwish β at 1; dense-residual logits at 0 (uniform)."""
+        """Weights ~ N(0, init_std); norms and eSwish β at 1; dense-residual logits at 0 (uniform). Nothing on the
+        meta device (no values to draw: a meta model is loaded with ``assign=True`` or materialised by name)."""
+        if self.embed.weight.is_meta:
+            return
         for m in self.modules():
             init_module(m, self.config.init_std)
 

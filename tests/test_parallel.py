@@ -186,14 +186,15 @@ def test_kunlun_train_tp2_resumes_across_layouts_and_exports(dataset, one_proces
     want = losses(one_process)
     # tp2 for two steps, then one process for the rest, in one run folder
     out = tmp_path / "tp_then_one"
-    tp = _run(_torchrun(2, *_common(dataset, out, tokens, *micro, "--tp", "2", "--stop-at-step", "2")))
+    tp = _run(_torchrun(2, *_common(dataset, out, tokens, *micro, "--tp", "2", "--stop-at-step", "2",
+                                    "--sample-tokens", "0")))
     assert tp.returncode == 0, tp.stdout + tp.stderr
     assert "dp_replicate 1 x dp_shard 1 x tp 2 (none)" in tp.stdout + tp.stderr
     rest = _run(_cli(*_common(dataset, out, tokens, *micro, "--sample-tokens", "0")))
     assert rest.returncode == 0 and "resumed from" in rest.stderr, rest.stdout + rest.stderr
     # one process's step-2 checkpoint resumed on tp2
     again = _run(_torchrun(2, *_common(dataset, tmp_path / "one_then_tp", tokens, *micro, "--tp", "2", "--resume",
-                                       str(one_process / "checkpoints" / "step_00000002"))))
+                                       str(one_process / "checkpoints" / "step_00000002"), "--sample-tokens", "0")))
     assert again.returncode == 0, again.stdout + again.stderr
     got, resumed = losses(out), losses(tmp_path / "one_then_tp")
     assert len(want) == 5  # the first step at 2 sequences (one micro-batch), then 4 (two accumulated)

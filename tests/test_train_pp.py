@@ -124,14 +124,14 @@ def test_kunlun_train_pp2_under_each_schedule_equals_one_process_and_resumes(dat
 
     ref, want = one_process
     out = tmp_path / "pp_then_one"
-    pp = _run(_torchrun(2, *_args(dataset, out, "--pp", "2", "--stop-at-step", "2")))
+    pp = _run(_torchrun(2, *_args(dataset, out, "--pp", "2", "--stop-at-step", "2", "--sample-tokens", "0")))
     assert pp.returncode == 0, pp.stdout + pp.stderr
     assert "pp 2 x dp_replicate 1 x dp_shard 1 x tp 1 (none)" in pp.stdout + pp.stderr
     rest = _run(_cli(*_args(dataset, out, "--sample-tokens", "0")))
     assert rest.returncode == 0 and "resumed from" in rest.stderr, rest.stdout + rest.stderr
     _close(losses(out), want, range(1, 6))
     again = _run(_torchrun(2, *_args(dataset, tmp_path / "one_then_pp", "--pp", "2", "--pp-schedule", "gpipe",
-                                     "--resume", str(ref / "checkpoints" / "step_00000002"))))
+                                     "--resume", str(ref / "checkpoints" / "step_00000002"), "--sample-tokens", "0")))
     assert again.returncode == 0, again.stdout + again.stderr
     _close(losses(tmp_path / "one_then_pp"), want, range(3, 6))
     inter = _run(_torchrun(2, *_args(dataset, tmp_path / "interleaved", "--pp", "2", "--pp-schedule",

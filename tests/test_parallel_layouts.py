@@ -53,11 +53,12 @@ def _env() -> dict[str, str]:
 
 def _worker(tmp_path: Path, nproc: int, runs: list[dict], **sections) -> dict:
     """``tests/parallel_layouts_worker.py`` on ``nproc`` ranks over ``runs`` and the spec's ``sections``; its
-    results."""
+    results. (The 4-rank launch took 37 minutes on the 2-core machine at a load of 15-35; an hour's timeout only
+    catches a hang.)"""
     (tmp_path / "spec.json").write_text(json.dumps({**RAMP, "runs": runs, **sections}))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
            "-m", "tests.parallel_layouts_worker", str(tmp_path / "spec.json")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=2400)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads((tmp_path / "result.json").read_text())
 

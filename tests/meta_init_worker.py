@@ -2,7 +2,8 @@
 by the trainer's own ``runner.place`` (which materialises only what this rank holds); rank 0 saves the step-0 full
 state dict of each layout and the one after loading whole weights into it (``Runner.load_weights``, what
 ``--init-from`` does); every rank records which of the one-process model's parameters it allocated and the losses
-of two training steps from the step-0 weights. Run as
+of two training steps from the step-0 weights. ``tests/parallel_layouts_worker.py`` runs a spec's ``meta`` section
+through :func:`run` in its own launch (``tests/test_parallel_layouts.py``); run alone as
 ``python -m torch.distributed.run --nproc-per-node N -m tests.meta_init_worker SPEC.json``."""
 
 from __future__ import annotations
@@ -39,10 +40,9 @@ def batches(cfg: ModelConfig) -> list[torch.Tensor]:
     return list(torch.randint(0, cfg.vocab_size, (2, 1, 16), generator=torch.Generator().manual_seed(3)))
 
 
-def main() -> None:
-    path = Path(sys.argv[1])
-    spec = json.loads(path.read_text())
-    env = init_distributed("cpu")
+def run(spec: dict, env, folder: Path) -> None:
+    """Every layout of ``spec`` (on all of the job's ranks): rank 0 saves ``NAME.pt`` and ``NAME_loaded.pt`` in
+    ``folder``, every rank ``heldRANK.json``."""
     cfg = ModelConfig.from_dict(spec["model"])
     held, steps = {}, {}
     for name, sizes in spec["layouts"].items():
@@ -58,10 +58,16 @@ def main() -> None:
         runner.load_weights(other.state_dict())
         loaded = step0_weights(runner)
         if env.rank == 0:
-            torch.save(weights, path.parent / f"{name}.pt")
-            torch.save(loaded, path.parent / f"{name}_loaded.pt")
-    (path.parent / f"held{env.rank}.json").write_text(json.dumps({"held": held, "steps": steps}))
+            torch.save(weights, folder / f"{name}.pt")
+            torch.save(loaded, folder / f"{name}_loaded.pt")
+    (folder / f"held{env.rank}.json").write_text(json.dumps({"held": held, "steps": steps}))
     dist.barrier()
+
+
+def main() -> None:
+    path = Path(sys.argv[1])
+    env = init_distributed("cpu")
+    run(json.loads(path.read_text()), env, path.parent)
     dist.destroy_process_group()
 
 

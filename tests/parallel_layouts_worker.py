@@ -4,8 +4,12 @@ compiled blocks, FSDP2/HSDP, pipeline stages, precision) train side by side on t
 trainer deals them under a batch ramp with gradient accumulation; rank 0 writes the largest differences (losses,
 gradients before every optimiser step, gradient norms, parameters), each step's batch size and accumulation, how many
 of rank 0's modules are compiled and how many graphs Dynamo captured so far as JSON. A run with ``doc_mask`` trains
-on windows of several documents each (end-of-text id :data:`EOT`) with ``--doc-mask`` on both sides; a run's ``seq``
-replaces the spec's window length.
+on windows of several documents each (end-of-text id :data:`EOT`) with ``--doc-mask`` on both sides; a run's
+``samples``, ``batch``, ``batch_start``, ``ramp``, ``micro`` and ``seq`` replace the spec's, and its ``name`` names
+its result. So that one launch pays the ranks' start-up once for every check of a layout size, the spec's optional
+sections run in the same job after the runs: ``parallel`` (``tests/parallel_worker.py``'s configs on its layouts,
+results under ``"parallel"``), ``cp_units`` (the context-parallel pieces, ``parallel_worker.cp_checks``; ``"cp_units":
+"ok"``) and ``meta`` (``tests/meta_init_worker.py``'s layouts, files in a ``meta`` folder next to the spec).
 
 Run as ``python -m torch.distributed.run --nproc-per-node N -m tests.parallel_layouts_worker SPEC.json``.
 """
@@ -33,10 +37,13 @@ from kunlunbaize.train.plan import BatchPlan, plan_batches
 from kunlunbaize.train.runner import place
 from kunlunbaize.train.step import evaluate, train_step
 
+from . import meta_init_worker, parallel_worker
 from .helpers import build, tiny
 from .parallel_worker import resume_elsewhere
 
 SPEC = get_arch("kunlunbaize")
+RUN_SETTINGS = ("samples", "batch", "batch_start", "ramp", "micro", "seq")
+"""The spec's settings a run may replace."""
 LR = 1e-2
 EOT = 0
 """The end-of-text id of a ``doc_mask`` run's windows."""
@@ -128,8 +135,10 @@ def largest(values: list[float]) -> list[float]:
 
 def compare(run: dict, spec: dict, env: DistEnv, tmp: Path) -> dict:
     """Train the reference and the placed copy until the spec's samples are spent; the largest differences (and with
-    the run's ``resume``, those of the validation losses and of the next step after the placed copy's checkpoint is
-    resumed in one process)."""
+    the run's ``val``, those of the validation losses; with its ``resume``, those of the next step after the placed
+    copy's checkpoint is resumed in one process, or on each layout of a list (``tests/parallel_worker.py``'s
+    layouts: ``(dp_replicate, dp_shard, tp)``))."""
+    spec = {**spec, **{k: run[k] for k in RUN_SETTINGS if k in run}}
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in run["config"].items()}
     tcfg = train_config(spec, run)
     eot = EOT if tcfg.doc_mask else None
@@ -169,11 +178,13 @@ def compare(run: dict, spec: dict, env: DistEnv, tmp: Path) -> dict:
         out["grad"], out["param"] = max(out["grad"], grad), max(out["param"], param)
         if len(out["steps"]) == 1:  # the same parameters: the gradients differ only by float rounding
             out["first_grad"], out["first_grad_norm"] = grad, grad_norm
-    if run.get("resume"):  # validation losses too, then the checkpoint's next step in one process
+    if run.get("val"):  # validation losses too
         val_ref, val_par = evaluate(ref, [samples[:spec["batch"]]], ref.embed.weight.device,
                                     loss_kwargs=SPEC.train_kwargs()), runner.evaluate([samples[:spec["batch"]]])
         out["val"] = max(abs(val_ref[k] - val_par[k]) for k in val_ref)
-        out["resume"] = resume_elsewhere(cfg, {"steps": len(out["steps"]), "resume_on": [None], "accum": 1}, env, tmp,
+    if run.get("resume"):  # the checkpoint's next step in one process, or on each layout of a list
+        on = run["resume"] if isinstance(run["resume"], list) else [None]
+        out["resume"] = resume_elsewhere(cfg, {"steps": len(out["steps"]), "resume_on": on, "accum": 1}, env, tmp,
                                          par, opt_par, ref, opt_ref, samples[:spec["batch"]])
     out["seconds"] = round(time.perf_counter() - start, 2)
     out["compiled"] = sum(getattr(m, "_compiled_call_impl", None) is not None for h in held for m in h.modules())
@@ -181,18 +192,28 @@ def compare(run: dict, spec: dict, env: DistEnv, tmp: Path) -> dict:
     return out
 
 
+def run_key(run: dict) -> str:
+    """The name of a run's result: its ``name``, else its config, layout and mode."""
+    return run.get("name") or f"{json.dumps(run['config'])} {run['layout']} {run.get('mode', 'fp32')}" + (
+        " recompute" if run.get("activation_checkpointing") else "") + (
+        f" {run['schedule']}" if "schedule" in run else "") + (" doc-mask" if run.get("doc_mask") else "") + (
+        f" seq {run['seq']}" if "seq" in run else "")
+
+
 def main() -> None:
-    """Every run of the spec, in order; rank 0 writes ``result.json`` next to the spec."""
+    """Every run of the spec, in order, then its sections; rank 0 writes ``result.json`` next to the spec."""
     path = Path(sys.argv[1])
     spec = json.loads(path.read_text())
     env = init_distributed("cpu")
-    results = {}
-    for i, run in enumerate(spec["runs"]):
-        key = f"{json.dumps(run['config'])} {run['layout']} {run.get('mode', 'fp32')}" + (
-            " recompute" if run.get("activation_checkpointing") else "") + (
-            f" {run['schedule']}" if "schedule" in run else "") + (" doc-mask" if run.get("doc_mask") else "") + (
-            f" seq {run['seq']}" if "seq" in run else "")
-        results[key] = compare(run, spec, env, path.parent / f"ckpt{i}")
+    results = {run_key(run): compare(run, spec, env, path.parent / f"ckpt{i}") for i, run in enumerate(spec["runs"])}
+    if "parallel" in spec:
+        results["parallel"] = parallel_worker.run_spec({**spec["parallel"], "out": str(path.parent)}, env)
+    if spec.get("cp_units"):
+        parallel_worker.cp_checks(env.rank)
+        results["cp_units"] = "ok"
+    if "meta" in spec:
+        (path.parent / "meta").mkdir(exist_ok=True)
+        meta_init_worker.run(spec["meta"], env, path.parent / "meta")
     if env.rank == 0:
         (path.parent / "result.json").write_text(json.dumps(results, indent=1))
     dist.barrier()

@@ -1,7 +1,8 @@
-"""A torchrun worker for the parallel-layout tests (``tests/test_parallel.py``): per model config, a one-process
-reference and the same model placed on a layout train on the same batches in every rank; rank 0 writes the largest
-differences (losses, gradients, gradient norms, parameters, and after resuming a checkpoint on other layouts) as
-JSON. Run as ``python -m torch.distributed.run --nproc-per-node N -m tests.parallel_worker SPEC.json``."""
+"""A torchrun worker for the parallel-layout tests: per model config, a one-process reference and the same model
+placed on a layout train on the same batches in every rank; the largest differences (losses, gradients, gradient
+norms, parameters, and after resuming a checkpoint on other layouts) as JSON. ``tests/parallel_layouts_worker.py``
+runs a spec's ``parallel`` section through :func:`run_spec` in its own launch (``tests/test_parallel_layouts.py``);
+run alone as ``python -m torch.distributed.run --nproc-per-node N -m tests.parallel_worker SPEC.json``."""
 
 from __future__ import annotations
 
@@ -111,16 +112,15 @@ def resume_elsewhere(cfg, spec, env, tmp: Path, par, opt_par, ref, opt_ref, batc
     return diffs
 
 
-def cp_units(rank: int, port: int) -> None:
-    """Context parallelism's pieces on 2 gloo ranks (a ``torch.multiprocessing.spawn`` target): the sequence split
-    and gather, the attention over gathered keys/values (GQA, global causal mask) and the causal convolutions with
-    their halos (kernel 7 over chunks of 4 tokens, so a halo spans two earlier chunks; kernel 3; kernel 1) equal
-    the whole-sequence computation, outputs and gradients (inputs' and parameters'), also over packed documents."""
+def cp_checks(rank: int) -> None:
+    """Context parallelism's pieces on the 2 gloo ranks of the job's process group: the sequence split and gather,
+    the attention over gathered keys/values (GQA, global causal mask) and the causal convolutions with their halos
+    (kernel 7 over chunks of 4 tokens, so a halo spans two earlier chunks; kernel 3; kernel 1) equal the
+    whole-sequence computation, outputs and gradients (inputs' and parameters'), also over packed documents."""
     from kunlunbaize.model.attention import Attention
     from kunlunbaize.model.layers import CausalDSConv, RotaryEmbedding
     from kunlunbaize.train.parallel.context import ContextGroup, attention_forward, conv_forward
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(0)
     B, T, d = 2, 16, 32
     cp = ContextGroup(dist.group.WORLD, rank, 2)
@@ -137,7 +137,6 @@ def cp_units(rank: int, port: int) -> None:
         conv = CausalDSConv(d, k, per_channel=True)
         _same_as_whole(cp, conv, x, lambda m, t: m(t), lambda m, t: conv_forward(m, m.forward, cp, t))
     _packed_documents(cp, attn, x, rope)
-    dist.destroy_process_group()
 
 
 def _packed_documents(cp, attn, x, rope) -> None:
@@ -181,10 +180,10 @@ def _same_as_whole(cp, module, x, whole, split) -> None:
     module.zero_grad()
 
 
-def main() -> None:
-    """Every config of the spec on every layout of it; resuming elsewhere from the first config's first layout."""
-    spec = json.loads(Path(sys.argv[1]).read_text())
-    env = init_distributed("cpu")
+def run_spec(spec: dict, env) -> dict:
+    """Every config of ``spec`` on every layout of it; the first config's checkpoint on each layout ``L`` resumed on
+    the layouts ``spec["resume_on"][str(L)]``."""
+    resume_on = spec.get("resume_on") or {}
     results = {}
     for i, overrides in enumerate(spec["configs"]):
         overrides = dict(overrides)
@@ -192,8 +191,16 @@ def main() -> None:
         cfg = tiny(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
         for j, sizes in enumerate(spec["layouts"]):
             key = f"{json.dumps(overrides)} {sizes}" + (" recompute" if recompute else "")
-            results[key] = compare(cfg, sizes, spec, env, Path(spec["out"]) / f"ckpt{i}_{j}",
-                                   resume=i == j == 0 and bool(spec.get("resume_on")), recompute=recompute)
+            on = resume_on.get(str(sizes)) if i == 0 else None
+            results[key] = compare(cfg, sizes, {**spec, "resume_on": on}, env, Path(spec["out"]) / f"ckpt{i}_{j}",
+                                   resume=bool(on), recompute=recompute)
+    return results
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    env = init_distributed("cpu")
+    results = run_spec(spec, env)
     if env.rank == 0:
         (Path(spec["out"]) / "result.json").write_text(json.dumps(results, indent=1))
     dist.barrier()

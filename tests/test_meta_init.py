@@ -1,13 +1,13 @@
 """Training at any scale (issue 29): the model is built on the meta device, placed (FSDP2 shards, tensor-parallel
 DTensors, pipeline stages), and only then is what each rank holds allocated and initialised, each parameter drawn
 from a generator seeded by (run seed, its one-process name): the step-0 weights are the same under every layout, and
-a pipeline rank never allocates another stage's parameters."""
+a pipeline rank never allocates another stage's parameters. The real ranks' side (FSDP2 dp2, tp2, pp2, dp2 x tp2,
+pp2 x dp2) runs in ``tests/test_parallel_layouts.py``'s 2- and 4-rank launches, which pay the ranks' start-up once
+for all of that file's checks; it asserts with :func:`assert_same_weights`."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,6 @@ from kunlunbaize.train.parallel.pipeline_stages import build_stage_modules
 from kunlunbaize.train.runner import place
 
 from .helpers import tiny
-from .test_parallel_layouts import ROOT, _env
 
 SPEC = get_arch("kunlunbaize")
 SEED = 7
@@ -93,54 +92,18 @@ def test_a_pipeline_stage_materialised_alone_has_the_one_process_weights():
     assert all(p.is_meta for n, p in model.named_parameters() if n.startswith(("blocks.0.", "blocks.1.")))
 
 
-def _worker(tmp_path: Path, nproc: int, layouts: dict[str, list]) -> None:
-    spec = {"seed": SEED, "model": tiny(**MODEL).to_dict(), "layouts": layouts}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
-           "-m", "tests.meta_init_worker", str(tmp_path / "spec.json")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-
-
-def _assert_same_weights(tmp_path: Path, names: list[str]) -> None:
-    """Each layout's step-0 weights are the one-process run's, its first two training steps give the one-process
-    losses, and whole weights loaded into it (another seed's) come back exactly."""
+def assert_same_weights(folder: Path, names: list[str]) -> None:
+    """Each layout's step-0 weights in ``folder`` (``tests/meta_init_worker.py``'s files) are the one-process run's,
+    its first two training steps give the one-process losses, and whole weights loaded into it (another seed's) come
+    back exactly."""
     want = one_process(tiny(**MODEL), steps=2)["steps"]
     for name in names:
-        got = json.loads((tmp_path / "held0.json").read_text())["steps"][name]
+        got = json.loads((folder / "held0.json").read_text())["steps"][name]
         assert max(abs(a - b) for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True)) < 1e-5, \
             (name, got, want)
     for suffix, seed in (("", SEED), ("_loaded", SEED + 1)):
         weights = one_process(tiny(**MODEL), seed)
         for name in names:
-            placed = torch.load(tmp_path / f"{name}{suffix}.pt")
+            placed = torch.load(folder / f"{name}{suffix}.pt")
             assert placed.keys() == weights.keys(), name
             assert all(torch.equal(placed[k], v) for k, v in weights.items()), name + suffix
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_step0_weights_are_the_one_process_ones_under_fsdp2_tp2_and_pp2_and_pp_ranks_hold_only_their_stage(
-        tmp_path):
-    """Two real ranks: FSDP2 dp2, tp2 and pp2 runs built on the meta device start from exactly the one-process
-    weights (full state dicts compared), train their first steps with the one-process losses, and load whole weights
-    exactly (``--init-from``); under pp2 each rank
-    allocated only its own stage's parameters."""
-    _worker(tmp_path, 2, {"dp2": [None, 2], "tp2": [None, None, 2], "pp2": [None, None, 1, 1, 2]})
-    _assert_same_weights(tmp_path, ["dp2", "tp2", "pp2"])
-    names = one_process(tiny(**MODEL)).keys()
-    first, last = (set(json.loads((tmp_path / f"held{r}.json").read_text())["held"]["pp2"]) for r in (0, 1))
-    assert first == {n for n in names if n.startswith(("embed.", "dense.", "blocks.0.", "blocks.1."))}
-    assert last == {n for n in names if n.startswith(("blocks.2.", "blocks.3.", "norm.", "mtp.", "head."))}
-    for rank in (0, 1):  # FSDP2 and tensor parallelism: every parameter is allocated (as a shard)
-        held = json.loads((tmp_path / f"held{rank}.json").read_text())["held"]
-        assert set(held["dp2"]) == set(held["tp2"]) == set(names)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_step0_weights_are_the_one_process_ones_under_fsdp2_over_tp2_and_pp2_dp2(tmp_path):
-    """Four real ranks: FSDP2 over tensor-parallel shards (dp2 x tp2) and FSDP2-sharded pipeline stages (pp2 x dp2)
-    start from exactly the one-process weights, and load whole weights exactly."""
-    _worker(tmp_path, 4, {"dp2tp2": [None, 2, 2], "pp2dp2": [None, 2, 1, 1, 2]})
-    _assert_same_weights(tmp_path, ["dp2tp2", "pp2dp2"])

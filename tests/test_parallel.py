@@ -1,6 +1,8 @@
-"""The parallel layout of ``kunlun train`` (issue 29): the mesh's sizes checked up front, and tensor (+ sequence)
-parallelism and its composition with FSDP2 computing what one process computes — losses, gradients and parameters
-over several optimiser steps with gradient accumulation — and checkpoints that resume on another layout."""
+"""The parallel layout of ``kunlun train`` (issue 29): the mesh's sizes checked up front, and ``kunlun train`` under
+tp2 and cp2 giving the one-process losses, with checkpoints that resume on another layout. The comparisons on real
+ranks against one process (losses, gradients and parameters over several optimiser steps with gradient
+accumulation; tp2 and cp2 for the model and every switch, the context-parallel pieces, their compositions with FSDP2)
+are ``tests/test_parallel_layouts.py``'s, in one launch per rank count."""
 
 from __future__ import annotations
 
@@ -50,23 +52,6 @@ def test_the_layout_is_checked_without_importing_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_context_parallel_attention_and_conv_halos_equal_the_whole_sequence():
-    """2 gloo ranks (spawned): the load-balanced split, the attention over gathered keys/values and the causal
-    convolutions' halos give the whole-sequence outputs and gradients (``tests.parallel_worker.cp_units``)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    from .parallel_worker import cp_units
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(cp_units, args=(port,), nprocs=2, join=True)
 
 
 def test_tensor_parallel_ranks_share_a_data_parallel_rank():
@@ -172,94 +157,44 @@ def _env() -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
 
 
-def _worker(tmp_path: Path, nproc: int, spec: dict) -> dict:
-    """Run ``tests/parallel_worker.py`` on ``nproc`` ranks; its results."""
-    spec = {"steps": 2, "accum": 2, "batch": 4, "seq": 16, "out": str(tmp_path), **spec}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
-           "-m", "tests.parallel_worker", str(tmp_path / "spec.json")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads((tmp_path / "result.json").read_text())
+TOKENS, RAMP = 32 * 4 * 4, ("--micro-batch-size", "2", "--batch-size-start", "2")  # ramp 2 -> 4 sequences
 
 
-def _assert_equal(results: dict) -> None:
-    for name, r in results.items():
-        assert r["loss"] < 1e-5 and r["grad"] < 1e-6 and r["grad_norm"] < 1e-5, (name, r)
-        assert r["param"] < 1e-4, (name, r)  # AdamW at lr 1e-2 after two steps: float rounding, amplified
-        for where, d in r.get("resume", {}).items():
-            assert d["loss"] < 1e-5 and d["param"] < 1e-4, (name, where, d)
+@pytest.fixture(scope="module")
+def one_process(dataset, tmp_path_factory) -> Path:
+    """The one-process ``kunlun train`` run both tests below match: 5 steps of the batch ramp with gradient
+    accumulation, checkpoints at steps 2 and 4, validation every 2 steps (no effect on the training losses)."""
+    from .test_train import _cli, _common, _run
 
-
-FULL = {"mtp_depth": 2, "conv_kernel_sizes": [3, 7]}
-ABLATIONS = [{"dense_residual": False}, {"transformerx": False}, {"mtp_depth": 0},
-             {"tie_embeddings": True, "mtp_share_head": True, "eswish_per_channel": True,
-              "conv_kernel_sizes": [1, 4], "dense_init": "identity", "activation_checkpointing": True}]
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_tp2_equals_one_process_for_the_model_and_every_switch(tmp_path):
-    """tp2 with sequence parallelism: the full model (resumed from its tp2 checkpoint in one process and on tp2)
-    and each single-switch ablation, plus tied/shared heads, per-channel eSwish, a kernel of 1, activation
-    checkpointing."""
-    results = _worker(tmp_path, 2, {"layouts": [[1, 1, 2]], "configs": [FULL, *ABLATIONS],
-                                    "resume_on": [None, [1, 1, 2]]})
-    assert len(results) == 1 + len(ABLATIONS) and set(next(iter(results.values()))["resume"]) == {"None",
-                                                                                                  "[1, 1, 2]"}
-    _assert_equal(results)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_dp2_tp2_hsdp_tp2_and_dp2_cp2_equal_one_process_and_reshard_to_dp4(tmp_path):
-    """4 ranks: FSDP2 over dp_shard 2 × tp 2, HSDP (dp_replicate 2) × tp 2 and FSDP2 over dp_shard 2 × cp 2 (the
-    context-parallel ranks folded into the sharding group); the dp2×tp2 checkpoint resumed on dp_shard 4 and in one
-    process."""
-    results = _worker(tmp_path, 4, {"layouts": [[1, 2, 2], [2, 1, 2], [1, 2, 2, 1]], "configs": [FULL], "batch": 8,
-                                    "resume_on": [[1, 4, 1], None]})
-    assert len(results) == 3
-    _assert_equal(results)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_cp2_equals_one_process_for_the_model_and_every_switch(tmp_path):
-    """cp2 (each sequence split in 4 chunks, rank 0 holding the first and last): the full model (resumed from its cp2
-    checkpoint in one process and on cp2) and each single-switch ablation, plus tied/shared heads, per-channel
-    eSwish, a kernel of 1 and activation checkpointing (its recomputation gathers again). Kernel 7 over chunks of 4
-    tokens: a halo spans two earlier chunks."""
-    results = _worker(tmp_path, 2, {"layouts": [[1, 1, 2, 1]], "configs": [FULL, *ABLATIONS],
-                                    "resume_on": [None, [1, 1, 2, 1]]})
-    assert len(results) == 1 + len(ABLATIONS) and set(next(iter(results.values()))["resume"]) == {"None",
-                                                                                                  "[1, 1, 2, 1]"}
-    _assert_equal(results)
+    out = tmp_path_factory.mktemp("parallel") / "one"
+    one = _run(_cli(*_common(dataset, out, TOKENS, *RAMP, "--ckpt-every", "2", "--keep-last", "0", "--eval-every",
+                             "2", "--sample-tokens", "0")))
+    assert one.returncode == 0, one.stdout + one.stderr
+    return out
 
 
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.distributed
-def test_kunlun_train_tp2_resumes_across_layouts_and_exports(dataset, tmp_path, capsys):
+def test_kunlun_train_tp2_resumes_across_layouts_and_exports(dataset, one_process, tmp_path, capsys):
     """Through ``kunlun train``: tp2 (with the batch ramp, 2 → 4 sequences, and gradient accumulation) gives the
     one-process losses; its checkpoint resumes in one process, a one-process checkpoint resumes on tp2, both with
     the one-process losses after; a tp2 checkpoint exports with ``kunlun export --hf``."""
     from .test_train import _cli, _common, _run, _torchrun, losses
 
-    tokens, micro = 32 * 4 * 4, ("--micro-batch-size", "2", "--batch-size-start", "2")
-    one = _run(_cli(*_common(dataset, tmp_path / "one", tokens, *micro, "--ckpt-every", "2", "--keep-last", "0",
-                             "--sample-tokens", "0")))
-    assert one.returncode == 0, one.stdout + one.stderr
-    want = losses(tmp_path / "one")
+    tokens, micro = TOKENS, RAMP
+    want = losses(one_process)
     # tp2 for two steps, then one process for the rest, in one run folder
     out = tmp_path / "tp_then_one"
-    tp = _run(_torchrun(2, *_common(dataset, out, tokens, *micro, "--tp", "2", "--stop-at-step", "2")))
+    tp = _run(_torchrun(2, *_common(dataset, out, tokens, *micro, "--tp", "2", "--stop-at-step", "2",
+                                    "--sample-tokens", "0")))
     assert tp.returncode == 0, tp.stdout + tp.stderr
     assert "dp_replicate 1 x dp_shard 1 x tp 2 (none)" in tp.stdout + tp.stderr
     rest = _run(_cli(*_common(dataset, out, tokens, *micro, "--sample-tokens", "0")))
     assert rest.returncode == 0 and "resumed from" in rest.stderr, rest.stdout + rest.stderr
     # one process's step-2 checkpoint resumed on tp2
     again = _run(_torchrun(2, *_common(dataset, tmp_path / "one_then_tp", tokens, *micro, "--tp", "2", "--resume",
-                                       str(tmp_path / "one" / "checkpoints" / "step_00000002"))))
+                                       str(one_process / "checkpoints" / "step_00000002"), "--sample-tokens", "0")))
     assert again.returncode == 0, again.stdout + again.stderr
     got, resumed = losses(out), losses(tmp_path / "one_then_tp")
     assert len(want) == 5  # the first step at 2 sequences (one micro-batch), then 4 (two accumulated)
@@ -274,25 +209,22 @@ def test_kunlun_train_tp2_resumes_across_layouts_and_exports(dataset, tmp_path, 
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.distributed
-def test_kunlun_train_cp2_resumes_with_the_one_process_losses(dataset, tmp_path):
+def test_kunlun_train_cp2_resumes_with_the_one_process_losses(dataset, one_process, tmp_path):
     """Through ``kunlun train --cp 2``, with the batch ramp (2 → 4 sequences), gradient accumulation and validation:
     stopped after step 2 and resumed on cp2, the training and validation losses are one process's."""
-    from .test_train import _cli, _common, _run, _torchrun, losses
+    from .test_train import _common, _run, _torchrun, losses
 
-    tokens, extra = 32 * 4 * 4, ("--micro-batch-size", "2", "--batch-size-start", "2", "--eval-every", "2",
-                                 "--sample-tokens", "0")
-    one = _run(_cli(*_common(dataset, tmp_path / "one", tokens, *extra)))
-    assert one.returncode == 0, one.stdout + one.stderr
+    tokens, extra = TOKENS, (*RAMP, "--eval-every", "2", "--sample-tokens", "0")
     out = tmp_path / "cp"
     first = _run(_torchrun(2, *_common(dataset, out, tokens, *extra, "--cp", "2", "--stop-at-step", "2")))
     assert first.returncode == 0, first.stdout + first.stderr
     assert "dp_replicate 1 x dp_shard 1 x cp 2 x tp 1 (fsdp)" in first.stdout + first.stderr
     rest = _run(_torchrun(2, *_common(dataset, out, tokens, *extra, "--cp", "2")))
     assert rest.returncode == 0 and "resumed from" in rest.stdout + rest.stderr, rest.stdout + rest.stderr
-    want, got = losses(tmp_path / "one"), losses(out)
+    want, got = losses(one_process), losses(out)
     assert len(want) == 5 and sorted(got) == sorted(want)
     assert max(abs(got[s] - want[s]) for s in want) < 1e-4
-    want_val, got_val = _val_losses(tmp_path / "one"), _val_losses(out)
+    want_val, got_val = _val_losses(one_process), _val_losses(out)
     assert sorted(want_val) == sorted(got_val) == [0, 2, 4, 5]
     assert max(abs(got_val[s] - want_val[s]) for s in want_val) < 1e-4
 

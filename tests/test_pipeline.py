@@ -167,28 +167,27 @@ def _check_schedule(rank: int, schedule: str, stages_per_rank: int, split: list[
     torch.testing.assert_close(pipe.step(ids, labels)[0], out.loss.detach(), rtol=1e-5, atol=1e-6)
 
 
-def _worker(rank: int, port: int, schedule: str, stages_per_rank: int, split: list[int] | None,
-            variants: list[str]) -> None:
+def _worker(rank: int, port: int, cases: list[tuple[str, int, list[int] | None, list[str]]]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        for variant in variants:
-            _check_schedule(rank, schedule, stages_per_rank, split, variant)
+        for schedule, stages_per_rank, split, variants in cases:
+            for variant in variants:
+                _check_schedule(rank, schedule, stages_per_rank, split, variant)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize(("schedule", "stages_per_rank", "split", "variants"), [
-    ("gpipe", 1, None, ["full", "no_dense"]),  # boundary after 2 of 4 layers: H_0, H_1, H_2
-    ("1f1b", 1, [3, 1], ["full", "untied", "no_mtp"]),  # after 3 of 4: H_3 and the partial sum P_3
-    ("interleaved1f1b", 2, None, ["full", "no_conv"]),  # four stages: raw, raw, partial
-])
-def test_pp2_equals_one_process(schedule, stages_per_rank, split, variants):
-    """Each schedule runs the full model and some single-switch ablations (the sequential test above runs all)."""
-    mp.spawn(_worker, args=(_free_port(), schedule, stages_per_rank, split, variants), nprocs=2, join=True)
+def test_pp2_equals_one_process_under_each_schedule():
+    """Each schedule runs the full model and some single-switch ablations (the sequential test above runs all), one
+    after another on the same 2 spawned ranks (one start-up for the three)."""
+    cases = [("gpipe", 1, None, ["full", "no_dense"]),  # boundary after 2 of 4 layers: H_0, H_1, H_2
+             ("1f1b", 1, [3, 1], ["full", "untied", "no_mtp"]),  # after 3 of 4: H_3 and the partial sum P_3
+             ("interleaved1f1b", 2, None, ["full", "no_conv"])]  # four stages: raw, raw, partial
+    mp.spawn(_worker, args=(_free_port(), cases), nprocs=2, join=True)
 
 
 # ---------------------------------------------------------------------------------------------- one in-process rank

@@ -175,7 +175,7 @@ def test_ddp_two_ranks_equals_one_process(dataset, tmp_path):
     one = _run(_cli(*_common(dataset, tmp_path / "one", tokens)))
     assert one.returncode == 0, one.stdout + one.stderr
     assert "seed 0; MTP self-speculative" in one.stdout  # the main job ends by generating
-    two = _run(_torchrun(2, *_common(dataset, tmp_path / "two", tokens, "--parallel", "ddp")))
+    two = _run(_torchrun(2, *_common(dataset, tmp_path / "two", tokens, "--parallel", "ddp", "--sample-tokens", "0")))
     assert two.returncode == 0, two.stdout + two.stderr
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 7))
@@ -188,11 +188,12 @@ def test_ddp_two_ranks_equals_one_process(dataset, tmp_path):
 @pytest.mark.distributed
 def test_fsdp_two_ranks_trains_and_resumes_on_one(dataset, tmp_path):
     out = tmp_path / "f"
-    two = _run(_torchrun(2, *_common(dataset, out, 32 * 4 * 8, "--parallel", "fsdp", "--stop-at-step", "4")))
+    two = _run(_torchrun(2, *_common(dataset, out, 32 * 4 * 8, "--parallel", "fsdp", "--stop-at-step", "4",
+                                     "--sample-tokens", "0")))
     assert two.returncode == 0, two.stdout + two.stderr
     (ckpt,) = checkpoint_dirs(out / "checkpoints")
     assert len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank
-    one = _run(_cli(*_common(dataset, out, 32 * 4 * 8)))
+    one = _run(_cli(*_common(dataset, out, 32 * 4 * 8, "--sample-tokens", "0")))
     assert one.returncode == 0, one.stdout + one.stderr
     loss = losses(out)
     assert sorted(loss) == list(range(1, 9)) and all(torch.isfinite(torch.tensor(v)) for v in loss.values())

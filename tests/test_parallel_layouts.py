@@ -63,6 +63,26 @@ def _worker(tmp_path: Path, nproc: int, runs: list[dict], **sections) -> dict:
     return json.loads((tmp_path / "result.json").read_text())
 
 
+def _launch_once(tmp_path_factory, name: str, nproc: int, runs: list[dict], **sections) -> tuple[dict, Path]:
+    """:func:`_worker`'s results and folder, launched once per pytest run: under pytest-xdist a module fixture is
+    built once per worker, and when both workers hold tests of this file the second one waits for the first one's
+    launch and reads its results instead of repeating it."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        folder = tmp_path_factory.mktemp(name)
+        return _worker(folder, nproc, runs, **sections), folder
+    from filelock import FileLock  # a dependency of torch
+
+    folder = tmp_path_factory.getbasetemp().parent / name  # the run's folder, shared by its workers
+    with FileLock(f"{folder}.lock"):
+        done = folder / "done"
+        if done.is_file():
+            return json.loads((folder / "result.json").read_text()), folder
+        folder.mkdir(exist_ok=True)
+        results = _worker(folder, nproc, runs, **sections)
+        done.touch()
+        return results, folder
+
+
 def _run(name: str, config: dict, layout: list[int], mode: str = "fp32", **kw) -> dict:
     config = dict(config)
     recompute = config.pop("activation_checkpointing", False)
@@ -96,8 +116,7 @@ def two_ranks(tmp_path_factory) -> tuple[dict, Path]:
                 "configs": [FULL, *ABLATIONS],
                 "resume_on": {"[1, 1, 2]": [None, [1, 1, 2]], "[1, 1, 2, 1]": [None, [1, 1, 2, 1]]}}
     meta = _meta_spec({"dp2": [None, 2], "tp2": [None, None, 2], "pp2": [None, None, 1, 1, 2]})
-    folder = tmp_path_factory.mktemp("two_ranks")
-    return _worker(folder, 2, runs, parallel=parallel, cp_units=True, meta=meta), folder
+    return _launch_once(tmp_path_factory, "two_ranks", 2, runs, parallel=parallel, cp_units=True, meta=meta)
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +126,10 @@ def four_ranks(tmp_path_factory) -> tuple[dict, Path]:
             _run("hsdp", FULL, [2, 2, 1], micro=1), _run("hsdp x tp2", FULL, [2, 1, 2]),
             _run("dp2 x cp2", FULL, [1, 2, 1, 2]), _run("cp2 x tp2", FULL, [1, 1, 2, 2], val=True, resume=True),
             _run("pp2 x tp2", STAGED, [1, 1, 2, 1, 2], schedule="1f1b"),
-            _run("pp2 x cp2", STAGED, [1, 1, 1, 2, 2], schedule="1f1b")]
+            _run("pp2 x cp2", STAGED, [1, 1, 1, 2, 2], schedule="1f1b"),
+            _run("doc pp2 x cp2", STAGED, [1, 1, 1, 2, 2], schedule="1f1b", doc_mask=True, lr=DOC_LR)]
     meta = _meta_spec({"dp2tp2": [None, 2, 2], "pp2dp2": [None, 2, 1, 1, 2]})
-    folder = tmp_path_factory.mktemp("four_ranks")
-    return _worker(folder, 4, runs, meta=meta), folder
+    return _launch_once(tmp_path_factory, "four_ranks", 4, runs, meta=meta)
 
 
 def _assert_equal(results: dict, steps: list[list[int]]) -> None:
@@ -214,6 +233,16 @@ def test_doc_mask_under_cp2_equals_one_process_doc_mask(two_ranks):
     documents shorter than it. The losses, gradients and parameters are one process's ``--doc-mask`` run's under the
     batch ramp with gradient accumulation (2, 3, 4, 4 micro-batches)."""
     _assert_equal(_pick(two_ranks[0], "doc cp2"), [[4, 2], [6, 3], [8, 4], [8, 4]])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_doc_mask_under_pp2_x_cp2_equals_one_process_doc_mask(four_ranks):
+    """4 ranks, pp2 x cp2 under 1F1B, the cp2 windows above: each stage takes its cp rank's rows of the documents
+    (rotary positions, mask rows, positions in the documents) and the last stage's loss is context parallelism's
+    over the documents; the losses, gradients and parameters are one process's ``--doc-mask`` run's. (Before the
+    stages took their cp rank's rows, this run crashed.)"""
+    _assert_equal(_pick(four_ranks[0], "doc pp2 x cp2"), [[4, 2], [6, 3], [8, 4], [8, 4]])
 
 
 # --- 2 ranks: compiled blocks (--compile) ------------------------------------------------------------------------

@@ -177,8 +177,8 @@ def test_train_options_parse_and_conflicts_are_refused(monkeypatch: pytest.Monke
     assert not plain.long_docs and not plain.doc_mask
     with pytest.raises(UsageError, match=r"--doc-mask .* left out with arch llama"):
         _train_config(parser.parse_args(["train", "--doc-mask", "--arch", "llama"]))
-    with pytest.raises(UsageError, match=r"--doc-mask .* left out with cp > 1 and pp > 1 together"):
-        _train_config(parser.parse_args(["train", "--doc-mask", "--cp", "2", "--pp", "2"]))
     monkeypatch.setenv("WORLD_SIZE", "2")  # the layout is checked against the ranks too
     for flag in ("--tp", "--pp", "--cp"):  # packed documents compose with each of them
         assert _train_config(parser.parse_args(["train", "--doc-mask", flag, "2"])).doc_mask
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert _train_config(parser.parse_args(["train", "--doc-mask", "--cp", "2", "--pp", "2"])).doc_mask

@@ -125,8 +125,6 @@ class TrainConfig:
              "left out unless a RoPE scaling type is given (rope)"),
             ("doc_mask", not self.doc_mask or self.arch == DEFAULT.name,
              f"left out with arch {self.arch} (document masking is built into the {DEFAULT.name} model)"),
-            ("doc_mask", not self.doc_mask or self.cp == 1 or self.pp == 1,
-             "left out with cp > 1 and pp > 1 together (the pipeline stages do not split documents over cp ranks)"),
         ]
         for name, ok, need in checks:
             if not ok:

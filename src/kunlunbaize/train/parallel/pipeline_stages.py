@@ -217,7 +217,11 @@ class PipelineStageModule(nn.Module):
         flow = self._receive(x)
         T = flow.current.shape[1] * self.seq_shards  # the whole sequence (its shard under sequence parallelism)
         docs = _documents(document_ids, flow.current.device)
-        if docs is not None:  # the model's own packed-document forward: per-document positions, a block mask
+        if docs is not None and self.context is not None:  # this cp rank's rows of the documents (as context.py)
+            pos = self.context.positions(T * self.context.size, flow.current.device)
+            rope = self.context.rope(self.rope, T * self.context.size, docs)
+            mask, extra = docs.rows_mask(pos), (docs.positions[:, pos],)
+        elif docs is not None:  # the model's own packed-document forward: per-document positions, a block mask
             rope, mask, extra = self.rope(docs.positions, docs.rope_length(self.rope)), docs.mask, (docs.positions,)
         elif self.context is None:
             rope, mask, extra = self.rope(torch.arange(T, device=flow.current.device)), None, ()
@@ -245,10 +249,10 @@ class PipelineStageModule(nn.Module):
         ``document_ids`` as its packed-document forward does)."""
         if not self.spec.is_last:
             raise RuntimeError(f"stage {self.spec.index} is not the last stage: only the last one has the heads")
-        if self.context is not None:
-            return context_loss_terms(self, self.context, hidden, input_ids, labels, ignore_index)
-        emb = self.embed(input_ids) if self.mtp is not None else None  # E(t) for the MTP depths (eq. 13, 15)
         docs = _documents(document_ids, hidden.device)
+        if self.context is not None:
+            return context_loss_terms(self, self.context, hidden, input_ids, labels, ignore_index, docs)
+        emb = self.embed(input_ids) if self.mtp is not None else None  # E(t) for the MTP depths (eq. 13, 15)
         trunk = (TrunkOutput(hidden, emb, 0) if docs is None else
                  TrunkOutput(hidden, emb, 0, docs.positions, docs.mask, None, docs.rope_length(self.rope), docs))
         if self.seq_shards == 1:

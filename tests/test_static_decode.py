@@ -221,6 +221,18 @@ def test_row_buckets_are_powers_of_two_and_the_batch():
         row_buckets(0)
 
 
+def _step_as_eager(model, dec, eager, feed: torch.Tensor) -> torch.Tensor:
+    """One step of the batch decoder ``dec`` on ``feed`` [rows, 1] checked against the eager forward over the same
+    rows of the cache ``eager``; the next greedy tokens."""
+    view = eager.rows(feed.shape[0])
+    ref = model(feed, cache=view, mtp=False)
+    eager.length = view.length
+    logits, hidden = dec.step(feed)
+    torch.testing.assert_close(logits, ref.logits)
+    torch.testing.assert_close(hidden, ref.hidden)
+    return logits[:, -1:].argmax(-1)
+
+
 @torch.inference_mode()
 def test_batch_decoder_steps_the_first_rows_as_the_eager_forward_does():
     """Running rows of a padded batch cache, padded with dummy rows to their bucket: logits, hidden states and the
@@ -242,14 +254,7 @@ def test_batch_decoder_steps_the_first_rows_as_the_eager_forward_does():
     assert dec.buckets == (1, 2, 4) and dec.bucket(3) == 4 and dec.bucket(1) == 1
     feed = torch.randint(1, V, (3, 1))
     for rows in (3, 3, 2, 1):
-        feed = feed[:rows]
-        view = eager.rows(rows)
-        ref = model(feed, cache=view, mtp=False)
-        eager.length = view.length
-        logits, hidden = dec.step(feed)
-        torch.testing.assert_close(logits, ref.logits)
-        torch.testing.assert_close(hidden, ref.hidden)
-        feed = logits[:, -1:].argmax(-1)
+        feed = _step_as_eager(model, dec, eager, feed[:rows])
     assert batch.length == eager.length == 13
     for (a, dim), (b, _) in zip(batch.slot_tensors(), eager.slot_tensors(), strict=True):
         torch.testing.assert_close(a[:1].narrow(dim, 0, 13), b[:1].narrow(dim, 0, 13))
@@ -304,13 +309,7 @@ def test_each_slot_bucket_steps_as_the_eager_forward_and_a_row_crosses_them_exac
     dec.step = spy
     feed = torch.randint(1, V, (3, 1))
     while batch.length < 40:
-        view = eager.rows(3)
-        ref = model(feed, cache=view, mtp=False)
-        eager.length = view.length
-        logits, hidden = dec.step(feed)
-        torch.testing.assert_close(logits, ref.logits)
-        torch.testing.assert_close(hidden, ref.hidden)
-        feed = logits[:, -1:].argmax(-1)
+        feed = _step_as_eager(model, dec, eager, feed)
     assert used == [10] * 7 + [20] * 10 + [40] * 20
     for (a, _), (b, _) in zip(batch.slot_tensors(), eager.slot_tensors(), strict=True):
         torch.testing.assert_close(a[:3], b[:3])

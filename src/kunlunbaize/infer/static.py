@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model import DEFAULT_PREFILL_CHUNK, InferenceCache, KunlunBaize, prefill
-from ..model.cache import CacheOverflowError, HistoryBuffer, KVBuffer, LayerCache
+from ..model.cache import CacheOverflowError
 from ..model.layers import linear, small_rows
 from ..model.model import ModelOutput
 
@@ -248,30 +248,6 @@ def slot_buckets(max_len: int, count: int) -> tuple[int, ...]:
     return tuple(sorted({-(-max_len // (1 << i)) for i in range(count)}))
 
 
-def first_slots(cache: InferenceCache, n: int) -> InferenceCache:
-    """A cache of the first ``n`` slots of every row that shares ``cache``'s storage (same rows, length, padding):
-    what a forward of tokens ending within them writes through it lands in ``cache``."""
-    if n == cache.max_len:
-        return cache
-
-    def kv(b: KVBuffer) -> KVBuffer:
-        view = KVBuffer.__new__(KVBuffer)
-        view.k, view.v = b.k[:, :, :n], b.v[:, :, :n]
-        return view
-
-    def history(h: HistoryBuffer | None) -> HistoryBuffer | None:
-        if h is None:
-            return None
-        view = HistoryBuffer.__new__(HistoryBuffer)
-        view.x = h.x[:, :n]
-        return view
-
-    layers = [LayerCache(kv(lc.self_attn), history(lc.conv_history), [kv(c) for c in lc.cross_attn])
-              for lc in cache.layers]
-    return InferenceCache(layers=layers, mtp=[kv(b) for b in cache.mtp], max_len=n, valid=cache.valid[:, :n],
-                          length=cache.length, padded=cache.padded)
-
-
 class BatchDecoder:
     """Static decoding steps for a batch whose rows come and go (a server's running batch) in one padded cache.
 
@@ -294,7 +270,7 @@ class BatchDecoder:
         keys = slot_buckets(cache.max_len, options.slot_buckets)
         self.slot_buckets = {b: keys if 2 * b >= cache.batch_size else (cache.max_len,) for b in self.buckets}
         self.decoders = {(b, n): StaticDecoder(model, compile=options.compile, mode=options.mode,
-                                               backend=options.backend, cache=first_slots(cache.rows(b), n))
+                                               backend=options.backend, cache=cache.view(b, n))
                          for b, lengths in self.slot_buckets.items() for n in lengths}
 
     def bucket(self, rows: int) -> int:

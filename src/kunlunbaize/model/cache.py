@@ -139,23 +139,28 @@ class InferenceCache:
     def rows(self, n: int) -> InferenceCache:
         """A cache of the first ``n`` rows that shares this one's storage (same length, slots and padding):
         what a forward writes through it lands here."""
+        return self.view(n, self.max_len)
+
+    def view(self, rows: int, slots: int) -> InferenceCache:
+        """A cache of the first ``rows`` rows and their first ``slots`` slots that shares this one's storage (same
+        length and padding): what a forward of tokens ending within those slots writes through it lands here."""
 
         def kv(b: KVBuffer) -> KVBuffer:
             view = KVBuffer.__new__(KVBuffer)
-            view.k, view.v = b.k[:n], b.v[:n]
+            view.k, view.v = b.k[:rows, :, :slots], b.v[:rows, :, :slots]
             return view
 
         def history(h: HistoryBuffer | None) -> HistoryBuffer | None:
             if h is None:
                 return None
             view = HistoryBuffer.__new__(HistoryBuffer)
-            view.x = h.x[:n]
+            view.x = h.x[:rows, :slots]
             return view
 
         layers = [LayerCache(kv(lc.self_attn), history(lc.conv_history), [kv(c) for c in lc.cross_attn])
                   for lc in self.layers]
-        return InferenceCache(layers=layers, mtp=[kv(b) for b in self.mtp], max_len=self.max_len,
-                              valid=self.valid[:n], length=self.length, padded=self.padded)
+        return InferenceCache(layers=layers, mtp=[kv(b) for b in self.mtp], max_len=slots,
+                              valid=self.valid[:rows, :slots], length=self.length, padded=self.padded)
 
     def place_row(self, row: int, source: InferenceCache, source_row: int = 0) -> None:
         """Copy the ``source.length`` slots of ``source``'s row into row ``row`` so that they end at this cache's

@@ -117,6 +117,17 @@ class ContextGroup:
             return rope(pos, seq_len)
         return rope(documents.positions.to(pos.device)[:, pos], documents.rope_length(rope))
 
+    def block_inputs(self, rope: Any, seq_len: int,
+                     documents: Documents | None = None) -> tuple[Rope, torch.Tensor | None, torch.Tensor | None]:
+        """What this rank's blocks take besides the residual stream: the rotary tables (:meth:`rope`) and, with
+        ``documents``, this rank's rows of the documents' mask and its tokens' positions within their documents
+        (None, None without)."""
+        tables = self.rope(rope, seq_len, documents)
+        if documents is None:
+            return tables, None, None
+        pos = self.positions(seq_len, documents.positions.device)
+        return tables, documents.rows_mask(pos), documents.positions[:, pos]
+
     def shard(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's part [B, 2C, …] of a whole sequence ``x`` [B, T, …]: its two chunks, in order."""
         return x.index_select(1, self.positions(x.shape[1], x.device))
@@ -221,11 +232,7 @@ def training_forward(model: KunlunBaize, cp: ContextGroup, input_ids: torch.Tens
     model._check_input(input_ids, 0, None)
     T = input_ids.shape[1]
     docs = None if document_ids is None else Documents(document_ids.to(input_ids.device))
-    rope = cp.rope(model.rope, T, docs)
-    mask = doc_positions = None
-    if docs is not None:  # this rank's rows of the documents' mask, its tokens' positions within their documents
-        pos = cp.positions(T, input_ids.device)
-        mask, doc_positions = docs.rows_mask(pos), docs.positions[:, pos]
+    rope, mask, doc_positions = cp.block_inputs(model.rope, T, docs)
     hidden = model.run_blocks(model.embed(cp.shard(input_ids)), rope, 0, None, mask, None, None, doc_positions)
     terms = loss_terms(model, cp, hidden, input_ids, labels, ignore_index, docs)
     return ModelOutput(logits=None, hidden=hidden, loss=terms.total, main_loss=terms.main, mtp_losses=terms.mtp)

@@ -217,16 +217,13 @@ class PipelineStageModule(nn.Module):
         flow = self._receive(x)
         T = flow.current.shape[1] * self.seq_shards  # the whole sequence (its shard under sequence parallelism)
         docs = _documents(document_ids, flow.current.device)
-        if docs is not None and self.context is not None:  # this cp rank's rows of the documents (as context.py)
-            pos = self.context.positions(T * self.context.size, flow.current.device)
-            rope = self.context.rope(self.rope, T * self.context.size, docs)
-            mask, extra = docs.rows_mask(pos), (docs.positions[:, pos],)
+        if self.context is not None:  # this cp rank's part: its tokens' global positions (and documents' rows)
+            rope, mask, doc_positions = self.context.block_inputs(self.rope, T * self.context.size, docs)
+            extra = () if doc_positions is None else (doc_positions,)
         elif docs is not None:  # the model's own packed-document forward: per-document positions, a block mask
             rope, mask, extra = self.rope(docs.positions, docs.rope_length(self.rope)), docs.mask, (docs.positions,)
-        elif self.context is None:
+        else:
             rope, mask, extra = self.rope(torch.arange(T, device=flow.current.device)), None, ()
-        else:  # this cp rank's part: its tokens' global positions
-            rope, mask, extra = self.context.rope(self.rope, T * self.context.size), None, ()
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.spec.layers:
             block = self.blocks[str(layer)]

@@ -769,6 +769,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile also in --cpu-smoke")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds for the whole run (default: 525 on GPU, 170 with --cpu-smoke)")
+    ap.add_argument("--budget-scale", type=float, default=1.0,
+                    help="multiply every section's time budget and the run's limit by this (a loaded machine, e.g. "
+                         "the test suite's CPU smoke run beside other tests)")
     ap.add_argument("--fail-section", action="append", default=[], choices=names, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -779,6 +782,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.no_compile or args.compile:
         prof = dataclasses.replace(prof, compile=bool(args.compile and not args.no_compile))
+    if args.budget_scale <= 0:
+        ap.error(f"--budget-scale must be positive, got {args.budget_scale}")
+    if args.budget_scale != 1.0:
+        prof = dataclasses.replace(prof, total_s=prof.total_s * args.budget_scale,
+                                   budgets={k: v * args.budget_scale for k, v in prof.budgets.items()})
     if args.time_limit:
         prof = dataclasses.replace(prof, total_s=args.time_limit)
     selected = set(args.sections) | ({"corpus"} if "cli_train" in args.sections else set())

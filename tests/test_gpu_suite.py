@@ -54,8 +54,10 @@ def numbers(obj) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.subprocess
 def test_cpu_smoke_runs_every_section(tmp_path):
+    """Budgets scaled by 6: they are the GPU run's alarms, tested below; here a loaded CI machine beside other tests
+    took 26 s for the corpus section's 25 s."""
     out = tmp_path / "suite.json"
-    proc = run_script("--cpu-smoke", "--out", str(out))
+    proc = run_script("--cpu-smoke", "--budget-scale", "6", "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(out.read_text())
     assert doc["mode"] == "cpu-smoke" and doc["correctness_passed"] is True

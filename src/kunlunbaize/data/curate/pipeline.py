@@ -141,13 +141,14 @@ def _executor_factory(options: ExecutorOptions) -> Callable[..., Any]:
     if options.kind == "ray":
         try:
             import ray
-            from datatrove.executor.ray import RayPipelineExecutor
+
+            from .ray_executor import RayExecutor
         except ImportError:
             raise DataError("--executor ray needs Ray: pip install 'kunlunbaize[curate]'") from None
         if not ray.is_initialized():
             ray.init()  # the cluster RAY_ADDRESS names, else a new local one
         # one Ray job per worker and stage: each job starts a Python that imports datatrove, spaCy and lingua
-        return lambda pipeline, tasks, logs, depends: RayPipelineExecutor(
+        return lambda pipeline, tasks, logs, depends: RayExecutor(
             pipeline, tasks=tasks, workers=options.workers, logging_dir=logs, depends=depends,
             tasks_per_job=-(-tasks // options.workers))
     raise DataError(f"--executor must be one of {', '.join(EXECUTORS)}, got {options.kind!r}")

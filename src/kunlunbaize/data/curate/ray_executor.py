@@ -3,10 +3,10 @@
 Each Ray job (datatrove's ``RankWorker`` actor) runs its tasks in a ``fork()``ed ``multiprocess`` Pool, and its
 ``Pool.__exit__`` calls ``terminate()``: the parent takes the task queue's read lock for good, sends every worker
 SIGTERM and joins them. Forked workers inherit the Ray worker's SIGTERM handler, which raises ``SystemExit`` as
-Python code. Where that exception is swallowed (the signal lands in a ``__del__``, a weakref or GC callback, or an
-at-fork hook of a worker still starting: Python only prints "Exception ignored"), the worker lives on, blocks on
-the lock the parent holds, and the parent's join waits for good (seen in datatrove 0.10.1 with Ray 2.x: a
-minhash-buckets job of 9 tasks hung for 23 minutes). :class:`RayExecutor` makes every process forked in a Ray
+Python code. Where that exception is swallowed (e.g. the signal lands in a ``__del__``, a weakref or GC callback, or
+an at-fork hook of a worker still starting: Python only prints "Exception ignored"), the worker lives on, blocks on
+the lock the parent holds, and the parent's join waits for good (seen once with datatrove 0.10.1 and Ray 2.x: a
+minhash-buckets job hung for 23 minutes). :class:`RayExecutor` makes every process forked in a Ray
 job's worker start with SIGTERM's default disposition, so the kernel ends it on SIGTERM without running Python
 code; SIGTERM is blocked across the fork itself, so one that arrives before the child has reset its handler waits
 and then ends the child.

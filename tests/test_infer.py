@@ -132,8 +132,15 @@ def test_speculative_sampling_matches_trunk_distribution(draft_vocab, penalty):
     # two layers, not three: 600 generations, each a forward per layer and depth; the sampling under test is the
     # same on any trunk depth
     model = model64(3, vocab_size=5, mtp_depth=2, n_layers=2)
-    params = SamplingParams(temperature=1.3, top_k=4, repetition_penalty=penalty)
     prompt = [1, 3]
+    if penalty != 1.0:
+        # The random trunk's logits are ~0.1 apart, so a penalty barely moves its nearly uniform distribution. Its
+        # final norm x30 makes them ~2-3 apart, with the most likely token (0) in the prompt: the penalty then
+        # moves the second token's distribution so far that a verification ignoring it fails the test (below).
+        with torch.no_grad():
+            model.norm.weight.mul_(30)
+        prompt = [0, 3]
+    params = SamplingParams(temperature=1.3, top_k=4, repetition_penalty=penalty)
     V = model.config.vocab_size
     with torch.no_grad():
         p1 = distribution(model(torch.tensor([prompt])).logits[0, -1], params, context_mask([prompt], V)[0])
@@ -144,7 +151,8 @@ def test_speculative_sampling_matches_trunk_distribution(draft_vocab, penalty):
                                   context_mask([[*prompt, a]], V)[0])
                 expected[a] = p1[a] * p2
     # 600 generations: a sampler resampling from p instead of (p - q)+, or accepting every draft, gives chi-square
-    # ~105-130 / ~180-300 against the critical ~38 (measured by planting them); a true one exceeds it with p = 0.001
+    # ~105-130 / ~180-300 against the critical ~38, and with the penalty a verification that ignores it gives ~207
+    # against ~35 (the true sampler: ~22; measured by planting them); a true one exceeds it with p = 0.001
     n = 600
     counts = torch.zeros(V, V)
     gen_seed = itertools.count()

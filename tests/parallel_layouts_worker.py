@@ -3,13 +3,16 @@ mode), a one-process reference and a copy placed on the layout by the trainer's 
 compiled blocks, FSDP2/HSDP, pipeline stages, precision) train side by side on the same global batches, dealt as the
 trainer deals them under a batch ramp with gradient accumulation; rank 0 writes the largest differences (losses,
 gradients before every optimiser step, gradient norms, parameters), each step's batch size and accumulation, how many
-of rank 0's modules are compiled and how many graphs Dynamo captured so far as JSON. A run with ``doc_mask`` trains
-on windows of several documents each (end-of-text id :data:`EOT`) with ``--doc-mask`` on both sides; a run's
-``samples``, ``batch``, ``batch_start``, ``ramp``, ``micro`` and ``seq`` replace the spec's, and its ``name`` names
-its result. So that one launch pays the ranks' start-up once for every check of a layout size, the spec's optional
-sections run in the same job after the runs: ``parallel`` (``tests/parallel_worker.py``'s configs on its layouts,
-results under ``"parallel"``), ``cp_units`` (the context-parallel pieces, ``parallel_worker.cp_checks``; ``"cp_units":
-"ok"``) and ``meta`` (``tests/meta_init_worker.py``'s layouts, files in a ``meta`` folder next to the spec).
+of rank 0's modules are compiled, how many graphs Dynamo captured so far and rank 0's CPU seconds (``cpu``: the whole
+run; ``cpu_first_step``: up to its first step, the build, placement and compilation included) as JSON. A run with
+``doc_mask`` trains on windows of several documents each (end-of-text id :data:`EOT`) with ``--doc-mask`` on both
+sides; a run's ``samples``, ``batch``, ``batch_start``, ``ramp``, ``micro`` and ``seq`` replace the spec's, and its
+``name`` names its result. So that one launch pays the ranks' start-up once for every check of a layout size, the
+spec's optional sections run in the same job after the runs: ``parallel`` (``tests/parallel_worker.py``'s configs on
+its layouts, results under ``"parallel"``), ``cp_units`` (the context-parallel pieces, ``parallel_worker.cp_checks``;
+``"cp_units": "ok"``) and ``meta`` (``tests/meta_init_worker.py``'s layouts, files in a ``meta`` folder next to the
+spec); ``"cpu"`` holds rank 0's CPU seconds per section (``runs``: the process until its runs ended, start-up
+included).
 
 Run as ``python -m torch.distributed.run --nproc-per-node N -m tests.parallel_layouts_worker SPEC.json``.
 """
@@ -143,6 +146,7 @@ def compare(run: dict, spec: dict, env: DistEnv, tmp: Path) -> dict:
     tcfg = train_config(spec, run)
     eot = EOT if tcfg.doc_mask else None
     cfg = tiny(**overrides)
+    cpu = time.process_time()
     ref = build(cfg, seed=0).train()
     SPEC.set_activation_checkpointing(ref, tcfg.activation_checkpointing)
     par = copy.deepcopy(ref)
@@ -178,6 +182,7 @@ def compare(run: dict, spec: dict, env: DistEnv, tmp: Path) -> dict:
         out["grad"], out["param"] = max(out["grad"], grad), max(out["param"], param)
         if len(out["steps"]) == 1:  # the same parameters: the gradients differ only by float rounding
             out["first_grad"], out["first_grad_norm"] = grad, grad_norm
+            out["cpu_first_step"] = round(time.process_time() - cpu, 2)  # the build, placement and compilation too
     if run.get("val"):  # validation losses too
         val_ref, val_par = evaluate(ref, [samples[:spec["batch"]]], ref.embed.weight.device,
                                     loss_kwargs=SPEC.train_kwargs()), runner.evaluate([samples[:spec["batch"]]])
@@ -186,7 +191,7 @@ def compare(run: dict, spec: dict, env: DistEnv, tmp: Path) -> dict:
         on = run["resume"] if isinstance(run["resume"], list) else [None]
         out["resume"] = resume_elsewhere(cfg, {"steps": len(out["steps"]), "resume_on": on, "accum": 1}, env, tmp,
                                          par, opt_par, ref, opt_ref, samples[:spec["batch"]])
-    out["seconds"] = round(time.perf_counter() - start, 2)
+    out["seconds"], out["cpu"] = round(time.perf_counter() - start, 2), round(time.process_time() - cpu, 2)
     out["compiled"] = sum(getattr(m, "_compiled_call_impl", None) is not None for h in held for m in h.modules())
     out["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # Dynamo graphs so far in this process
     return out
@@ -206,14 +211,20 @@ def main() -> None:
     spec = json.loads(path.read_text())
     env = init_distributed("cpu")
     results = {run_key(run): compare(run, spec, env, path.parent / f"ckpt{i}") for i, run in enumerate(spec["runs"])}
+    cpu = {"runs": time.process_time()}
     if "parallel" in spec:
         results["parallel"] = parallel_worker.run_spec({**spec["parallel"], "out": str(path.parent)}, env)
+        cpu["parallel"] = time.process_time()
     if spec.get("cp_units"):
         parallel_worker.cp_checks(env.rank)
         results["cp_units"] = "ok"
+        cpu["cp_units"] = time.process_time()
     if "meta" in spec:
         (path.parent / "meta").mkdir(exist_ok=True)
         meta_init_worker.run(spec["meta"], env, path.parent / "meta")
+        cpu["meta"] = time.process_time()
+    marks = list(cpu.values())
+    results["cpu"] = {name: round(t - before, 2) for name, t, before in zip(cpu, marks, [0.0, *marks], strict=False)}
     if env.rank == 0:
         (path.parent / "result.json").write_text(json.dumps(results, indent=1))
     dist.barrier()

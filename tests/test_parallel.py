@@ -177,32 +177,27 @@ def one_process(dataset, tmp_path_factory) -> Path:
 @pytest.mark.subprocess
 @pytest.mark.distributed
 def test_kunlun_train_tp2_resumes_across_layouts_and_exports(dataset, one_process, tmp_path, capsys):
-    """Through ``kunlun train``: tp2 (with the batch ramp, 2 → 4 sequences, and gradient accumulation) gives the
-    one-process losses; its checkpoint resumes in one process, a one-process checkpoint resumes on tp2, both with
-    the one-process losses after; a tp2 checkpoint exports with ``kunlun export --hf``."""
+    """Through ``kunlun train``, in one run folder: one process's step-2 checkpoint resumed on tp2 for two steps (2
+    accumulated micro-batches each), then tp2's step-4 checkpoint resumed in one process for the last step: every
+    step's loss is the one-process run's, and the tp2 checkpoint exports with ``kunlun export --hf``. (tp2 from step 1
+    through the ramp's change of accumulation: ``tests/test_parallel_layouts.py``'s tp2 ramp run, through the
+    trainer's own placement and batch plan. Until 2026-12-07 a second tp2 launch ran steps 1-2 here.)"""
     from .test_train import _cli, _common, _run, _torchrun, losses
 
-    tokens, micro = TOKENS, RAMP
     want = losses(one_process)
-    # tp2 for two steps, then one process for the rest, in one run folder
-    out = tmp_path / "tp_then_one"
-    tp = _run(_torchrun(2, *_common(dataset, out, tokens, *micro, "--tp", "2", "--stop-at-step", "2",
-                                    "--sample-tokens", "0")))
+    assert len(want) == 5  # the first step at 2 sequences (one micro-batch), then 4 (two accumulated)
+    out = tmp_path / "one_then_tp_then_one"
+    keep = ("--keep-last", "0", "--sample-tokens", "0")  # step 4's checkpoint stays for the export
+    tp = _run(_torchrun(2, *_common(dataset, out, TOKENS, *RAMP, *keep, "--tp", "2", "--stop-at-step", "4", "--resume",
+                                    str(one_process / "checkpoints" / "step_00000002"))))
     assert tp.returncode == 0, tp.stdout + tp.stderr
     assert "dp_replicate 1 x dp_shard 1 x tp 2 (none)" in tp.stdout + tp.stderr
-    rest = _run(_cli(*_common(dataset, out, tokens, *micro, "--sample-tokens", "0")))
+    rest = _run(_cli(*_common(dataset, out, TOKENS, *RAMP, *keep)))
     assert rest.returncode == 0 and "resumed from" in rest.stderr, rest.stdout + rest.stderr
-    # one process's step-2 checkpoint resumed on tp2
-    again = _run(_torchrun(2, *_common(dataset, tmp_path / "one_then_tp", tokens, *micro, "--tp", "2", "--resume",
-                                       str(one_process / "checkpoints" / "step_00000002"), "--sample-tokens", "0")))
-    assert again.returncode == 0, again.stdout + again.stderr
-    got, resumed = losses(out), losses(tmp_path / "one_then_tp")
-    assert len(want) == 5  # the first step at 2 sequences (one micro-batch), then 4 (two accumulated)
-    assert sorted(got) == sorted(want) and sorted(resumed) == [s for s in sorted(want) if s > 2]
-    assert max(abs(got[s] - want[s]) for s in want) < 1e-4
-    assert max(abs(resumed[s] - want[s]) for s in resumed) < 1e-4
+    got = losses(out)
+    assert sorted(got) == [3, 4, 5] and max(abs(got[s] - want[s]) for s in got) < 1e-4, (got, want)
     code, text, err = run_main(capsys, "export", "--hf", str(tmp_path / "hf"), "--checkpoint",
-                               str(tmp_path / "one_then_tp"))
+                               str(out / "checkpoints" / "step_00000004"))
     assert code == 0 and "reloaded logits identical" in text + err, err
 
 
@@ -210,23 +205,23 @@ def test_kunlun_train_tp2_resumes_across_layouts_and_exports(dataset, one_proces
 @pytest.mark.subprocess
 @pytest.mark.distributed
 def test_kunlun_train_cp2_resumes_with_the_one_process_losses(dataset, one_process, tmp_path):
-    """Through ``kunlun train --cp 2``, with the batch ramp (2 → 4 sequences), gradient accumulation and validation:
-    stopped after step 2 and resumed on cp2, the training and validation losses are one process's."""
+    """Through ``kunlun train --cp 2``, with gradient accumulation and validation: one process's step-2 checkpoint
+    resumed on cp2 trains to the end with the one-process training and validation losses. (A cp2 checkpoint resumed
+    in one process and on cp2: ``tests/test_parallel_layouts.py``'s cp2 run. Until 2026-12-07 cp2 also trained steps
+    1-2 here, in a launch of its own.)"""
     from .test_train import _common, _run, _torchrun, losses
 
-    tokens, extra = TOKENS, (*RAMP, "--eval-every", "2", "--sample-tokens", "0")
     out = tmp_path / "cp"
-    first = _run(_torchrun(2, *_common(dataset, out, tokens, *extra, "--cp", "2", "--stop-at-step", "2")))
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "dp_replicate 1 x dp_shard 1 x cp 2 x tp 1 (fsdp)" in first.stdout + first.stderr
-    rest = _run(_torchrun(2, *_common(dataset, out, tokens, *extra, "--cp", "2")))
-    assert rest.returncode == 0 and "resumed from" in rest.stdout + rest.stderr, rest.stdout + rest.stderr
+    run = _run(_torchrun(2, *_common(dataset, out, TOKENS, *RAMP, "--eval-every", "2", "--sample-tokens", "0", "--cp",
+                                     "2", "--resume", str(one_process / "checkpoints" / "step_00000002"))))
+    assert run.returncode == 0 and "resumed from" in run.stdout + run.stderr, run.stdout + run.stderr
+    assert "dp_replicate 1 x dp_shard 1 x cp 2 x tp 1 (fsdp)" in run.stdout + run.stderr
     want, got = losses(one_process), losses(out)
-    assert len(want) == 5 and sorted(got) == sorted(want)
-    assert max(abs(got[s] - want[s]) for s in want) < 1e-4
+    assert len(want) == 5 and sorted(got) == [3, 4, 5]
+    assert max(abs(got[s] - want[s]) for s in got) < 1e-4
     want_val, got_val = _val_losses(one_process), _val_losses(out)
-    assert sorted(want_val) == sorted(got_val) == [0, 2, 4, 5]
-    assert max(abs(got_val[s] - want_val[s]) for s in want_val) < 1e-4
+    assert sorted(want_val) == [0, 2, 4, 5] and sorted(got_val) == [4, 5], got_val
+    assert max(abs(got_val[s] - want_val[s]) for s in got_val) < 1e-4
 
 
 def _val_losses(run: Path) -> dict[int, float]:

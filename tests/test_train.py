@@ -187,16 +187,18 @@ def test_ddp_two_ranks_equals_one_process(dataset, tmp_path):
 @pytest.mark.subprocess
 @pytest.mark.distributed
 def test_fsdp_two_ranks_trains_and_resumes_on_one(dataset, tmp_path):
+    """FSDP2 on two ranks trains two steps and writes one DCP shard a rank; one process resumes its checkpoint and
+    trains the last two (the run was 4 + 4 steps until 2026-12-07: the later steps showed nothing more)."""
     out = tmp_path / "f"
-    two = _run(_torchrun(2, *_common(dataset, out, 32 * 4 * 8, "--parallel", "fsdp", "--stop-at-step", "4",
+    two = _run(_torchrun(2, *_common(dataset, out, 32 * 4 * 4, "--parallel", "fsdp", "--stop-at-step", "2",
                                      "--sample-tokens", "0")))
     assert two.returncode == 0, two.stdout + two.stderr
     (ckpt,) = checkpoint_dirs(out / "checkpoints")
     assert len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank
-    one = _run(_cli(*_common(dataset, out, 32 * 4 * 8, "--sample-tokens", "0")))
+    one = _run(_cli(*_common(dataset, out, 32 * 4 * 4, "--sample-tokens", "0")))
     assert one.returncode == 0, one.stdout + one.stderr
     loss = losses(out)
-    assert sorted(loss) == list(range(1, 9)) and all(torch.isfinite(torch.tensor(v)) for v in loss.values())
+    assert sorted(loss) == list(range(1, 5)) and all(torch.isfinite(torch.tensor(v)) for v in loss.values())
     assert "resumed from" in one.stderr
 
 

@@ -12,7 +12,9 @@ so each request computes what it would alone. When the slots run out, every row 
 rows share; a finished row's place is taken by the last row.
 
 A prompt is prefilled ``prefill_chunk`` tokens at a time (:func:`~kunlunbaize.model.prefill`), so a long one needs
-the working memory of one chunk, not of the whole prompt.
+the working memory of one chunk, not of the whole prompt. With ``static.fill_buckets``, a prompt admitted alone
+that fits one of the compiled prompt-length buckets is read through it instead
+(:class:`~kunlunbaize.infer.static.PromptFiller`: right-padded, causal, the same slots and logits).
 
 With ``static`` options the running batch steps through a :class:`~kunlunbaize.infer.static.BatchDecoder`: the
 static-shape step, compiled once per bucket of rows (powers of two up to ``max_batch``) and, for the larger ones, of
@@ -277,8 +279,8 @@ class Engine:
                 self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
 
     def _admit(self, group: list[Sequence]) -> None:
-        """Prefill ``group``'s prompts in one left-padded batch, choose each one's first token, and place their
-        cache rows into the batch (padding and all: each row computes what it would alone)."""
+        """Prefill ``group``'s prompts (:meth:`_prefill`), choose each one's first token, and place their cache rows
+        into the batch (padding and all: each row computes what it would alone)."""
         device = self.model.embed.weight.device
         for seq in group:
             if seq.params.seed is not None:

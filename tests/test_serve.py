@@ -285,7 +285,7 @@ def test_lone_prompts_read_through_compiled_prefill_buckets_get_their_answers_al
         for i in range(4):  # one at a time, each admitted alone while the earlier ones decode
             seq = submit(i)
             deadline = time.monotonic() + 60
-            while seq in engine.waiting or (not seq.tokens and time.monotonic() < deadline):
+            while not (seq.tokens or seq.done) and time.monotonic() < deadline:  # admitted: its first token
                 time.sleep(0.001)
         for i in range(4, len(jobs)):  # a burst, admitted as rows free up
             submit(i)

@@ -156,21 +156,24 @@ def test_the_engine_drops_the_shared_padding_to_step_in_a_smaller_slot_bucket(sl
     assert shifts["right"] == 0 and shifts["left"] == (1 if slot_buckets == 3 else 0)
 
 
-def test_the_engine_compiles_each_bucket_once_before_it_takes_requests():
-    """Warm-up traces every bucket's step (per slot bucket too) while the engine is made; serving a changing batch
-    then traces none."""
+@pytest.mark.parametrize("fill_buckets", [0, 2])
+def test_the_engine_compiles_each_bucket_once_before_it_takes_requests(fill_buckets):
+    """Warm-up traces every bucket's step (per slot bucket too) and every prefill bucket's while the engine is made;
+    serving a changing batch (lone prompts among them, read through the prefill buckets) then traces none."""
     from torch._dynamo.testing import CompileCounter
 
     cfg = tiny(dense_residual=False, transformerx=False, mtp_depth=0)
     model = build(cfg)
     counter = CompileCounter()
-    engine = Engine(model, CharTokenizer(), max_batch=5, static=CompileOptions(backend=counter))
+    engine = Engine(model, CharTokenizer(), max_batch=5, static=CompileOptions(backend=counter,
+                                                                               fill_buckets=fill_buckets))
     try:  # buckets of 4 and 5 rows (at least half the batch): a step per key length (16, 32 and 64 slots)
-        assert engine.decoder.buckets == (1, 2, 4, 5) and counter.frame_count == 1 + 1 + 3 + 3
+        assert engine.decoder.buckets == (1, 2, 4, 5)
+        assert counter.frame_count == 1 + 1 + 3 + 3 + fill_buckets  # prompts of 8 and 16 tokens
         jobs = _jobs(cfg, 7, seed=4)
         got = _run(engine, jobs, stagger=0.002)
         assert [r.tokens for r in got] == [generate(model, [p], params.max_tokens).tokens[0] for p, params in jobs]
-        assert counter.frame_count == 8
+        assert counter.frame_count == 8 + fill_buckets
     finally:
         engine.shutdown(10)
 
@@ -195,6 +198,21 @@ def test_kunlun_serve_refuses_a_compile_mode_without_the_compiled_step():
 
     with pytest.raises(SystemExit, match="leave out --no-compile"):
         compile_options(build_parser().parse_args(["serve", "--no-compile", "--compile-mode", "default"]))
+
+
+@pytest.mark.parametrize(("flags", "buckets"), [([], 0), (["--prefill-buckets", "3"], 3),
+                                               (["--prefill-buckets", "2", "--no-compile"], None),
+                                               (["--prefill-buckets", "2", "--speculative"], None)])
+def test_kunlun_serve_compiles_prefill_buckets_when_asked_and_only_with_the_compiled_plain_step(flags, buckets):
+    from kunlunbaize.cli import build_parser
+    from kunlunbaize.cli.serve import compile_options
+
+    args = build_parser().parse_args(["serve", *flags])
+    if buckets is None:
+        with pytest.raises(SystemExit, match="--prefill-buckets needs the compiled step"):
+            compile_options(args)
+    else:
+        assert compile_options(args).fill_buckets == buckets
 
 
 def test_requests_waiting_together_are_prefilled_together_and_get_their_answers_alone(monkeypatch):
@@ -231,6 +249,56 @@ def test_requests_waiting_together_are_prefilled_together_and_get_their_answers_
             engine.shutdown(10)
         assert [r.tokens for r in got] == alone
         assert batches == ([1, 2, 1, 1, 3, 1, 1, 1] if fail else [1, 2, 3])  # groups (30, 7) and (6, 5, 2)
+
+
+def test_lone_prompts_read_through_compiled_prefill_buckets_get_their_answers_alone(monkeypatch):
+    """With prefill buckets (8 … 64 tokens), each prompt admitted alone while others decode is read through the
+    one-row prefill of its bucket, right-padded, and joins the batch (its conv history and all) as the eager
+    prefill's row would: every request gets the tokens of `generate` alone, one of them a prompt that with its
+    budget fills the context exactly; then a burst of mixed lengths arrives together. A prompt longer than the
+    context is still refused with a clear error."""
+    from kunlunbaize.infer.static import PromptFiller
+
+    cfg = tiny()  # dense residual, TransformerX's convolutions and cross-attention; the MTP depths are not kept
+    model = build(cfg)
+    g = torch.Generator().manual_seed(7)
+    shapes = [(2, 50), (30, 12), (56, 8), (9, 20), (5, 6), (17, 9), (1, 10), (12, 7)]
+    jobs = [(torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist(), Params(max_tokens=m)) for n, m in shapes]
+    alone = [generate(model, [p], params.max_tokens).tokens[0] for p, params in jobs]
+    filled: list[int] = []
+    real = PromptFiller.fill
+    monkeypatch.setattr(PromptFiller, "fill", lambda self, prompt: (filled.append(len(prompt)), real(self, prompt))[1])
+    engine = Engine(model, CharTokenizer(), max_batch=4, static=CompileOptions(compile=False, fill_buckets=4))
+    assert engine.filler is not None and engine.filler.lengths == (8, 16, 32, 64) and filled == [8, 16, 32, 64]
+    filled.clear()  # (the warm-up's)
+    results: dict[int, Finished] = {}
+    done = threading.Semaphore(0)
+
+    def submit(i: int):
+        def sink(event):
+            if isinstance(event, Finished):
+                results[i] = event
+                done.release()
+        return engine.submit(*jobs[i], sink)
+
+    try:
+        for i in range(4):  # one at a time, each admitted alone while the earlier ones decode
+            seq = submit(i)
+            deadline = time.monotonic() + 60
+            while not (seq.tokens or seq.done) and time.monotonic() < deadline:  # admitted: its first token
+                time.sleep(0.001)
+        for i in range(4, len(jobs)):  # a burst, admitted as rows free up
+            submit(i)
+        for _ in jobs:
+            assert done.acquire(timeout=120)
+        for prompt, budget in (([1] * 64, 1), ([1] * 65, 0)):
+            with pytest.raises(ValueError, match=f"the prompt has {len(prompt)} tokens .* context is 64 tokens"):
+                engine.submit(prompt, Params(max_tokens=budget), print)
+    finally:
+        engine.shutdown(10)
+    assert [results[i].tokens for i in range(len(jobs))] == alone
+    assert filled[:4] == [2, 30, 56, 9]  # the lone ones went through the buckets (8, 32, 64, 16)
+    assert sum(shapes[2]) == cfg.max_seq_len  # 56 prompt tokens and 8 new ones: the whole context
 
 
 def test_prefill_groups_keep_padding_below_half_of_their_slots():

@@ -11,7 +11,8 @@ from torch._dynamo.testing import CompileCounter
 from kunlunbaize.infer import DraftVocab, StaticDecoder, frequent_tokens, generate, speculative_generate
 from kunlunbaize.infer.sampling import SamplingParams
 from kunlunbaize.infer.speculative import draft
-from kunlunbaize.infer.static import BatchDecoder, CompileOptions, row_buckets, slot_buckets
+from kunlunbaize.infer.static import BatchDecoder, CompileOptions, PromptFiller, fill_buckets, row_buckets, slot_buckets
+from kunlunbaize.model import prefill
 from kunlunbaize.model.cache import CacheOverflowError
 
 from .helpers import build, tiny
@@ -316,3 +317,59 @@ def test_each_slot_bucket_steps_as_the_eager_forward_and_a_row_crosses_them_exac
     assert dec.slots(1, 5) == 40 and dec.slots(2, 20) == 20 and dec.slots(2, 21) == 40
     with pytest.raises(CacheOverflowError, match="41 tokens exceed"):
         dec.slots(4, 41)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(transformerx=False, dense_residual=False),
+                                dict(conv_kernel_sizes=(2, 9)), dict(rope_scaling=DYNAMIC)])
+@torch.inference_mode()
+def test_a_right_padded_fill_writes_and_returns_what_prefilling_each_prompt_alone_does(kw):
+    """Two prompts of different lengths right-padded to the fill's 16 slots and read in one step: each row's last
+    logits and hidden state, and its prompt's slots of every cache buffer (self-attention, the causal convolutions'
+    input history, the conv scales' cross-attention keys), equal an unpadded eager prefill of that prompt alone;
+    what the padding wrote after a prompt is never read back. (With dynamic NTK the rows share the longest row's
+    rotary length, as a left-padded eager batch does: there the longest row is checked, and the engine fills one
+    prompt at a time.)"""
+    model = model64(**kw)
+    dec = StaticDecoder(model, batch_size=2, max_len=16, compile=False)
+    for lengths in ((5, 16), (1, 11)):
+        prompts = [torch.randint(1, model.config.vocab_size, (n,)).tolist() for n in lengths]
+        ids = torch.tensor([p + [7] * (16 - len(p)) for p in prompts])
+        logits, hidden = dec.fill(ids, torch.tensor(lengths) - 1)
+        assert logits.shape == (2, 1, model.config.vocab_size) and hidden.shape == (2, 1, model.config.d_model)
+        for b, p in enumerate(prompts):
+            if model.rope.dynamic and len(p) < max(lengths):
+                continue
+            alone = model.new_cache(1, len(p), mtp=False)
+            want = prefill(model, torch.tensor([p]), alone, None)
+            torch.testing.assert_close(logits[b], want.logits[0], rtol=0, atol=1e-10)
+            torch.testing.assert_close(hidden[b], want.hidden[0], rtol=0, atol=1e-10)
+            pairs = list(zip(dec.cache.slot_tensors(), alone.slot_tensors(), strict=True))
+            assert len(pairs) == (1 + 2 * 3 * (1 + 2) + 3 if model.config.transformerx else 1 + 2 * 3)
+            for (got, dim), (ref, _) in pairs:
+                torch.testing.assert_close(got[b].narrow(dim - 1, 0, len(p)), ref[0], rtol=0, atol=1e-10)
+
+
+@torch.inference_mode()
+def test_prompt_filler_buckets_and_errors():
+    assert fill_buckets(256, 3) == (8, 16, 32) and fill_buckets(256, 6) == (8, 16, 32, 64, 128, 256)
+    assert fill_buckets(64, 5) == (8, 16, 32, 64) and fill_buckets(256, 0) == ()
+    with pytest.raises(ValueError, match="fill_buckets must be >= 0"):
+        fill_buckets(64, -1)
+    model = model64()
+    filler = PromptFiller(model, (8, 16), CompileOptions(compile=False))
+    assert [filler.bucket(n) for n in (1, 8, 9, 16, 17)] == [8, 8, 16, 16, None]
+    prompt = torch.randint(1, model.config.vocab_size, (11,)).tolist()
+    cache, logits, hidden = filler.fill(prompt)
+    want = prefill(model, torch.tensor([prompt]), model.new_cache(1, 11, mtp=False), None)
+    assert cache.max_len == 16 and cache.length == 11
+    torch.testing.assert_close(logits, want.logits[:, -1], rtol=0, atol=1e-10)
+    torch.testing.assert_close(hidden, want.hidden, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="does not fit the prefill buckets"):
+        filler.fill([1] * 17)
+    with pytest.raises(ValueError, match="right-padded"):
+        filler.decoders[8].fill(torch.ones(1, 5, dtype=torch.long), torch.tensor([4]))
+    with pytest.raises(ValueError, match="MTP depths' keys"):
+        StaticDecoder(model, max_len=8, mtp=True, compile=False).fill(torch.ones(1, 8, dtype=torch.long),
+                                                                      torch.tensor([7]))
+    with pytest.raises(ValueError, match="at least one prompt length"):
+        PromptFiller(model, ())

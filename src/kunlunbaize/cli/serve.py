@@ -56,6 +56,11 @@ def add_parser(sub: Any) -> None:
                         "its half, its quarter ... (a batch of short requests then attends over fewer cache slots; "
                         "each one more is a graph per such bucket to compile at start); 1: every step reads the "
                         "whole context (default: %(default)s)")
+    s.add_argument("--prefill-buckets", type=int_at_least(0), default=0,
+                   help="prompt lengths (8, 16, 32 ...) a one-row prefill is compiled for: a prompt admitted alone "
+                        "is read right-padded through its bucket's compiled forward instead of the eager one (the "
+                        "same tokens; a graph per bucket to compile at start; not with --speculative); 0: every "
+                        "prompt is prefilled eagerly (default: %(default)s)")
     s.add_argument("--chat-template", default=None,
                    help="a Jinja chat template file (default: the checkpoint's chat_template.jinja, if any)")
     s.add_argument("--engine", choices=("auto", "process", "thread"), default="auto",
@@ -163,8 +168,12 @@ def compile_options(args: argparse.Namespace) -> Any:
     (docs/reports/BENCHMARKS.md) but took 5-13 minutes to start there, so it is asked for, not the default."""
     from ..infer.static import CompileOptions
 
+    if args.prefill_buckets and (args.no_compile or args.speculative):
+        raise SystemExit("kunlun serve: --prefill-buckets needs the compiled step and does not write the MTP keys "
+                         "--speculative keeps; leave out --no-compile and --speculative, or --prefill-buckets")
     if args.no_compile:
         if args.compile_mode is not None:
             raise SystemExit("kunlun serve: --compile-mode needs the compiled step; leave out --no-compile")
         return None
-    return CompileOptions(mode=args.compile_mode or "default", slot_buckets=args.slot_buckets)
+    return CompileOptions(mode=args.compile_mode or "default", slot_buckets=args.slot_buckets,
+                          fill_buckets=args.prefill_buckets)

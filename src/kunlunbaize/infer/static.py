@@ -30,6 +30,31 @@ def trunk_step(model: KunlunBaize, cache: InferenceCache, ids: torch.Tensor,
     """Logits [B, n, V] and final hidden states [B, n, d] of ``ids`` [B, n] fed at slots ``start`` … start+n−1
     (a 0-d long tensor), writing the cache there (its ``length`` is left to the caller). The MTP depths' keys are
     written too when the cache holds them; this needs ``start`` ≥ mtp_depth."""
+    hidden, emb, positions, rope = _static_trunk(model, cache, ids, start)
+    if cache.mtp:  # depth j's key slot s holds t_{s+j} (as MultiTokenPrediction.write_keys)
+        for j, (depth, kv) in enumerate(zip(model.mtp.depths, cache.mtp, strict=True), start=1):
+            k, v = depth.cross_attn.project_kv(depth.embed_norm(emb), rope(positions - j))
+            kv.write(start - j, k, v)
+    return linear(model.norm(hidden), model.head_weight), hidden
+
+
+def fill_step(model: KunlunBaize, cache: InferenceCache, ids: torch.Tensor, start: torch.Tensor,
+              last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [B, 1, V] and final hidden states [B, 1, d] at positions ``last`` [B] of the prompts ``ids`` [B, P]
+    read into an empty ``cache`` from slot 0: each row's prompt ends at its ``last`` and is right-padded with any
+    tokens up to P (causal, so the prompt's slots and outputs are the unpadded prompt's; the slots after it hold
+    garbage, which the caller drops). ``start`` is a 0-d long tensor holding 0 (an input, not a constant: inductor
+    failed to compile KunlunBaize's convolution history reads at a constant slot). The cache must hold no MTP keys."""
+    hidden, *_ = _static_trunk(model, cache, ids, start, last.max() + 1)
+    hidden = hidden[torch.arange(ids.shape[0], device=ids.device), last][:, None]
+    return linear(model.norm(hidden), model.head_weight), hidden
+
+
+def _static_trunk(model: KunlunBaize, cache: InferenceCache, ids: torch.Tensor, start: torch.Tensor,
+                  length: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable]:
+    """The trunk's final hidden states [B, n, d] of ``ids`` [B, n] fed at slots ``start`` … start+n−1, with their
+    embeddings, rotary positions and rotary table; ``length``: the sequence length dynamic NTK scales for (default:
+    the furthest position fed)."""
     n = ids.shape[1]
     slots = start + torch.arange(n, device=ids.device)
     key_slots = torch.arange(cache.max_len, device=ids.device)
@@ -39,13 +64,11 @@ def trunk_step(model: KunlunBaize, cache: InferenceCache, ids: torch.Tensor,
     positions = slots[None] - pads  # [B, n]
     mask = ((key_slots[None] <= slots[:, None])[None] & cache.valid[:, None, :])[:, None]  # [B, 1, n, max_len]
     emb = model.embed(ids)
-    rope = model.rope.at(positions.max() + 1 if model.rope.dynamic else None)  # dynamic NTK: one length per step
-    hidden = model.run_blocks(emb, rope(positions), start, cache, mask, None)
-    if cache.mtp:  # depth j's key slot s holds t_{s+j} (as MultiTokenPrediction.write_keys)
-        for j, (depth, kv) in enumerate(zip(model.mtp.depths, cache.mtp, strict=True), start=1):
-            k, v = depth.cross_attn.project_kv(depth.embed_norm(emb), rope(positions - j))
-            kv.write(start - j, k, v)
-    return linear(model.norm(hidden), model.head_weight), hidden
+    if model.rope.dynamic:  # dynamic NTK: one length per step
+        rope = model.rope.at(positions.max() + 1 if length is None else length)
+    else:
+        rope = model.rope.at(None)
+    return model.run_blocks(emb, rope(positions), start, cache, mask, None), emb, positions, rope
 
 
 def draft_step(model: KunlunBaize, cache: InferenceCache, j: int, g: torch.Tensor, ids: torch.Tensor,
@@ -138,11 +161,11 @@ class StaticDecoder:
             for t in [*self.cache.buffers(), self._start] if self._patch is None else []:
                 torch._dynamo.mark_static_address(t)
             tag = next(_decoder_ids)
-            self._step, self._draft = (torch.compile(_own_code(fn, tag), fullgraph=True, dynamic=False, mode=mode,
-                                                     backend=backend, options=options)
-                                       for fn in (trunk_step, draft_step))
+            self._step, self._draft, self._fill = (
+                torch.compile(_own_code(fn, tag), fullgraph=True, dynamic=False, mode=mode, backend=backend,
+                              options=options) for fn in (trunk_step, draft_step, fill_step))
         else:
-            self._step, self._draft = trunk_step, draft_step
+            self._step, self._draft, self._fill = trunk_step, draft_step, fill_step
 
     @property
     def batch_size(self) -> int:
@@ -168,6 +191,20 @@ class StaticDecoder:
                              f"StaticDecoder(model, batch_size={ids.shape[0]})")
         self.reset()
         return prefill(self.model, ids, self.cache, chunk, attention_mask, keep)
+
+    def fill(self, ids: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reset, then read the right-padded prompts ``ids`` [batch_size, max_len] into the cache through the
+        compiled :func:`fill_step` (traced once: the shape is always the decoder's): logits [B, 1, V] and final
+        hidden states [B, 1, d] at each row's last prompt position ``last`` [B]. Row b's first last[b] + 1 slots
+        then hold what prefilling its prompt alone writes; ``length`` is left at 0 for the caller to set."""
+        if tuple(ids.shape) != (self.batch_size, self.max_len):
+            raise ValueError(f"fill takes [{self.batch_size}, {self.max_len}] token ids (right-padded), "
+                             f"got {list(ids.shape)}")
+        if self.cache.mtp:
+            raise ValueError("fill does not write the MTP depths' keys: prefill a cache with MTP keys eagerly")
+        self.reset()
+        self._start.fill_(0)
+        return self._run("fill", self._fill, self.model, self.cache, ids, self._start, last)
 
     def step(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, n, V] and final hidden states [B, n, d] for ``ids`` [B, n] following the cached tokens."""
@@ -230,6 +267,9 @@ class CompileOptions:
     slot_buckets: int = 3
     """Key lengths the larger row buckets' steps are compiled for (:func:`slot_buckets`): 1 reads the whole
     cache in every step."""
+    fill_buckets: int = 0
+    """Prompt lengths a one-row prefill is compiled for (:func:`fill_buckets`: 8, 16, 32 …; :class:`PromptFiller`);
+    0: prompts are prefilled eagerly."""
 
 
 def row_buckets(max_batch: int) -> tuple[int, ...]:
@@ -309,3 +349,53 @@ class BatchDecoder:
             decoder.cache.length = len(self.cache.mtp)  # the first slot the compiled step writes the MTP keys at
             decoder.step(torch.zeros(size, 1, dtype=torch.long, device=self.cache.valid.device))
         self.cache.valid.fill_(True)
+
+
+def fill_buckets(max_len: int, count: int, smallest: int = 8) -> tuple[int, ...]:
+    """The prompt lengths a :class:`PromptFiller` compiles, ascending: ``count`` doublings from ``smallest`` (8, 16,
+    32 …), the last one cut to ``max_len`` (fewer when they reach it)."""
+    if count < 0:
+        raise ValueError(f"fill_buckets must be >= 0, got {count}")
+    return tuple(sorted({min(smallest << i, max_len) for i in range(count)}))
+
+
+class PromptFiller:
+    """Prefill of one prompt through a one-row step compiled per prompt-length bucket (:func:`fill_buckets`).
+
+    The prompt is right-padded up to its bucket and read from slot 0 of the bucket's part of one small cache
+    (:func:`fill_step`): being causal, its slots and last logits are those of prefilling it alone, and the slots
+    after it are dropped. So a short prompt costs one compiled forward instead of the eager forward's Python and
+    dispatch work over every layer. Longer prompts than the largest bucket (and caches with MTP keys) are the
+    caller's to prefill eagerly."""
+
+    def __init__(self, model: KunlunBaize, lengths: tuple[int, ...], options: CompileOptions = CompileOptions()
+                 ) -> None:
+        if not lengths:
+            raise ValueError("a PromptFiller needs at least one prompt length")
+        self.lengths = tuple(sorted(lengths))
+        self.cache = model.new_cache(1, self.lengths[-1], mtp=False)
+        self.decoders = {n: StaticDecoder(model, compile=options.compile, mode=options.mode, backend=options.backend,
+                                          cache=self.cache.view(1, n)) for n in self.lengths}
+
+    def bucket(self, length: int) -> int | None:
+        """The prompt length a prompt of ``length`` tokens is padded to; None when it is longer than every one."""
+        return next((n for n in self.lengths if n >= length), None)
+
+    def fill(self, prompt: list[int]) -> tuple[InferenceCache, torch.Tensor, torch.Tensor]:
+        """Read ``prompt`` (at most the largest length) into a one-row cache of its bucket: that cache (``length``:
+        the prompt's), the logits [1, V] and the final hidden state [1, 1, d] of its last position."""
+        size = self.bucket(len(prompt))
+        if size is None or not prompt:
+            raise ValueError(f"a prompt of {len(prompt)} tokens does not fit the prefill buckets {self.lengths}")
+        decoder = self.decoders[size]
+        device = self.cache.valid.device
+        ids = torch.tensor([prompt + [0] * (size - len(prompt))], device=device)
+        logits, hidden = decoder.fill(ids, torch.tensor([len(prompt) - 1], device=device))
+        decoder.cache.length = len(prompt)
+        return decoder.cache, logits[:, -1], hidden
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Trace (compile) every bucket's prefill now, in inference mode."""
+        for n in self.lengths:
+            self.fill([0] * n)

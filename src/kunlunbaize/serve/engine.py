@@ -12,7 +12,9 @@ so each request computes what it would alone. When the slots run out, every row 
 rows share; a finished row's place is taken by the last row.
 
 A prompt is prefilled ``prefill_chunk`` tokens at a time (:func:`~kunlunbaize.model.prefill`), so a long one needs
-the working memory of one chunk, not of the whole prompt.
+the working memory of one chunk, not of the whole prompt. With ``static.fill_buckets``, a prompt admitted alone
+that fits one of the compiled prompt-length buckets is read through it instead
+(:class:`~kunlunbaize.infer.static.PromptFiller`: right-padded, causal, the same slots and logits).
 
 With ``static`` options the running batch steps through a :class:`~kunlunbaize.infer.static.BatchDecoder`: the
 static-shape step, compiled once per bucket of rows (powers of two up to ``max_batch``) and, for the larger ones, of
@@ -39,9 +41,10 @@ import torch
 
 from ..infer.sampling import GREEDY, SamplingParams, sample
 from ..infer.speculative import SpecStats, speculative_round
-from ..infer.static import BatchDecoder, CompileOptions
+from ..infer.static import BatchDecoder, CompileOptions, PromptFiller, fill_buckets
 from ..infer.text import TextStream
 from ..model import DEFAULT_PREFILL_CHUNK, InferenceCache, KunlunBaize, check_prefill_chunk, prefill
+from ..model.model import ModelOutput
 
 log = logging.getLogger("kunlunbaize.serve")
 
@@ -152,8 +155,11 @@ class Engine:
         self.batch = model.new_cache(max_batch, self.context, mtp=speculative)
         self.batch.padded = True
         self.decoder = None if static is None else BatchDecoder(model, self.batch, static)
+        self.filler = self._filler(static)
         if self.decoder is not None:
             self.decoder.warm_up()  # compiles every bucket now, not while the first requests wait
+        if self.filler is not None:
+            self.filler.warm_up()
         self.active: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self.spec_stats = SpecStats(drafted=[0] * model.config.mtp_depth, accepted=[0] * model.config.mtp_depth)
@@ -163,6 +169,14 @@ class Engine:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="kunlun-engine", daemon=True)
         self._thread.start()
+
+    def _filler(self, static: CompileOptions | None) -> PromptFiller | None:
+        """The compiled prefill of lone short prompts (``static.fill_buckets``), up to the context and the prefill
+        chunk; None without it, and for a batch that keeps the MTP depths' keys (their prefill stays eager)."""
+        if static is None or not static.fill_buckets or self.batch.mtp:
+            return None
+        return PromptFiller(self.model, fill_buckets(min(self.context, self.prefill_chunk or self.context),
+                                                     static.fill_buckets), static)
 
     # ----------------------------------------------------------------------------------------------- interface
     def submit(self, prompt: list[int], params: Params, sink: Sink) -> Sequence:
@@ -265,8 +279,8 @@ class Engine:
                 self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
 
     def _admit(self, group: list[Sequence]) -> None:
-        """Prefill ``group``'s prompts in one left-padded batch, choose each one's first token, and place their
-        cache rows into the batch (padding and all: each row computes what it would alone)."""
+        """Prefill ``group``'s prompts (:meth:`_prefill`), choose each one's first token, and place their cache rows
+        into the batch (padding and all: each row computes what it would alone)."""
         device = self.model.embed.weight.device
         for seq in group:
             if seq.params.seed is not None:
@@ -274,15 +288,8 @@ class Engine:
             seq.stream = TextStream(self.tokenizer, 1, list(seq.params.stop))
             if seq.params.logprobs is not None:
                 seq.logprobs = []
-        n = max(len(seq.prompt) for seq in group)
-        ids = torch.tensor([[0] * (n - len(seq.prompt)) + seq.prompt for seq in group], device=device)
-        mask = None
-        if any(len(seq.prompt) < n for seq in group):
-            mask = torch.tensor([[0] * (n - len(seq.prompt)) + [1] * len(seq.prompt) for seq in group],
-                                device=device)
-        cache = self.model.new_cache(len(group), n, mtp=bool(self.batch.mtp))
         every = group[0].params.prompt_logprobs is not None  # (then alone) logits of every prompt position
-        out = prefill(self.model, ids, cache, self.prefill_chunk, mask, keep=None if every else 1)
+        cache, out = self._prefill(group, every)
         for i, seq in enumerate(group):
             if every:
                 seq.prompt_logprobs = [None, *_logprobs(out.logits[0, :-1], seq.prompt[1:],
@@ -295,6 +302,24 @@ class Engine:
             seq.hidden = out.hidden[i:i + 1, -1:]
             if not self._emit(seq, int(sample(logits, seq.params.sampling, seq.generator)[0]), logits[0]):
                 self._join(seq, cache, i)
+
+    def _prefill(self, group: list[Sequence], every: bool) -> tuple[InferenceCache, ModelOutput]:
+        """Read ``group``'s prompts into a cache of their own, row i ending at its ``length``: the logits and final
+        hidden states of the last position (of every position when ``every``). A lone prompt that fits a compiled
+        prefill bucket goes through it; else one eager forward, left-padded to the longest prompt."""
+        prompt = group[0].prompt
+        if self.filler is not None and len(group) == 1 and not every and self.filler.bucket(len(prompt)):
+            cache, logits, hidden = self.filler.fill(prompt)
+            return cache, ModelOutput(logits=logits[:, None], hidden=hidden)
+        device = self.model.embed.weight.device
+        n = max(len(seq.prompt) for seq in group)
+        ids = torch.tensor([[0] * (n - len(seq.prompt)) + seq.prompt for seq in group], device=device)
+        mask = None
+        if any(len(seq.prompt) < n for seq in group):
+            mask = torch.tensor([[0] * (n - len(seq.prompt)) + [1] * len(seq.prompt) for seq in group],
+                                device=device)
+        cache = self.model.new_cache(len(group), n, mtp=bool(self.batch.mtp))
+        return cache, prefill(self.model, ids, cache, self.prefill_chunk, mask, keep=None if every else 1)
 
     def _join(self, seq: Sequence, cache: InferenceCache, row: int) -> None:
         """Place row ``row`` of a prefilled ``cache`` into the batch as its last running row."""

@@ -84,10 +84,11 @@ def test_generate_cli_compile_gives_the_same_text(run, capsys, monkeypatch):
     assert cli(capsys, "import ", "x = [", "--checkpoint", str(run), "--max-new-tokens", "10", "--compile")[0] == batch
     tuned, _ = cli(capsys, "def ", "--checkpoint", str(run), "--max-new-tokens", "16", "--compile-mode", "max-autotune")
     assert tuned == out
-    # each decoder compiles its verification/decoding step and its drafting step; max-autotune on a CPU is inductor
-    # settings (StaticDecoder's CPU_MAX_AUTOTUNE), not torch.compile's mode
-    assert len(built) == 8 and all(kw["fullgraph"] and kw["dynamic"] is False for kw in built)
-    assert [kw["mode"] for kw in built] == [None] * 8
+    # each of the 4 decoders wraps its verification/decoding step, its drafting step and its prompt fill (only the
+    # ones called are traced); max-autotune on a CPU is inductor settings (StaticDecoder's CPU_MAX_AUTOTUNE), not
+    # torch.compile's mode
+    assert len(built) == 12 and all(kw["fullgraph"] and kw["dynamic"] is False for kw in built)
+    assert [kw["mode"] for kw in built] == [None] * 12
 
 
 def test_generate_cli_batch_matches_single(run, capsys):

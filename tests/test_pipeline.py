@@ -1,5 +1,5 @@
 """Pipeline parallelism (train.parallel.pipeline, .pipeline_stages): exact stages, the schedules on real gloo ranks, the
-dense residual's boundary traffic, and refused splits."""
+dense residual's boundary traffic, two stages on one rank resuming a checkpoint, and refused splits."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Pipeline parallelism (train.parallel.pipeline, .pipeline_stages): exact stages, the schedules on real gloo ranks, the
-dense residual's boundary traffic, and refused splits."""
+dense residual's boundary traffic, two stages on one rank resuming a checkpoint, and refused splits."""
 
 from __future__ import annotations
 
@@ -328,3 +328,69 @@ def test_stages_recompute_blocks_when_the_model_checkpoints_them():
     for name, p in stages[0].named_parameters():
         if not name.startswith(("dense.", "embed.")):  # shared: summed over the stages elsewhere
             torch.testing.assert_close(_grad(p), _grad(expected[name]), rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _optimiser_state(named: dict[torch.Tensor, str], optimizer: torch.optim.Optimizer) -> dict[str, dict]:
+    """``optimizer``'s state per parameter name (``named``: parameter → name)."""
+    return {named[p]: s for p, s in optimizer.state.items()}
+
+
+def _assert_same_training_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, ref: KunlunBaize,
+                                ref_optimizer: torch.optim.Optimizer, what: str) -> None:
+    """Every parameter of ``module`` and its optimiser state (the Adam step exactly) equal ``ref``'s."""
+    expected = dict(ref.named_parameters())
+    want = _optimiser_state({p: n for n, p in expected.items()}, ref_optimizer)
+    got = _optimiser_state({p: n for n, p in module.named_parameters()}, optimizer)
+    assert sorted(got) == sorted(n for n, _ in module.named_parameters()), what
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(p, expected[name], rtol=0, atol=1e-6, msg=f"{what}: {name}")
+        assert sorted(got[name]) == sorted(want[name]), (what, name)
+        for key, value in got[name].items():
+            tol = dict(rtol=0, atol=0) if key == "step" else dict(rtol=0, atol=1e-6)
+            torch.testing.assert_close(value, want[name][key], **tol, msg=f"{what}: {name} {key}")
+
+
+def test_two_stages_on_one_rank_resume_a_one_process_checkpoint_and_save_one(one_rank, tmp_path):
+    """A one-process step-2 checkpoint loaded into two stages on one rank (interleaved 1F1B), then step 3: every
+    stage's parameters and optimiser state per parameter equal one process's; the shared embedding and dense logits
+    (both stages hold them) included, whose loaded state each stage's optimiser must own (aliased, both advanced the
+    one Adam step and moments). The pipeline's step-3 checkpoint loads back into one process as its state."""
+    from kunlunbaize.checkpoint.state import load_checkpoint, save_checkpoint
+    from kunlunbaize.train.optim import build_optimizer
+    from kunlunbaize.train.parallel.pipeline_state import PipelineState
+
+    model = _model("full")
+    ref = copy.deepcopy(model)
+    ref_opt = build_optimizer(ref, 1e-2, dense_lr_mult=2.0)
+
+    def ref_step(step: int) -> None:
+        ids, labels = _batch(step)
+        ref_opt.zero_grad()
+        ref(ids, labels=labels, logits=False).loss.backward()
+        ref_opt.step()
+
+    def save(step: int, target, optimizer) -> None:
+        trainer = {"step": step, "consumed_samples": 4 * step, "tokens": 48 * step}
+        save_checkpoint(tmp_path / "ckpt", step, target, optimizer, trainer, None, keep_last=2, full_weights=False)
+
+    for step in (1, 2):
+        ref_step(step)
+    save(2, ref, ref_opt)
+    pipe = build_pipeline(model, one_rank, "interleaved1f1b", n_microbatches=2, stages_per_rank=2,
+                          layers_per_stage=[3, 1])
+    opts = [build_optimizer(stage, 1e-2, dense_lr_mult=2.0) for stage in pipe.stages]
+    state = PipelineState(pipe.stages, opts, one_rank, representative=True)
+    assert load_checkpoint(tmp_path / "ckpt" / "step_00000002", state, None)["step"] == 2
+    ref_step(3)
+    for opt in opts:
+        opt.zero_grad()
+    pipe.step(*_batch(3))
+    for opt in opts:
+        opt.step()
+    for stage, opt in zip(pipe.stages, opts, strict=True):
+        _assert_same_training_state(stage, opt, ref, ref_opt, f"stage {stage.spec.index} after step 3")
+    save(3, state, None)
+    back = _model("full")
+    back_opt = build_optimizer(back, 1e-2, dense_lr_mult=2.0)
+    load_checkpoint(tmp_path / "ckpt" / "step_00000003", back, back_opt)
+    _assert_same_training_state(back, back_opt, ref, ref_opt, "one process from the pipeline's step 3")

@@ -4,7 +4,8 @@ and the stages' model and optimiser state under the one-process model's names, s
 
 Each parameter is saved under its one-process fully-qualified name (the stage modules keep them); a parameter held
 by several stages (the shared embedding on the first and last stage, the dense-residual logits on every stage) is one
-key, written once (DCP keeps one copy of a key several ranks hold; on one rank the first stage's copy is taken). The
+key, written once (DCP keeps one copy of a key several ranks hold; on one rank the first stage's copy is taken) and
+loaded into every stage holding it (each stage's optimiser gets its own copy of the key's state). The
 optimiser's parameter groups are gathered over the pipeline so that every rank saves the one-process groups.
 """
 
@@ -76,9 +77,14 @@ class PipelineState:
         return {"model": model, "optim": {"state": state, "param_groups": whole}}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Each stage's model and optimiser state from ``state``; a shared parameter's optimiser state is copied for
+        every later stage of this rank that holds it, since an optimiser keeps the loaded tensors themselves and
+        updates them in place (aliased, two stages' optimisers would each advance one Adam ``step`` and moments)."""
+        loaded, given = state["optim"]["state"], set()
         for stage, opt, (model_sd, optim_sd) in zip(self.stages, self.optimizers, self._parts(), strict=True):
-            optim = {"state": {k: state["optim"]["state"][k] for k in optim_sd["state"]},
+            optim = {"state": {k: _own_copy(loaded[k]) if k in given else loaded[k] for k in optim_sd["state"]},
                      "param_groups": state["optim"]["param_groups"]}
+            given.update(optim_sd["state"])
             set_state_dict(stage, opt, model_state_dict={k: state["model"][k] for k in model_sd},
                            optim_state_dict=optim)
 
@@ -98,6 +104,11 @@ class PipelineState:
             for name, value in part.items():
                 out.setdefault(name, value)
         return out
+
+
+def _own_copy(param_state: dict[str, Any]) -> dict[str, Any]:
+    """One parameter's optimiser state (``step``, ``exp_avg`` …) with every tensor cloned."""
+    return {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in param_state.items()}
 
 
 def _merge_groups(into: list[dict[str, Any]], groups: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -69,8 +69,6 @@ def serve(path: str) -> dict:
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:
         sys.exit(f"forkserver: preloading started {threads - 1} thread(s); a fork would copy them half-run")
-    # what the imports set themselves (torch: TORCHINDUCTOR_CACHE_DIR), as they would in a fresh process
-    imported_env = {k: v for k, v in os.environ.items() if base_env.get(k) != v}
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path + ".tmp")
     listener.listen(16)
@@ -80,7 +78,7 @@ def serve(path: str) -> dict:
         _reap()
         if os.fork() == 0:  # the handler: reads the request, forks the command, reports its status
             listener.close()
-            request = _handle(conn, base_env, imported_env)
+            request = _handle(conn, base_env)
             if request is not None:
                 return request
             os._exit(0)
@@ -95,7 +93,7 @@ def _reap() -> None:
         pass
 
 
-def _handle(conn: socket.socket, base_env: dict, imported_env: dict) -> dict | None:
+def _handle(conn: socket.socket, base_env: dict) -> dict | None:
     """In the handler: the request for the command's child (in that child), or None once its status is sent."""
     data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
     while len(data) < HEADER.size or len(data) < HEADER.size + HEADER.unpack_from(data)[0]:
@@ -113,7 +111,6 @@ def _handle(conn: socket.socket, base_env: dict, imported_env: dict) -> dict | N
     pid = os.fork()
     if pid == 0:
         conn.close()
-        request["env"].update(imported_env)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
@@ -129,8 +126,8 @@ def run(request: dict) -> None:
     """In the command's child: becomes ``python -m MODULE …`` or ``python -c CODE …`` started in the request's
     folder with its environment."""
     os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
+    os.environ.clear()  # exactly the caller's: what the preloaded imports set (torch._inductor: its cache folder,
+    os.environ.update(request["env"])  # set again on first use) is not what a fresh `kunlun …` has at its start
     if "numpy" in sys.modules:  # a fresh process draws its own seed; `random` reseeds itself after a fork
         sys.modules["numpy"].random.seed()
     option, target, *rest = request["args"]
